@@ -1,0 +1,83 @@
+"""cldpd_magic: run AI coding agents in Docker pods from a Jupyter notebook.
+
+Load the IPython extension with ``%load_ext cldpd_magic``, or use the Python API:
+:class:`Dispatcher` builds a pod's image and runs its agent as a :class:`Session`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .dispatcher import Dispatcher, RunningPod
+from .errors import (
+    BuildFailedError,
+    CldpdError,
+    ContainerFailedError,
+    DockerUnavailableError,
+    InvalidPodError,
+    InvalidRequestError,
+    PodConfigError,
+    PodNotFoundError,
+    PodRunningError,
+    SessionNotFoundError,
+    StopFailedError,
+)
+from .pods import Mount, Pod, PodConfig, default_pods_dir, discover_all, discover_pod
+from .runner import DockerRunner, Runner, RunOptions
+from .session import Event, EventType, Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BuildFailedError",
+    "CldpdError",
+    "ContainerFailedError",
+    "Dispatcher",
+    "DockerRunner",
+    "DockerUnavailableError",
+    "Event",
+    "EventType",
+    "InvalidPodError",
+    "InvalidRequestError",
+    "Mount",
+    "Pod",
+    "PodConfig",
+    "PodConfigError",
+    "PodNotFoundError",
+    "PodPicker",
+    "PodRunningError",
+    "RunOptions",
+    "Runner",
+    "RunningPod",
+    "Session",
+    "SessionNotFoundError",
+    "StopFailedError",
+    "default_pods_dir",
+    "discover_all",
+    "discover_pod",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The widget and the magics import ipywidgets and IPython; load them only when asked.
+    if name == "PodPicker":
+        from .widgets import PodPicker
+
+        return PodPicker
+    raise AttributeError(f"module 'cldpd_magic' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the %cldpd_* magics (``%load_ext cldpd_magic``)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Undo :func:`load_ipython_extension` (``%unload_ext cldpd_magic``)."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -1,0 +1,442 @@
+"""The Dispatcher: finds pods, builds their images and runs their agents as Sessions."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlparse
+
+from .errors import (
+    ContainerFailedError,
+    InvalidRequestError,
+    PodRunningError,
+    SessionNotFoundError,
+)
+from .pods import Pod, container_name, default_pods_dir, discover_all, discover_pod
+from .runner import ContainerInfo, DockerRunner, ExecHandle, Runner, RunOptions, Writer
+from .session import EventType, Session, SessionControl, new_session_id
+
+LABEL_POD = "cldpd.pod"
+LABEL_SESSION = "cldpd.session"
+LABEL_CLAUDE_SESSION = "cldpd.claude-session"
+LABEL_KEEP_ALIVE = "cldpd.keep-alive"
+LABEL_TRANSCRIPT = "cldpd.transcript"
+
+#: The command a keepAlive container idles on; the agent then runs through exec.
+IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
+
+
+def default_transcript_dir() -> Path:
+    """Return where transcripts go: ``$CLDPD_SESSIONS_DIR`` or ``~/.cldpd/sessions``."""
+    env = os.environ.get("CLDPD_SESSIONS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cldpd" / "sessions"
+
+
+def validate_issue_url(url: str) -> str:
+    """Return the URL stripped, or raise InvalidRequestError unless it is an http(s) URL."""
+    url = (url or "").strip()
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
+        raise InvalidRequestError(
+            f"{url!r} is not an issue URL; give one like https://github.com/OWNER/REPO/issues/N."
+        )
+    return url
+
+
+def build_prompt(template: str, issue_url: str) -> str:
+    """The start prompt: the template, a blank line, then the issue directive."""
+    directive = f"Work on this GitHub issue: {issue_url}"
+    return f"{template}\n\n{directive}" if template else directive
+
+
+def agent_command(pod: Pod, prompt: str, *, session_uuid: str, resume: bool) -> list[str]:
+    """The Claude Code command line for a start (``--session-id``) or resume (``--resume``)."""
+    flag = "--resume" if resume else "--session-id"
+    return [
+        "claude", "-p", "--output-format", "stream-json", "--verbose",
+        flag, session_uuid, *pod.config.args, prompt,
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunningPod:
+    """A cldpd container found through its Docker labels.
+
+    Attributes:
+        pod: Pod name.
+        container: Container name.
+        status: Docker status (running, exited, ...).
+        session_id: The cldpd session that started it.
+        claude_session: Claude Code's session uuid.
+        keep_alive: Whether it idles between agent runs.
+        started_at: When it started (ISO 8601).
+        transcript: The transcript path of the session that started it.
+    """
+
+    pod: str
+    container: str
+    status: str
+    session_id: str
+    claude_session: str
+    keep_alive: bool
+    started_at: str
+    transcript: str
+
+    @classmethod
+    def from_info(cls, info: ContainerInfo) -> RunningPod:
+        """Build from a container description."""
+        labels = info.labels
+        return cls(
+            pod=labels.get(LABEL_POD, ""),
+            container=info.name,
+            status=info.status,
+            session_id=labels.get(LABEL_SESSION, ""),
+            claude_session=labels.get(LABEL_CLAUDE_SESSION, ""),
+            keep_alive=labels.get(LABEL_KEEP_ALIVE) == "true",
+            started_at=info.started_at,
+            transcript=labels.get(LABEL_TRANSCRIPT, ""),
+        )
+
+
+class Dispatcher:
+    """Discovers pods, builds their images and runs their agents.
+
+    Args:
+        pods_dir: The pods directory; :func:`default_pods_dir` when None.
+        runner: The Docker operations; a :class:`DockerRunner` when None.
+        transcript_dir: Where session transcripts go; :func:`default_transcript_dir`
+            when None.
+
+    Attributes:
+        sessions: Every session this dispatcher started, oldest first.
+    """
+
+    def __init__(
+        self,
+        pods_dir: str | os.PathLike[str] | None = None,
+        runner: Runner | None = None,
+        transcript_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.pods_dir = Path(pods_dir).expanduser() if pods_dir else default_pods_dir()
+        self.runner: Runner = runner if runner is not None else DockerRunner()
+        self.transcript_dir = (
+            Path(transcript_dir).expanduser() if transcript_dir else default_transcript_dir()
+        )
+        self.sessions: list[Session] = []
+        self._lock = threading.Lock()
+
+    def pods(self) -> list[Pod]:
+        """Every valid pod in the pods directory, sorted by name."""
+        return discover_all(self.pods_dir)
+
+    def pod(self, name: str) -> Pod:
+        """Discover one pod by name (see :func:`discover_pod`)."""
+        return discover_pod(self.pods_dir, name)
+
+    def running(self) -> list[RunningPod]:
+        """Containers with a ``cldpd.pod`` label, from any process, sorted by name."""
+        return [RunningPod.from_info(i) for i in self.runner.list(LABEL_POD)]
+
+    def local_sessions(self, pod_name: str | None = None, *, active: bool = False) -> list[Session]:
+        """This dispatcher's sessions, optionally for one pod and only those not done."""
+        with self._lock:
+            found = list(self.sessions)
+        return [
+            s
+            for s in found
+            if (pod_name is None or s.pod_name == pod_name) and not (active and s.done)
+        ]
+
+    def _register(self, session: Session) -> Session:
+        with self._lock:
+            self.sessions.append(session)
+        return session
+
+    def _ensure_free(self, pod: Pod) -> None:
+        if self.local_sessions(pod.name, active=True):
+            raise PodRunningError(
+                f"Pod {pod.name} is already running in this kernel; resume it or stop it first."
+            )
+        info = self.runner.inspect(pod.container_name)
+        if info is None:
+            return
+        if info.running:
+            raise PodRunningError(
+                f"Pod {pod.name} is already running (container {info.name}); "
+                "resume it or stop it first."
+            )
+        if LABEL_POD in info.labels:
+            self.runner.remove(info.name)
+        else:
+            raise PodRunningError(
+                f"A container named {info.name} exists and is not a cldpd pod; remove it first."
+            )
+
+    def start_session(self, pod_name: str, issue_url: str) -> Session:
+        """Build the pod's image and run its agent on an issue, returning at once.
+
+        Args:
+            pod_name: The pod.
+            issue_url: The GitHub issue's http(s) URL.
+
+        Returns:
+            The running Session; its events are BUILD_STARTED, BUILD_OUTPUT*,
+            BUILD_COMPLETE, CONTAINER_STARTED, (OUTPUT|STDERR)*, then CONTAINER_EXITED
+            or ERROR.
+
+        Raises:
+            InvalidRequestError: The URL is not http(s).
+            PodNotFoundError, InvalidPodError, PodConfigError: The pod is unusable.
+            DockerUnavailableError: Docker does not answer.
+            PodRunningError: The pod's container already runs.
+        """
+        url = validate_issue_url(issue_url)
+        pod = self.pod(pod_name)
+        self.runner.preflight()
+        self._ensure_free(pod)
+        session_uuid = str(uuid.uuid4())
+        session_id = new_session_id(pod.name)
+        missing = [n for n in pod.config.inherit_env if n not in os.environ]
+        secrets = pod.secret_values() + [
+            os.environ[n] for n in pod.config.inherit_env if n in os.environ
+        ]
+        cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
+                            resume=False)  # fmt: skip
+        transcript = self.transcript_dir / f"{session_id}.jsonl"
+        opts = RunOptions(
+            image=pod.image,
+            name=pod.container_name,
+            cmd=cmd,
+            env=dict(pod.config.env),
+            inherit_env=list(pod.config.inherit_env),
+            workdir=pod.config.workdir,
+            remove=not pod.config.keep_alive,
+            mounts=list(pod.config.mounts),
+            labels={
+                LABEL_POD: pod.name,
+                LABEL_SESSION: session_id,
+                LABEL_CLAUDE_SESSION: session_uuid,
+                LABEL_KEEP_ALIVE: "true" if pod.config.keep_alive else "false",
+                LABEL_TRANSCRIPT: str(transcript),
+            },
+        )
+        runner = self.runner
+
+        def job(ctl: SessionControl) -> int:
+            ctl.emit(EventType.BUILD_STARTED, pod.image)
+            if missing:
+                ctl.emit(
+                    EventType.BUILD_OUTPUT,
+                    "cldpd: not set on this host, so not forwarded: " + ", ".join(missing),
+                )
+            runner.build(
+                pod.image,
+                str(pod.dir),
+                pod.config.build_args,
+                on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
+                cancel=ctl.cancelled,
+            )
+            ctl.check_cancelled()
+            ctl.emit(EventType.BUILD_COMPLETE, pod.image)
+            if pod.config.keep_alive:
+                return self._run_kept_alive(ctl, opts)
+
+            def started(info: ContainerInfo) -> None:
+                ctl.emit(EventType.CONTAINER_STARTED, info.name)
+                ctl.set_stopper(lambda t: runner.stop(info.name, t))
+
+            return runner.run(opts, ctl.stdout, ctl.stderr, on_start=started)
+
+        session = Session(pod.name, pod.container_name, job, self.transcript_dir, secrets,
+                          kind="start", session_id=session_id, claude_session=session_uuid,
+                          missing_env=missing)  # fmt: skip
+        return self._register(session)
+
+    def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
+        agent_cmd = opts.cmd
+        idle = RunOptions(**{**opts.__dict__, "cmd": IDLE_COMMAND, "remove": False})
+        runner = self.runner
+        info = runner.start(idle)
+        ctl.set_stopper(lambda t: runner.stop(info.name, t))
+        ctl.emit(EventType.CONTAINER_STARTED, info.name)
+        return runner.exec(info.name, agent_cmd, ctl.stdout, ctl.stderr)
+
+    def resume_session(self, pod_name: str, prompt: str) -> Session:
+        """Send a follow-up prompt to the pod's running container, returning at once.
+
+        The agent resumes its Claude Code session (``--resume``, the uuid read from the
+        container's label), through exec. Stopping this session ends that exec only.
+
+        Args:
+            pod_name: The pod.
+            prompt: The follow-up prompt, verbatim.
+
+        Returns:
+            The Session; its events are CONTAINER_STARTED, (OUTPUT|STDERR)*, then
+            CONTAINER_EXITED or ERROR.
+
+        Raises:
+            InvalidRequestError: The prompt is empty.
+            SessionNotFoundError: Nothing runs for the pod.
+        """
+        if not prompt or not prompt.strip():
+            raise InvalidRequestError("The prompt is empty; say what the agent should do next.")
+        pod = self.pod(pod_name)
+        self.runner.preflight()
+        info = self.runner.inspect(pod.container_name)
+        if info is None or not info.running:
+            raise SessionNotFoundError(
+                f"Pod {pod.name} is not running; start it first with an issue URL."
+            )
+        session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
+        secrets = pod.secret_values() + [
+            os.environ[n] for n in pod.config.inherit_env if n in os.environ
+        ]
+        cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
+        runner = self.runner
+
+        def job(ctl: SessionControl) -> int:
+            ctl.emit(EventType.CONTAINER_STARTED, info.name)
+
+            def started(handle: ExecHandle) -> None:
+                ctl.set_stopper(lambda t: runner.stop_exec(handle, t))
+
+            return runner.exec(info.name, cmd, ctl.stdout, ctl.stderr, on_start=started)
+
+        session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
+                          kind="resume", claude_session=session_uuid)  # fmt: skip
+        return self._register(session)
+
+    def attach_session(self, pod_name: str) -> Session:
+        """Follow the output of a pod's container started elsewhere (another kernel).
+
+        The output is replayed from the container's start, then followed to its end.
+
+        Args:
+            pod_name: The pod.
+
+        Returns:
+            A Session of kind ``attach``; stopping it stops the pod.
+
+        Raises:
+            SessionNotFoundError: Nothing runs for the pod.
+        """
+        name = container_name(pod_name)
+        self.runner.preflight()
+        info = self.runner.inspect(name)
+        if info is None or not info.running:
+            raise SessionNotFoundError(f"Pod {pod_name} is not running; nothing to attach to.")
+        try:
+            pod = self.pod(pod_name)
+            secrets = pod.secret_values() + [
+                os.environ[n] for n in pod.config.inherit_env if n in os.environ
+            ]
+        except Exception:  # the pod's directory may be gone; the container still runs
+            secrets = []
+        runner = self.runner
+
+        def job(ctl: SessionControl) -> int:
+            ctl.emit(EventType.CONTAINER_STARTED, name)
+            ctl.set_stopper(lambda t: runner.stop(name, t))
+            return runner.logs(name, ctl.stdout, ctl.stderr)
+
+        return self._register(Session(pod_name, name, job, self.transcript_dir, secrets,
+                                      kind="attach"))  # fmt: skip
+
+    def stop(self, pod_name: str, timeout: float = 10.0) -> None:
+        """Stop a pod gracefully: its sessions in this process, then its container.
+
+        Stopping a pod that is not running is fine.
+
+        Args:
+            pod_name: The pod.
+            timeout: Seconds before the container is killed.
+
+        Raises:
+            StopFailedError: Docker refused to stop the container.
+        """
+        name = container_name(pod_name)
+        for session in reversed(self.local_sessions(pod_name, active=True)):
+            if session.kind == "resume":
+                session.stop(timeout)
+        self.runner.stop(name, timeout)
+        for session in self.local_sessions(pod_name, active=True):
+            session.stop(timeout)
+        info = self.runner.inspect(name)
+        if info is not None and not info.running and LABEL_POD in info.labels:
+            self.runner.remove(name)
+
+    def _blocking(self, session: Session, stdout: Writer | None, check: bool) -> int:
+        out: Writer = stdout if stdout is not None else sys.stdout
+        err: TextIO = sys.stderr
+        try:
+            for event in session.events():
+                if event.type is EventType.OUTPUT:
+                    out.write(event.data + "\n")
+                elif event.type is EventType.STDERR:
+                    err.write(event.data + "\n")
+            code = session.wait()
+        except KeyboardInterrupt:
+            session.stop()
+            raise
+        if check and code != 0:
+            raise ContainerFailedError(
+                f"The agent in pod {session.pod_name} exited with code {code}.", exit_code=code
+            )
+        return code
+
+    def start(
+        self, pod_name: str, issue_url: str, stdout: Writer | None = None, *, check: bool = True
+    ) -> int:
+        """Build and run the pod's agent on an issue, streaming its output; block until it ends.
+
+        Args:
+            pod_name: The pod.
+            issue_url: The GitHub issue's http(s) URL.
+            stdout: Receives the agent's output lines; ``sys.stdout`` when None.
+            check: Raise ContainerFailedError on a non-zero exit code.
+
+        Returns:
+            The agent's exit code.
+
+        Raises:
+            ContainerFailedError: Non-zero exit and ``check``.
+            BuildFailedError: The image did not build.
+            CldpdError: As :meth:`start_session`.
+        """
+        return self._blocking(self.start_session(pod_name, issue_url), stdout, check)
+
+    def resume(
+        self, pod_name: str, prompt: str, stdout: Writer | None = None, *, check: bool = True
+    ) -> int:
+        """Send a follow-up prompt to the running pod and block until the agent answers.
+
+        Args:
+            pod_name: The pod.
+            prompt: The follow-up prompt.
+            stdout: Receives the output lines; ``sys.stdout`` when None.
+            check: Raise ContainerFailedError on a non-zero exit code.
+
+        Returns:
+            The exit code.
+
+        Raises:
+            SessionNotFoundError: Nothing runs for the pod.
+            ContainerFailedError: Non-zero exit and ``check``.
+        """
+        return self._blocking(self.resume_session(pod_name, prompt), stdout, check)
+
+
+__all__ = [
+    "Dispatcher",
+    "RunningPod",
+    "agent_command",
+    "build_prompt",
+    "default_transcript_dir",
+    "validate_issue_url",
+]

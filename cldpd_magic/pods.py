@@ -1,0 +1,330 @@
+"""Pod discovery: a pod is a directory with a Dockerfile, an optional pod.json and template.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidPodError, PodConfigError, PodNotFoundError
+
+POD_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+SECRET_KEY_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def looks_secret(name: str) -> bool:
+    """Tell whether an environment variable name looks like it holds a secret."""
+    return bool(SECRET_KEY_RE.search(name))
+
+
+def default_pods_dir() -> Path:
+    """Return the pods directory: ``$CLDPD_PODS_DIR`` when set, else ``~/.cldpd/pods``."""
+    env = os.environ.get("CLDPD_PODS_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cldpd" / "pods"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount from the host into the pod's container.
+
+    Attributes:
+        source: Absolute host path (``~`` already expanded).
+        target: Absolute path in the container.
+        read_only: Mount read-only.
+    """
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    """The parsed ``pod.json`` of a pod; every key is optional."""
+
+    image: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    build_args: dict[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    inherit_env: tuple[str, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    args: tuple[str, ...] = ()
+    keep_alive: bool = False
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A discovered pod.
+
+    Attributes:
+        name: The pod's name (its directory name).
+        dir: Absolute path of the pod directory.
+        dockerfile: Absolute path of its Dockerfile.
+        config: Its parsed pod.json (defaults when absent).
+        template: The standing orders from template.md ("" when absent or empty).
+    """
+
+    name: str
+    dir: Path
+    dockerfile: Path
+    config: PodConfig
+    template: str = ""
+
+    @property
+    def image(self) -> str:
+        """The image tag to build and run: ``config.image`` or ``cldpd-<name>`` lower-cased."""
+        return self.config.image or f"cldpd-{self.name}".lower()
+
+    @property
+    def container_name(self) -> str:
+        """The name of the pod's container, ``cldpd-<name>``."""
+        return container_name(self.name)
+
+    def secret_values(self) -> list[str]:
+        """Values that must never be displayed: secret-looking env values.
+
+        inheritEnv values are read from the host at run time and masked by the dispatcher.
+        """
+        return [v for k, v in self.config.env.items() if v and looks_secret(k)]
+
+
+def container_name(pod_name: str) -> str:
+    """Return the Docker container name used for a pod."""
+    return f"cldpd-{pod_name}"
+
+
+def validate_pod_name(name: str) -> None:
+    """Raise InvalidPodError unless ``name`` is a usable pod name.
+
+    Args:
+        name: The candidate pod name.
+
+    Raises:
+        InvalidPodError: If the name could escape the pods directory or is not a
+            valid Docker name.
+    """
+    if not isinstance(name, str) or not POD_NAME_RE.match(name) or ".." in name:
+        raise InvalidPodError(
+            f"{name!r} is not a valid pod name: use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit."
+        )
+
+
+def _expect(path: Path, key: str, value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PodConfigError(f"{path}: {key!r} must be {what}, got {type(value).__name__}.")
+    return value
+
+
+def _str_map(path: Path, key: str, value: Any) -> dict[str, str]:
+    _expect(path, key, value, dict, "an object of strings")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise PodConfigError(f"{path}: {key}.{k} must be a string, got {type(v).__name__}.")
+    return dict(value)
+
+
+def _str_list(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    _expect(path, key, value, list, "a list of strings")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise PodConfigError(f"{path}: {key}[{i}] must be a string, got {type(v).__name__}.")
+    return tuple(value)
+
+
+def _expand_source(path: Path, where: str, source: str) -> str:
+    if source == "~" or source.startswith("~/"):
+        source = str(Path.home()) + source[1:]
+    if not os.path.isabs(source):
+        raise PodConfigError(
+            f"{path}: {where}.source must be an absolute path, '~' or '~/...', got {source!r}."
+        )
+    return source
+
+
+def _mounts(path: Path, value: Any) -> tuple[Mount, ...]:
+    _expect(path, "mounts", value, list, "a list of objects")
+    mounts = []
+    for i, item in enumerate(value):
+        where = f"mounts[{i}]"
+        _expect(path, where, item, dict, "an object with source and target")
+        unknown = set(item) - {"source", "target", "readOnly"}
+        if unknown:
+            raise PodConfigError(
+                f"{path}: unknown key {sorted(unknown)[0]!r} in {where}; "
+                "expected source, target, readOnly."
+            )
+        for key in ("source", "target"):
+            if key not in item:
+                raise PodConfigError(f"{path}: {where} needs a {key!r}.")
+            _expect(path, f"{where}.{key}", item[key], str, "a string")
+        read_only = _expect(
+            path, f"{where}.readOnly", item.get("readOnly", False), bool, "a boolean"
+        )
+        if not item["target"].startswith("/"):
+            raise PodConfigError(
+                f"{path}: {where}.target must be an absolute path in the container."
+            )
+        mounts.append(Mount(_expand_source(path, where, item["source"]), item["target"], read_only))
+    return tuple(mounts)
+
+
+_CONFIG_KEYS = {
+    "image": "image",
+    "env": "env",
+    "buildArgs": "build_args",
+    "workdir": "workdir",
+    "inheritEnv": "inherit_env",
+    "mounts": "mounts",
+    "args": "args",
+    "keepAlive": "keep_alive",
+}
+
+
+def parse_pod_config(path: Path, text: str) -> PodConfig:
+    """Parse the text of a pod.json file.
+
+    Args:
+        path: The file's path, named in error messages.
+        text: Its contents.
+
+    Returns:
+        The parsed configuration.
+
+    Raises:
+        PodConfigError: Malformed JSON (with line and column), unknown keys, wrong types.
+    """
+    if not text.strip():
+        return PodConfig()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PodConfigError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}."
+        ) from None
+    _expect(path, "pod.json", data, dict, "a JSON object")
+    unknown = [k for k in data if k not in _CONFIG_KEYS]
+    if unknown:
+        raise PodConfigError(
+            f"{path}: unknown key {unknown[0]!r}; expected one of {', '.join(_CONFIG_KEYS)}."
+        )
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("image", "workdir"):
+            values[_CONFIG_KEYS[key]] = _expect(path, key, value, str, "a string")
+        elif key in ("env", "buildArgs"):
+            values[_CONFIG_KEYS[key]] = _str_map(path, key, value)
+        elif key in ("inheritEnv", "args"):
+            values[_CONFIG_KEYS[key]] = _str_list(path, key, value)
+        elif key == "mounts":
+            values["mounts"] = _mounts(path, value)
+        else:
+            values["keep_alive"] = _expect(path, key, value, bool, "true or false")
+    for name in values.get("build_args", {}):
+        if looks_secret(name):
+            raise PodConfigError(
+                f"{path}: buildArgs.{name} looks like a secret, and build args stay in the "
+                "image history; forward it at run time with inheritEnv instead."
+            )
+    return PodConfig(**values)
+
+
+def _read_template(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidPodError(f"{path} cannot be read: {exc}.") from None
+    return text.strip("\n") if text.strip() else ""
+
+
+def discover_pod(pods_dir: str | os.PathLike[str], name: str) -> Pod:
+    """Load one pod by name.
+
+    Args:
+        pods_dir: The pods directory.
+        name: The pod's name (its directory name).
+
+    Returns:
+        The pod, with its parsed pod.json and template.
+
+    Raises:
+        InvalidPodError: The name is not a valid pod name, the directory has no
+            Dockerfile, or template.md cannot be read.
+        PodNotFoundError: There is no such pod directory.
+        PodConfigError: pod.json is malformed.
+    """
+    validate_pod_name(name)
+    root = Path(pods_dir).expanduser().resolve()
+    pod_dir = root / name
+    if not pod_dir.is_dir():
+        raise PodNotFoundError(f"No pod named {name!r} in {root}.")
+    dockerfile = pod_dir / "Dockerfile"
+    if not dockerfile.is_file():
+        raise InvalidPodError(f"Pod {name!r} has no Dockerfile in {pod_dir}.")
+    config_path = pod_dir / "pod.json"
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PodConfigError(f"{config_path} cannot be read: {exc}.") from None
+    config = parse_pod_config(config_path, text)
+    template = _read_template(pod_dir / "template.md")
+    return Pod(name=name, dir=pod_dir, dockerfile=dockerfile, config=config, template=template)
+
+
+def discover_all(pods_dir: str | os.PathLike[str]) -> list[Pod]:
+    """Load every valid pod in a directory, sorted by name.
+
+    Entries that are not directories, or directories without a Dockerfile, are skipped;
+    a pod whose pod.json is broken raises (use :func:`scan_pods` to list broken pods too).
+
+    Args:
+        pods_dir: The pods directory.
+
+    Returns:
+        The pods, sorted by name; empty when the directory does not exist.
+    """
+    pods = []
+    for _name, pod, error in scan_pods(pods_dir):
+        if error is not None:
+            raise error
+        if pod is not None:
+            pods.append(pod)
+    return pods
+
+
+def scan_pods(
+    pods_dir: str | os.PathLike[str],
+) -> list[tuple[str, Pod | None, Exception | None]]:
+    """List every pod directory with either its Pod or the error that makes it broken.
+
+    Directories without a Dockerfile and names that are not valid pod names are left out.
+
+    Args:
+        pods_dir: The pods directory.
+
+    Returns:
+        ``(name, pod, error)`` triples sorted by name; exactly one of pod and error is set.
+    """
+    root = Path(pods_dir).expanduser()
+    if not root.is_dir():
+        return []
+    found: list[tuple[str, Pod | None, Exception | None]] = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if not entry.is_dir() or not (entry / "Dockerfile").is_file():
+            continue
+        if not POD_NAME_RE.match(entry.name) or ".." in entry.name:
+            continue
+        try:
+            found.append((entry.name, discover_pod(root, entry.name), None))
+        except (PodConfigError, InvalidPodError) as exc:
+            found.append((entry.name, None, exc))
+    return found

@@ -1,0 +1,684 @@
+"""Docker operations behind a small protocol; DockerRunner is the only code that imports docker."""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+from docker.types.daemon import CancellableStream
+from docker.utils import build as build_utils
+
+from .errors import (
+    BuildFailedError,
+    ContainerFailedError,
+    DockerUnavailableError,
+    PodRunningError,
+    SessionNotFoundError,
+    StopFailedError,
+)
+from .pods import Mount
+
+
+class Writer(Protocol):
+    """Anything with ``write(str)``, such as ``sys.stdout`` or an ``io.StringIO``."""
+
+    def write(self, text: str, /) -> Any:
+        """Write a piece of text."""
+
+
+@dataclass
+class RunOptions:
+    """How to run a pod's container.
+
+    Attributes:
+        image: Image tag.
+        name: Container name.
+        cmd: Command and arguments.
+        env: Environment variables set in the container.
+        inherit_env: Host variable names forwarded when set on the host; unset ones are skipped.
+        workdir: Working directory ("" keeps the image's).
+        remove: Remove the container once it has exited.
+        mounts: Bind mounts.
+        labels: Container labels.
+    """
+
+    image: str
+    name: str
+    cmd: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    inherit_env: list[str] = field(default_factory=list)
+    workdir: str = ""
+    remove: bool = True
+    mounts: list[Mount] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def resolved_env(self) -> dict[str, str]:
+        """``env`` plus every ``inherit_env`` variable that is set on the host."""
+        env = dict(self.env)
+        for name in self.inherit_env:
+            value = os.environ.get(name)
+            if value is not None:
+                env[name] = value
+        return env
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the engine says about a container.
+
+    Attributes:
+        name: Container name.
+        id: Container id.
+        status: Docker status (created, running, exited, ...).
+        labels: Its labels.
+        image: Image tag it was created from.
+        started_at: Start time as the engine reports it (ISO 8601).
+    """
+
+    name: str
+    id: str
+    status: str
+    labels: dict[str, str]
+    image: str = ""
+    started_at: str = ""
+
+    @property
+    def running(self) -> bool:
+        """Whether the container is running."""
+        return self.status == "running"
+
+
+@dataclass
+class ExecHandle:
+    """Identifies an exec started by :meth:`DockerRunner.exec`, so it can be stopped."""
+
+    container: str
+    exec_id: str
+    pidfile: str
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """The Docker operations the dispatcher needs; every method blocks."""
+
+    def preflight(self) -> None:
+        """Raise DockerUnavailableError unless the engine answers."""
+
+    def build(
+        self,
+        tag: str,
+        context_dir: str,
+        build_args: dict[str, str] | None = None,
+        on_output: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Build an image, passing each log line to on_output."""
+
+    def run(
+        self,
+        opts: RunOptions,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ContainerInfo], None] | None = None,
+    ) -> int:
+        """Run a container to its end and return its exit code."""
+
+    def start(self, opts: RunOptions) -> ContainerInfo:
+        """Create and start a container detached."""
+
+    def exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ExecHandle], None] | None = None,
+    ) -> int:
+        """Run a command in a running container and return its exit code."""
+
+    def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
+        """Stop an exec started by exec()."""
+
+    def stop(self, container: str, timeout: float = 10.0) -> None:
+        """Stop a container gracefully; a missing container is fine."""
+
+    def remove(self, container: str) -> None:
+        """Remove a stopped container; a missing one is fine."""
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        """Describe a container, None when there is none."""
+
+    def list(self, label: str) -> list[ContainerInfo]:
+        """List containers carrying a label."""
+
+    def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Follow a container's output from its start to its end; return its exit code."""
+
+
+class _StreamDecoder:
+    """Decodes byte chunks of one stream into text for a writer, UTF-8 safe across chunks."""
+
+    def __init__(self, writer: Writer | None) -> None:
+        self.writer = writer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes | None) -> None:
+        if data and self.writer is not None:
+            text = self.decoder.decode(data)
+            if text:
+                self.writer.write(text)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            text = self.decoder.decode(b"", final=True)
+            if text:
+                self.writer.write(text)
+
+
+def _pump(
+    stream: Iterator[tuple[bytes | None, bytes | None]], stdout: Writer, stderr: Writer | None
+) -> None:
+    out, err = _StreamDecoder(stdout), _StreamDecoder(stderr)
+    for chunk_out, chunk_err in stream:
+        out.feed(chunk_out)
+        err.feed(chunk_err)
+    out.close()
+    err.close()
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc).strip()
+    return str(exc).strip()
+
+
+class DockerRunner:
+    """Runner on the Docker engine, through docker-py.
+
+    Args:
+        client: A ``docker.DockerClient``; ``docker.from_env()`` when None, which honours
+            DOCKER_HOST. Without a client, each streaming operation gets a client of its
+            own, since docker-py clients are not documented as thread-safe.
+    """
+
+    #: Shares of the stop timeout given to SIGINT and SIGTERM before SIGKILL.
+    STOP_SHARES = (0.6, 0.3)
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+        self._shared: docker.DockerClient | None = client
+        self._lock = threading.Lock()
+
+    def _control(self) -> docker.APIClient:
+        with self._lock:
+            if self._shared is None:
+                self._shared = self._connect()
+            return self._shared.api
+
+    @staticmethod
+    def _connect() -> docker.DockerClient:
+        try:
+            return docker.from_env()
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(
+                f"Docker is not reachable ({_explain(exc)}); start the Docker engine "
+                "or set DOCKER_HOST."
+            ) from None
+
+    @contextlib.contextmanager
+    def _streaming(self) -> Iterator[docker.APIClient]:
+        if self._client is not None:
+            yield self._client.api
+            return
+        client = self._connect()
+        try:
+            yield client.api
+        finally:
+            client.close()
+
+    def preflight(self) -> None:
+        """Check that the Docker engine answers.
+
+        Raises:
+            DockerUnavailableError: It does not.
+        """
+        try:
+            self._control().ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailableError(
+                f"Docker is not reachable ({_explain(exc)}); start the Docker engine "
+                "or set DOCKER_HOST."
+            ) from None
+
+    def build(
+        self,
+        tag: str,
+        context_dir: str,
+        build_args: dict[str, str] | None = None,
+        on_output: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Build an image from a directory, streaming the log as it comes.
+
+        The directory's pod.json (and what its .dockerignore excludes) stays out of the
+        build context, so no configured value reaches the engine that way.
+
+        Args:
+            tag: Image tag.
+            context_dir: The build context, with a Dockerfile at its top.
+            build_args: Docker build args.
+            on_output: Called with each line of the build log.
+            cancel: When set from another thread, the build is abandoned.
+
+        Raises:
+            BuildFailedError: The build failed or was cancelled; carries the log tail.
+        """
+        tail: deque[str] = deque(maxlen=40)
+        pending = ""
+
+        def emit(text: str) -> None:
+            nonlocal pending
+            pending += text
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                tail.append(line)
+                if on_output is not None:
+                    on_output(line)
+
+        exclude = [".dockerignore", "pod.json"]
+        ignore = os.path.join(context_dir, ".dockerignore")
+        if os.path.exists(ignore):
+            with open(ignore, encoding="utf-8") as f:
+                exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        context = build_utils.tar(context_dir, exclude=exclude)
+        params = {
+            "t": tag,
+            "rm": True,
+            "forcerm": True,
+            "q": False,
+            "buildargs": json.dumps(build_args or {}),
+        }
+        error = ""
+        try:
+            with self._streaming() as api:
+                response = api._post(
+                    api._url("/build"),
+                    data=context,
+                    params=params,
+                    headers={"Content-Type": "application/tar"},
+                    stream=True,
+                    timeout=None,
+                )
+                api._raise_for_status(response)
+                stream = CancellableStream(api._stream_helper(response, decode=True), response)
+                watcher = _Canceller(cancel, stream)
+                try:
+                    for item in stream:
+                        if "stream" in item:
+                            emit(item["stream"])
+                        elif "error" in item:
+                            error = item["error"].strip()
+                        elif "status" in item:
+                            emit(item["status"] + "\n")
+                finally:
+                    watcher.done()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            if cancel is not None and cancel.is_set():
+                error = "the build was stopped"
+            else:
+                error = _explain(exc)
+        finally:
+            context.close()
+        if pending:
+            emit("\n")
+        if cancel is not None and cancel.is_set() and not error:
+            error = "the build was stopped"
+        if error:
+            raise BuildFailedError(f"Building image {tag} failed: {error}", "\n".join(tail))
+
+    def _create(self, api: docker.APIClient, opts: RunOptions) -> str:
+        mounts = [
+            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+            for m in opts.mounts
+        ]
+        host_config = api.create_host_config(init=True, mounts=mounts)
+        try:
+            created = api.create_container(
+                image=opts.image,
+                command=opts.cmd,
+                name=opts.name,
+                environment=opts.resolved_env(),
+                working_dir=opts.workdir or None,
+                labels=opts.labels,
+                host_config=host_config,
+                stdin_open=False,
+                tty=False,
+            )
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                raise PodRunningError(
+                    f"A container named {opts.name} already exists; stop it first."
+                ) from None
+            raise ContainerFailedError(
+                f"Could not create container {opts.name}: {_explain(exc)}"
+            ) from None
+        return created["Id"]
+
+    def _start_or_remove(self, api: docker.APIClient, opts: RunOptions, cid: str) -> None:
+        try:
+            api.start(cid)
+        except docker.errors.APIError as exc:
+            self._force_remove(api, cid)
+            raise ContainerFailedError(
+                f"Could not start container {opts.name}: {_explain(exc)}"
+            ) from None
+
+    @staticmethod
+    def _force_remove(api: docker.APIClient, cid: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            api.remove_container(cid, force=True)
+
+    def run(
+        self,
+        opts: RunOptions,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ContainerInfo], None] | None = None,
+    ) -> int:
+        """Create, attach and start a container, stream its output, and wait for its end.
+
+        The output stream is attached before the container starts, so nothing a fast
+        container prints is missed. A non-zero exit code is a return value, not an error.
+
+        Args:
+            opts: What to run.
+            stdout: Receives the container's stdout as text.
+            stderr: Receives its stderr; None drops it.
+            on_start: Called once the container has started.
+
+        Returns:
+            The container's exit code.
+
+        Raises:
+            PodRunningError: The container name is taken.
+            ContainerFailedError: The container could not be created or started.
+        """
+        with self._streaming() as api:
+            cid = self._create(api, opts)
+            try:
+                try:
+                    stream = api.attach(
+                        cid, stdout=True, stderr=True, stream=True, logs=True, demux=True
+                    )
+                except docker.errors.APIError as exc:
+                    raise ContainerFailedError(
+                        f"Could not attach to container {opts.name}: {_explain(exc)}"
+                    ) from None
+                self._start_or_remove(api, opts, cid)
+                if on_start is not None:
+                    on_start(ContainerInfo(opts.name, cid, "running", opts.labels, opts.image))
+                _pump(stream, stdout, stderr)
+                return int(api.wait(cid)["StatusCode"])
+            except docker.errors.NotFound:
+                return -1
+            finally:
+                if opts.remove:
+                    self._force_remove(api, cid)
+
+    def start(self, opts: RunOptions) -> ContainerInfo:
+        """Create and start a container detached (for keepAlive pods).
+
+        Args:
+            opts: What to run; ``remove`` is ignored, the container lives until stopped.
+
+        Returns:
+            The started container.
+
+        Raises:
+            PodRunningError: The container name is taken.
+            ContainerFailedError: The container could not be created or started.
+        """
+        api = self._control()
+        cid = self._create(api, opts)
+        self._start_or_remove(api, opts, cid)
+        return ContainerInfo(opts.name, cid, "running", opts.labels, opts.image)
+
+    def exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ExecHandle], None] | None = None,
+    ) -> int:
+        """Run a command in a running container and stream its output.
+
+        The command runs under ``sh``, which records its pid, so that
+        :meth:`stop_exec` can signal this exec alone.
+
+        Args:
+            container: Container name or id.
+            cmd: Command and arguments.
+            stdout: Receives stdout as text.
+            stderr: Receives stderr; None drops it.
+            on_start: Called with a handle for stop_exec once the exec exists.
+
+        Returns:
+            The command's exit code.
+
+        Raises:
+            SessionNotFoundError: The container does not exist or is not running.
+        """
+        info = self.inspect(container)
+        if info is None or not info.running:
+            raise SessionNotFoundError(f"No running container named {container}.")
+        pidfile = f"/tmp/.cldpd-exec-{uuid.uuid4().hex[:12]}.pid"
+        wrapped = ["sh", "-c", '{ echo $$ >"$0"; } 2>/dev/null; exec "$@"', pidfile, *cmd]
+        with self._streaming() as api:
+            try:
+                exec_id = api.exec_create(container, wrapped, stdout=True, stderr=True)["Id"]
+                stream = api.exec_start(exec_id, stream=True, demux=True)
+            except docker.errors.NotFound:
+                raise SessionNotFoundError(f"No running container named {container}.") from None
+            except docker.errors.APIError as exc:
+                if "not running" in _explain(exc):
+                    raise SessionNotFoundError(f"No running container named {container}.") from None
+                raise ContainerFailedError(
+                    f"Could not run a command in {container}: {_explain(exc)}"
+                ) from None
+            if on_start is not None:
+                on_start(ExecHandle(container, exec_id, pidfile))
+            _pump(stream, stdout, stderr)
+            try:
+                for _ in range(50):
+                    result = api.exec_inspect(exec_id)
+                    if not result.get("Running"):
+                        break
+                    time.sleep(0.02)
+                code = result.get("ExitCode")
+            except docker.errors.NotFound:
+                code = None
+            return -1 if code is None else int(code)
+
+    def _signal_exec(self, handle: ExecHandle, signal: str) -> None:
+        api = self._control()
+        script = f'kill -{signal} "$(cat "$0")" 2>/dev/null'
+        with contextlib.suppress(docker.errors.APIError):
+            exec_id = api.exec_create(handle.container, ["sh", "-c", script, handle.pidfile])["Id"]
+            api.exec_start(exec_id)
+
+    def _exec_running(self, handle: ExecHandle) -> bool:
+        try:
+            return bool(self._control().exec_inspect(handle.exec_id).get("Running"))
+        except docker.errors.APIError:
+            return False
+
+    def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
+        """Stop one exec gracefully: SIGINT, then SIGTERM, then SIGKILL; the container stays.
+
+        Args:
+            handle: The exec, from exec()'s on_start.
+            timeout: Seconds before SIGKILL.
+        """
+        shares = (*self.STOP_SHARES, 0.1)
+        for signal, share in zip(("INT", "TERM", "KILL"), shares, strict=True):
+            if not self._exec_running(handle):
+                return
+            self._signal_exec(handle, signal)
+            deadline = time.monotonic() + max(timeout * share, 0.5)
+            while time.monotonic() < deadline:
+                if not self._exec_running(handle):
+                    return
+                time.sleep(0.05)
+
+    def _wait_exit(self, api: docker.APIClient, container: str, seconds: float) -> bool:
+        try:
+            api.wait(container, timeout=max(seconds, 0.1))
+        except docker.errors.NotFound:
+            return True
+        except (requests.exceptions.RequestException, docker.errors.APIError):
+            info = self.inspect(container)
+            return info is None or not info.running
+        return True
+
+    def stop(self, container: str, timeout: float = 10.0) -> None:
+        """Stop a container gracefully: SIGINT (the agent ends its turn), SIGTERM, then SIGKILL.
+
+        Args:
+            container: Container name or id; a missing or stopped container is fine.
+            timeout: Seconds before SIGKILL.
+
+        Raises:
+            StopFailedError: The engine refused to stop it.
+        """
+        info = self.inspect(container)
+        if info is None or info.status not in ("running", "paused", "restarting"):
+            return
+        with self._streaming() as api:
+            for signal, share in zip(("SIGINT", "SIGTERM"), self.STOP_SHARES, strict=True):
+                try:
+                    api.kill(container, signal=signal)
+                except docker.errors.NotFound:
+                    return
+                except docker.errors.APIError as exc:
+                    if "is not running" in _explain(exc):
+                        return
+                    raise StopFailedError(f"Could not stop {container}: {_explain(exc)}") from None
+                if self._wait_exit(api, container, timeout * share):
+                    return
+            try:
+                api.kill(container)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if "is not running" not in _explain(exc):
+                    raise StopFailedError(f"Could not stop {container}: {_explain(exc)}") from None
+            self._wait_exit(api, container, 10)
+
+    def remove(self, container: str) -> None:
+        """Force-remove a container; a missing one is fine."""
+        self._force_remove(self._control(), container)
+
+    @staticmethod
+    def _info(attrs: dict[str, Any]) -> ContainerInfo:
+        config = attrs.get("Config") or {}
+        state = attrs.get("State") or {}
+        return ContainerInfo(
+            name=attrs.get("Name", "").lstrip("/"),
+            id=attrs.get("Id", ""),
+            status=state.get("Status", ""),
+            labels=config.get("Labels") or {},
+            image=config.get("Image", ""),
+            started_at=state.get("StartedAt", ""),
+        )
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        """Describe a container.
+
+        Args:
+            container: Name or id.
+
+        Returns:
+            Its description, None when there is no such container.
+        """
+        try:
+            return self._info(self._control().inspect_container(container))
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailableError(f"Docker did not answer: {_explain(exc)}.") from None
+
+    def list(self, label: str) -> list[ContainerInfo]:
+        """List containers, running or not, that carry a label.
+
+        Args:
+            label: A label key, or ``key=value``.
+        """
+        api = self._control()
+        found = []
+        for summary in api.containers(all=True, filters={"label": label}):
+            info = self.inspect(summary["Id"])
+            if info is not None:
+                found.append(info)
+        return sorted(found, key=lambda c: c.name)
+
+    def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Follow a container's output from its start until it exits.
+
+        Args:
+            container: Name or id.
+            stdout: Receives stdout as text.
+            stderr: Receives stderr; None drops it.
+
+        Returns:
+            The exit code, or -1 when the container vanished.
+
+        Raises:
+            SessionNotFoundError: There is no such container.
+        """
+        if self.inspect(container) is None:
+            raise SessionNotFoundError(f"No container named {container}.")
+        with self._streaming() as api:
+            try:
+                stream = api.attach(
+                    container, stdout=True, stderr=True, stream=True, logs=True, demux=True
+                )
+                _pump(stream, stdout, stderr)
+                return int(api.wait(container)["StatusCode"])
+            except docker.errors.NotFound:
+                return -1
+
+
+class _Canceller:
+    """Closes a stream from a helper thread once an event is set."""
+
+    def __init__(self, cancel: threading.Event | None, stream: CancellableStream) -> None:
+        self._finished = threading.Event()
+        self._cancel = cancel
+        self._stream = stream
+        if cancel is not None:
+            threading.Thread(target=self._watch, daemon=True, name="cldpd-build-cancel").start()
+
+    def _watch(self) -> None:
+        assert self._cancel is not None
+        while not self._finished.is_set():
+            if self._cancel.wait(0.1):
+                with contextlib.suppress(Exception):
+                    self._stream.close()
+                return
+
+    def done(self) -> None:
+        self._finished.set()
