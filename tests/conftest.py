@@ -1,0 +1,128 @@
+"""Shared fixtures: pods made on the fly, the real Docker engine, leak checks."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+BASE_IMAGE = "busybox:latest"
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PODS = REPO / "examples" / "pods"
+
+
+def _docker_client():
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(BASE_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
+        return None, f"{type(exc).__name__}: {exc}"
+    return client, ""
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A docker-py client of the real engine; fails (not skips) in CI when there is none."""
+    client, why = _docker_client()
+    if client is None:
+        message = f"no usable Docker engine with {BASE_IMAGE} ({why}); run scripts/setup"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def pods_dir(tmp_path: Path) -> Path:
+    """An empty pods directory."""
+    path = tmp_path / "pods"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def transcript_dir(tmp_path: Path) -> Path:
+    """A transcript directory (tests never write under the real home)."""
+    path = tmp_path / "sessions"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLDPD_SESSIONS_DIR", str(tmp_path / "home-sessions"))
+    monkeypatch.setenv("CLDPD_PODS_DIR", str(tmp_path / "home-pods"))
+
+
+MakePod = Callable[..., str]
+
+
+@pytest.fixture
+def make_pod(pods_dir: Path, request: pytest.FixtureRequest) -> Iterator[MakePod]:
+    """Create pods whose agent is a shell script; names are unique per test.
+
+    ``make_pod(script, pod_json=None, template=None, name=None, dockerfile=None)`` writes
+    ``<pods_dir>/<name>/`` with a Dockerfile ``FROM busybox`` that installs ``script`` as
+    ``/usr/local/bin/claude``, and returns the pod name. After the test, every container
+    ``cldpd-<name>`` still present fails the test (and is removed), and the images go.
+    """
+    made: list[str] = []
+
+    def make(
+        script: str = "echo hello",
+        pod_json: dict | str | None = None,
+        template: str | None = None,
+        name: str | None = None,
+        dockerfile: str | None = None,
+    ) -> str:
+        import json
+
+        name = name or f"t{uuid.uuid4().hex[:10]}"
+        pod = pods_dir / name
+        pod.mkdir()
+        (pod / "Dockerfile").write_text(
+            dockerfile
+            or f"FROM {BASE_IMAGE}\nCOPY claude /usr/local/bin/claude\nRUN chmod +x /usr/local/bin/claude\n"
+        )
+        (pod / "claude").write_text("#!/bin/sh\n" + textwrap.dedent(script).strip() + "\n")
+        if pod_json is not None:
+            text = pod_json if isinstance(pod_json, str) else json.dumps(pod_json)
+            (pod / "pod.json").write_text(text)
+        if template is not None:
+            (pod / "template.md").write_text(template)
+        made.append(name)
+        return name
+
+    yield make
+
+    if not made:
+        return
+    client, _ = _docker_client()
+    if client is None:
+        return
+    import docker.errors
+
+    leaked = []
+    for name in made:
+        try:
+            container = client.containers.get(f"cldpd-{name}")
+        except docker.errors.NotFound:
+            pass
+        else:
+            leaked.append(f"cldpd-{name} ({container.status})")
+            container.remove(force=True)
+        try:
+            client.images.remove(f"cldpd-{name}".lower(), force=True)
+        except docker.errors.APIError:
+            pass
+    client.close()
+    if leaked:
+        pytest.fail(f"test left containers behind: {', '.join(leaked)}")
