@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 import uuid
@@ -22,7 +23,7 @@ def _docker_client():
         client = docker.from_env()
         client.ping()
         client.images.get(BASE_IMAGE)
-    except Exception as exc:  # noqa: BLE001 - any failure means no usable engine
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
     return client, ""
 
@@ -90,7 +91,8 @@ def make_pod(pods_dir: Path, request: pytest.FixtureRequest) -> Iterator[MakePod
         pod.mkdir()
         (pod / "Dockerfile").write_text(
             dockerfile
-            or f"FROM {BASE_IMAGE}\nCOPY claude /usr/local/bin/claude\nRUN chmod +x /usr/local/bin/claude\n"
+            or f"FROM {BASE_IMAGE}\nCOPY claude /usr/local/bin/claude\n"
+            "RUN chmod +x /usr/local/bin/claude\n"
         )
         (pod / "claude").write_text("#!/bin/sh\n" + textwrap.dedent(script).strip() + "\n")
         if pod_json is not None:
@@ -119,10 +121,8 @@ def make_pod(pods_dir: Path, request: pytest.FixtureRequest) -> Iterator[MakePod
         else:
             leaked.append(f"cldpd-{name} ({container.status})")
             container.remove(force=True)
-        try:
+        with contextlib.suppress(docker.errors.APIError):
             client.images.remove(f"cldpd-{name}".lower(), force=True)
-        except docker.errors.APIError:
-            pass
     client.close()
     if leaked:
         pytest.fail(f"test left containers behind: {', '.join(leaked)}")
