@@ -53,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stream(session: Session, raw: bool, verbose: bool, out: TextIO, err: TextIO) -> None:
-    for event in session.events():
+def _stream(
+    session: Session, raw: bool, verbose: bool, out: TextIO, err: TextIO, seen: list[int]
+) -> None:
+    for index, event in enumerate(session.events()):
+        if index < seen[0]:
+            continue
+        seen[0] = index + 1
         etype = event.type
         if etype is EventType.OUTPUT:
             if raw:
@@ -75,13 +80,15 @@ def _stream(session: Session, raw: bool, verbose: bool, out: TextIO, err: TextIO
 
 
 def _run(session: Session, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    seen = [0]
     try:
-        _stream(session, args.raw, args.verbose, out, err)
+        _stream(session, args.raw, args.verbose, out, err, seen)
         return session.wait()
     except KeyboardInterrupt:
         err.write(f"\ncldpd: interrupted; stopping pod {session.pod_name} gracefully\n")
         err.flush()
         session.stop()
+        _stream(session, args.raw, args.verbose, out, err, seen)
         return 130
 
 
