@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import InvalidPodError, PodConfigError, PodNotFoundError
 
-POD_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+POD_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 SECRET_KEY_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
@@ -98,6 +98,11 @@ def container_name(pod_name: str) -> str:
     return f"cldpd-{pod_name}"
 
 
+def is_valid_pod_name(name: str) -> bool:
+    """Tell whether ``name`` is a usable pod name (a Docker name, no ``/`` nor ``..``)."""
+    return isinstance(name, str) and bool(POD_NAME_RE.fullmatch(name)) and ".." not in name
+
+
 def validate_pod_name(name: str) -> None:
     """Raise InvalidPodError unless ``name`` is a usable pod name.
 
@@ -108,7 +113,7 @@ def validate_pod_name(name: str) -> None:
         InvalidPodError: If the name could escape the pods directory or is not a
             valid Docker name.
     """
-    if not isinstance(name, str) or not POD_NAME_RE.match(name) or ".." in name:
+    if not is_valid_pod_name(name):
         raise InvalidPodError(
             f"{name!r} is not a valid pod name: use letters, digits, '_', '.' and '-', "
             "starting with a letter or digit."
@@ -321,7 +326,7 @@ def scan_pods(
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if not entry.is_dir() or not (entry / "Dockerfile").is_file():
             continue
-        if not POD_NAME_RE.match(entry.name) or ".." in entry.name:
+        if not is_valid_pod_name(entry.name):
             continue
         try:
             found.append((entry.name, discover_pod(root, entry.name), None))
