@@ -1,0 +1,337 @@
+"""Pod discovery: directories, pod.json, template.md and names (no Docker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from pathlib import Path
+
+import pytest
+
+from cldpd_magic import (
+    InvalidPodError,
+    Mount,
+    PodConfig,
+    PodConfigError,
+    PodNotFoundError,
+    default_pods_dir,
+    discover_all,
+    discover_pod,
+)
+from cldpd_magic.pods import scan_pods
+
+
+def write_pod(
+    pods_dir: Path,
+    name: str,
+    pod_json: dict | str | None = None,
+    template: str | bytes | None = None,
+    dockerfile: bool = True,
+) -> Path:
+    pod = pods_dir / name
+    pod.mkdir(parents=True)
+    if dockerfile:
+        (pod / "Dockerfile").write_text("FROM busybox:latest\n")
+    if pod_json is not None:
+        text = pod_json if isinstance(pod_json, str) else json.dumps(pod_json)
+        (pod / "pod.json").write_text(text)
+    if isinstance(template, bytes):
+        (pod / "template.md").write_bytes(template)
+    elif template is not None:
+        (pod / "template.md").write_text(template)
+    return pod
+
+
+def config_error(pods_dir: Path, pod_json: dict | str) -> str:
+    write_pod(pods_dir, "p", pod_json)
+    with pytest.raises(PodConfigError) as info:
+        discover_pod(pods_dir, "p")
+    message = str(info.value)
+    assert str(pods_dir / "p" / "pod.json") in message
+    return message
+
+
+def test_pod_found_with_defaults(pods_dir):
+    write_pod(pods_dir, "alpha")
+    pod = discover_pod(pods_dir, "alpha")
+    assert pod.name == "alpha"
+    assert pod.dir == (pods_dir / "alpha").resolve()
+    assert pod.dockerfile == pod.dir / "Dockerfile"
+    assert pod.config == PodConfig()
+    assert pod.template == ""
+    assert pod.image == "cldpd-alpha"
+    assert pod.container_name == "cldpd-alpha"
+
+
+def test_pod_not_found(pods_dir):
+    write_pod(pods_dir, "alpha")
+    with pytest.raises(PodNotFoundError, match="'beta'"):
+        discover_pod(pods_dir, "beta")
+
+
+def test_pod_in_missing_pods_dir_is_not_found(tmp_path):
+    with pytest.raises(PodNotFoundError):
+        discover_pod(tmp_path / "nowhere", "alpha")
+
+
+def test_regular_file_is_not_a_pod(pods_dir):
+    (pods_dir / "file").write_text("x")
+    with pytest.raises(PodNotFoundError):
+        discover_pod(pods_dir, "file")
+
+
+def test_pod_without_dockerfile_is_invalid(pods_dir):
+    write_pod(pods_dir, "alpha", dockerfile=False)
+    with pytest.raises(InvalidPodError, match="no Dockerfile"):
+        discover_pod(pods_dir, "alpha")
+
+
+def test_dockerfile_that_is_a_directory_is_invalid(pods_dir):
+    pod = write_pod(pods_dir, "alpha", dockerfile=False)
+    (pod / "Dockerfile").mkdir()
+    with pytest.raises(InvalidPodError):
+        discover_pod(pods_dir, "alpha")
+
+
+def test_discover_all_sorted_skipping_files_and_dirs_without_dockerfile(pods_dir):
+    for name in ("zeta", "alpha", "Mid", "beta"):
+        write_pod(pods_dir, name)
+    write_pod(pods_dir, "empty", dockerfile=False)
+    (pods_dir / "README.md").write_text("not a pod")
+    (pods_dir / "aaa-file").write_text("not a pod either")
+    assert [p.name for p in discover_all(pods_dir)] == ["Mid", "alpha", "beta", "zeta"]
+
+
+def test_discover_all_of_missing_dir_is_empty(tmp_path):
+    assert discover_all(tmp_path / "nowhere") == []
+
+
+def test_discover_all_raises_on_broken_pod_and_scan_lists_it(pods_dir):
+    write_pod(pods_dir, "good")
+    write_pod(pods_dir, "bad", "{nope")
+    with pytest.raises(PodConfigError, match="malformed JSON"):
+        discover_all(pods_dir)
+    scanned = scan_pods(pods_dir)
+    assert [name for name, _, _ in scanned] == ["bad", "good"]
+    (_, bad_pod, bad_error), (_, good_pod, good_error) = scanned
+    assert bad_pod is None and isinstance(bad_error, PodConfigError)
+    assert good_pod is not None and good_pod.name == "good" and good_error is None
+
+
+def test_default_image_tag_is_lower_cased(pods_dir):
+    write_pod(pods_dir, "My_Pod.V2")
+    assert discover_pod(pods_dir, "My_Pod.V2").image == "cldpd-my_pod.v2"
+
+
+def test_custom_image_is_used_verbatim(pods_dir):
+    write_pod(pods_dir, "alpha", {"image": "registry.local/team/agent:1.2"})
+    assert discover_pod(pods_dir, "alpha").image == "registry.local/team/agent:1.2"
+
+
+def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
+    source = tmp_path / "src"
+    write_pod(
+        pods_dir,
+        "alpha",
+        {
+            "image": "my-image",
+            "env": {"MODE": "fast", "EMPTY": ""},
+            "buildArgs": {"VERSION": "1.0"},
+            "workdir": "/work",
+            "inheritEnv": ["HOST_A", "HOST_B"],
+            "mounts": [
+                {"source": str(source), "target": "/src", "readOnly": True},
+                {"source": "/data", "target": "/data"},
+            ],
+            "args": ["--model", "opus", "--max-turns", "3"],
+            "keepAlive": True,
+        },
+    )
+    assert discover_pod(pods_dir, "alpha").config == PodConfig(
+        image="my-image",
+        env={"MODE": "fast", "EMPTY": ""},
+        build_args={"VERSION": "1.0"},
+        workdir="/work",
+        inherit_env=("HOST_A", "HOST_B"),
+        mounts=(Mount(str(source), "/src", True), Mount("/data", "/data", False)),
+        args=("--model", "opus", "--max-turns", "3"),
+        keep_alive=True,
+    )
+
+
+@pytest.mark.parametrize("text", ["", "  \n", "{}"])
+def test_empty_pod_json_gives_defaults(pods_dir, text):
+    write_pod(pods_dir, "alpha", text)
+    assert discover_pod(pods_dir, "alpha").config == PodConfig()
+
+
+def test_tilde_expands_to_home_in_mount_sources(pods_dir, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    mounts = [
+        {"source": "~", "target": "/home"},
+        {"source": "~/x/y", "target": "/x"},
+    ]
+    write_pod(pods_dir, "alpha", {"mounts": mounts})
+    got = discover_pod(pods_dir, "alpha").config.mounts
+    assert [m.source for m in got] == [str(home), str(home / "x" / "y")]
+
+
+@pytest.mark.parametrize("source", ["~root", "~root/x", "relative/dir", "./x", ""])
+def test_mount_source_must_be_absolute_or_home(pods_dir, source):
+    message = config_error(pods_dir, {"mounts": [{"source": source, "target": "/x"}]})
+    assert "mounts[0].source" in message
+
+
+@pytest.mark.parametrize(
+    ("mount", "key"),
+    [
+        ({"source": "/a"}, "target"),
+        ({"target": "/a"}, "source"),
+        ({"source": "/a", "target": "rel"}, "mounts[0].target"),
+        ({"source": "/a", "target": "/a", "ro": True}, "ro"),
+        ({"source": "/a", "target": "/a", "readOnly": "yes"}, "mounts[0].readOnly"),
+        ({"source": 1, "target": "/a"}, "mounts[0].source"),
+        ("/a:/a", "mounts[0]"),
+    ],
+)
+def test_bad_mounts_are_refused(pods_dir, mount, key):
+    assert key in config_error(pods_dir, {"mounts": [mount]})
+
+
+def test_malformed_json_names_line_and_column(pods_dir):
+    message = config_error(pods_dir, '{\n  "image": "x",\n  "env": {"A": "b",}\n}\n')
+    assert "line 3, column 20" in message
+
+
+def test_unknown_key_is_named(pods_dir):
+    message = config_error(pods_dir, {"image": "x", "keep_alive": True})
+    assert "'keep_alive'" in message
+    assert "keepAlive" in message
+
+
+@pytest.mark.parametrize(
+    ("pod_json", "key"),
+    [
+        ({"image": 3}, "image"),
+        ({"workdir": ["/w"]}, "workdir"),
+        ({"env": ["A=b"]}, "env"),
+        ({"env": {"A": 1}}, "env.A"),
+        ({"buildArgs": "A=b"}, "buildArgs"),
+        ({"buildArgs": {"A": None}}, "buildArgs.A"),
+        ({"inheritEnv": "HOME"}, "inheritEnv"),
+        ({"inheritEnv": ["HOME", 1]}, "inheritEnv[1]"),
+        ({"mounts": {"source": "/a"}}, "mounts"),
+        ({"args": "--model opus"}, "args"),
+        ({"args": ["--max-turns", 3]}, "args[1]"),
+        ({"keepAlive": "true"}, "keepAlive"),
+        ({"keepAlive": 1}, "keepAlive"),
+        ([], "pod.json"),
+    ],
+)
+def test_wrong_types_are_named(pods_dir, pod_json, key):
+    assert key in config_error(pods_dir, pod_json)
+
+
+@pytest.mark.parametrize(
+    "name", ["API_KEY", "GITHUB_TOKEN", "client_secret", "DB_PASSWORD", "AWS_CREDENTIALS"]
+)
+def test_secret_looking_build_args_are_refused(pods_dir, name):
+    message = config_error(pods_dir, {"buildArgs": {"VERSION": "1", name: "hunter22"}})
+    assert f"buildArgs.{name}" in message
+    assert "hunter22" not in message
+
+
+def test_secret_looking_env_values_are_secret_values(pods_dir):
+    write_pod(pods_dir, "alpha", {"env": {"API_KEY": "k-123456", "MODE": "plain", "TOKEN": ""}})
+    assert discover_pod(pods_dir, "alpha").secret_values() == ["k-123456"]
+
+
+@pytest.mark.parametrize(("text", "expected"), [(None, ""), ("", ""), ("\n  \n", "")])
+def test_template_absent_or_empty(pods_dir, text, expected):
+    write_pod(pods_dir, "alpha", template=text)
+    assert discover_pod(pods_dir, "alpha").template == expected
+
+
+def test_template_is_read(pods_dir):
+    write_pod(pods_dir, "alpha", template="\nBe brief.\n\nUse tests.\n")
+    assert discover_pod(pods_dir, "alpha").template == "Be brief.\n\nUse tests."
+
+
+def test_template_that_is_a_directory_is_unreadable(pods_dir):
+    pod = write_pod(pods_dir, "alpha")
+    (pod / "template.md").mkdir()
+    with pytest.raises(InvalidPodError, match=r"template\.md"):
+        discover_pod(pods_dir, "alpha")
+
+
+def test_template_that_is_not_utf8_is_unreadable(pods_dir):
+    write_pod(pods_dir, "alpha", template=b"caf\xe9\xff\n")
+    with pytest.raises(InvalidPodError, match=r"template\.md"):
+        discover_pod(pods_dir, "alpha")
+
+
+def test_pod_json_that_is_not_utf8_is_a_config_error(pods_dir):
+    pod = write_pod(pods_dir, "alpha")
+    (pod / "pod.json").write_bytes(b'{"image": "\xff"}')
+    with pytest.raises(PodConfigError, match=r"pod\.json"):
+        discover_pod(pods_dir, "alpha")
+
+
+BAD_NAMES = ["..", ".", "a/b", "../x", "../outside", ".hidden", "", "-x", "a b", "ok\n", "a\\b"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_before_touching_files(tmp_path, name, monkeypatch):
+    pods = tmp_path / "pods"
+    write_pod(pods / "a", "b")
+    write_pod(pods, ".hidden")
+    write_pod(tmp_path, "outside")
+    write_pod(tmp_path, "x")
+
+    def touched(*args, **kwargs):
+        raise AssertionError(f"the filesystem was touched for {name!r}")
+
+    with monkeypatch.context() as patch:
+        for method in ("stat", "is_dir", "is_file", "exists", "resolve", "read_text", "iterdir"):
+            patch.setattr(pathlib.Path, method, touched)
+        patch.setattr(os, "stat", touched)
+        try:
+            discover_pod(pods, name)
+        except Exception as exc:
+            error = exc
+        else:
+            error = None
+    assert isinstance(error, InvalidPodError), repr(error)
+    assert "not a valid pod name" in str(error)
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", ".hidden"])
+def test_planted_pods_outside_are_never_found(tmp_path, name):
+    pods = tmp_path / "pods"
+    write_pod(pods / "a", "b")
+    write_pod(pods, ".hidden")
+    write_pod(tmp_path, "outside")
+    with pytest.raises(InvalidPodError):
+        discover_pod(pods, name)
+    assert [p.name for p in discover_all(pods)] == []
+
+
+def test_odd_but_valid_names(pods_dir):
+    for name in ("a.b", "a_b-c", "9lives", "x..y"):
+        write_pod(pods_dir, name)
+    assert discover_pod(pods_dir, "a.b").name == "a.b"
+    assert discover_pod(pods_dir, "9lives").image == "cldpd-9lives"
+    with pytest.raises(InvalidPodError):
+        discover_pod(pods_dir, "x..y")
+
+
+def test_default_pods_dir_honours_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLDPD_PODS_DIR", str(tmp_path / "elsewhere"))
+    assert default_pods_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CLDPD_PODS_DIR", "~/mine")
+    assert default_pods_dir() == tmp_path / "home" / "mine"
+    monkeypatch.delenv("CLDPD_PODS_DIR")
+    assert default_pods_dir() == tmp_path / "home" / ".cldpd" / "pods"
