@@ -292,14 +292,12 @@ class Session:
             control.stdout.close()
             control.stderr.close()
             message = self.mask(str(exc)) or type(exc).__name__
-            if isinstance(exc, SessionStopped) or (
-                self.stopped and not isinstance(exc, CldpdError)
-            ):
+            if isinstance(exc, SessionStopped) or self.stopped:
                 self.exit_code = -1
                 self.phase = "stopped"
             else:
                 self.phase = "failed"
-                self.error = _masked_error(exc, message)
+                self.error = _masked_error(exc, self.mask)
             self._append([Event(EventType.ERROR, message)], final=True)
 
     def _append_lines(self, etype: EventType, lines: list[str]) -> None:
@@ -404,15 +402,20 @@ class Session:
         self._thread.join(timeout + 30)
 
 
-def _masked_error(exc: BaseException, message: str) -> BaseException:
-    if message == str(exc):
+def _masked_error(exc: BaseException, mask: Masker) -> BaseException:
+    """Return exc, or a copy of it whose message and text attributes are masked."""
+    if not mask:
+        return exc
+    attrs = {k: mask(v) if isinstance(v, str) else v for k, v in vars(exc).items()}
+    args = tuple(mask(a) if isinstance(a, str) else a for a in exc.args)
+    if attrs == vars(exc) and args == exc.args:
         return exc
     with contextlib.suppress(Exception):
         clone = type(exc).__new__(type(exc))
-        clone.__dict__.update(exc.__dict__)
-        clone.args = (message,)
+        clone.__dict__.update(attrs)
+        clone.args = args
         return clone
-    return CldpdError(message)
+    return CldpdError(mask(str(exc)))
 
 
 class _TranscriptReader:
