@@ -1,0 +1,399 @@
+"""Sessions with fake jobs: event order, replay, bounded memory, transcripts, stop (no Docker)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from cldpd_magic import BuildFailedError, CldpdError, Event, EventType, Session
+from cldpd_magic.session import MASK, SessionControl, new_session_id, read_transcript
+
+E = EventType
+SECRET = "s3cr3t-value-42"
+TOKEN = "tok-98765"
+
+
+def make_session(transcript_dir, job: Callable[[SessionControl], int], **kwargs) -> Session:
+    return Session("pod", "cldpd-pod", job, transcript_dir, **kwargs)
+
+
+def types(events: list[Event]) -> list[EventType]:
+    return [e.type for e in events]
+
+
+def lines_job(count: int, width: int = 0, code: int = 0) -> Callable[[SessionControl], int]:
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        for i in range(count):
+            ctl.stdout.write(f"{i:07d}{'x' * width}\n")
+        return code
+
+    return job
+
+
+def test_event_order_and_exit_code(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.BUILD_STARTED, "cldpd-pod")
+        ctl.emit(E.BUILD_OUTPUT, "Step 1/1 : FROM busybox")
+        ctl.emit(E.BUILD_COMPLETE, "cldpd-pod")
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        ctl.stdout.write("one\ntwo\n")
+        ctl.stderr.write("warn\n")
+        ctl.stdout.write("three\n")
+        return 3
+
+    session = make_session(transcript_dir, job)
+    assert session.wait(10) == 3
+    events = list(session.events())
+    assert [(e.type, e.data, e.code) for e in events] == [
+        (E.BUILD_STARTED, "cldpd-pod", None),
+        (E.BUILD_OUTPUT, "Step 1/1 : FROM busybox", None),
+        (E.BUILD_COMPLETE, "cldpd-pod", None),
+        (E.CONTAINER_STARTED, "cldpd-pod", None),
+        (E.OUTPUT, "one", None),
+        (E.OUTPUT, "two", None),
+        (E.STDERR, "warn", None),
+        (E.OUTPUT, "three", None),
+        (E.CONTAINER_EXITED, "3", 3),
+    ]
+    assert session.done and session.exit_code == 3 and session.state == "exited"
+    assert session.error is None and not session.stopped
+    assert all(a.time <= b.time for a, b in itertools.pairwise(events))
+
+
+def test_chunks_are_assembled_into_lines(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        for chunk in ["he", "llo\nwo", "rld\n\n", "", "par", "tial"]:
+            ctl.stdout.write(chunk)
+        ctl.stderr.write("no newline")
+        return 0
+
+    session = make_session(transcript_dir, job)
+    session.wait(10)
+    assert [(e.type, e.data) for e in session.events()][:-1] == [
+        (E.OUTPUT, "hello"),
+        (E.OUTPUT, "world"),
+        (E.OUTPUT, ""),
+        (E.OUTPUT, "partial"),
+        (E.STDERR, "no newline"),
+    ]
+
+
+def test_wait_returns_without_anyone_consuming_events(transcript_dir):
+    session = make_session(transcript_dir, lines_job(30000, code=4))
+    assert session.wait(60) == 4
+    events = list(session.events())
+    assert len(events) == 30002
+    assert [e.data for e in events[1:-1]] == [f"{i:07d}" for i in range(30000)]
+
+
+def test_wait_times_out_while_running(transcript_dir):
+    release = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        release.wait(10)
+        return 0
+
+    session = make_session(transcript_dir, job)
+    with pytest.raises(TimeoutError):
+        session.wait(0.05)
+    assert not session.done and session.exit_code is None
+    release.set()
+    assert session.wait(10) == 0
+
+
+def test_late_consumer_and_two_consumers_see_every_event(transcript_dir):
+    release = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        for i in range(500):
+            ctl.stdout.write(f"early {i}\n")
+        release.wait(10)
+        for i in range(500):
+            ctl.stdout.write(f"late {i}\n")
+        return 0
+
+    session = make_session(transcript_dir, job)
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+
+    def consume(key: str) -> None:
+        seen[key] = [e.data for e in session.events()]
+
+    first = threading.Thread(target=consume, args=("a",))
+    first.start()
+    while session.event_count < 501:
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=consume, args=("b",))
+    second.start()
+    release.set()
+    first.join(10)
+    second.join(10)
+    session.wait(10)
+    expected = (
+        ["cldpd-pod"] + [f"early {i}" for i in range(500)] + [f"late {i}" for i in range(500)]
+    )
+    expected.append("0")
+    assert seen["a"] == expected
+    assert seen["b"] == expected
+    assert [e.data for e in session.events()] == expected
+
+
+def test_memory_stays_bounded_and_events_replay_from_the_transcript(transcript_dir, monkeypatch):
+    monkeypatch.setattr(Session, "MAX_EVENTS", 50)
+    monkeypatch.setattr(Session, "MAX_BYTES", 20_000)
+    sizes: list[tuple[int, int]] = []
+    gate = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        buf = ctl._session._buf
+        for i in range(6000):
+            ctl.stdout.write(f"{i:07d}{'y' * (i % 900)}\n")
+            sizes.append((len(buf), sum(len(e.data) for e in buf)))
+            if i == 3000:
+                gate.set()
+        return 0
+
+    session = make_session(transcript_dir, job)
+    slow: list[Event] = []
+    iterator = session.events()
+    slow.append(next(iterator))
+    gate.wait(10)
+    slow.extend(iterator)
+    assert session.wait(10) == 0
+    assert max(n for n, _ in sizes) <= 50
+    assert max(b for _, b in sizes) <= 20_000
+    assert len(session._buf) <= 50
+    expected = [f"{i:07d}{'y' * (i % 900)}" for i in range(6000)]
+    assert [e.data for e in slow[1:-1]] == expected
+    assert [e.data for e in list(session.events())[1:-1]] == expected
+    assert read_transcript(session.transcript) == slow
+
+
+def test_transcript_holds_every_event(transcript_dir):
+    session = make_session(transcript_dir, lines_job(100, code=2))
+    session.wait(10)
+    assert session.transcript == transcript_dir / f"{session.id}.jsonl"
+    assert read_transcript(session.transcript) == list(session.events())
+
+
+def test_event_json_round_trip():
+    event = Event(E.CONTAINER_EXITED, 'ünïcode "quoted"\t\u2028 line', 7)
+    assert Event.from_json(event.to_json()) == event
+    assert "\n" not in Event(E.OUTPUT, "a\nb").to_json()
+
+
+def test_secrets_are_masked_everywhere(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.BUILD_OUTPUT, f"building with {SECRET}")
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        ctl.stdout.write(f"the key is {SECRET[:5]}")
+        ctl.stdout.write(f"{SECRET[5:]} and {TOKEN}\n")
+        ctl.stderr.write(f"{TOKEN}\n")
+        raise BuildFailedError(f"failed near {SECRET}", log_tail=f"tail {TOKEN}\nend")
+
+    session = make_session(transcript_dir, job, secrets=[SECRET, TOKEN, "", "ab"])
+    with pytest.raises(BuildFailedError) as info:
+        session.wait(10)
+    events = list(session.events())
+    assert [e.data for e in events] == [
+        f"building with {MASK}",
+        "cldpd-pod",
+        f"the key is {MASK} and {MASK}",
+        MASK,
+        f"failed near {MASK}",
+    ]
+    assert events[-1].type is E.ERROR
+    error = info.value
+    assert str(error) == f"failed near {MASK}"
+    assert error.log_tail == f"tail {MASK}\nend"
+    assert session.error is error
+    text = session.transcript.read_text()
+    for secret in (SECRET, TOKEN):
+        assert secret not in text
+        assert secret not in repr(error) and secret not in str(error.args)
+
+
+def test_log_tail_is_masked_even_when_the_message_has_no_secret(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        raise BuildFailedError("the build failed", log_tail=f"echo {SECRET}")
+
+    session = make_session(transcript_dir, job, secrets=[SECRET])
+    with pytest.raises(BuildFailedError) as info:
+        session.wait(10)
+    assert SECRET not in info.value.log_tail
+
+
+def test_other_exceptions_fail_the_session(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        raise RuntimeError("boom")
+
+    session = make_session(transcript_dir, job)
+    with pytest.raises(RuntimeError, match="boom"):
+        session.wait(10)
+    assert session.state == "failed"
+    assert [(e.type, e.data) for e in session.events()] == [(E.ERROR, "boom")]
+
+
+def test_nothing_follows_the_terminal_event(transcript_dir):
+    kept: list[SessionControl] = []
+
+    def job(ctl: SessionControl) -> int:
+        kept.append(ctl)
+        ctl.stdout.write("only\n")
+        return 0
+
+    session = make_session(transcript_dir, job)
+    session.wait(10)
+    before = session.transcript.read_text()
+    kept[0].emit(E.OUTPUT, "late")
+    kept[0].stdout.write("later\n")
+    assert [e.data for e in session.events()] == ["only", "0"]
+    assert session.transcript.read_text() == before
+
+
+def running_job(calls: list[float]) -> Callable[[SessionControl], int]:
+    def job(ctl: SessionControl) -> int:
+        stopped = threading.Event()
+
+        def stopper(timeout: float) -> None:
+            calls.append(timeout)
+            stopped.set()
+
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        ctl.set_stopper(stopper)
+        ctl.stdout.write("working\n")
+        stopped.wait(10)
+        ctl.stdout.write("got INT\n")
+        return 130
+
+    return job
+
+
+def test_stop_is_idempotent(transcript_dir):
+    calls: list[float] = []
+    session = make_session(transcript_dir, running_job(calls))
+    events = session.events()
+    assert next(events).type is E.CONTAINER_STARTED
+    assert next(events).data == "working"
+    session.stop(3)
+    session.stop(3)
+    assert calls == [3]
+    assert session.done and session.stopped and session.state == "stopped"
+    assert session.wait(0) == 130
+    assert [(e.type, e.data) for e in events] == [
+        (E.OUTPUT, "got INT"),
+        (E.CONTAINER_EXITED, "130"),
+    ]
+
+
+def test_stop_of_a_finished_session_does_nothing(transcript_dir):
+    session = make_session(transcript_dir, lines_job(1))
+    session.wait(10)
+    session.stop()
+    assert not session.stopped and session.state == "exited"
+
+
+def test_stop_before_the_container_starts(transcript_dir):
+    building = threading.Event()
+    calls: list[float] = []
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.BUILD_STARTED, "cldpd-pod")
+        building.set()
+        ctl.cancelled.wait(10)
+        ctl.check_cancelled()
+        ctl.set_stopper(calls.append)
+        return 0
+
+    session = make_session(transcript_dir, job)
+    building.wait(10)
+    session.stop(2)
+    assert session.wait(0) == -1
+    events = list(session.events())
+    assert types(events) == [E.BUILD_STARTED, E.ERROR]
+    assert "stopped" in events[-1].data
+    assert session.state == "stopped" and session.error is None and session.exit_code == -1
+    assert calls == []
+
+
+def test_stopper_registered_after_the_stop_runs_at_once(transcript_dir):
+    calls: list[float] = []
+    stop_asked = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        stop_asked.wait(10)
+        while not ctl.cancelled.is_set():
+            threading.Event().wait(0.005)
+        ctl.set_stopper(calls.append)
+        return 130
+
+    session = make_session(transcript_dir, job)
+    stop_asked.set()
+    session.stop(4)
+    assert calls == [4]
+    assert session.wait(0) == 130
+
+
+def test_stop_during_a_build_is_not_an_error(transcript_dir):
+    building = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.BUILD_STARTED, "cldpd-pod")
+        building.set()
+        ctl.cancelled.wait(10)
+        raise BuildFailedError("Building image cldpd-pod failed: the build was stopped")
+
+    session = make_session(transcript_dir, job)
+    building.wait(10)
+    session.stop()
+    assert session.wait(0) == -1
+    assert session.state == "stopped" and session.error is None
+    assert types(list(session.events())) == [E.BUILD_STARTED, E.ERROR]
+
+
+def test_errors_are_cldpd_errors_with_a_message(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        raise CldpdError("")
+
+    session = make_session(transcript_dir, job)
+    with pytest.raises(CldpdError):
+        session.wait(10)
+    assert list(session.events())[-1].data == "CldpdError"
+
+
+def test_session_id_format_and_uniqueness(transcript_dir):
+    ids = {new_session_id("my-pod.1") for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(re.fullmatch(r"my-pod\.1-[0-9a-f]{8}", i) for i in ids)
+    sessions = [make_session(transcript_dir, lines_job(0)) for _ in range(20)]
+    for session in sessions:
+        session.wait(10)
+    assert all(re.fullmatch(r"pod-[0-9a-f]{8}", s.id) for s in sessions)
+    assert len({s.id for s in sessions}) == 20
+    assert len(list(transcript_dir.iterdir())) == 20
+
+
+def test_given_session_id_and_attributes(transcript_dir):
+    session = make_session(
+        transcript_dir,
+        lines_job(0),
+        kind="resume",
+        session_id="pod-0123abcd",
+        claude_session="uuid-1",
+        missing_env=["A"],
+    )
+    session.wait(10)
+    assert (session.id, session.kind, session.claude_session) == (
+        "pod-0123abcd",
+        "resume",
+        "uuid-1",
+    )
+    assert session.missing_env == ["A"]
+    assert session.transcript.name == "pod-0123abcd.jsonl"
+    assert "pod-0123abcd" in repr(session)
