@@ -11,10 +11,9 @@ import secrets as _secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 from .errors import CldpdError
 
@@ -41,9 +40,20 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One thing that happened in a session.
+# json.dumps builds an encoder per call when given options; the bare string encoder
+# (C-accelerated) is what a transcript of millions of lines can afford.
+_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+class _EventFields(NamedTuple):
+    type: EventType
+    data: str
+    code: int | None
+    time: datetime
+
+
+class Event(_EventFields):
+    """One thing that happened in a session (an immutable tuple, cheap to make by the million).
 
     Attributes:
         type: What happened.
@@ -52,29 +62,37 @@ class Event:
         time: When it happened (UTC).
     """
 
-    type: EventType
-    data: str = ""
-    code: int | None = None
-    time: datetime = field(default_factory=_now)
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        type: EventType,
+        data: str = "",
+        code: int | None = None,
+        time: datetime | None = None,
+    ) -> Event:
+        return tuple.__new__(cls, (type, data, code, time or _now()))
 
     def to_json(self) -> str:
         """Serialise as one JSON line of a transcript (without the newline)."""
-        return json.dumps(
-            {
-                "type": self.type.value,
-                "data": self.data,
-                "code": self.code,
-                "time": self.time.isoformat(),
-            },
-            ensure_ascii=False,
+        code = "null" if self.code is None else str(int(self.code))
+        return (
+            f'{{"type":"{self.type.value}","data":{_encode_str(self.data)},'
+            f'"code":{code},"time":"{self.time.isoformat()}"}}'
         )
 
     @classmethod
     def from_json(cls, line: str) -> Event:
         """Read an event back from a transcript line."""
         raw = json.loads(line)
-        return cls(
-            EventType(raw["type"]), raw["data"], raw["code"], datetime.fromisoformat(raw["time"])
+        return tuple.__new__(
+            cls,
+            (
+                EventType(raw["type"]),
+                raw["data"],
+                raw["code"],
+                datetime.fromisoformat(raw["time"]),
+            ),
         )
 
 
@@ -217,8 +235,8 @@ class Session:
         stopped: Whether :meth:`stop` was called.
     """
 
-    MAX_EVENTS = 5000
-    MAX_BYTES = 4 * 1024 * 1024
+    MAX_EVENTS = 20000
+    MAX_BYTES = 8 * 1024 * 1024
 
     def __init__(
         self,
@@ -244,6 +262,7 @@ class Session:
         self.transcript = directory / f"{self.id}.jsonl"
         self._file: IO[str] | None = open(self.transcript, "w", encoding="utf-8")  # noqa: SIM115
         self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
         self._buf: deque[Event] = deque()
         self._buf_bytes = 0
         self._first = 0
@@ -302,41 +321,47 @@ class Session:
 
     def _append_lines(self, etype: EventType, lines: list[str]) -> None:
         now = _now()
-        mask = self.mask
-        if mask:
-            self._append([Event(etype, mask(line), None, now) for line in lines])
-        else:
-            self._append([Event(etype, line, None, now) for line in lines])
+        if self.mask:
+            lines = [self.mask(line) for line in lines]
+        new = tuple.__new__
+        events = [new(Event, (etype, line, None, now)) for line in lines]
+        tail = f',"code":null,"time":"{now.isoformat()}"}}\n'
+        head = f'{{"type":"{etype.value}","data":'
+        enc = _encode_str
+        self._append(events, text="".join([head + enc(line) + tail for line in lines]))
 
-    def _append(self, events: list[Event], final: bool = False) -> None:
-        with self._cond:
-            if self._ended:
-                return
-            f = self._file
-            if f is not None:
-                f.write("\n".join(e.to_json() for e in events) + "\n")
-                f.flush()
+    def _append(self, events: list[Event], final: bool = False, text: str | None = None) -> None:
+        if text is None:
+            text = "".join(e.to_json() + "\n" for e in events)
             for e in events:
                 if e.type is EventType.BUILD_STARTED:
                     self.phase = "building"
                 elif e.type is EventType.CONTAINER_STARTED:
                     self.phase = "running"
-                self._buf.append(e)
-                self._buf_bytes += len(e.data)
-            self._count += len(events)
-            while len(self._buf) > 1 and (
-                len(self._buf) > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
-            ):
-                self._buf_bytes -= len(self._buf.popleft().data)
-                self._first += 1
+        with self._write_lock:
+            f = self._file
+            if f is None:
+                return
+            f.write(text)
+            f.flush()
             if final:
-                self._ended = True
-                self.ended_at = _now()
-                if f is not None:
-                    f.close()
-                    self._file = None
-                self._finished.set()
-            self._cond.notify_all()
+                f.close()
+                self._file = None
+            with self._cond:
+                buf = self._buf
+                buf.extend(events)
+                self._buf_bytes += sum(len(e.data) for e in events)
+                self._count += len(events)
+                while len(buf) > 1 and (
+                    len(buf) > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
+                ):
+                    self._buf_bytes -= len(buf.popleft().data)
+                    self._first += 1
+                if final:
+                    self._ended = True
+                    self.ended_at = _now()
+                    self._finished.set()
+                self._cond.notify_all()
 
     def events(self) -> Iterator[Event]:
         """Iterate over every event from the first, in order, waiting for new ones.
