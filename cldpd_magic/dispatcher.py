@@ -321,7 +321,8 @@ class Dispatcher:
             pod_name: The pod.
 
         Returns:
-            A Session of kind ``attach``; stopping it stops the pod.
+            A Session of kind ``attach``; stopping it stops the pod. Once the container
+            has ended, it is removed.
 
         Raises:
             SessionNotFoundError: Nothing runs for the pod.
@@ -343,7 +344,10 @@ class Dispatcher:
         def job(ctl: SessionControl) -> int:
             ctl.emit(EventType.CONTAINER_STARTED, name)
             ctl.set_stopper(lambda t: runner.stop(name, t))
-            return runner.logs(name, ctl.stdout, ctl.stderr)
+            try:
+                return runner.logs(name, ctl.stdout, ctl.stderr)
+            finally:
+                self._remove_if_ended(name)
 
         return self._register(Session(pod_name, name, job, self.transcript_dir, secrets,
                                       kind="attach"))  # fmt: skip
@@ -367,6 +371,9 @@ class Dispatcher:
         self.runner.stop(name, timeout)
         for session in self.local_sessions(pod_name, active=True):
             session.stop(timeout)
+        self._remove_if_ended(name)
+
+    def _remove_if_ended(self, name: str) -> None:
         info = self.runner.inspect(name)
         if info is not None and not info.running and LABEL_POD in info.labels:
             self.runner.remove(name)
