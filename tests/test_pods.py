@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from pathlib import Path
 
 import pytest
+from fakes import write_pod
 
 from cldpd_magic import (
     InvalidPodError,
@@ -20,27 +20,6 @@ from cldpd_magic import (
     discover_pod,
 )
 from cldpd_magic.pods import scan_pods
-
-
-def write_pod(
-    pods_dir: Path,
-    name: str,
-    pod_json: dict | str | None = None,
-    template: str | bytes | None = None,
-    dockerfile: bool = True,
-) -> Path:
-    pod = pods_dir / name
-    pod.mkdir(parents=True)
-    if dockerfile:
-        (pod / "Dockerfile").write_text("FROM busybox:latest\n")
-    if pod_json is not None:
-        text = pod_json if isinstance(pod_json, str) else json.dumps(pod_json)
-        (pod / "pod.json").write_text(text)
-    if isinstance(template, bytes):
-        (pod / "template.md").write_bytes(template)
-    elif template is not None:
-        (pod / "template.md").write_text(template)
-    return pod
 
 
 def config_error(pods_dir: Path, pod_json: dict | str) -> str:

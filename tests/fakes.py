@@ -1,0 +1,283 @@
+"""A fake Runner: the Docker operations in memory, with scripted agents, for unit tests."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cldpd_magic.errors import BuildFailedError, PodRunningError, SessionNotFoundError
+from cldpd_magic.runner import ContainerInfo, ExecHandle, RunOptions, Writer
+
+
+def write_pod(
+    pods_dir: Path,
+    name: str,
+    pod_json: dict | str | None = None,
+    template: str | bytes | None = None,
+    dockerfile: bool = True,
+) -> Path:
+    """Write a pod directory by hand (no Docker involved) and return its path."""
+    pod = pods_dir / name
+    pod.mkdir(parents=True)
+    if dockerfile:
+        (pod / "Dockerfile").write_text("FROM busybox:latest\n")
+    if pod_json is not None:
+        text = pod_json if isinstance(pod_json, str) else json.dumps(pod_json)
+        (pod / "pod.json").write_text(text)
+    if isinstance(template, bytes):
+        (pod / "template.md").write_bytes(template)
+    elif template is not None:
+        (pod / "template.md").write_text(template)
+    return pod
+
+
+@dataclass
+class AgentCall:
+    """What a scripted agent gets: its command, environment, writers and a stop signal.
+
+    Attributes:
+        cmd: The command line.
+        env: The environment the container would see.
+        stdout: Receives stdout text.
+        stderr: Receives stderr text (may be None).
+        stopped: Set when the container or exec is stopped.
+        kind: ``run`` (container command) or ``exec``.
+    """
+
+    cmd: list[str]
+    env: dict[str, str]
+    stdout: Writer
+    stderr: Writer | None
+    stopped: threading.Event
+    kind: str
+
+    def out(self, *lines: str) -> None:
+        """Write lines to stdout."""
+        for line in lines:
+            self.stdout.write(line + "\n")
+
+    def err(self, *lines: str) -> None:
+        """Write lines to stderr, if there is a stderr."""
+        if self.stderr is not None:
+            for line in lines:
+                self.stderr.write(line + "\n")
+
+
+Agent = Callable[[AgentCall], int]
+
+
+def echo_agent(call: AgentCall) -> int:
+    """Print the command's last argument (the prompt) and exit 0."""
+    call.out(call.cmd[-1])
+    return 0
+
+
+def idle_agent(call: AgentCall) -> int:
+    """Run until stopped, then exit 130 as an agent that traps SIGINT does."""
+    call.out("working")
+    call.stopped.wait(30)
+    call.out("got INT")
+    return 130
+
+
+@dataclass
+class _Container:
+    info: ContainerInfo
+    opts: RunOptions
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+
+class FakeRunner:
+    """Implements the Runner protocol without Docker.
+
+    Attributes:
+        agent: Runs for ``run`` and for ``exec`` (its ``AgentCall.kind`` tells which).
+        build_lines: Lines the build prints.
+        build_error: When set, the build fails with this message after its lines.
+        hold_build: The build waits until it is cancelled.
+        unavailable: preflight() raises this error when set.
+        containers: Containers by name, as the engine would report them.
+        calls: Every call, as ``(method, args)`` tuples.
+        runs: The RunOptions of every run() and start().
+        execs: ``(container, cmd)`` of every exec().
+        stops: Container names stop() was called with.
+        removed: Container names removed.
+        built: Tags built.
+        build_started: Set when a build begins.
+        agent_started: Set when the agent of a run() or exec() begins.
+    """
+
+    def __init__(self, agent: Agent = echo_agent) -> None:
+        self.agent = agent
+        self.build_lines: list[str] = ["Step 1/1 : FROM busybox:latest", "Successfully built"]
+        self.build_error: str | None = None
+        self.hold_build = False
+        self.unavailable: Exception | None = None
+        self.containers: dict[str, _Container] = {}
+        self.calls: list[tuple[str, tuple]] = []
+        self.runs: list[RunOptions] = []
+        self.execs: list[tuple[str, list[str]]] = []
+        self.stops: list[str] = []
+        self.removed: list[str] = []
+        self.built: list[str] = []
+        self.build_started = threading.Event()
+        self.agent_started = threading.Event()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._exec_stops: dict[str, tuple[str, threading.Event]] = {}
+
+    def add_container(
+        self, name: str, labels: dict[str, str] | None = None, status: str = "running"
+    ) -> ContainerInfo:
+        """Pretend a container exists (made by another process, say)."""
+        info = ContainerInfo(name, f"id{next(self._ids)}", status, dict(labels or {}), "img")
+        self.containers[name] = _Container(info, RunOptions("img", name, []))
+        return info
+
+    def _set_status(self, name: str, status: str) -> None:
+        container = self.containers.get(name)
+        if container is not None:
+            i = container.info
+            container.info = ContainerInfo(i.name, i.id, status, i.labels, i.image, i.started_at)
+
+    def preflight(self) -> None:
+        """Raise ``unavailable`` when set."""
+        self.calls.append(("preflight", ()))
+        if self.unavailable is not None:
+            raise self.unavailable
+
+    def build(
+        self,
+        tag: str,
+        context_dir: str,
+        build_args: dict[str, str] | None = None,
+        on_output: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Print build_lines, then fail, wait for a cancel or succeed."""
+        self.calls.append(("build", (tag, context_dir, dict(build_args or {}))))
+        self.built.append(tag)
+        self.build_started.set()
+        for line in self.build_lines:
+            if on_output is not None:
+                on_output(line)
+        if self.hold_build:
+            assert cancel is not None
+            cancel.wait(30)
+            raise BuildFailedError(f"Building image {tag} failed: the build was stopped")
+        if self.build_error is not None:
+            raise BuildFailedError(self.build_error, "\n".join(self.build_lines[-3:]))
+
+    def _create(self, opts: RunOptions) -> _Container:
+        with self._lock:
+            if opts.name in self.containers:
+                raise PodRunningError(f"A container named {opts.name} already exists.")
+            info = ContainerInfo(opts.name, f"id{next(self._ids)}", "running", opts.labels)
+            container = self.containers[opts.name] = _Container(info, opts)
+        self.runs.append(opts)
+        return container
+
+    def run(
+        self,
+        opts: RunOptions,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ContainerInfo], None] | None = None,
+    ) -> int:
+        """Run the agent as the container's command."""
+        self.calls.append(("run", (opts,)))
+        container = self._create(opts)
+        if on_start is not None:
+            on_start(container.info)
+        self.agent_started.set()
+        call = AgentCall(opts.cmd, opts.resolved_env(), stdout, stderr, container.stopped, "run")
+        try:
+            return self.agent(call)
+        finally:
+            self._set_status(opts.name, "exited")
+            if opts.remove:
+                self.remove(opts.name)
+
+    def start(self, opts: RunOptions) -> ContainerInfo:
+        """Create a running container that idles until stopped."""
+        self.calls.append(("start", (opts,)))
+        return self._create(opts).info
+
+    def exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ExecHandle], None] | None = None,
+    ) -> int:
+        """Run the agent as an exec in a running container."""
+        self.calls.append(("exec", (container, cmd)))
+        found = self.containers.get(container)
+        if found is None or not found.info.running:
+            raise SessionNotFoundError(f"No running container named {container}.")
+        self.execs.append((container, list(cmd)))
+        handle = ExecHandle(container, f"exec{next(self._ids)}", "/tmp/pid")
+        stopped = threading.Event()
+        self._exec_stops[handle.exec_id] = (container, stopped)
+        if on_start is not None:
+            on_start(handle)
+        self.agent_started.set()
+        env = found.opts.resolved_env()
+        return self.agent(AgentCall(list(cmd), env, stdout, stderr, stopped, "exec"))
+
+    def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
+        """Stop one exec; the container stays."""
+        self.calls.append(("stop_exec", (handle, timeout)))
+        self._exec_stops[handle.exec_id][1].set()
+
+    def stop(self, container: str, timeout: float = 10.0) -> None:
+        """Stop a container; a missing one is fine."""
+        self.calls.append(("stop", (container, timeout)))
+        self.stops.append(container)
+        found = self.containers.get(container)
+        if found is not None:
+            found.stopped.set()
+            for name, stopped in self._exec_stops.values():
+                if name == container:
+                    stopped.set()
+            self._set_status(container, "exited")
+
+    def remove(self, container: str) -> None:
+        """Remove a container; a missing one is fine."""
+        self.calls.append(("remove", (container,)))
+        if self.containers.pop(container, None) is not None:
+            self.removed.append(container)
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        """The container's info, None when there is none."""
+        found = self.containers.get(container)
+        return None if found is None else found.info
+
+    def list(self, label: str) -> list[ContainerInfo]:
+        """Containers carrying the label key (or ``key=value``)."""
+        key, _, value = label.partition("=")
+        return sorted(
+            (
+                c.info
+                for c in self.containers.values()
+                if key in c.info.labels and (not value or c.info.labels[key] == value)
+            ),
+            key=lambda i: i.name,
+        )
+
+    def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Follow a container: runs the agent as if replaying its output."""
+        self.calls.append(("logs", (container,)))
+        found = self.containers.get(container)
+        if found is None:
+            raise SessionNotFoundError(f"No container named {container}.")
+        call = AgentCall(found.opts.cmd, {}, stdout, stderr, found.stopped, "logs")
+        try:
+            return self.agent(call)
+        finally:
+            self._set_status(container, "exited")

@@ -1,0 +1,587 @@
+"""The Dispatcher over a FakeRunner: commands, prompts, labels, env, errors, stop (no Docker)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+
+import pytest
+from fakes import AgentCall, FakeRunner, idle_agent, write_pod
+
+from cldpd_magic import (
+    BuildFailedError,
+    ContainerFailedError,
+    Dispatcher,
+    DockerUnavailableError,
+    EventType,
+    InvalidRequestError,
+    PodNotFoundError,
+    PodRunningError,
+    SessionNotFoundError,
+)
+from cldpd_magic.dispatcher import (
+    IDLE_COMMAND,
+    LABEL_CLAUDE_SESSION,
+    LABEL_KEEP_ALIVE,
+    LABEL_POD,
+    LABEL_SESSION,
+    RunningPod,
+)
+from cldpd_magic.session import MASK
+
+E = EventType
+URL = "https://github.com/octocat/Hello-World/issues/1"
+DIRECTIVE = f"Work on this GitHub issue: {URL}"
+HEAD = ["claude", "-p", "--output-format", "stream-json", "--verbose"]
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+def dispatcher(pods_dir, transcript_dir, runner) -> Dispatcher:
+    return Dispatcher(pods_dir, runner, transcript_dir)
+
+
+def types(session) -> list[EventType]:
+    return [e.type for e in session.events()]
+
+
+def command_uuid(cmd: list[str]) -> str:
+    assert cmd[5] in ("--session-id", "--resume")
+    return cmd[6]
+
+
+def test_start_runs_the_agent_command_with_template_and_args(dispatcher, runner, pods_dir):
+    write_pod(
+        pods_dir, "p", {"args": ["--model", "opus", "--max-turns", "3"]}, "\nBe brief.\n\n"
+    )
+    session = dispatcher.start_session("p", f"  {URL}\n")
+    assert session.wait(10) == 0
+    (opts,) = runner.runs
+    session_uuid = command_uuid(opts.cmd)
+    assert uuid.UUID(session_uuid).version == 4
+    prompt = f"Be brief.\n\n{DIRECTIVE}"
+    assert opts.cmd == [*HEAD, "--session-id", session_uuid, "--model", "opus", "--max-turns",
+                        "3", prompt]  # fmt: skip
+    assert session.claude_session == session_uuid
+    assert "\n".join(e.data for e in session.events() if e.type is E.OUTPUT) == prompt
+    assert (opts.name, opts.image, opts.remove) == ("cldpd-p", "cldpd-p", True)
+    assert opts.labels[LABEL_POD] == "p"
+    assert opts.labels[LABEL_SESSION] == session.id
+    assert opts.labels[LABEL_CLAUDE_SESSION] == session_uuid
+    assert (session.kind, session.pod_name, session.container) == ("start", "p", "cldpd-p")
+
+
+@pytest.mark.parametrize("template", [None, "", " \n\n "])
+def test_prompt_without_template_is_the_directive(dispatcher, runner, pods_dir, template):
+    write_pod(pods_dir, "p", template=template)
+    dispatcher.start_session("p", URL).wait(10)
+    assert runner.runs[0].cmd == [*HEAD, "--session-id", command_uuid(runner.runs[0].cmd),
+                                  DIRECTIVE]  # fmt: skip
+
+
+def test_each_start_gets_a_fresh_session_uuid(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p")
+    first = dispatcher.start_session("p", URL)
+    first.wait(10)
+    second = dispatcher.start_session("p", URL)
+    second.wait(10)
+    assert first.claude_session != second.claude_session
+    assert first.id != second.id
+    assert [command_uuid(o.cmd) for o in runner.runs] == [
+        first.claude_session,
+        second.claude_session,
+    ]
+
+
+def test_run_options_carry_the_pod_config(dispatcher, runner, pods_dir, tmp_path):
+    write_pod(
+        pods_dir,
+        "p",
+        {
+            "image": "custom:1",
+            "env": {"MODE": "fast"},
+            "buildArgs": {"VERSION": "2"},
+            "workdir": "/w",
+            "mounts": [{"source": str(tmp_path), "target": "/src", "readOnly": True}],
+        },
+    )
+    dispatcher.start_session("p", URL).wait(10)
+    assert runner.calls[1][0] == "build"
+    assert runner.calls[1][1] == ("custom:1", str((pods_dir / "p").resolve()), {"VERSION": "2"})
+    (opts,) = runner.runs
+    assert (opts.image, opts.env, opts.workdir) == ("custom:1", {"MODE": "fast"}, "/w")
+    assert [(m.source, m.target, m.read_only) for m in opts.mounts] == [
+        (str(tmp_path), "/src", True)
+    ]
+
+
+def scripted(call: AgentCall) -> int:
+    call.out("hello", "world")
+    call.err("careful")
+    return 0
+
+
+def test_start_event_order(dispatcher, runner, pods_dir):
+    runner.agent = scripted
+    write_pod(pods_dir, "p")
+    session = dispatcher.start_session("p", URL)
+    assert session.wait(10) == 0
+    events = list(session.events())
+    assert [(e.type, e.data) for e in events] == [
+        (E.BUILD_STARTED, "cldpd-p"),
+        (E.BUILD_OUTPUT, "Step 1/1 : FROM busybox:latest"),
+        (E.BUILD_OUTPUT, "Successfully built"),
+        (E.BUILD_COMPLETE, "cldpd-p"),
+        (E.CONTAINER_STARTED, "cldpd-p"),
+        (E.OUTPUT, "hello"),
+        (E.OUTPUT, "world"),
+        (E.STDERR, "careful"),
+        (E.CONTAINER_EXITED, "0"),
+    ]
+    assert session.transcript.parent == dispatcher.transcript_dir
+
+
+def test_build_failure_events_and_error(dispatcher, runner, pods_dir):
+    runner.build_error = "Building image cldpd-p failed: exit code 1"
+    write_pod(pods_dir, "p")
+    session = dispatcher.start_session("p", URL)
+    with pytest.raises(BuildFailedError, match="exit code 1") as info:
+        session.wait(10)
+    assert "Successfully built" in info.value.log_tail
+    assert types(session) == [E.BUILD_STARTED, E.BUILD_OUTPUT, E.BUILD_OUTPUT, E.ERROR]
+    assert runner.runs == []
+    assert session.state == "failed"
+
+
+def test_resume_command_uses_the_uuid_from_the_container_label(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p", {"args": ["--model", "opus"]}, "Standing orders.")
+    claude_session = str(uuid.uuid4())
+    runner.add_container("cldpd-p", {LABEL_POD: "p", LABEL_CLAUDE_SESSION: claude_session})
+    prompt = "Now fix {this} and $THAT,\n'quoted' too"
+    session = dispatcher.resume_session("p", prompt)
+    assert session.wait(10) == 0
+    assert runner.execs == [
+        ("cldpd-p", [*HEAD, "--resume", claude_session, "--model", "opus", prompt])
+    ]
+    assert (session.kind, session.claude_session) == ("resume", claude_session)
+    assert [(e.type, e.data) for e in session.events()] == [
+        (E.CONTAINER_STARTED, "cldpd-p"),
+        (E.OUTPUT, "Now fix {this} and $THAT,"),
+        (E.OUTPUT, "'quoted' too"),
+        (E.CONTAINER_EXITED, "0"),
+    ]
+    assert runner.built == []
+    assert runner.inspect("cldpd-p").running
+
+
+def start_then_resume_agent(call: AgentCall) -> int:
+    if call.kind == "exec":
+        call.out(f"resumed {call.cmd[6]}")
+        return 5
+    return idle_agent(call)
+
+
+def test_start_then_resume_round_trip(dispatcher, runner, pods_dir):
+    runner.agent = start_then_resume_agent
+    write_pod(pods_dir, "p")
+    start = dispatcher.start_session("p", URL)
+    events = start.events()
+    assert [next(events).type for _ in range(5)][-1] is E.CONTAINER_STARTED
+    resume = dispatcher.resume_session("p", "continue")
+    assert resume.wait(10) == 5
+    assert [e.data for e in resume.events() if e.type is E.OUTPUT] == [
+        f"resumed {start.claude_session}"
+    ]
+    dispatcher.stop("p", timeout=1)
+    assert start.wait(10) == 130
+    assert runner.containers == {}
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n "])
+def test_empty_resume_prompt_is_refused(dispatcher, runner, pods_dir, prompt):
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    with pytest.raises(InvalidRequestError):
+        dispatcher.resume_session("p", prompt)
+    assert runner.execs == []
+
+
+@pytest.mark.parametrize("status", [None, "exited", "created"])
+def test_resume_with_nothing_running(dispatcher, runner, pods_dir, status):
+    write_pod(pods_dir, "p")
+    if status:
+        runner.add_container("cldpd-p", {LABEL_POD: "p"}, status=status)
+    with pytest.raises(SessionNotFoundError, match="not running"):
+        dispatcher.resume_session("p", "go on")
+    with pytest.raises(SessionNotFoundError):
+        dispatcher.resume("p", "go on")
+    assert dispatcher.sessions == []
+
+
+def test_inherit_env_forwards_set_variables_and_lists_unset_ones(
+    dispatcher, runner, pods_dir, monkeypatch
+):
+    seen: list[dict[str, str]] = []
+
+    def agent(call: AgentCall) -> int:
+        seen.append(call.env)
+        return 0
+
+    runner.agent = agent
+    write_pod(pods_dir, "p", {"env": {"MODE": "x"}, "inheritEnv": ["HOST_SET", "HOST_UNSET"]})
+    monkeypatch.delenv("HOST_UNSET", raising=False)
+    dispatcher = Dispatcher(pods_dir, runner, dispatcher.transcript_dir)
+    monkeypatch.setenv("HOST_SET", "forwarded value")
+    session = dispatcher.start_session("p", URL)
+    session.wait(10)
+    assert seen == [{"MODE": "x", "HOST_SET": "forwarded value"}]
+    assert runner.runs[0].inherit_env == ["HOST_SET", "HOST_UNSET"]
+    assert session.missing_env == ["HOST_UNSET"]
+    notes = [e.data for e in session.events() if e.type is E.BUILD_OUTPUT and "HOST" in e.data]
+    assert len(notes) == 1
+    assert "HOST_UNSET" in notes[0] and "HOST_SET" not in notes[0].replace("HOST_UNSET", "")
+
+
+def test_no_missing_env_note_when_everything_is_set(dispatcher, runner, pods_dir, monkeypatch):
+    write_pod(pods_dir, "p", {"inheritEnv": ["HOST_SET"]})
+    monkeypatch.setenv("HOST_SET", "1")
+    session = dispatcher.start_session("p", URL)
+    session.wait(10)
+    assert session.missing_env == []
+    assert [e.data for e in session.events() if e.type is E.BUILD_OUTPUT] == runner.build_lines
+
+
+HOST_SECRET = "host-secret-0042"
+ENV_SECRET = "env-secret-0043"
+
+
+def leaky(call: AgentCall) -> int:
+    call.out(f"inherited={call.env.get('HOST_VALUE')} key={call.env.get('API_KEY')}")
+    call.out(f"plain={call.env.get('MODE')}")
+    call.err(f"stderr {HOST_SECRET}")
+    return 3
+
+
+def test_secrets_are_masked_in_events_transcript_and_errors(
+    dispatcher, runner, pods_dir, monkeypatch
+):
+    runner.agent = leaky
+    runner.build_lines = [f"build saw {ENV_SECRET}"]
+    write_pod(
+        pods_dir,
+        "p",
+        {"env": {"API_KEY": ENV_SECRET, "MODE": "visible-value"}, "inheritEnv": ["HOST_VALUE"]},
+    )
+    monkeypatch.setenv("HOST_VALUE", HOST_SECRET)
+    out = io.StringIO()
+    with pytest.raises(ContainerFailedError) as info:
+        dispatcher.start("p", URL, out)
+    session = dispatcher.sessions[0]
+    data = [e.data for e in session.events()]
+    assert f"inherited={MASK} key={MASK}" in data
+    assert "plain=visible-value" in data
+    assert f"stderr {MASK}" in data
+    assert f"build saw {MASK}" in data
+    text = session.transcript.read_text() + out.getvalue() + str(info.value)
+    assert HOST_SECRET not in text and ENV_SECRET not in text
+    assert "plain=visible-value" in out.getvalue()
+
+    runner.build_error = f"failed with {HOST_SECRET} and {ENV_SECRET}"
+    failed = dispatcher.start_session("p", URL)
+    with pytest.raises(BuildFailedError) as build_info:
+        failed.wait(10)
+    error = build_info.value
+    for secret in (HOST_SECRET, ENV_SECRET):
+        assert secret not in str(error) and secret not in error.log_tail
+        assert secret not in failed.transcript.read_text()
+
+
+def test_resume_masks_secrets_too(dispatcher, runner, pods_dir, monkeypatch):
+    runner.agent = leaky
+    write_pod(pods_dir, "p", {"env": {"API_KEY": ENV_SECRET}, "inheritEnv": ["HOST_VALUE"]})
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    monkeypatch.setenv("HOST_VALUE", HOST_SECRET)
+    runner.containers["cldpd-p"].opts.env = {"API_KEY": ENV_SECRET}
+    runner.containers["cldpd-p"].opts.inherit_env = ["HOST_VALUE"]
+    session = dispatcher.resume_session("p", "again")
+    assert session.wait(10) == 3
+    assert f"inherited={MASK} key={MASK}" in [e.data for e in session.events()]
+    assert HOST_SECRET not in session.transcript.read_text()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "   ",
+        "ftp://github.com/o/r/issues/1",
+        "github.com/o/r/issues/1",
+        "https://",
+        "https:///o/r/issues/1",
+        "https://github.com/o/r/issues/1 and more",
+        "javascript:alert(1)",
+        "file:///etc/passwd",
+    ],
+)
+def test_bad_url_is_refused_before_anything_runs(dispatcher, runner, pods_dir, url):
+    write_pod(pods_dir, "p")
+    with pytest.raises(InvalidRequestError, match="is not an issue URL"):
+        dispatcher.start_session("p", url)
+    with pytest.raises(ValueError):
+        dispatcher.start("p", url)
+    assert runner.calls == [] and dispatcher.sessions == []
+
+
+def test_unknown_pod_and_unavailable_docker(dispatcher, runner, pods_dir):
+    with pytest.raises(PodNotFoundError):
+        dispatcher.start_session("nope", URL)
+    write_pod(pods_dir, "p")
+    runner.unavailable = DockerUnavailableError("Docker is not reachable; start it.")
+    with pytest.raises(DockerUnavailableError):
+        dispatcher.start_session("p", URL)
+    with pytest.raises(DockerUnavailableError):
+        dispatcher.resume_session("p", "go")
+    assert runner.built == [] and dispatcher.sessions == []
+
+
+def test_pod_running_in_docker_is_refused(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    with pytest.raises(PodRunningError, match="already running"):
+        dispatcher.start_session("p", URL)
+    assert runner.built == [] and "cldpd-p" in runner.containers
+
+
+def test_pod_running_in_this_process_is_refused(dispatcher, runner, pods_dir):
+    runner.agent = idle_agent
+    runner.hold_build = True
+    write_pod(pods_dir, "p")
+    session = dispatcher.start_session("p", URL)
+    runner.build_started.wait(10)
+    with pytest.raises(PodRunningError):
+        dispatcher.start_session("p", URL)
+    session.stop(1)
+    assert session.wait(0) == -1
+
+
+def test_exited_cldpd_container_is_replaced(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"}, status="exited")
+    assert dispatcher.start_session("p", URL).wait(10) == 0
+    assert runner.removed[0] == "cldpd-p"
+
+
+def test_foreign_container_with_the_pod_name_is_refused(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {}, status="exited")
+    with pytest.raises(PodRunningError, match="not a cldpd pod"):
+        dispatcher.start_session("p", URL)
+    assert runner.removed == []
+
+
+def exit_three(call: AgentCall) -> int:
+    call.out("some output")
+    call.err("some error")
+    return 3
+
+
+def test_blocking_start_checks_the_exit_code(dispatcher, runner, pods_dir, capsys):
+    runner.agent = exit_three
+    write_pod(pods_dir, "p")
+    out = io.StringIO()
+    with pytest.raises(ContainerFailedError, match="code 3") as info:
+        dispatcher.start("p", URL, out)
+    assert info.value.exit_code == 3
+    assert out.getvalue() == "some output\n"
+    assert capsys.readouterr().err == "some error\n"
+    assert dispatcher.start("p", URL, out, check=False) == 3
+    runner.agent = scripted
+    assert dispatcher.start("p", URL, check=True) == 0
+    assert capsys.readouterr().out == "hello\nworld\n"
+
+
+def test_blocking_resume_checks_the_exit_code(dispatcher, runner, pods_dir):
+    runner.agent = exit_three
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    out = io.StringIO()
+    with pytest.raises(ContainerFailedError) as info:
+        dispatcher.resume("p", "go", out)
+    assert info.value.exit_code == 3
+    assert dispatcher.resume("p", "go", out, check=False) == 3
+    assert out.getvalue() == "some output\n" * 2
+
+
+def test_blocking_start_raises_build_errors(dispatcher, runner, pods_dir):
+    runner.build_error = "Building image cldpd-p failed: no"
+    write_pod(pods_dir, "p")
+    with pytest.raises(BuildFailedError):
+        dispatcher.start("p", URL, io.StringIO(), check=False)
+
+
+def test_keep_alive_starts_an_idle_container_and_execs_the_agent(dispatcher, runner, pods_dir):
+    runner.agent = scripted
+    write_pod(pods_dir, "p", {"keepAlive": True, "args": ["--model", "opus"]})
+    session = dispatcher.start_session("p", URL)
+    assert session.wait(10) == 0
+    (opts,) = runner.runs
+    assert runner.calls[2][0] == "start"
+    assert opts.cmd == IDLE_COMMAND and opts.remove is False
+    assert opts.labels[LABEL_KEEP_ALIVE] == "true"
+    agent_cmd = [*HEAD, "--session-id", session.claude_session, "--model", "opus", DIRECTIVE]
+    assert runner.execs == [("cldpd-p", agent_cmd)]
+    assert types(session)[4:] == [E.CONTAINER_STARTED, E.OUTPUT, E.OUTPUT, E.STDERR,
+                                  E.CONTAINER_EXITED]  # fmt: skip
+    assert runner.inspect("cldpd-p").running
+    assert dispatcher.running()[0].keep_alive
+
+    runner.agent = start_then_resume_agent
+    resume = dispatcher.resume_session("p", "more")
+    assert resume.wait(10) == 5
+    assert runner.execs[1][1][5:7] == ["--resume", session.claude_session]
+    assert runner.inspect("cldpd-p").running
+
+    dispatcher.stop("p", timeout=1)
+    assert runner.stops == ["cldpd-p"]
+    assert runner.containers == {}
+
+
+def test_stopping_a_keep_alive_start_stops_its_container(dispatcher, runner, pods_dir):
+    runner.agent = idle_agent
+    write_pod(pods_dir, "p", {"keepAlive": True})
+    session = dispatcher.start_session("p", URL)
+    runner.agent_started.wait(10)
+    session.stop(1)
+    assert session.wait(0) == 130
+    assert runner.stops == ["cldpd-p"]
+    assert not runner.inspect("cldpd-p").running
+
+
+def test_stop_during_a_start_stops_and_removes_the_container(dispatcher, runner, pods_dir):
+    runner.agent = idle_agent
+    write_pod(pods_dir, "p")
+    session = dispatcher.start_session("p", URL)
+    runner.agent_started.wait(10)
+    dispatcher.stop("p", timeout=2)
+    assert session.done and session.stopped and session.state == "stopped"
+    assert session.wait(0) == 130
+    assert [e.data for e in session.events()][-2:] == ["got INT", "130"]
+    assert ("stop", ("cldpd-p", 2)) in runner.calls
+    assert runner.containers == {}
+    dispatcher.stop("p")
+    session.stop()
+
+
+def test_stop_during_the_build_runs_nothing(dispatcher, runner, pods_dir):
+    runner.hold_build = True
+    write_pod(pods_dir, "p")
+    session = dispatcher.start_session("p", URL)
+    runner.build_started.wait(10)
+    stopper = threading.Thread(target=session.stop, args=(1,))
+    stopper.start()
+    stopper.join(10)
+    assert session.wait(0) == -1
+    assert types(session)[-1] is E.ERROR
+    assert runner.runs == [] and runner.containers == {}
+
+
+def test_stopping_a_resume_ends_the_exec_only(dispatcher, runner, pods_dir):
+    runner.agent = idle_agent
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    resume = dispatcher.resume_session("p", "go")
+    runner.agent_started.wait(10)
+    resume.stop(1)
+    assert resume.wait(0) == 130
+    assert [c for c, _ in runner.calls if c.startswith("stop")] == ["stop_exec"]
+    assert runner.inspect("cldpd-p").running
+
+
+def test_dispatcher_stop_ends_resumes_then_the_container(dispatcher, runner, pods_dir):
+    runner.agent = idle_agent
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    resume = dispatcher.resume_session("p", "go")
+    runner.agent_started.wait(10)
+    dispatcher.stop("p", timeout=1)
+    assert resume.wait(0) == 130
+    assert [c for c, _ in runner.calls if c.startswith("stop")] == ["stop_exec", "stop"]
+    assert runner.containers == {}
+
+
+def test_stop_of_a_pod_that_is_not_running(dispatcher, runner):
+    dispatcher.stop("nothing-here")
+    assert runner.removed == []
+
+
+def test_running_lists_pods_by_label(dispatcher, runner):
+    runner.add_container(
+        "cldpd-b",
+        {LABEL_POD: "b", LABEL_SESSION: "b-0000beef", LABEL_CLAUDE_SESSION: "u1"},
+    )
+    runner.add_container("cldpd-a", {LABEL_POD: "a", LABEL_KEEP_ALIVE: "true"}, "exited")
+    runner.add_container("other", {"x": "y"})
+    running = dispatcher.running()
+    assert [(r.pod, r.container, r.status) for r in running] == [
+        ("a", "cldpd-a", "exited"),
+        ("b", "cldpd-b", "running"),
+    ]
+    assert isinstance(running[1], RunningPod)
+    assert (running[1].session_id, running[1].claude_session) == ("b-0000beef", "u1")
+    assert running[0].keep_alive and not running[1].keep_alive
+
+
+def replay(call: AgentCall) -> int:
+    call.out("line from before", "line after")
+    return 7
+
+
+def test_attach_follows_a_container_and_removes_it_when_done(dispatcher, runner, pods_dir):
+    runner.agent = replay
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    session = dispatcher.attach_session("p")
+    assert session.wait(10) == 7
+    assert session.kind == "attach"
+    assert [(e.type, e.data) for e in session.events()] == [
+        (E.CONTAINER_STARTED, "cldpd-p"),
+        (E.OUTPUT, "line from before"),
+        (E.OUTPUT, "line after"),
+        (E.CONTAINER_EXITED, "7"),
+    ]
+    assert runner.containers == {}
+
+
+def test_attach_with_nothing_running(dispatcher, runner):
+    with pytest.raises(SessionNotFoundError):
+        dispatcher.attach_session("p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"}, status="exited")
+    with pytest.raises(SessionNotFoundError):
+        dispatcher.attach_session("p")
+
+
+def test_local_sessions(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "a")
+    write_pod(pods_dir, "b")
+    first = dispatcher.start_session("a", URL)
+    first.wait(10)
+    runner.hold_build = True
+    second = dispatcher.start_session("b", URL)
+    runner.build_started.wait(10)
+    assert dispatcher.local_sessions() == [first, second]
+    assert dispatcher.local_sessions("a") == [first]
+    assert dispatcher.local_sessions(active=True) == [second]
+    second.stop(1)
+    assert dispatcher.local_sessions(active=True) == []
+
+
+def test_pods_and_pod(dispatcher, pods_dir):
+    write_pod(pods_dir, "b")
+    write_pod(pods_dir, "a")
+    assert [p.name for p in dispatcher.pods()] == ["a", "b"]
+    assert dispatcher.pod("a").dir == (pods_dir / "a").resolve()
