@@ -1,0 +1,506 @@
+"""The pod picker as widget state, without a browser: fake runner first, then the real engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
+
+from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
+from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD
+from cldpd_magic.session import MASK
+
+URL = "https://github.com/octocat/Hello-World/issues/1"
+SECRET = "s3cr3t-t0ken-value"
+
+
+def wait_for(check: Callable[[], bool], picker: PodPicker, timeout: float = 20.0) -> None:
+    """Poll until check() holds; fail with the picker's state otherwise."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out; picker state:\n{picker!r}")
+        time.sleep(0.02)
+
+
+def text_of(picker: PodPicker) -> str:
+    """The plain text of every entry of the selected pod's Output."""
+    return "\n".join(o["data"]["text/plain"] for o in picker.output.outputs)
+
+
+def status_is(picker: PodPicker, prefix: str) -> Callable[[], bool]:
+    return lambda: picker.status.value.startswith(prefix)
+
+
+@pytest.fixture
+def pickers() -> Iterator[list[PodPicker]]:
+    """Pickers made by a test; every pod they know is stopped and they are closed after it."""
+    made: list[PodPicker] = []
+    yield made
+    for picker in made:
+        picker.join(60)
+        for name in picker.pod_select.options:
+            picker.dispatcher.stop(name, 2)
+        picker.close()
+
+
+@pytest.fixture
+def fake(pods_dir: Path, transcript_dir: Path, pickers: list[PodPicker]):
+    """``fake(agent=echo_agent, **kw) -> (picker, runner)`` over the fake runner."""
+
+    def make(
+        agent: Callable[[AgentCall], int] = echo_agent, runner: FakeRunner | None = None, **kwargs
+    ) -> tuple[PodPicker, FakeRunner]:
+        runner = runner or FakeRunner(agent)
+        dispatcher = Dispatcher(pods_dir, runner, transcript_dir)
+        picker = PodPicker(dispatcher=dispatcher, interval=0.02, stop_timeout=2, **kwargs)
+        pickers.append(picker)
+        picker.join(10)
+        return picker, runner
+
+    return make
+
+
+def start(picker: PodPicker, name: str, url: str = URL) -> None:
+    picker.pod_select.value = name
+    picker.issue_url.value = url
+    assert not picker.start_button.disabled, repr(picker)
+    picker.start_button.click()
+
+
+def test_pods_are_listed_sorted_broken_ones_too_and_refresh_finds_new_ones(make_pod, fake):
+    uid = uuid.uuid4().hex[:6]
+    make_pod(name=f"b{uid}")
+    make_pod(name=f"a{uid}")
+    make_pod(name=f"c{uid}", pod_json="{nope")
+    picker, _ = fake()
+    assert picker.pod_select.options == (f"a{uid}", f"b{uid}", f"c{uid}")
+    assert picker.pod_select.value == f"a{uid}"
+    assert picker.status.value == f"a{uid}: not running"
+    picker.pod_select.value = f"c{uid}"
+    assert "is broken" in picker.details.value
+    assert "malformed JSON at line 1, column 2" in picker.details.value
+    assert picker.status.value.startswith(f"c{uid}: broken: ")
+    picker.issue_url.value = URL
+    assert picker.start_button.disabled
+    make_pod(name=f"0{uid}")
+    picker.refresh_button.click()
+    assert picker.pod_select.options[0] == f"0{uid}"
+    assert picker.pod_select.value == f"c{uid}"
+
+
+def test_no_pods_says_how_to_make_one(fake):
+    picker, _ = fake()
+    assert picker.pod_select.options == ()
+    assert "A pod is a directory" in picker.details.value
+    assert picker.status.value == "no pod selected"
+    picker.issue_url.value = URL
+    assert picker.start_button.disabled and picker.stop_button.disabled
+
+
+def test_details_show_the_pod_with_secrets_masked(make_pod, fake, monkeypatch, tmp_path):
+    monkeypatch.setenv("PICKER_GH_TOKEN", SECRET)
+    monkeypatch.delenv("PICKER_MISSING", raising=False)
+    template = "\n".join(f"order {i}" for i in range(1, 11))
+    name = make_pod(
+        pod_json={
+            "image": "my/agent:1",
+            "workdir": "/src",
+            "env": {"API_KEY": "k3y-value-1234", "MODE": "fast"},
+            "inheritEnv": ["PICKER_GH_TOKEN", "PICKER_MISSING"],
+            "mounts": [{"source": str(tmp_path), "target": "/src", "readOnly": True}],
+            "args": ["--model", "sonnet", "--token", SECRET],
+            "keepAlive": True,
+        },
+        template=template,
+    )
+    picker, _ = fake()
+    details = picker.details.value
+    for shown in (
+        "my/agent:1",
+        "/src",
+        f"API_KEY={MASK}",
+        "MODE=fast",
+        "PICKER_GH_TOKEN,",
+        "PICKER_MISSING (not set on this host)",
+        f"{tmp_path} → /src (read-only)",
+        "--model sonnet --token",
+        "keepAlive",
+        "order 6",
+        "(+4 more lines)",
+    ):
+        assert shown in details, shown
+    assert "order 7" not in details
+    assert SECRET not in details and "k3y-value-1234" not in details
+    assert name in details
+
+
+def test_start_button_follows_the_url_as_it_is_typed(make_pod, fake):
+    make_pod()
+    picker, _ = fake()
+    assert picker.start_button.disabled
+    for value, enabled in [
+        ("htt", False),
+        ("https://github.com/o/r/issues/1", True),
+        ("ftp://github.com/o/r/issues/1", False),
+        ("https://", False),
+        ("  http://example.com/x  ", True),
+        ("", False),
+    ]:
+        picker.issue_url.value = value
+        assert picker.start_button.disabled is not enabled, value
+        assert bool(picker.url_hint.value) is (not enabled and bool(value)), value
+    picker.start_button.click()  # disabled: nothing happens
+    assert picker.join(5) and picker.output.outputs == ()
+
+
+def test_start_streams_into_the_pods_output_and_ends_in_state(make_pod, fake):
+    name = make_pod()
+    picker, runner = fake()
+    start(picker, name)
+    wait_for(status_is(picker, f"{name}: exited 0 after "), picker)
+    assert picker.join(10)
+    (entry,) = picker.output.outputs
+    assert entry["output_type"] == "display_data"
+    assert f"Work on this GitHub issue: {URL}" in entry["data"]["text/plain"]
+    assert f"Work on this GitHub issue: {URL}" in entry["data"]["text/html"]
+    assert "transcript: " in entry["data"]["text/plain"]
+    assert picker.progress.value == picker.progress.max == 1
+    assert picker.progress.bar_style == "success"
+    assert not picker.start_button.disabled
+    assert picker.resume_button.disabled and picker.prompt.disabled
+    assert picker.stop_button.disabled and picker.attach_button.disabled
+    assert runner.containers == {}
+
+
+def test_handlers_return_at_once_and_a_stop_during_the_build_is_a_stop(make_pod, fake):
+    name = make_pod()
+    picker, runner = fake()
+    runner.hold_build = True
+    runner.build_lines = ["Step 1/3 : FROM busybox", "Step 2/3 : COPY claude /x"]
+    start(picker, name)
+    assert picker.start_button.disabled
+    assert runner.build_started.wait(10)
+    wait_for(lambda: picker.progress.value == 2, picker)
+    assert picker.progress.max == 3
+    assert picker.status.value.startswith(f"{name}: building ")
+    assert not picker.stop_button.disabled and picker.resume_button.disabled
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{name}: stopped"), picker)
+    assert picker.progress.bar_style == "warning"
+    assert picker.join(10)
+    assert not picker.start_button.disabled and picker.stop_button.disabled
+    assert runner.runs == []
+
+
+def test_errors_are_one_sentence_in_the_status(make_pod, fake):
+    name = make_pod()
+    picker, runner = fake()
+    runner.unavailable = DockerUnavailableError(
+        "Docker is not reachable (no socket); start the Docker engine or set DOCKER_HOST."
+    )
+    start(picker, name)
+    assert picker.join(10)
+    assert picker.status.value == (
+        f"{name}: failed: Docker is not reachable (no socket); start the Docker engine "
+        "or set DOCKER_HOST."
+    )
+    assert not picker.start_button.disabled
+    runner.unavailable = None
+    runner.build_error = "Building image x failed: RUN false returned 1."
+    picker.start_button.click()
+    wait_for(status_is(picker, f"{name}: failed: Building image x failed"), picker)
+    assert picker.progress.bar_style == "danger"
+    assert "Traceback" not in picker.status.value + text_of(picker)
+
+
+def test_keep_alive_pod_is_resumed_then_stopped(make_pod, fake):
+    name = make_pod(pod_json={"keepAlive": True})
+    picker, runner = fake()
+    start(picker, name)
+    wait_for(status_is(picker, f"{name}: exited 0"), picker)
+    assert picker.status.value.endswith("container idle: resume or stop")
+    assert not picker.resume_button.disabled and not picker.prompt.disabled
+    assert picker.start_button.disabled and not picker.stop_button.disabled
+    picker.prompt.value = "now write the tests\nand run them"
+    picker.resume_button.click()
+    wait_for(lambda: len(picker.output.outputs) == 2 and picker.status.value.startswith(
+        f"{name}: exited 0"), picker)  # fmt: skip
+    assert picker.join(10)
+    second = picker.output.outputs[1]["data"]["text/plain"]
+    assert "» now write the tests (+1 lines)" in second
+    assert "and run them" in second
+    assert picker.prompt.value == ""
+    assert runner.execs[-1][1][5:7] == ["--resume", runner.runs[0].labels[LABEL_CLAUDE_SESSION]]
+    picker.stop_button.click()
+    wait_for(lambda: picker.status.value == f"{name}: stopped", picker)
+    assert picker.resume_button.disabled and picker.stop_button.disabled
+    assert runner.containers == {}
+
+
+def test_resume_errors_are_shown_and_the_prompt_kept(make_pod, fake):
+    name = make_pod(pod_json={"keepAlive": True})
+    picker, runner = fake()
+    start(picker, name)
+    wait_for(status_is(picker, f"{name}: exited 0"), picker)
+    picker.prompt.value = "   "
+    picker.resume_button.click()
+    assert picker.join(10)
+    assert picker.status.value == (
+        f"{name}: failed: The prompt is empty; say what the agent should do next."
+    )
+    runner.containers.clear()  # the container went away behind our back
+    picker.prompt.value = "go on"
+    picker.resume_button.click()
+    assert picker.join(10)
+    assert picker.status.value.startswith(f"{name}: failed: Pod {name} is not running")
+    assert picker.prompt.value == "go on"
+    assert picker.resume_button.disabled and not picker.start_button.disabled
+
+
+def prompt_then_wait(call: AgentCall) -> int:
+    call.out(f"agent says {call.cmd[-1]}")
+    call.stopped.wait(30)
+    return 130
+
+
+def test_two_pods_run_at_once_each_with_its_own_output(make_pod, fake):
+    uid = uuid.uuid4().hex[:6]
+    one, two = make_pod(name=f"a{uid}"), make_pod(name=f"b{uid}")
+    picker, runner = fake(prompt_then_wait)
+    start(picker, one, URL + "1")
+    start(picker, two, URL + "2")
+    wait_for(lambda: "issues/12" in text_of(picker), picker)
+    assert picker.status.value.startswith(f"{two}: running")
+    picker.pod_select.value = one
+    wait_for(lambda: "issues/11" in text_of(picker), picker)
+    assert "issues/12" not in text_of(picker)
+    assert picker.status.value.startswith(f"{one}: running")
+    assert picker.start_button.disabled and not picker.stop_button.disabled
+    first_output = picker.output
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{one}: stopped"), picker)
+    picker.pod_select.value = two
+    assert picker.output is not first_output
+    assert picker.status.value.startswith(f"{two}: running")
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{two}: stopped"), picker)
+    assert runner.containers == {}
+
+
+def test_output_stays_bounded(make_pod, fake):
+    name = make_pod(pod_json={"keepAlive": True})
+
+    def chatty(call: AgentCall) -> int:
+        if "--resume" in call.cmd:
+            return echo_agent(call)
+        call.out(*(f"line {i}" for i in range(500)))
+        return 0
+
+    picker, _ = fake(chatty, max_lines=20, max_runs=2)
+    start(picker, name)
+    wait_for(status_is(picker, f"{name}: exited 0"), picker)
+    (entry,) = picker.output.outputs
+    text = entry["data"]["text/plain"]
+    assert "line 499" in text and "line 400" not in text
+    assert "earlier lines not shown" in text
+    for prompt in ("one", "two", "three"):
+        picker.prompt.value = prompt
+        picker.resume_button.click()
+        assert picker.join(10)
+    outputs = picker.output.outputs
+    assert len(outputs) == 3
+    assert outputs[0]["data"]["text/plain"].startswith("… 2 earlier run(s) not shown")
+    assert "» two" in outputs[1]["data"]["text/plain"]
+    assert "» three" in outputs[2]["data"]["text/plain"]
+
+
+def test_pod_running_at_open_is_shown_attached_resumed_and_stopped(make_pod, fake, pods_dir):
+    name = make_pod()
+
+    def agent(call: AgentCall) -> int:
+        if call.kind == "exec":
+            call.out(f"resumed with {call.cmd[-1]}")
+            return 0
+        call.out("output from before the picker opened")
+        call.stopped.wait(30)
+        return 130
+
+    runner = FakeRunner(agent)
+    runner.add_container(
+        f"cldpd-{name}", {LABEL_POD: name, LABEL_KEEP_ALIVE: "false", LABEL_CLAUDE_SESSION: "u1"}
+    )
+    picker, _ = fake(runner=runner)
+    wait_for(status_is(picker, f"{name}: running in container cldpd-{name}"), picker)
+    assert picker.start_button.disabled is True
+    assert not picker.attach_button.disabled and not picker.resume_button.disabled
+    picker.attach_button.click()
+    wait_for(lambda: "output from before the picker opened" in text_of(picker), picker)
+    assert picker.status.value.startswith(f"{name}: running ")
+    assert picker.attach_button.disabled
+    picker.prompt.value = "carry on"
+    picker.resume_button.click()
+    wait_for(lambda: "resumed with carry on" in text_of(picker), picker)
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{name}: stopped"), picker)
+    assert picker.join(10)
+    assert set(runner.stops) == {f"cldpd-{name}"}
+
+
+def test_a_session_of_the_same_dispatcher_is_followed_on_attach(make_pod, fake):
+    name = make_pod()
+    picker, runner = fake(idle_agent)
+    session = picker.dispatcher.start_session(name, URL)  # as %cldpd_start -b would
+    assert runner.agent_started.wait(10)
+    picker.refresh()
+    wait_for(lambda: not picker.attach_button.disabled, picker)
+    picker.attach_button.click()
+    wait_for(lambda: "working" in text_of(picker), picker)
+    assert runner.calls.count(("logs", (f"cldpd-{name}",))) == 0
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{name}: stopped"), picker)
+    assert session.done and session.stopped
+
+
+def test_close_stops_publication_not_the_pods(make_pod, fake):
+    name = make_pod()
+    picker, runner = fake(idle_agent)
+    start(picker, name)
+    wait_for(lambda: "working" in text_of(picker), picker)
+    output, status = picker.output, picker.status
+    picker.close()
+    shown, state = output.outputs, status.value
+    assert picker.closed and "(closed)" in repr(picker)
+    assert f"cldpd-{name}" in runner.containers
+    picker.dispatcher.stop(name, 2)
+    assert picker.join(10)
+    assert output.outputs == shown and status.value == state
+    assert picker._repr_mimebundle_() == {"text/plain": repr(picker)}
+
+
+def test_repr_and_mimebundle(make_pod, fake):
+    uid = uuid.uuid4().hex[:6]
+    make_pod(name=f"a{uid}")
+    make_pod(name=f"b{uid}", pod_json="[]")
+    picker, _ = fake()
+    text = repr(picker)
+    head, first, second = text.splitlines()
+    assert head == f"PodPicker: 2 pods in {picker.pods_dir}"
+    assert first == f"* a{uid}: not running"
+    assert second.startswith(f"  b{uid}: broken: ")
+    assert second.endswith("pod.json: 'pod.json' must be a JSON object, got list.")
+    bundle = picker._repr_mimebundle_()
+    assert bundle["text/plain"] == text
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_a_worker_error_never_escapes_as_a_traceback(make_pod, fake, monkeypatch):
+    name = make_pod()
+    picker, _ = fake()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(picker.dispatcher, "start_session", broken)
+    seen: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    start(picker, name)
+    assert picker.join(10)
+    assert picker.status.value == f"{name}: failed: RuntimeError: boom"
+    assert seen == []
+
+
+# -- the real engine ------------------------------------------------------------------
+
+AGENT = """
+trap 'echo "got INT"; exit 130' INT TERM
+case "$5" in
+  --resume) echo "resumed $6 with: $7"; exit 0 ;;
+esac
+echo "marker-$POD_MARK for: $6"
+[ -n "$HOLD" ] && while :; do sleep 1; done
+exit 0
+"""
+
+
+@pytest.fixture
+def real(pods_dir: Path, transcript_dir: Path, pickers: list[PodPicker], docker_client):
+    """A picker over the real engine."""
+
+    def make() -> PodPicker:
+        picker = PodPicker(
+            dispatcher=Dispatcher(pods_dir, transcript_dir=transcript_dir),
+            interval=0.05,
+            stop_timeout=3,
+        )
+        pickers.append(picker)
+        return picker
+
+    return make
+
+
+def test_docker_start_output_resume_and_stop(make_pod, real, docker_client):
+    name = make_pod(AGENT, pod_json={"keepAlive": True, "env": {"POD_MARK": "one"}})
+    picker = real()
+    start(picker, name)
+    wait_for(status_is(picker, f"{name}: exited 0"), picker, timeout=90)
+    assert "marker-one for: " in text_of(picker)
+    assert picker.progress.bar_style == "success" and picker.progress.value == picker.progress.max
+    assert not picker.resume_button.disabled
+    picker.prompt.value = "next step"
+    picker.resume_button.click()
+    wait_for(lambda: "with: next step" in text_of(picker), picker, timeout=30)
+    wait_for(status_is(picker, f"{name}: exited 0"), picker)
+    assert docker_client.containers.get(f"cldpd-{name}").status == "running"
+    picker.stop_button.click()
+    wait_for(lambda: picker.status.value == f"{name}: stopped", picker, timeout=30)
+    assert not docker_client.containers.list(all=True, filters={"name": f"cldpd-{name}"})
+
+
+def test_docker_two_pods_at_once(make_pod, real):
+    one = make_pod(AGENT, pod_json={"env": {"POD_MARK": "one", "HOLD": "1"}})
+    two = make_pod(AGENT, pod_json={"env": {"POD_MARK": "two", "HOLD": "1"}})
+    picker = real()
+    start(picker, one)
+    start(picker, two)
+    wait_for(lambda: "marker-two" in text_of(picker), picker, timeout=90)
+    picker.pod_select.value = one
+    wait_for(lambda: "marker-one" in text_of(picker), picker, timeout=90)
+    assert "marker-two" not in text_of(picker)
+    assert picker.status.value.startswith(f"{one}: running")
+    picker.stop_button.click()
+    picker.pod_select.value = two
+    assert picker.status.value.startswith(f"{two}: running")
+    assert "marker-one" not in text_of(picker)
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{two}: stopped"), picker, timeout=30)
+    picker.pod_select.value = one
+    wait_for(status_is(picker, f"{one}: stopped"), picker, timeout=30)
+    assert "got INT" in text_of(picker)
+
+
+def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, transcript_dir):
+    name = make_pod(AGENT, pod_json={"env": {"POD_MARK": "early", "HOLD": "1"}})
+    other_kernel = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+    session = other_kernel.start_session(name, URL)
+    try:
+        for event in session.events():
+            if event.type.value == "output":
+                break
+        picker = real()
+        wait_for(status_is(picker, f"{name}: running in container"), picker, timeout=30)
+        picker.attach_button.click()
+        wait_for(lambda: "marker-early" in text_of(picker), picker, timeout=30)
+        picker.prompt.value = "steer"
+        picker.resume_button.click()
+        wait_for(lambda: "with: steer" in text_of(picker), picker, timeout=30)
+        picker.stop_button.click()
+        wait_for(status_is(picker, f"{name}: stopped"), picker, timeout=30)
+        assert session.wait(30) in (130, 137, 143)
+    finally:
+        session.stop(2)
