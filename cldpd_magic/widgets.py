@@ -486,7 +486,7 @@ class PodPicker:
         self._show(state)
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> threading.Thread:
-        name = f"cldpd-picker{target.__name__.removesuffix('_worker')}"
+        name = f"cldpd-picker-{target.__name__.strip('_').removesuffix('_worker')}"
         if args and isinstance(args[0], _PodState):
             name += f"-{args[0].name}"
 
