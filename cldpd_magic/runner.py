@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,9 @@ from .errors import (
     StopFailedError,
 )
 from .pods import Mount
+
+#: A legacy-builder log line naming the container that runs a build step.
+_STEP_CONTAINER_RE = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
 
 
 class Writer(Protocol):
@@ -288,6 +292,7 @@ class DockerRunner:
         """
         tail: deque[str] = deque(maxlen=40)
         pending = ""
+        step_containers: list[str] = []
 
         def emit(text: str) -> None:
             nonlocal pending
@@ -295,14 +300,18 @@ class DockerRunner:
             *lines, pending = pending.split("\n")
             for line in lines:
                 tail.append(line)
+                step = _STEP_CONTAINER_RE.match(line)
+                if step:
+                    step_containers.append(step.group(1))
                 if on_output is not None:
                     on_output(line)
 
-        exclude = [".dockerignore", "pod.json"]
+        exclude = [".dockerignore"]
         ignore = os.path.join(context_dir, ".dockerignore")
         if os.path.exists(ignore):
             with open(ignore, encoding="utf-8") as f:
                 exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+        exclude.append("pod.json")  # last, so that no "!pod.json" can bring it back
         context = build_utils.tar(context_dir, exclude=exclude)
         params = {
             "t": tag,
@@ -344,10 +353,20 @@ class DockerRunner:
             context.close()
         if pending:
             emit("\n")
-        if cancel is not None and cancel.is_set() and not error:
-            error = "the build was stopped"
+        if cancel is not None and cancel.is_set():
+            error = error or "the build was stopped"
+            self._discard(step_containers[-1:])
         if error:
             raise BuildFailedError(f"Building image {tag} failed: {error}", "\n".join(tail))
+
+    def _discard(self, containers: list[str], timeout: float = 10.0) -> None:
+        """Force-remove containers and wait until the engine has let them go."""
+        api = self._control()
+        for cid in containers:
+            self._force_remove(api, cid)
+            deadline = time.monotonic() + timeout
+            while self.inspect(cid) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def _create(self, api: docker.APIClient, opts: RunOptions) -> str:
         mounts = [
