@@ -23,6 +23,7 @@ from .harness import (
     Bench,
     NullWriter,
     OrderedWriter,
+    ReplayCounter,
     Result,
     check_transcript,
     docker,
@@ -60,15 +61,17 @@ def _timed_start(bench: Bench, pod: Pod, lines: int | None) -> tuple[float, dict
     """Run ``Dispatcher.start`` into a null writer; return its time and phase marks.
 
     The marks are seconds from BUILD_STARTED to BUILD_COMPLETE (``build``), from
-    BUILD_COMPLETE to ``start`` returning (``run``: create, start, stream, wait, remove)
-    and the CPU time of this process, all its threads (``cpu``).
+    BUILD_COMPLETE to ``start`` returning (``run``: create, start, stream, wait, remove),
+    the CPU time of this process, all its threads (``cpu``), and how many events the
+    consumer re-read from the transcript after falling behind (``replayed``, -1 unknown).
     """
     writer = NullWriter()
-    cpu = time.process_time()
-    started = time.perf_counter()
-    bench.dispatcher.start(pod.name, ISSUE_URL, writer)
-    total = time.perf_counter() - started
-    cpu = time.process_time() - cpu
+    with ReplayCounter() as replayed:
+        cpu = time.process_time()
+        started = time.perf_counter()
+        bench.dispatcher.start(pod.name, ISSUE_URL, writer)
+        total = time.perf_counter() - started
+        cpu = time.process_time() - cpu
     ended = time.time()
     session = bench.dispatcher.sessions[-1]
     marks = phase_times(session)
@@ -80,6 +83,7 @@ def _timed_start(bench: Bench, pod: Pod, lines: int | None) -> tuple[float, dict
         "build": built - marks[EventType.BUILD_STARTED],
         "run": ended - built,
         "cpu": cpu,
+        "replayed": -1 if replayed.count is None else replayed.count,
     }
 
 
@@ -111,7 +115,9 @@ def streaming(bench: Bench) -> list[Result]:
         Result("1c", "CPU time of the client: this Python process (all threads) vs the "
                "docker run CLI process", median(cpus), median(cli_cpus), "s", "(info)", None,
                f"ours {_samples(cpus, 's')}, docker run {_samples(cli_cpus, 's')}; "
-               f"{median(cpus) / STREAM_LINES * 1e6:.2f} µs per line"),
+               f"{median(cpus) / STREAM_LINES * 1e6:.2f} µs per line; events the consumer "
+               f"re-read from the transcript after falling behind the in-memory window: "
+               f"{[m['replayed'] for _, m in ours]} (-1: unknown)"),
     ]  # fmt: skip
 
 
@@ -243,7 +249,9 @@ def rebuild(bench: Bench) -> list[Result]:
     ]  # fmt: skip
 
 
-def _concurrent_ours(bench: Bench, pods: list[Pod], problems: list[str]) -> float:
+def _concurrent_ours(
+    bench: Bench, pods: list[Pod], problems: list[str], replays: list[int]
+) -> float:
     writers = [OrderedWriter() for _ in pods]
     failures: list[str] = []
 
@@ -254,12 +262,14 @@ def _concurrent_ours(bench: Bench, pods: list[Pod], problems: list[str]) -> floa
             failures.append(f"{pod.name}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=one, args=pw) for pw in zip(pods, writers, strict=True)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    with ReplayCounter() as replayed:
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+    replays.append(-1 if replayed.count is None else replayed.count)
     problems.extend(failures)
     for pod, writer in zip(pods, writers, strict=True):
         if writer.lines != CONCURRENT_LINES or writer.disorder:
@@ -288,9 +298,10 @@ def concurrency(bench: Bench) -> list[Result]:
     """Figure 6: 8 pods at once from one process, every line checked, vs 8 docker runs."""
     pods = [bench.make_pod(f"conc{i}", CONCURRENT_LINES) for i in range(CONCURRENT_PODS)]
     problems: list[str] = []
+    replays: list[int] = []
     ours, theirs = interleaved(
         bench.reps,
-        lambda: _concurrent_ours(bench, pods, problems),
+        lambda: _concurrent_ours(bench, pods, problems, replays),
         lambda: _concurrent_cli(bench, pods),
     )
     base = median(theirs)
@@ -306,5 +317,6 @@ def concurrency(bench: Bench) -> list[Result]:
                f"dispatcher), {CONCURRENT_LINES:,} lines each vs {CONCURRENT_PODS} parallel "
                "docker run", mine, base, "s", "ratio <= 1.5, all lines in order",
                mine / base <= 1.5 and not problems,
-               f"{checked}; ours {_samples(ours, 's')}, docker run {_samples(theirs, 's')}"),
+               f"{checked}; ours {_samples(ours, 's')}, docker run {_samples(theirs, 's')}; "
+               f"events re-read from transcripts per run {replays[1:]} (-1: unknown)"),
     ]  # fmt: skip

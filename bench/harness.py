@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cldpd_magic import Dispatcher, EventType, Pod, Session
+from cldpd_magic import session as session_module
 from cldpd_magic.dispatcher import agent_command, build_prompt
 from cldpd_magic.session import Event
 
@@ -149,6 +151,42 @@ def phase_times(session: Session) -> dict[EventType, float]:
             if len(found) == len(wanted):
                 break
     return found
+
+
+class ReplayCounter:
+    """Counts events a consumer re-read from the transcript after falling behind.
+
+    A session keeps a bounded window of events in memory; a consumer slower than the
+    agent falls out of it and re-reads events from the transcript, which costs more CPU
+    per event. This wraps the session's transcript reader (a private helper: when it is
+    gone, ``count`` stays None) for the duration of a ``with`` block.
+    """
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        self._lock = threading.Lock()
+        self._reader: Any = getattr(session_module, "_TranscriptReader", None)
+        self._read: Any = None
+
+    def __enter__(self) -> ReplayCounter:
+        reader = self._reader
+        if reader is None or not hasattr(reader, "read"):
+            return self
+        self.count = 0
+        self._read = original = reader.read
+
+        def read(inner: Any, start: int, stop: int) -> list[Event]:
+            events = original(inner, start, stop)
+            with self._lock:
+                self.count = (self.count or 0) + len(events)
+            return events
+
+        reader.read = read
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._read is not None:
+            self._reader.read = self._read
 
 
 def interleaved(reps: int, *runs: Callable[[], Any], warm_up: bool = True) -> list[list[Any]]:
