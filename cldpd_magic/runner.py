@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import struct
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import docker
 import docker.errors
 import docker.types
+import requests
 import requests.exceptions
 from docker.types.daemon import CancellableStream
 from docker.utils import build as build_utils
@@ -201,6 +203,37 @@ def _pump(
         err.feed(chunk_err)
     out.close()
     err.close()
+
+
+def _read_exactly(raw: Any, size: int) -> bytes:
+    parts = []
+    while size > 0:
+        chunk = raw.read(size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def _log_frames(
+    api: docker.APIClient, response: requests.Response
+) -> Iterator[tuple[bytes | None, bytes | None]]:
+    """Split a (non-TTY) logs response into ``(stdout, stderr)`` chunks."""
+    api._raise_for_status(response)
+    api._disable_socket_timeout(api._get_raw_response_socket(response))
+    try:
+        while True:
+            header = _read_exactly(response.raw, 8)
+            if len(header) < 8:
+                return
+            kind, size = struct.unpack(">BxxxL", header)
+            data = _read_exactly(response.raw, size)
+            yield (None, data) if kind == 2 else (data, None)
+            if len(data) < size:
+                return
+    finally:
+        response.close()
 
 
 def _explain(exc: Exception) -> str:
@@ -657,6 +690,9 @@ class DockerRunner:
     def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
         """Follow a container's output from its start until it exits.
 
+        The output already printed is read back from the engine's log (an attach with
+        ``logs`` can miss it), then followed as it comes.
+
         Args:
             container: Name or id.
             stdout: Receives stdout as text.
@@ -670,12 +706,16 @@ class DockerRunner:
         """
         if self.inspect(container) is None:
             raise SessionNotFoundError(f"No container named {container}.")
+        params = {"stdout": 1, "stderr": 1, "follow": 1, "tail": "all"}
         with self._streaming() as api:
             try:
-                stream = api.attach(
-                    container, stdout=True, stderr=True, stream=True, logs=True, demux=True
+                response = api._get(
+                    api._url("/containers/{0}/logs", container),
+                    params=params,
+                    stream=True,
+                    timeout=None,
                 )
-                _pump(stream, stdout, stderr)
+                _pump(_log_frames(api, response), stdout, stderr)
                 return int(api.wait(container)["StatusCode"])
             except docker.errors.NotFound:
                 return -1
