@@ -19,12 +19,14 @@ URL = "https://github.com/octocat/Hello-World/issues/1"
 SECRET = "s3cr3t-t0ken-value"
 
 
-def wait_for(check: Callable[[], bool], picker: PodPicker, timeout: float = 20.0) -> None:
-    """Poll until check() holds; fail with the picker's state otherwise."""
+def wait_for(
+    check: Callable[[], bool], picker: PodPicker, timeout: float = 20.0, fail_fast: bool = True
+) -> None:
+    """Poll until check() holds; fail with the picker's state on timeout or on a failure."""
     deadline = time.monotonic() + timeout
     while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out; picker state:\n{picker!r}")
+        if time.monotonic() > deadline or (fail_fast and ": failed: " in repr(picker)):
+            pytest.fail(f"timed out; picker state:\n{picker!r}\noutput:\n{text_of(picker)}")
         time.sleep(0.02)
 
 
@@ -214,7 +216,7 @@ def test_errors_are_one_sentence_in_the_status(make_pod, fake):
     runner.unavailable = None
     runner.build_error = "Building image x failed: RUN false returned 1."
     picker.start_button.click()
-    wait_for(status_is(picker, f"{name}: failed: Building image x failed"), picker)
+    wait_for(status_is(picker, f"{name}: failed: Building image x failed"), picker, fail_fast=False)
     assert picker.progress.bar_style == "danger"
     assert "Traceback" not in picker.status.value + text_of(picker)
 
@@ -418,14 +420,20 @@ def test_a_worker_error_never_escapes_as_a_traceback(make_pod, fake, monkeypatch
 # -- the real engine ------------------------------------------------------------------
 
 AGENT = """
+# pod {uid}: no image layer is shared with another test's pods
 trap 'echo "got INT"; exit 130' INT TERM
 case "$5" in
   --resume) echo "resumed $6 with: $7"; exit 0 ;;
 esac
 echo "marker-$POD_MARK for: $6"
-[ -n "$HOLD" ] && while :; do sleep 1; done
+[ -n "$HOLD" ] && while :; do sleep 1; echo "still-$POD_MARK"; done
 exit 0
 """
+
+
+def agent() -> str:
+    """The agent script, unique to the pod so that concurrent builds share no cached layer."""
+    return AGENT.replace("{uid}", uuid.uuid4().hex)
 
 
 @pytest.fixture
@@ -445,7 +453,7 @@ def real(pods_dir: Path, transcript_dir: Path, pickers: list[PodPicker], docker_
 
 
 def test_docker_start_output_resume_and_stop(make_pod, real, docker_client):
-    name = make_pod(AGENT, pod_json={"keepAlive": True, "env": {"POD_MARK": "one"}})
+    name = make_pod(agent(), pod_json={"keepAlive": True, "env": {"POD_MARK": "one"}})
     picker = real()
     start(picker, name)
     wait_for(status_is(picker, f"{name}: exited 0"), picker, timeout=90)
@@ -463,8 +471,8 @@ def test_docker_start_output_resume_and_stop(make_pod, real, docker_client):
 
 
 def test_docker_two_pods_at_once(make_pod, real):
-    one = make_pod(AGENT, pod_json={"env": {"POD_MARK": "one", "HOLD": "1"}})
-    two = make_pod(AGENT, pod_json={"env": {"POD_MARK": "two", "HOLD": "1"}})
+    one = make_pod(agent(), pod_json={"env": {"POD_MARK": "one", "HOLD": "1"}})
+    two = make_pod(agent(), pod_json={"env": {"POD_MARK": "two", "HOLD": "1"}})
     picker = real()
     start(picker, one)
     start(picker, two)
@@ -485,7 +493,7 @@ def test_docker_two_pods_at_once(make_pod, real):
 
 
 def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, transcript_dir):
-    name = make_pod(AGENT, pod_json={"env": {"POD_MARK": "early", "HOLD": "1"}})
+    name = make_pod(agent(), pod_json={"env": {"POD_MARK": "early", "HOLD": "1"}})
     other_kernel = Dispatcher(pods_dir, transcript_dir=transcript_dir)
     session = other_kernel.start_session(name, URL)
     try:
@@ -495,7 +503,7 @@ def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, t
         picker = real()
         wait_for(status_is(picker, f"{name}: running in container"), picker, timeout=30)
         picker.attach_button.click()
-        wait_for(lambda: "marker-early" in text_of(picker), picker, timeout=30)
+        wait_for(lambda: "still-early" in text_of(picker), picker, timeout=30)
         picker.prompt.value = "steer"
         picker.resume_button.click()
         wait_for(lambda: "with: steer" in text_of(picker), picker, timeout=30)
