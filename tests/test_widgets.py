@@ -504,6 +504,7 @@ def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, t
         wait_for(status_is(picker, f"{name}: running in container"), picker, timeout=30)
         picker.attach_button.click()
         wait_for(lambda: "still-early" in text_of(picker), picker, timeout=30)
+        assert "marker-early" in text_of(picker)  # replayed from the container's start
         picker.prompt.value = "steer"
         picker.resume_button.click()
         wait_for(lambda: "with: steer" in text_of(picker), picker, timeout=30)
