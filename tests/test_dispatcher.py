@@ -13,11 +13,13 @@ from cldpd_magic import (
     BuildFailedError,
     ContainerFailedError,
     Dispatcher,
+    DockerRunner,
     DockerUnavailableError,
     EventType,
     InvalidRequestError,
     PodNotFoundError,
     PodRunningError,
+    Runner,
     SessionNotFoundError,
 )
 from cldpd_magic.dispatcher import (
@@ -56,9 +58,7 @@ def command_uuid(cmd: list[str]) -> str:
 
 
 def test_start_runs_the_agent_command_with_template_and_args(dispatcher, runner, pods_dir):
-    write_pod(
-        pods_dir, "p", {"args": ["--model", "opus", "--max-turns", "3"]}, "\nBe brief.\n\n"
-    )
+    write_pod(pods_dir, "p", {"args": ["--model", "opus", "--max-turns", "3"]}, "\nBe brief.\n\n")
     session = dispatcher.start_session("p", f"  {URL}\n")
     assert session.wait(10) == 0
     (opts,) = runner.runs
@@ -585,3 +585,16 @@ def test_pods_and_pod(dispatcher, pods_dir):
     write_pod(pods_dir, "a")
     assert [p.name for p in dispatcher.pods()] == ["a", "b"]
     assert dispatcher.pod("a").dir == (pods_dir / "a").resolve()
+
+
+def test_runners_follow_the_protocol(runner):
+    assert isinstance(runner, Runner)
+    assert isinstance(DockerRunner(), Runner)
+
+
+def test_defaults_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLDPD_PODS_DIR", str(tmp_path / "p"))
+    monkeypatch.setenv("CLDPD_SESSIONS_DIR", str(tmp_path / "s"))
+    dispatcher = Dispatcher()
+    assert (dispatcher.pods_dir, dispatcher.transcript_dir) == (tmp_path / "p", tmp_path / "s")
+    assert isinstance(dispatcher.runner, DockerRunner)
