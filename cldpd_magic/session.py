@@ -99,13 +99,18 @@ class Event(_EventFields):
 class Masker:
     """Replaces secret values in text with a fixed mask.
 
+    A value is also masked as it appears inside a JSON string (escaped quotes,
+    backslashes, ``\\uXXXX``), since agents print stream-json that is decoded for display.
+
     Args:
         values: The secret values; empty values and values shorter than 4 characters
             (which would mask ordinary text) are ignored.
     """
 
     def __init__(self, values: Iterable[str] = ()) -> None:
-        self.values = sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
+        kept = {v for v in values if v and len(v) >= 4}
+        forms = kept | {json.dumps(v, ensure_ascii=a)[1:-1] for v in kept for a in (False, True)}
+        self.values = sorted(forms, key=len, reverse=True)
         self._re = re.compile("|".join(map(re.escape, self.values))) if self.values else None
 
     def __call__(self, text: str) -> str:
