@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -397,3 +398,24 @@ def test_given_session_id_and_attributes(transcript_dir):
     assert session.missing_env == ["A"]
     assert session.transcript.name == "pod-0123abcd.jsonl"
     assert "pod-0123abcd" in repr(session)
+
+
+def test_json_escaped_secrets_are_masked(transcript_dir):
+    secret = 'pa"ss\\wörd/42'
+    escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
+    ascii_escaped = json.dumps(secret, ensure_ascii=True)[1:-1]
+    assert escaped != secret and ascii_escaped != escaped
+
+    def job(ctl: SessionControl) -> int:
+        ctl.stdout.write(f'{{"text": "{escaped}"}}\n{{"text": "{ascii_escaped}"}}\n{secret}\n')
+        return 0
+
+    session = make_session(transcript_dir, job, secrets=[secret])
+    session.wait(10)
+    assert [e.data for e in session.events()][:-1] == [
+        f'{{"text": "{MASK}"}}',
+        f'{{"text": "{MASK}"}}',
+        MASK,
+    ]
+    for line in session.transcript.read_text().splitlines():
+        assert "ss" not in json.loads(line)["data"]
