@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import docker
 import docker.errors
@@ -172,6 +173,13 @@ class Runner(Protocol):
 
     def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
         """Follow a container's output from its start to its end; return its exit code."""
+
+
+#: Image label holding the digest of the build's inputs, to skip rebuilding an unchanged pod.
+LABEL_CONTEXT = "cldpd.context"
+_FROM_RE = re.compile(
+    r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE
+)
 
 
 class _StreamDecoder:
@@ -346,12 +354,19 @@ class DockerRunner:
                 exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
         exclude.append("pod.json")  # last, so that no "!pod.json" can bring it back
         context = build_utils.tar(context_dir, exclude=exclude)
+        digest = self._context_digest(context, context_dir, build_args or {})
+        if digest is not None and self._image_digest(tag) == digest:
+            context.close()
+            if on_output is not None:
+                on_output(f"cldpd: image {tag} is up to date (the pod has not changed)")
+            return
         params = {
             "t": tag,
             "rm": True,
             "forcerm": True,
             "q": False,
             "buildargs": json.dumps(build_args or {}),
+            "labels": json.dumps({LABEL_CONTEXT: digest or ""}),
         }
         error = ""
         try:
@@ -400,6 +415,46 @@ class DockerRunner:
             deadline = time.monotonic() + timeout
             while self.inspect(cid) is not None and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+    def _context_digest(
+        self, context: IO[bytes], context_dir: str, build_args: dict[str, str]
+    ) -> str | None:
+        """Digest of what a build depends on: context, build args and base image ids.
+
+        None when it cannot be known (a FROM with a variable, a base image not here yet),
+        in which case the engine builds as usual.
+        """
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: context.read(1 << 20), b""):
+            digest.update(chunk)
+        context.seek(0)
+        digest.update(json.dumps(build_args, sort_keys=True).encode())
+        try:
+            with open(os.path.join(context_dir, "Dockerfile"), encoding="utf-8") as f:
+                dockerfile = f.read()
+        except (OSError, UnicodeDecodeError):
+            return None
+        stages: set[str] = set()
+        api = self._control()
+        for match in _FROM_RE.finditer(dockerfile):
+            image, stage = match.group(1), match.group(2)
+            if image.lower() not in stages:
+                if "$" in image:
+                    return None
+                try:
+                    digest.update(api.inspect_image(image)["Id"].encode())
+                except docker.errors.APIError:
+                    return None
+            if stage:
+                stages.add(stage.lower())
+        return "sha256:" + digest.hexdigest()
+
+    def _image_digest(self, tag: str) -> str | None:
+        try:
+            labels = self._control().inspect_image(tag)["Config"].get("Labels") or {}
+        except (docker.errors.APIError, KeyError, TypeError):
+            return None
+        return labels.get(LABEL_CONTEXT)
 
     def _create(self, api: docker.APIClient, opts: RunOptions) -> str:
         mounts = [
