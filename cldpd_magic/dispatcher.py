@@ -382,11 +382,13 @@ class Dispatcher:
         out: Writer = stdout if stdout is not None else sys.stdout
         err: TextIO = sys.stderr
         try:
-            for event in session.events():
-                if event.type is EventType.OUTPUT:
-                    out.write(event.data + "\n")
-                elif event.type is EventType.STDERR:
-                    err.write(event.data + "\n")
+            for batch in session.event_batches():
+                lines = [e.data for e in batch if e.type is EventType.OUTPUT]
+                if lines:
+                    out.write("\n".join(lines) + "\n")
+                errors = [e.data for e in batch if e.type is EventType.STDERR]
+                if errors:
+                    err.write("\n".join(errors) + "\n")
             code = session.wait()
         except KeyboardInterrupt:
             session.stop()

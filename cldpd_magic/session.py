@@ -240,7 +240,7 @@ class Session:
         stopped: Whether :meth:`stop` was called.
     """
 
-    MAX_EVENTS = 20000
+    MAX_EVENTS = 50000
     MAX_BYTES = 8 * 1024 * 1024
 
     def __init__(
@@ -333,9 +333,18 @@ class Session:
         tail = f',"code":null,"time":"{now.isoformat()}"}}\n'
         head = f'{{"type":"{etype.value}","data":'
         enc = _encode_str
-        self._append(events, text="".join([head + enc(line) + tail for line in lines]))
+        text = "".join([head + enc(line) + tail for line in lines])
+        self._append(events, text=text, size=sum(map(len, lines)))
 
-    def _append(self, events: list[Event], final: bool = False, text: str | None = None) -> None:
+    def _append(
+        self,
+        events: list[Event],
+        final: bool = False,
+        text: str | None = None,
+        size: int | None = None,
+    ) -> None:
+        if size is None:
+            size = sum(len(e.data) for e in events)
         if text is None:
             text = "".join(e.to_json() + "\n" for e in events)
             for e in events:
@@ -355,7 +364,7 @@ class Session:
             with self._cond:
                 buf = self._buf
                 buf.extend(events)
-                self._buf_bytes += sum(len(e.data) for e in events)
+                self._buf_bytes += size
                 self._count += len(events)
                 while len(buf) > 1 and (
                     len(buf) > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
@@ -373,6 +382,14 @@ class Session:
 
         The iterator ends after the terminal event (CONTAINER_EXITED or ERROR). Events
         that memory no longer holds are read back from the transcript.
+        """
+        for batch in self.event_batches():
+            yield from batch
+
+    def event_batches(self) -> Iterator[list[Event]]:
+        """Like :meth:`events`, in lists of the events that have come since the last one.
+
+        A consumer that handles a batch at a time keeps up with millions of lines.
         """
         index = 0
         reader: _TranscriptReader | None = None
@@ -393,7 +410,7 @@ class Session:
                         reader = _TranscriptReader(self.transcript)
                     batch = reader.read(index, min(upto, index + 2000))
                 index += len(batch)
-                yield from batch
+                yield batch
         finally:
             if reader is not None:
                 reader.close()
