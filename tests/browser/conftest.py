@@ -88,6 +88,14 @@ def browser_requirements() -> None:
 
 
 @pytest.fixture(scope="session")
+def expect(browser_requirements: None) -> Any:
+    """playwright's ``expect`` (imported here, so that without playwright the tests skip)."""
+    from playwright.sync_api import expect
+
+    return expect
+
+
+@pytest.fixture(scope="session")
 def artifacts(browser_requirements: None) -> Path:
     """``artifacts/browser/``, emptied at the start of the session."""
     global _session_used
@@ -338,18 +346,18 @@ class Notebook:
         return self.panel.locator(f".jp-Cell[data-test-cell='{index}']")
 
     def find(self, text: str) -> int:
-        """The index of the first cell whose source contains ``text``."""
+        """The index of the first code cell whose source contains ``text``."""
         index = self.page.evaluate(
-            """(text) => window.jupyterapp.shell.currentWidget.content.widgets
-                 .findIndex(c => c.model.sharedModel.getSource().includes(text))""",
+            """(text) => window.jupyterapp.shell.currentWidget.content.widgets.findIndex(
+                 c => c.model.type === 'code' && c.model.sharedModel.getSource().includes(text))""",
             text,
         )
-        assert index >= 0, f"no cell of the notebook contains {text!r}"
+        assert index >= 0, f"no code cell of the notebook contains {text!r}"
         return index
 
     def output(self, index: int) -> Any:
         """The output area of the cell at ``index``."""
-        return self.cell(index).locator(".jp-OutputArea")
+        return self.cell(index).locator(".jp-Cell-outputArea")
 
     def _prompts(self) -> list[str]:
         return self.page.evaluate(_PROMPTS_JS)
@@ -397,6 +405,7 @@ class Notebook:
     def shot(self, name: str, target: Any = None) -> Path:
         """Save a screenshot of the page (``target`` scrolled into view) as the next step."""
         self.shots += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{self.shots:02d}-{name}.png"
         if target is not None:
             target.scroll_into_view_if_needed()
@@ -405,6 +414,7 @@ class Notebook:
 
     def dump(self) -> None:
         """Save the page's HTML, the console and a screenshot (on failure)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "console.txt").write_text("\n".join(self.console) + "\n")
         with contextlib.suppress(Exception):
             (self.folder / "page.html").write_text(self.page.content())
