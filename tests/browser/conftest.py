@@ -327,6 +327,7 @@ class Notebook:
 
         Waits until its kernel is connected and idle, then hides the left sidebar.
         """
+        assert (self.lab.root / path).is_file(), f"{path} is missing from the lab's root"
         workspace = f"t{uuid.uuid4().hex[:8]}"
         self.page.goto(f"{self.lab.url}/lab/workspaces/{workspace}/tree/{path}")
         self.page.wait_for_function(_READY_JS, timeout=timeout * 1000, polling=200)
