@@ -92,7 +92,7 @@ class _PodState:
         self.workers: list[threading.Thread] = []
         self.lock = threading.Lock()
 
-    def widgets(self) -> list[widgets.Widget]:
+    def all_widgets(self) -> list[widgets.Widget]:
         return [self.output, self.status, self.progress]
 
     def active_runs(self) -> list[_Run]:
@@ -122,8 +122,8 @@ class _PodState:
                 f"… {self.dropped_runs} earlier run(s) not shown "
                 "(their transcripts have everything)"
             )
-            shown.insert(0, {"output_type": "display_data", "data": {"text/plain": note},
-                             "metadata": {}})  # fmt: skip
+            data = {"text/plain": note}
+            shown.insert(0, {"output_type": "display_data", "data": data, "metadata": {}})
         return tuple(shown)
 
     def status_text(self) -> str:
@@ -664,7 +664,7 @@ class PodPicker:
             self._closed = True
             for state in [self._blank, *self._states.values()]:
                 with state.lock:  # waits for a publication in flight
-                    for widget in state.widgets():
+                    for widget in state.all_widgets():
                         widget.close()
             _close_tree(self.widget)
 
