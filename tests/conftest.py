@@ -122,7 +122,7 @@ def make_pod(pods_dir: Path, request: pytest.FixtureRequest) -> Iterator[MakePod
             leaked.append(f"cldpd-{name} ({container.status})")
             container.remove(force=True)
         with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(f"cldpd-{name}".lower(), force=True)
+            client.images.remove(f"cldpd-{name}".lower(), noprune=True)
     client.close()
     if leaked:
         pytest.fail(f"test left containers behind: {', '.join(leaked)}")
