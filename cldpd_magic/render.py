@@ -7,13 +7,14 @@ in a worker thread and publishes the view a few times a second, never once per l
 
 from __future__ import annotations
 
+import contextvars
 import html
 import json
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -442,7 +443,9 @@ class LiveFeed:
     ``publish(view)`` runs at most once per ``interval`` while output flows, about once
     a second while the agent is quiet (for the elapsed time), and once more at the end.
     It runs on a worker thread, so it must write only through display handles,
-    ``Output.append_*`` or widget traits.
+    ``Output.append_*`` or widget traits. That thread runs in a copy of the context
+    the feed was created in, so in a kernel its messages carry the parent header of
+    the cell that created the feed, whichever cell runs meanwhile.
 
     Args:
         session: The session to follow.
@@ -468,7 +471,12 @@ class LiveFeed:
         self._done = threading.Event()
         self.error: BaseException | None = None
         self._reader = threading.Thread(target=self._read, daemon=True, name="cldpd-feed-read")
-        self._writer = threading.Thread(target=self._write, daemon=True, name="cldpd-feed-pub")
+        # The writer runs in a copy of the creator's context: a kernel keeps the parent
+        # message there, so updates stay tied to the cell that started the feed.
+        context = contextvars.copy_context()
+        self._writer = threading.Thread(
+            target=context.run, args=(self._write,), daemon=True, name="cldpd-feed-pub"
+        )
         self._reader.start()
         self._writer.start()
 
@@ -514,3 +522,115 @@ class LiveFeed:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the final view is published; True if it was."""
         return self._done.wait(timeout)
+
+
+_TABLE_CSS = (
+    "<style>.cldpd-table td,.cldpd-table th{text-align:left;vertical-align:top;"
+    "padding:2px 8px;font-family:var(--jp-code-font-family,monospace);font-size:12px;}"
+    ".cldpd-table caption{text-align:left;font-weight:bold;}"
+    ".cldpd-note{color:#757575;font-size:12px;}</style>"
+)
+
+
+class Table:
+    """A small table that shows as HTML in a notebook and as aligned text elsewhere.
+
+    Args:
+        columns: Column headings.
+        rows: One sequence of values per row, in column order (shown with ``str``).
+        title: A caption.
+        notes: Lines shown under the table.
+
+    Attributes:
+        columns: Column headings.
+        rows: The rows, as tuples of strings.
+        title: The caption.
+        notes: Lines shown under the table.
+    """
+
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        title: str = "",
+        notes: Iterable[str] = (),
+    ) -> None:
+        self.columns = tuple(columns)
+        self.rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
+        self.title = title
+        self.notes = list(notes)
+
+    def records(self) -> list[dict[str, str]]:
+        """The rows as dictionaries keyed by column heading."""
+        return [dict(zip(self.columns, row, strict=False)) for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def text(self) -> str:
+        """Aligned plain text: caption, headings, rows, notes."""
+        lines = [self.title] if self.title else []
+        if self.rows:
+            table = [self.columns, *self.rows]
+            widths = [max(len(row[i]) for row in table) for i in range(len(self.columns))]
+            for row in table:
+                cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row)]
+                lines.append("  ".join(cells).rstrip())
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        parts = [_TABLE_CSS]
+        if self.rows:
+            parts.append('<table class="cldpd-table">')
+            if self.title:
+                parts.append(f"<caption>{esc(self.title)}</caption>")
+            parts.append("<tr>" + "".join(f"<th>{esc(c)}</th>" for c in self.columns) + "</tr>")
+            for row in self.rows:
+                parts.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in row) + "</tr>")
+            parts.append("</table>")
+        elif self.title:
+            parts.append(f"<div><b>{esc(self.title)}</b></div>")
+        parts.extend(f'<div class="cldpd-note">{esc(n)}</div>' for n in self.notes)
+        return "".join(parts)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.text())
+
+    def __repr__(self) -> str:
+        return self.text()
+
+
+class Report:
+    """Several :class:`Table` shown one after the other.
+
+    Args:
+        tables: The tables, in display order.
+
+    Attributes:
+        tables: The tables.
+    """
+
+    def __init__(self, *tables: Table) -> None:
+        self.tables = list(tables)
+
+    def __getitem__(self, title: str) -> Table:
+        """The table with that title."""
+        for table in self.tables:
+            if table.title == title:
+                return table
+        raise KeyError(title)
+
+    def text(self) -> str:
+        """Plain text of every table, separated by blank lines."""
+        return "\n\n".join(t.text() for t in self.tables)
+
+    def _repr_html_(self) -> str:
+        return "<br>".join(t._repr_html_() for t in self.tables)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.text())
+
+    def __repr__(self) -> str:
+        return self.text()

@@ -1,0 +1,554 @@
+"""IPython magics: run pods from a notebook and stream them live into the cell.
+
+``%load_ext cldpd_magic`` registers ``%cldpd_start``, ``%cldpd_resume`` (and
+``%%cldpd_resume``), ``%cldpd_stop``, ``%cldpd_pods``, ``%cldpd_sessions``,
+``%cldpd_attach`` and ``%cldpd_picker``, and completes pod names after the magics that
+take one. Settings are traits of :class:`CldpdMagics`, e.g.
+``%config CldpdMagics.pods_dir = "~/pods"``.
+
+A run shows in the cell that started it, through a display handle that a
+:class:`~cldpd_magic.render.LiveFeed` updates a few times a second, also with ``-b``
+while other cells run. ``%unload_ext cldpd_magic`` removes the magics and the completer;
+pods and their live cells keep running (the pods belong to Docker, not to the
+extension): stop them first with ``%cldpd_stop`` if they should end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.completer import (
+    CompletionContext,
+    SimpleCompletion,
+    SimpleMatcherResult,
+    context_matcher,
+)
+from IPython.core.display_functions import DisplayHandle, display
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Float, Integer, Unicode
+
+from .dispatcher import Dispatcher, validate_issue_url
+from .errors import CldpdError
+from .pods import container_name, scan_pods, validate_pod_name
+from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
+from .runner import DockerRunner, Runner
+from .session import Session
+
+#: Magics whose first positional argument is a pod name (completed with Tab).
+POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
+_QUOTES = ("'", '"')
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _is_docker_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.split(".", 1)[0] in ("docker", "requests", "urllib3")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library and Docker errors into one-line UsageErrors (no traceback in a cell).
+
+    Raises:
+        UsageError: For every CldpdError, bad argument (ValueError from quoting) or
+            docker-py/requests error raised inside the block.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except CldpdError as exc:
+        raise UsageError(_one_line(str(exc)) or type(exc).__name__) from None
+    except Exception as exc:
+        if _is_docker_error(exc):
+            raise UsageError(f"Docker error: {_one_line(str(exc))}") from None
+        raise
+
+
+def _first_word(text: str) -> tuple[str, str]:
+    parts = text.split(None, 1)
+    return (parts[0], parts[1] if len(parts) > 1 else "") if parts else ("", "")
+
+
+def split_prompt(line: str) -> tuple[bool, str, str]:
+    """Split ``[-b] POD PROMPT...`` into (background, pod, prompt), the prompt verbatim.
+
+    One pair of quotes around the whole prompt is removed; nothing else is touched.
+
+    Raises:
+        UsageError: An unknown option, or no pod name.
+    """
+    background = False
+    rest = line.strip()
+    while rest.startswith("-"):
+        option, rest = _first_word(rest)
+        if option in ("-b", "--background"):
+            background = True
+        else:
+            raise UsageError(f"Unknown option {option}; the only option is -b/--background.")
+    pod, prompt = _first_word(rest)
+    if not pod:
+        raise UsageError("Name the pod: %cldpd_resume [-b] POD PROMPT.")
+    prompt = prompt.strip()
+    if len(prompt) >= 2 and prompt[0] in _QUOTES and prompt[-1] == prompt[0]:
+        prompt = prompt[1:-1]
+    return background, pod, prompt
+
+
+def _parse(magic: Any, line: str) -> Any:
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as exc:
+        raise UsageError(f"Cannot read the arguments ({exc}); check the quotes.") from None
+
+
+@magics_class
+class CldpdMagics(Magics):
+    """The ``%cldpd_*`` magics, with their settings as configurable traits.
+
+    Args:
+        shell: The IPython shell.
+        runner: The Docker operations; a :class:`DockerRunner` when None.
+        **kwargs: Passed to :class:`~IPython.core.magic.Magics`.
+
+    Attributes:
+        feeds: The live feed of every session shown in a cell, by session id.
+    """
+
+    pods_dir = Unicode(
+        "", help="The pods directory; $CLDPD_PODS_DIR or ~/.cldpd/pods when empty."
+    ).tag(config=True)
+    transcript_dir = Unicode(
+        "", help="Where transcripts go; $CLDPD_SESSIONS_DIR or ~/.cldpd/sessions when empty."
+    ).tag(config=True)
+    max_output_lines = Integer(
+        DEFAULT_MAX_LINES, min=1, help="How many output lines a cell keeps (a rolling tail)."
+    ).tag(config=True)
+    flush_interval = Float(
+        DEFAULT_FLUSH_INTERVAL, min=0.02, help="Seconds between updates of a live cell."
+    ).tag(config=True)
+    stop_timeout = Float(
+        10.0, min=0.0, help="Seconds a pod gets to stop gracefully before it is killed."
+    ).tag(config=True)
+
+    def __init__(self, shell: Any = None, runner: Runner | None = None, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self._runner = runner
+        self._dispatchers: dict[tuple[str, str, int], Dispatcher] = {}
+        self.feeds: dict[str, LiveFeed] = {}
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @property
+    def runner(self) -> Runner:
+        """The Docker operations, shared by every dispatcher of this instance."""
+        if self._runner is None:
+            self._runner = DockerRunner()
+        return self._runner
+
+    @runner.setter
+    def runner(self, runner: Runner) -> None:
+        """Use other Docker operations from now on (sessions already running go on)."""
+        self._runner = runner
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher for the current ``pods_dir`` and ``transcript_dir`` traits."""
+        return self.dispatcher_for(self.pods_dir)
+
+    def dispatcher_for(self, pods_dir: str | None) -> Dispatcher:
+        """The dispatcher of a pods directory (the trait's when empty), made once."""
+        runner = self.runner
+        key = (pods_dir or self.pods_dir, self.transcript_dir, id(runner))
+        found = self._dispatchers.get(key)
+        if found is None:
+            found = Dispatcher(key[0] or None, runner, transcript_dir=key[1] or None)
+            self._dispatchers[key] = found
+        return found
+
+    def sessions(self) -> list[Session]:
+        """Every session this kernel started through the magics (or their dispatchers)."""
+        seen: dict[str, Session] = {}
+        for dispatcher in list(self._dispatchers.values()):
+            for session in dispatcher.local_sessions():
+                seen.setdefault(session.id, session)
+        return sorted(seen.values(), key=lambda s: s.started_at)
+
+    def _live(self) -> bool:
+        # The plain terminal publisher prints every update: there, show the end only.
+        return type(self.shell.display_pub) is not DisplayPublisher
+
+    def _publish(self, handle: DisplayHandle, view: SessionView) -> None:
+        if self._live():
+            handle.update(view.bundle(), raw=True)
+
+    def _follow(self, session: Session, title: str, background: bool, note: str = "") -> Session:
+        """Show a session in this cell; block until it ends unless ``background``."""
+        try:
+            view = SessionView(title, self.max_output_lines, session.mask, str(session.transcript))
+            if note:
+                view.note(note)
+            handle = display(view.bundle(), raw=True, display_id=True)
+            feed = LiveFeed(
+                session, view, functools.partial(self._publish, handle), self.flush_interval
+            )
+            self.feeds[session.id] = feed
+        except KeyboardInterrupt:
+            session.stop(self.stop_timeout)
+            raise
+        if background:
+            return session
+        try:
+            while not feed.join(0.25):
+                pass
+        except KeyboardInterrupt:
+            self._interrupted(session, feed, handle)
+        if not self._live():
+            handle.update(view.bundle(), raw=True)
+        if session.error is not None:
+            raise UsageError(_one_line(f"{title} failed: {session.error}"))
+        return session
+
+    def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
+        pod = session.pod_name
+        what = (
+            f"agent turn stopped; pod {pod} keeps running (%cldpd_stop {pod} ends it)"
+            if session.kind == "resume"
+            else f"pod {pod} stopped"
+        )
+        while True:  # a second Ctrl-C must not leave the pod half stopped
+            try:
+                session.stop(self.stop_timeout)
+                feed.join(10)
+                break
+            except KeyboardInterrupt:
+                continue
+        feed.view.note(f"interrupted: {what}", kind="error")
+        handle.update(feed.view.bundle(), raw=True)
+        raise UsageError(f"Interrupted: {what}.")
+
+    def _pod_names(self, pods_dir: str | None, running: bool) -> list[str]:
+        names = {name for name, _pod, _err in scan_pods(self.dispatcher_for(pods_dir).pods_dir)}
+        if running:
+            names.update(s.pod_name for s in self.sessions() if not s.done)
+        return sorted(names)
+
+    def complete(self, text: str) -> SimpleMatcherResult:
+        """Complete a pod name after a pod magic.
+
+        Args:
+            text: The line up to the cursor.
+
+        Returns:
+            Matching pod names (suppressing other completions) when the cursor is where a
+            pod name goes, else nothing.
+        """
+        nothing: SimpleMatcherResult = {"completions": [], "suppress": False}
+        words = text.split()
+        if not words or words[0].lstrip("%") not in POD_MAGICS:
+            return nothing
+        at_space = text[-1:].isspace()
+        if len(words) == 1 and not at_space:
+            return nothing
+        before = words[1:] if at_space else words[1:-1]
+        current = "" if at_space else words[-1]
+        if current.startswith("-"):
+            return nothing
+        pods_dir: str | None = None
+        positional = 0
+        wants_dir = False
+        for word in before:
+            if wants_dir:
+                pods_dir, wants_dir = word, False
+            elif word == "--pods-dir":
+                wants_dir = True
+            elif word.startswith("--pods-dir="):
+                pods_dir = word.partition("=")[2]
+            elif not word.startswith("-"):
+                positional += 1
+        if wants_dir or positional:
+            return nothing
+        try:
+            names = self._pod_names(pods_dir, running=words[0].lstrip("%") != "cldpd_start")
+        except Exception:  # completion must never raise into the frontend
+            return nothing
+        found = [SimpleCompletion(n, type="pod") for n in names if n.startswith(current)]
+        return {"completions": found, "suppress": True}
+
+    # -- magics ---------------------------------------------------------------------
+
+    @magic_arguments()
+    @argument(
+        "-b", "--background", action="store_true",
+        help="return at once with the Session; the cell keeps streaming",
+    )  # fmt: skip
+    @argument("--pods-dir", metavar="DIR", help="the pods directory for this run")
+    @argument("pod", help="the pod to run")
+    @argument("issue_url", help="the GitHub issue URL (http or https)")
+    @line_magic
+    def cldpd_start(self, line: str) -> Session:
+        """Build a pod's image and run its agent on a GitHub issue, streaming into this cell.
+
+        Blocks until the agent exits unless -b is given; interrupting the kernel stops
+        the pod gracefully. Returns the Session, e.g. ``s = %cldpd_start -b pod URL``.
+        """
+        args = _parse(self.cldpd_start, line)
+        with user_errors():
+            url = validate_issue_url(args.issue_url)
+            dispatcher = self.dispatcher_for(args.pods_dir)
+            session = dispatcher.start_session(args.pod, url)
+        return self._follow(session, args.pod, args.background, note=f"issue: {url}")
+
+    @magic_arguments()
+    @argument(
+        "-b", "--background", action="store_true",
+        help="return at once with the Session; the cell keeps streaming",
+    )  # fmt: skip
+    @argument("pod", help="the running pod")
+    @argument(
+        "prompt", nargs="*",
+        help="the follow-up prompt, verbatim to the end of the line (no $var or {x} "
+        "expansion, quotes optional); with %%%%cldpd_resume, the cell body",
+    )  # fmt: skip
+    @no_var_expand
+    @line_cell_magic
+    def cldpd_resume(self, line: str, cell: str | None = None) -> Session:
+        """Send a follow-up prompt to a running pod, streaming the answer into this cell.
+
+        ``%cldpd_resume [-b] POD PROMPT...`` takes the rest of the line as the prompt;
+        ``%%cldpd_resume [-b] POD`` takes the cell body. Blocks until the agent answers
+        unless -b is given; interrupting the kernel ends this agent turn (the pod keeps
+        running). Returns the Session.
+        """
+        background, pod, prompt = split_prompt(line)
+        if cell is not None:
+            if prompt:
+                raise UsageError(
+                    "With %%cldpd_resume the prompt is the cell body; leave the line at [-b] POD."
+                )
+            prompt = cell.strip("\n")
+        if not prompt.strip():
+            raise UsageError(f"The prompt is empty; say what pod {pod} should do next.")
+        with user_errors():
+            session = self.dispatcher.resume_session(pod, prompt)
+        first = prompt.strip().splitlines()[0]
+        return self._follow(session, f"{pod} resume", background, note=f"prompt: {first}")
+
+    @magic_arguments()
+    @argument(
+        "-b", "--background", action="store_true",
+        help="return at once with the Session; the cell keeps streaming",
+    )  # fmt: skip
+    @argument("pod", help="the running pod")
+    @line_magic
+    def cldpd_attach(self, line: str) -> Session:
+        """Stream the output of a pod already running (e.g. started before a kernel restart).
+
+        The output is replayed from the container's start. Blocks until the pod ends
+        unless -b is given; interrupting the kernel stops the pod gracefully, as does
+        %cldpd_stop. Returns the Session.
+        """
+        args = _parse(self.cldpd_attach, line)
+        with user_errors():
+            validate_pod_name(args.pod)
+            session = self.dispatcher.attach_session(args.pod)
+        return self._follow(session, f"{args.pod} attach", args.background)
+
+    @magic_arguments()
+    @argument("pod", help="the pod to stop")
+    @argument("--timeout", type=float, help="seconds before it is killed (default: stop_timeout)")
+    @line_magic
+    def cldpd_stop(self, line: str) -> None:
+        """Stop a pod gracefully: its agent gets SIGINT, then SIGTERM, then it is killed.
+
+        Its live cells show it stopped; its container is removed (unless keepAlive).
+        """
+        args = _parse(self.cldpd_stop, line)
+        timeout = self.stop_timeout if args.timeout is None else max(0.0, args.timeout)
+        with user_errors():
+            validate_pod_name(args.pod)
+            ours = [s for s in self.sessions() if s.pod_name == args.pod and not s.done]
+            info = self.runner.inspect(container_name(args.pod))
+            if not ours and (info is None or not info.running):
+                if args.pod not in self._pod_names(None, running=False):
+                    raise UsageError(
+                        f"No pod named {args.pod!r} in {self.dispatcher.pods_dir}, and none "
+                        "is running."
+                    )
+                print(f"Pod {args.pod} is not running.")
+                return
+            for session in sorted(ours, key=lambda s: s.kind != "resume"):
+                session.stop(timeout)
+            self.dispatcher.stop(args.pod, timeout)
+        print(f"Pod {args.pod} stopped.")
+
+    @magic_arguments()
+    @line_magic
+    def cldpd_pods(self, line: str = "") -> Table:
+        """List the pods: image, workdir, mounts, forwarded variables, template, running.
+
+        Broken pods are listed with what is wrong with them. Returns the Table
+        (``.records()`` gives the rows as dictionaries).
+        """
+        _parse(self.cldpd_pods, line)
+        pods_dir = self.dispatcher.pods_dir
+        notes = []
+        try:
+            running: set[str] | None = {
+                r.pod for r in self.dispatcher.running() if r.status == "running"
+            }
+        except Exception as exc:
+            if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
+                raise
+            running = None
+            notes.append(f"Docker did not answer, so running is unknown: {_one_line(str(exc))}")
+        rows = []
+        for name, pod, error in scan_pods(pods_dir):
+            state = "?" if running is None else ("running" if name in running else "no")
+            if pod is None:
+                rows.append((name, "", "", "", "", "", state, _one_line(str(error))))
+                continue
+            config = pod.config
+            mounts = ", ".join(
+                f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in config.mounts
+            )
+            rows.append((
+                name, pod.image, config.workdir or "(image default)", mounts,
+                ", ".join(config.inherit_env), "yes" if pod.template else "no", state, "",
+            ))  # fmt: skip
+        if not rows:
+            notes.append(f"No pods in {pods_dir}: a pod is a directory with a Dockerfile.")
+        columns = ("pod", "image", "workdir", "mounts", "forwards", "template", "running")
+        if any(row[-1] for row in rows):
+            columns += ("problem",)
+        else:
+            rows = [row[:-1] for row in rows]
+        return Table(columns, rows, title=f"Pods in {pods_dir}", notes=notes)
+
+    @magic_arguments()
+    @line_magic
+    def cldpd_sessions(self, line: str = "") -> Report:
+        """List running cldpd containers (from any kernel) and this kernel's sessions.
+
+        Containers are found through their Docker labels. Returns a Report of two
+        Tables, ``"containers"`` and ``"sessions"``.
+        """
+        _parse(self.cldpd_sessions, line)
+        notes = []
+        try:
+            found = self.dispatcher.running()
+        except Exception as exc:
+            if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
+                raise
+            found = []
+            notes.append(f"Docker did not answer: {_one_line(str(exc))}")
+        mine = self.sessions()
+        here = {s.id for s in mine}
+        container_rows = [
+            (r.pod, r.container, r.status, r.session_id, r.started_at[:19],
+             "yes" if r.keep_alive else "no", "yes" if r.session_id in here else "no")
+            for r in found
+        ]  # fmt: skip
+        containers = Table(
+            ("pod", "container", "status", "session", "started", "keepAlive", "this kernel"),
+            container_rows,
+            title="containers",
+            notes=notes or ([] if found else ["No cldpd containers."]),
+        )
+        session_rows = [
+            (s.id, s.pod_name, s.kind, s.state, "" if s.exit_code is None else s.exit_code,
+             s.transcript)
+            for s in mine
+        ]  # fmt: skip
+        sessions = Table(
+            ("session", "pod", "kind", "state", "exit code", "transcript"),
+            session_rows,
+            title="sessions",
+            notes=[] if mine else ["No sessions in this kernel yet."],
+        )
+        return Report(containers, sessions)
+
+    @magic_arguments()
+    @line_magic
+    def cldpd_picker(self, line: str = "") -> None:
+        """Show the pod picker: choose a pod, give an issue URL or a prompt, watch it run."""
+        _parse(self.cldpd_picker, line)
+        try:
+            from .widgets import PodPicker
+        except Exception as exc:
+            raise UsageError(
+                f"The pod picker cannot be loaded ({_one_line(str(exc))}); it needs "
+                "ipywidgets >= 8.1 in this kernel."
+            ) from None
+        dispatcher = self.dispatcher
+        with user_errors():
+            picker = PodPicker(pods_dir=dispatcher.pods_dir, dispatcher=dispatcher)
+        display(picker)
+
+
+_LOADED: weakref.WeakKeyDictionary[Any, tuple[CldpdMagics, Any]] = weakref.WeakKeyDictionary()
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics and the pod-name completer (``%load_ext cldpd_magic``).
+
+    Loading again is harmless.
+    """
+    if ipython in _LOADED:
+        return
+    magics = CldpdMagics(shell=ipython)
+    ipython.register_magics(magics)
+
+    @context_matcher()
+    def cldpd_pod_matcher(context: CompletionContext) -> SimpleMatcherResult:
+        return magics.complete(context.text_until_cursor)
+
+    completer = getattr(ipython, "Completer", None)
+    if completer is not None:
+        completer.custom_matchers.append(cldpd_pod_matcher)
+    _LOADED[ipython] = (magics, cldpd_pod_matcher)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Undo :func:`load_ipython_extension` (``%unload_ext cldpd_magic``).
+
+    The magics and the completer go. Running pods and their live cells are left
+    running: they belong to Docker, and ``%cldpd_attach`` finds them again after a
+    reload; stop them first with ``%cldpd_stop`` if they should end.
+    """
+    loaded = _LOADED.pop(ipython, None)
+    if loaded is None:
+        return
+    magics, matcher = loaded
+    manager = ipython.magics_manager
+    for kind, table in magics.magics.items():
+        for name in table:
+            if getattr(manager.magics[kind].get(name), "__self__", None) is magics:
+                del manager.magics[kind][name]
+    if manager.registry.get(type(magics).__name__) is magics:
+        del manager.registry[type(magics).__name__]
+    completer = getattr(ipython, "Completer", None)
+    if completer is not None and matcher in completer.custom_matchers:
+        completer.custom_matchers.remove(matcher)
+    if magics in getattr(ipython, "configurables", []):
+        ipython.configurables.remove(magics)
+
+
+__all__ = [
+    "POD_MAGICS",
+    "CldpdMagics",
+    "load_ipython_extension",
+    "split_prompt",
+    "unload_ipython_extension",
+    "user_errors",
+]

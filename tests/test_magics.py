@@ -1,0 +1,524 @@
+"""The magics in an IPython shell: parsing, help, errors, completion, config, streaming.
+
+Most tests drive a fake runner (no Docker); one runs a real pod on the engine.
+"""
+
+from __future__ import annotations
+
+import _thread
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from traitlets import TraitError
+from traitlets.config import Config
+
+from cldpd_magic.errors import BuildFailedError, DockerUnavailableError
+from cldpd_magic.magics import CldpdMagics, split_prompt
+from cldpd_magic.runner import ContainerInfo, RunOptions
+from cldpd_magic.session import Session
+
+URL = "https://github.com/octocat/Hello-World/issues/1"
+MAGICS = (
+    "cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_pods", "cldpd_sessions",
+    "cldpd_attach", "cldpd_picker",
+)  # fmt: skip
+
+
+class FakeRunner:
+    """Runner without Docker: containers are dict entries, output is scripted."""
+
+    def __init__(self, lines: tuple[str, ...] = ("hello",), code: int = 0) -> None:
+        self.lines = lines
+        self.code = code
+        self.block = False
+        self.containers: dict[str, ContainerInfo] = {}
+        self.calls: list[tuple] = []
+        self.started = threading.Event()
+        self._release = threading.Event()
+        self.build_error: Exception | None = None
+        self.preflight_error: Exception | None = None
+
+    def preflight(self) -> None:
+        if self.preflight_error is not None:
+            raise self.preflight_error
+
+    def build(self, tag, context_dir, build_args=None, on_output=None, cancel=None) -> None:
+        if on_output is not None:
+            on_output("Step 1/1 : FROM busybox")
+        if self.build_error is not None:
+            raise self.build_error
+
+    def _output(self, stdout, lines) -> None:
+        for line in lines:
+            stdout.write(line + "\n")
+        self.started.set()
+        if self.block:
+            self._release.wait(30)
+
+    def run(self, opts: RunOptions, stdout, stderr=None, on_start=None) -> int:
+        info = ContainerInfo(opts.name, f"id-{opts.name}", "running", dict(opts.labels))
+        self.containers[opts.name] = info
+        if on_start is not None:
+            on_start(info)
+        try:
+            self._output(stdout, self.lines)
+        finally:
+            del self.containers[opts.name]
+        return self.code
+
+    def exec(self, container, cmd, stdout, stderr=None, on_start=None) -> int:
+        self.calls.append(("exec", cmd))
+        if on_start is not None:
+            on_start(container)
+        self._output(stdout, [f"prompt was: {cmd[-1]}"])
+        return 0
+
+    def stop_exec(self, handle, timeout: float = 10.0) -> None:
+        self.calls.append(("stop_exec", handle))
+        self._release.set()
+
+    def stop(self, container: str, timeout: float = 10.0) -> None:
+        self.calls.append(("stop", container))
+        self._release.set()
+
+    def remove(self, container: str) -> None:
+        self.containers.pop(container, None)
+
+    def inspect(self, container: str) -> ContainerInfo | None:
+        return self.containers.get(container)
+
+    def list(self, label: str) -> list[ContainerInfo]:
+        if self.preflight_error is not None:
+            raise self.preflight_error
+        return sorted(self.containers.values(), key=lambda c: c.name)
+
+    def logs(self, container, stdout, stderr=None) -> int:
+        self._output(stdout, self.lines)
+        return self.code
+
+    def pretend_running(self, pod: str) -> None:
+        name = f"cldpd-{pod}"
+        labels = {"cldpd.pod": pod, "cldpd.session": f"{pod}-elsewhere"}
+        labels["cldpd.claude-session"] = "uuid-1"
+        self.containers[name] = ContainerInfo(name, "id", "running", labels, "img")
+
+
+@pytest.fixture
+def ip(pods_dir: Path, transcript_dir: Path):
+    """The shell singleton with the extension loaded, pointed at tmp paths."""
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.config.CldpdMagics.pods_dir = str(pods_dir)
+    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
+    shell.config.CldpdMagics.flush_interval = 0.05
+    shell.extension_manager.load_extension("cldpd_magic")
+    yield shell
+    shell.extension_manager.unload_extension("cldpd_magic")
+    del shell.config["CldpdMagics"]
+
+
+def magics_of(shell: InteractiveShell) -> CldpdMagics:
+    return shell.magics_manager.registry["CldpdMagics"]
+
+
+@pytest.fixture
+def fake(ip) -> FakeRunner:
+    runner = FakeRunner()
+    magics_of(ip).runner = runner
+    yield runner
+    runner._release.set()
+
+
+def views(captured) -> list:
+    """The session views among captured displays (RichOutput: data, transient, update)."""
+    return [o for o in captured.outputs if "cldpd-view" in o.data.get("text/html", "")]
+
+
+def last_text(captured) -> str:
+    return views(captured)[-1].data["text/plain"]
+
+
+def one_line_error(shell, magic: str, line: str, match: str) -> str:
+    with pytest.raises(UsageError, match=match) as info:
+        shell.run_line_magic(magic, line)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+# -- help and parsing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MAGICS)
+def test_every_magic_has_help(ip, name):
+    with capture_output() as captured:
+        ip.run_cell(f"%{name}?")
+    assert f"%{name}" in captured.stdout
+    assert len(ip.find_line_magic(name).__doc__.strip()) > 40
+
+
+def test_start_help_shows_its_arguments(ip):
+    doc = ip.find_line_magic("cldpd_start").__doc__
+    for word in ("-b", "--background", "--pods-dir", "pod", "issue_url", "Returns the Session"):
+        assert word in doc
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("", "required"),
+        ("pod", "required"),
+        (f"pod {URL} extra", "unrecognized"),
+        ("--bogus pod " + URL, "unrecognized"),
+        ('pod "unbalanced', "check the quotes"),
+        ("pod ftp://example.com/1", "is not an issue URL"),
+        ("pod not-a-url", "is not an issue URL"),
+        (f"nope {URL}", "No pod named 'nope'"),
+        (f"../x {URL}", "not a valid pod name"),
+    ],
+)
+def test_start_refuses_bad_input_in_one_line(ip, fake, line, match):
+    one_line_error(ip, "cldpd_start", line, match)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("pod do it", (False, "pod", "do it")),
+        ("-b pod  do {x} and $y ", (True, "pod", "do {x} and $y")),
+        ('pod "quoted prompt"', (False, "pod", "quoted prompt")),
+        ("--background pod 'it''s'", (True, "pod", "it''s")),
+        ('pod say "hi" now', (False, "pod", 'say "hi" now')),
+        ("pod", (False, "pod", "")),
+    ],
+)
+def test_split_prompt_keeps_the_prompt_verbatim(line, expected):
+    assert split_prompt(line) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("", "Name the pod"),
+        ("-x pod hi", "Unknown option -x"),
+        ("pod", "The prompt is empty"),
+        ("pod ''", "The prompt is empty"),
+        ("nope hi", "No pod named 'nope'"),
+    ],
+)
+def test_resume_refuses_bad_input_in_one_line(ip, fake, line, match):
+    one_line_error(ip, "cldpd_resume", line, match)
+
+
+def test_resume_of_a_pod_not_running_says_so(ip, fake, make_pod):
+    name = make_pod()
+    one_line_error(ip, "cldpd_resume", f"{name} go on", f"Pod {name} is not running")
+
+
+# -- streaming through a fake runner ------------------------------------------------------
+
+
+def test_start_streams_into_one_display_and_returns_the_session(ip, fake, make_pod):
+    fake.lines = tuple(f"line {i}" for i in range(30))
+    magics_of(ip).max_output_lines = 10
+    name = make_pod()
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"{name} {URL}")
+    assert isinstance(session, Session) and session.exit_code == 0
+    assert repr(session).count("\n") == 0 and session.id in repr(session)
+    shown = views(captured)
+    assert not shown[0].update
+    assert all(o.update for o in shown[1:])
+    assert {o.transient["display_id"] for o in shown} == {shown[0].transient["display_id"]}
+    final = shown[-1].data["text/plain"]
+    assert final.startswith(f"{name}: exited 0 after")
+    assert "line 29" in final and "line 10\n" not in final
+    assert "earlier lines not shown" in final
+    assert f"transcript: {session.transcript}" in final
+    assert captured.stdout == ""
+
+
+def test_background_start_returns_at_once_and_stop_ends_it(ip, fake, make_pod):
+    fake.block = True
+    name = make_pod()
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+        assert not session.done
+        assert fake.started.wait(10)
+        report = ip.run_line_magic("cldpd_sessions", "")
+        pods = ip.run_line_magic("cldpd_pods", "")
+        ip.run_line_magic("cldpd_stop", name)
+        assert magics_of(ip).feeds[session.id].join(10)
+    assert session.state == "stopped"
+    assert ("stop", f"cldpd-{name}") in fake.calls
+    assert f"Pod {name} stopped." in captured.stdout
+    row = report["containers"].records()[0]
+    assert (row["pod"], row["status"], row["this kernel"]) == (name, "running", "yes")
+    sessions = report["sessions"].records()
+    assert [(r["session"], r["state"]) for r in sessions] == [(session.id, "running")]
+    assert pods.records()[0]["running"] == "running"
+    final = last_text(captured)
+    assert final.startswith(f"{name}: stopped")
+
+
+def test_resume_sends_the_prompt_verbatim(ip, fake, make_pod):
+    name = make_pod()
+    fake.pretend_running(name)
+    ip.user_ns["x"] = "EXPANDED"
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_resume", f"{name} fix {{x}} and $x")
+        ip.run_cell(f'%cldpd_resume {name} "quoted words"')
+        ip.run_cell_magic("cldpd_resume", name, "line one\nline {x}\n")
+    prompts = [cmd[-1] for kind, cmd in fake.calls if kind == "exec"]
+    assert prompts == ["fix {x} and $x", "quoted words", "line one\nline {x}"]
+    cmd = fake.calls[0][1]
+    assert cmd[cmd.index("--resume") + 1] == "uuid-1"
+    assert session.kind == "resume" and session.exit_code == 0
+    shown = views(captured)
+    assert shown[0].data["text/plain"].startswith(f"{name} resume: starting")
+    firsts = [o for o in shown if o.transient["display_id"] == shown[0].transient["display_id"]]
+    assert "prompt was: fix {x} and $x" in firsts[-1].data["text/plain"]
+    assert f"{name} resume: exited 0" in firsts[-1].data["text/plain"]
+
+
+def test_cell_resume_wants_the_prompt_in_the_body_only(ip, fake, make_pod):
+    name = make_pod()
+    fake.pretend_running(name)
+    with pytest.raises(UsageError, match="the prompt is the cell body"):
+        ip.run_cell_magic("cldpd_resume", f"{name} also here", "body\n")
+
+
+def _interrupt_when(event: threading.Event) -> None:
+    def fire() -> None:
+        if event.wait(10):
+            time.sleep(0.1)
+            _thread.interrupt_main()
+
+    threading.Thread(target=fire, daemon=True).start()
+
+
+@pytest.mark.parametrize("kind", ["start", "resume"])
+def test_interrupt_stops_gracefully_and_says_so(ip, fake, make_pod, kind):
+    fake.block = True
+    name = make_pod()
+    if kind == "resume":
+        fake.pretend_running(name)
+        line, stop, what = f"{name} go", "stop_exec", "agent turn stopped"
+    else:
+        line, stop, what = f"{name} {URL}", "stop", f"pod {name} stopped"
+    _interrupt_when(fake.started)
+    with capture_output() as captured, pytest.raises(UsageError, match="Interrupted") as info:
+        ip.run_line_magic(f"cldpd_{kind}", line)
+    assert what in str(info.value)
+    assert any(call[0] == stop for call in fake.calls)
+    final = last_text(captured)
+    assert f"interrupted: {what}" in final
+    assert "stopped" in final.splitlines()[0]
+
+
+def test_a_failed_build_is_one_line_and_shown(ip, fake, make_pod):
+    fake.build_error = BuildFailedError("The image of pod x did not build: step 1 failed.")
+    name = make_pod()
+    with capture_output() as captured:
+        message = one_line_error(ip, "cldpd_start", f"{name} {URL}", "did not build")
+    assert message.startswith(f"{name} failed:")
+    assert "failed: The image of pod x did not build" in last_text(captured)
+
+
+def test_docker_errors_are_one_sentence(ip, fake, make_pod):
+    import docker.errors
+
+    name = make_pod()
+    fake.preflight_error = DockerUnavailableError("Docker is not reachable; start it.")
+    one_line_error(ip, "cldpd_start", f"{name} {URL}", "^Docker is not reachable; start it.$")
+    fake.preflight_error = docker.errors.APIError("500 Server Error\nfor url: http://x")
+    message = one_line_error(ip, "cldpd_start", f"{name} {URL}", "^Docker error: ")
+    assert "for url" in message
+    pods = ip.run_line_magic("cldpd_pods", "")
+    assert pods.records()[0]["running"] == "?"
+    assert "Docker did not answer" in pods.notes[0]
+    report = ip.run_line_magic("cldpd_sessions", "")
+    assert "Docker did not answer" in report["containers"].notes[0]
+
+
+# -- pods, sessions, stop, picker -------------------------------------------------------
+
+
+def test_pods_table_lists_good_and_broken_pods(ip, fake, make_pod, tmp_path):
+    good = make_pod(
+        pod_json={
+            "image": "img:1", "workdir": "/work", "inheritEnv": ["GH_TOKEN"],
+            "mounts": [{"source": str(tmp_path), "target": "/src", "readOnly": True}],
+            "env": {"API_KEY": "hush-hush-value"},
+        },
+        template="Be brief.",
+        name="a-good",
+    )  # fmt: skip
+    plain = make_pod(name="b-plain")
+    broken = make_pod(pod_json="{nope", name="c-broken")
+    fake.pretend_running(plain)
+    table = ip.run_line_magic("cldpd_pods", "")
+    rows = {r["pod"]: r for r in table.records()}
+    assert rows[good] == {
+        "pod": good, "image": "img:1", "workdir": "/work", "mounts": f"{tmp_path}:/src:ro",
+        "forwards": "GH_TOKEN", "template": "yes", "running": "no", "problem": "",
+    }  # fmt: skip
+    assert (rows[plain]["image"], rows[plain]["running"]) == (f"cldpd-{plain}", "running")
+    assert "malformed JSON at line 1, column 2" in rows[broken]["problem"]
+    html = table._repr_html_()
+    assert "<table" in html and "hush-hush-value" not in html + repr(table)
+
+
+def test_pods_table_of_an_empty_directory_says_what_a_pod_is(ip, fake):
+    table = ip.run_line_magic("cldpd_pods", "")
+    assert len(table) == 0
+    assert "a pod is a directory with a Dockerfile" in repr(table)
+    one_line_error(ip, "cldpd_pods", "extra", "unrecognized arguments: extra")
+
+
+def test_stop_of_unknown_or_idle_pods(ip, fake, make_pod):
+    one_line_error(ip, "cldpd_stop", "ghost", "No pod named 'ghost'")
+    one_line_error(ip, "cldpd_stop", "", "required")
+    name = make_pod()
+    with capture_output() as captured:
+        ip.run_line_magic("cldpd_stop", name)
+    assert captured.stdout == f"Pod {name} is not running.\n"
+    fake.pretend_running("elsewhere")
+    with capture_output() as captured:
+        ip.run_line_magic("cldpd_stop", "elsewhere --timeout 1")
+    assert ("stop", "cldpd-elsewhere") in fake.calls
+    assert captured.stdout == "Pod elsewhere stopped.\n"
+
+
+def test_attach_to_a_pod_not_running_says_so(ip, fake):
+    one_line_error(ip, "cldpd_attach", "ghost", "Pod ghost is not running; nothing to attach")
+
+
+def test_picker_import_failure_is_one_sentence(ip, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cldpd_magic.widgets", None)
+    one_line_error(ip, "cldpd_picker", "", "^The pod picker cannot be loaded")
+
+
+def test_picker_is_displayed(ip, fake, make_pod):
+    pytest.importorskip("cldpd_magic.widgets")
+    make_pod()
+    with capture_output() as captured:
+        assert ip.run_line_magic("cldpd_picker", "") is None
+    assert len(captured.outputs) == 1
+
+
+# -- completion, config, unload ---------------------------------------------------------
+
+
+def completions(shell: InteractiveShell, line: str) -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # complete() is pending
+        return shell.Completer.complete(line_buffer=line)[1]
+
+
+def test_pod_names_complete_after_pod_magics(ip, make_pod, tmp_path):
+    for name in ("alpha", "beta", "bravo"):
+        make_pod(name=name)
+    other = tmp_path / "other"
+    (other / "zulu").mkdir(parents=True)
+    (other / "zulu" / "Dockerfile").write_text("FROM busybox\n")
+    assert completions(ip, "%cldpd_start ") == ["alpha", "beta", "bravo"]
+    assert completions(ip, "%cldpd_start b") == ["beta", "bravo"]
+    assert completions(ip, "%cldpd_start -b al") == ["alpha"]
+    assert completions(ip, f"%cldpd_start --pods-dir {other} ") == ["zulu"]
+    assert completions(ip, "%cldpd_resume -b br") == ["bravo"]
+    assert completions(ip, "%%cldpd_resume be") == ["beta"]
+    assert completions(ip, "%cldpd_stop a") == ["alpha"]
+    assert completions(ip, "%cldpd_attach a") == ["alpha"]
+    assert "alpha" not in completions(ip, "%cldpd_start alpha ")
+    assert "alpha" not in completions(ip, "%cldpd_pods ")
+    assert "%cldpd_start" in completions(ip, "%cldpd_sta")
+
+
+def test_settings_are_config_traits(ip, pods_dir, tmp_path):
+    magics = magics_of(ip)
+    assert magics.pods_dir == str(pods_dir)
+    first = magics.dispatcher
+    assert first.pods_dir == pods_dir and magics.dispatcher is first
+    ip.run_line_magic("config", f"CldpdMagics.pods_dir = {str(tmp_path)!r}")
+    ip.run_line_magic("config", "CldpdMagics.max_output_lines = 7")
+    ip.run_line_magic("config", "CldpdMagics.flush_interval = 0.5")
+    assert magics.dispatcher.pods_dir == tmp_path
+    assert (magics.max_output_lines, magics.flush_interval) == (7, 0.5)
+    ip.run_line_magic("config", "CldpdMagics.max_output_lines = 0")  # logged, refused
+    assert magics.max_output_lines == 7
+    with pytest.raises(TraitError):
+        magics.flush_interval = 0
+    with capture_output() as captured:
+        ip.run_line_magic("config", "CldpdMagics")
+    for name in ("pods_dir", "transcript_dir", "max_output_lines", "flush_interval"):
+        assert name in captured.stdout
+
+
+def test_pods_dir_option_overrides_one_call(ip, fake, tmp_path):
+    other = tmp_path / "elsewhere"
+    message = one_line_error(ip, "cldpd_start", f"--pods-dir {other} nope {URL}", "No pod")
+    assert str(other) in message
+    assert magics_of(ip).dispatcher.pods_dir != other
+
+
+def test_unload_removes_magics_completer_and_config_and_leaves_pods_running(ip, fake, make_pod):
+    fake.block = True
+    name = make_pod()
+    magics = magics_of(ip)
+    with capture_output():
+        session = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+    matchers = list(ip.Completer.custom_matchers)
+    ip.extension_manager.unload_extension("cldpd_magic")
+    try:
+        for magic in MAGICS:
+            assert ip.find_line_magic(magic) is None
+        assert ip.find_cell_magic("cldpd_resume") is None
+        assert "CldpdMagics" not in ip.magics_manager.registry
+        assert magics not in ip.configurables
+        assert len(ip.Completer.custom_matchers) == len(matchers) - 1
+        assert completions(ip, f"%cldpd_start {name[:3]}") == []
+        assert not session.done
+    finally:
+        ip.extension_manager.load_extension("cldpd_magic")
+        session.stop()
+    assert session.state == "stopped"
+    assert ip.find_line_magic("cldpd_start") is not None
+    assert magics_of(ip) is not magics
+
+
+# -- the real engine ----------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_a_real_pod_through_the_shell(ip, docker_client, make_pod):
+    name = make_pod(
+        """
+        trap 'echo bye; exit 0' INT TERM
+        echo "up: $7"
+        while :; do sleep 1 & wait $!; done
+        """
+    )
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+        deadline = time.monotonic() + 60
+        while session.state != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        report = ip.run_line_magic("cldpd_sessions", "")
+        ip.run_line_magic("cldpd_stop", name)
+        assert magics_of(ip).feeds[session.id].join(10)
+    rows = [r for r in report["containers"].records() if r["pod"] == name]
+    assert rows and rows[0]["status"] == "running" and rows[0]["this kernel"] == "yes"
+    assert session.state == "stopped"
+    final = last_text(captured)
+    assert f"up: Work on this GitHub issue: {URL}" in final and "bye" in final
+    assert not docker_client.containers.list(all=True, filters={"name": f"^cldpd-{name}$"})
