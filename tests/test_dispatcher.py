@@ -30,7 +30,7 @@ from cldpd_magic.dispatcher import (
     LABEL_SESSION,
     RunningPod,
 )
-from cldpd_magic.session import MASK
+from cldpd_magic.session import MASK, Session
 
 E = EventType
 URL = "https://github.com/octocat/Hello-World/issues/1"
@@ -490,27 +490,33 @@ def test_stop_during_the_build_runs_nothing(dispatcher, runner, pods_dir):
     assert runner.runs == [] and runner.containers == {}
 
 
-def test_stopping_a_resume_ends_the_exec_only(dispatcher, runner, pods_dir):
+def idle_resume(dispatcher: Dispatcher, runner: FakeRunner, pods_dir) -> Session:
+    """A resume of pod p whose agent runs until stopped."""
     runner.agent = idle_agent
     write_pod(pods_dir, "p")
     runner.add_container("cldpd-p", {LABEL_POD: "p"})
     resume = dispatcher.resume_session("p", "go")
     runner.agent_started.wait(10)
+    return resume
+
+
+def stop_calls(runner: FakeRunner) -> list[str]:
+    return [c for c, _ in runner.calls if c.startswith("stop")]
+
+
+def test_stopping_a_resume_ends_the_exec_only(dispatcher, runner, pods_dir):
+    resume = idle_resume(dispatcher, runner, pods_dir)
     resume.stop(1)
     assert resume.wait(0) == 130
-    assert [c for c, _ in runner.calls if c.startswith("stop")] == ["stop_exec"]
+    assert stop_calls(runner) == ["stop_exec"]
     assert runner.inspect("cldpd-p").running
 
 
 def test_dispatcher_stop_ends_resumes_then_the_container(dispatcher, runner, pods_dir):
-    runner.agent = idle_agent
-    write_pod(pods_dir, "p")
-    runner.add_container("cldpd-p", {LABEL_POD: "p"})
-    resume = dispatcher.resume_session("p", "go")
-    runner.agent_started.wait(10)
+    resume = idle_resume(dispatcher, runner, pods_dir)
     dispatcher.stop("p", timeout=1)
     assert resume.wait(0) == 130
-    assert [c for c, _ in runner.calls if c.startswith("stop")] == ["stop_exec", "stop"]
+    assert stop_calls(runner) == ["stop_exec", "stop"]
     assert runner.containers == {}
 
 

@@ -229,12 +229,18 @@ def test_stop_is_graceful_and_idempotent(dispatcher, make_pod, docker_client):
     assert container(docker_client, name) is None
 
 
-def test_stopping_a_resume_ends_the_exec_only(dispatcher, make_pod, docker_client):
-    name = make_pod(IDLE)
+def idle_start_and_resume(dispatcher: Dispatcher, name: str) -> tuple[Session, Session]:
+    """Start the IDLE pod and resume it, each up to its first line."""
     start = dispatcher.start_session(name, URL)
     until(start.events(), "ready")
     resume = dispatcher.resume_session(name, "wait for it")
     until(resume.events(), "resume-ready")
+    return start, resume
+
+
+def test_stopping_a_resume_ends_the_exec_only(dispatcher, make_pod, docker_client):
+    name = make_pod(IDLE)
+    start, resume = idle_start_and_resume(dispatcher, name)
     resume.stop(10)
     assert resume.wait(0) == 130
     assert output(resume) == ["resume-ready", "resume got INT"]
@@ -247,10 +253,7 @@ def test_stopping_a_resume_ends_the_exec_only(dispatcher, make_pod, docker_clien
 
 def test_dispatcher_stop_ends_a_running_resume_too(dispatcher, make_pod, docker_client):
     name = make_pod(IDLE)
-    start = dispatcher.start_session(name, URL)
-    until(start.events(), "ready")
-    resume = dispatcher.resume_session(name, "go")
-    until(resume.events(), "resume-ready")
+    start, resume = idle_start_and_resume(dispatcher, name)
     dispatcher.stop(name, 10)
     assert resume.wait(0) == 130 and start.wait(0) == 130
     assert container(docker_client, name) is None
