@@ -19,6 +19,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from IPython.core.completer import (
@@ -238,7 +239,8 @@ class CldpdMagics(Magics):
         raise UsageError(f"Interrupted: {what}.")
 
     def _pod_names(self, pods_dir: str | None, running: bool) -> list[str]:
-        names = {name for name, _pod, _err in scan_pods(self.dispatcher_for(pods_dir).pods_dir)}
+        directory = Path(pods_dir).expanduser() if pods_dir else self.dispatcher.pods_dir
+        names = {name for name, _pod, _err in scan_pods(directory)}
         if running:
             names.update(s.pod_name for s in self.sessions() if not s.done)
         return sorted(names)
@@ -492,7 +494,13 @@ class CldpdMagics(Magics):
             ) from None
         dispatcher = self.dispatcher
         with user_errors():
-            picker = PodPicker(pods_dir=dispatcher.pods_dir, dispatcher=dispatcher)
+            picker = PodPicker(
+                pods_dir=dispatcher.pods_dir,
+                dispatcher=dispatcher,
+                max_lines=self.max_output_lines,
+                interval=self.flush_interval,
+                stop_timeout=self.stop_timeout,
+            )
         display(picker)
 
 

@@ -1,0 +1,264 @@
+"""The renderer: stream-json and Markdown to text/HTML, the bounded view, batched feeds, tables."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+
+import pytest
+
+from cldpd_magic.render import (
+    LiveFeed,
+    Report,
+    SessionView,
+    Table,
+    markdown_to_html,
+    render_output_line,
+)
+from cldpd_magic.session import Event, EventType, Masker, Session
+
+
+def rendered(obj: dict) -> list[tuple[str, str]]:
+    return [(line.kind, line.text) for line in render_output_line(json.dumps(obj))]
+
+
+# -- Markdown and stream-json -----------------------------------------------------------
+
+
+def test_markdown_renders_what_agents_write():
+    html = markdown_to_html(
+        "## Plan\n\n- read `a.py`\n- **fix** it\n\n1. one\n2. two\n\n"
+        "See [docs](https://example.com/x) and *this*.\n```\nx < 1\n```"
+    )
+    assert "<h2>Plan</h2>" in html
+    assert "<ul><li>read <code>a.py</code></li><li><strong>fix</strong> it</li></ul>" in html
+    assert "<ol><li>one</li><li>two</li></ol>" in html
+    assert '<a href="https://example.com/x" target="_blank">docs</a>' in html
+    assert "<em>this</em>" in html
+    assert "<pre><code>x &lt; 1</code></pre>" in html
+
+
+def test_markdown_cannot_inject_markup():
+    html = markdown_to_html('<script>alert(1)</script> [x](javascript:alert(1)) <img src="y">')
+    assert "<script>" not in html and "<img" not in html and "href" not in html
+
+
+def test_assistant_text_is_markdown_and_tool_calls_are_one_line():
+    event = {
+        "type": "assistant",
+        "message": {
+            "content": [
+                {"type": "text", "text": "I will run the tests.\nThen fix them."},
+                {"type": "tool_use", "name": "Bash", "input": {"command": "pytest -q\necho"}},
+                {"type": "tool_use", "name": "Read", "input": {"file_path": "/src/a.py"}},
+                {"type": "tool_use", "name": "TodoWrite", "input": {"todos": [1, 2, 3]}},
+                {"type": "tool_use", "name": "Mystery", "input": {"n": 1, "what": "thing"}},
+                {"type": "tool_use", "name": "NoArgs", "input": {}},
+            ]
+        },
+    }
+    assert rendered(event) == [
+        ("markdown", "I will run the tests.\nThen fix them."),
+        ("tool", "▸ Bash: pytest -q"),
+        ("tool", "▸ Read: /src/a.py"),
+        ("tool", "▸ TodoWrite: 3 todos"),
+        ("tool", "▸ Mystery: thing"),
+        ("tool", "▸ NoArgs"),
+    ]
+
+
+def test_tool_results_and_errors_show_their_first_line():
+    event = {
+        "type": "user",
+        "message": {
+            "content": [
+                {"type": "tool_result", "content": "ok\nmore\nlines"},
+                {"type": "tool_result", "is_error": True, "content": [{"text": "boom"}]},
+            ]
+        },
+    }
+    assert rendered(event) == [
+        ("tool_result", "  ↳ ok (+2 lines)"),
+        ("tool_error", "  ✗ boom"),
+    ]
+
+
+def test_the_final_result_is_a_summary():
+    ok = {
+        "type": "result", "subtype": "success", "is_error": False, "num_turns": 7,
+        "duration_ms": 61500, "total_cost_usd": 0.25, "session_id": "abc",
+        "result": "All **done**.",
+    }  # fmt: skip
+    assert rendered(ok) == [
+        ("result", "✓ done · 7 turns · 61.5 s · $0.2500 · session abc"),
+        ("markdown", "All **done**."),
+    ]
+    failed = {"type": "result", "subtype": "error_max_turns", "is_error": True}
+    assert rendered(failed)[0][1].startswith("✗ error_max_turns · ? turns")
+
+
+def test_other_lines_are_plain_text():
+    init = {"type": "system", "subtype": "init", "session_id": "s", "model": "m", "tools": [1]}
+    assert rendered(init) == [("system", "● Claude Code session s · model m · 1 tools")]
+    assert rendered({"type": "stream_event"}) == []
+    assert rendered({"type": "other"}) == [("text", '{"type": "other"}')]
+    assert [(x.kind, x.text) for x in render_output_line("{not json}")] == [("text", "{not json}")]
+    long = render_output_line("x" * 5000)[0].text
+    assert long.startswith("x" * 2000) and "3,000 more characters in the transcript" in long
+
+
+# -- the view ---------------------------------------------------------------------------
+
+
+def test_status_line_follows_the_session():
+    view = SessionView("pod", transcript="/t/pod-1.jsonl")
+    assert view.status_text() == "pod: starting"
+    view.add(Event(EventType.BUILD_STARTED, "cldpd-pod"))
+    view.add(Event(EventType.BUILD_OUTPUT, "Step 2/5 : RUN make"))
+    assert view.status_text() == "pod: building cldpd-pod step 2/5"
+    view.add(Event(EventType.BUILD_COMPLETE, "cldpd-pod"))
+    view.add(Event(EventType.CONTAINER_STARTED, "cldpd-pod"))
+    assert view.status_text() == "pod: running 0s"
+    view.add(Event(EventType.CONTAINER_EXITED, "3", 3))
+    assert view.status_text().startswith("pod: exited 3 after ")
+    assert view.finished
+
+    failed = SessionView("pod")
+    failed.add(Event(EventType.ERROR, "The image did not build."))
+    assert failed.status_text() == "pod: failed: The image did not build."
+    assert failed.text().splitlines()[1] == "The image did not build."
+
+    stopped = SessionView("pod")
+    stopped.add(Event(EventType.CONTAINER_EXITED, "130", 130), stopped=True)
+    assert stopped.status_text() == "pod: stopped (exit 130)"
+
+
+def test_the_tail_is_bounded_and_says_how_much_was_elided():
+    view = SessionView("pod", max_lines=5, transcript="/t/x.jsonl")
+    for i in range(1000):
+        view.add(Event(EventType.OUTPUT, f"line {i}"))
+    view.add(Event(EventType.STDERR, "warning <b>"))
+    text = view.text().splitlines()
+    assert text[1] == "… 996 earlier lines not shown (the transcript has them all)"
+    assert text[2:] == ["line 996", "line 997", "line 998", "line 999", "warning <b>",
+                        "transcript: /t/x.jsonl"]  # fmt: skip
+    assert (view.elided, view.total_lines) == (996, 1001)
+    html = view.html()
+    assert "warning &lt;b&gt;" in html and "996 earlier lines" in html
+    assert view.bundle() == {"text/html": html, "text/plain": view.text()}
+
+
+def test_notes_are_masked():
+    view = SessionView("pod", masker=Masker(["hunter2-secret"]))
+    view.note("token hunter2-secret leaked")
+    view.fail("bad hunter2-secret")
+    assert "hunter2-secret" not in view.text()
+    assert "token ******** leaked" in view.text()
+    assert view.status_text() == "pod: failed: bad ********"
+
+
+# -- the live feed ------------------------------------------------------------------------
+
+
+def _session(tmp_path, lines: int, secret: str = "") -> Session:
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        chunk = "".join(f"line {i} {secret}\n" for i in range(1000))
+        for _ in range(lines // 1000):
+            ctl.stdout.write(chunk)
+        return 0
+
+    return Session("pod", "c", job, tmp_path, secrets=[secret] if secret else [])
+
+
+def test_a_feed_publishes_batched_and_ends_with_everything(tmp_path):
+    published: list[str] = []
+    began = time.monotonic()
+    session = _session(tmp_path, 200_000)
+    view = SessionView("pod", max_lines=50, masker=session.mask)
+    feed = LiveFeed(session, view, lambda v: published.append(v.text()), interval=0.05)
+    assert feed.join(60)
+    wall = time.monotonic() - began
+    assert feed.done and feed.error is None
+    assert feed.publications == len(published) <= wall / 0.05 + 3
+    assert view.total_lines == 200_000 and view.elided == 200_000 - 50
+    assert published[-1].startswith("pod: exited 0")
+    assert published[-1].splitlines()[-1] == "line 999 "
+
+
+def test_a_feed_survives_a_failing_publisher(tmp_path):
+    calls = []
+
+    def publish(view: SessionView) -> None:
+        calls.append(view.state)
+        raise RuntimeError("frontend gone")
+
+    feed = LiveFeed(_session(tmp_path, 1000), SessionView("pod"), publish, interval=0.02)
+    assert feed.join(30)
+    assert calls and calls[-1] == "exited"
+    assert isinstance(feed.error, RuntimeError)
+
+
+def test_a_feed_publishes_in_the_context_it_was_made_in(tmp_path):
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("cell", default="none")
+    var.set("cell-1")
+    seen = set()
+    feed = LiveFeed(
+        _session(tmp_path, 1000), SessionView("pod"), lambda v: seen.add(var.get()), 0.02
+    )
+    var.set("cell-2")
+    assert feed.join(30)
+    assert seen == {"cell-1"}
+
+
+def test_a_feed_keeps_secrets_out_of_what_it_publishes(tmp_path):
+    published = []
+    session = _session(tmp_path, 1000, secret="s3cr3t-value")
+    feed = LiveFeed(session, SessionView("pod", masker=session.mask), published.append, 0.02)
+    assert feed.join(30)
+    assert all("s3cr3t-value" not in v.html() + v.text() for v in published)
+    assert "s3cr3t-value" not in session.transcript.read_text()
+
+
+def test_a_quiet_session_still_ticks_about_once_a_second(tmp_path):
+    release = threading.Event()
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        release.wait(30)
+        return 0
+
+    states = []
+    view = SessionView("pod")
+    feed = LiveFeed(Session("pod", "c", job, tmp_path), view, lambda v: states.append(v.state))
+    time.sleep(1.3)
+    release.set()
+    assert feed.join(30)
+    assert states.count("running") >= 2
+    assert states[-1] == "exited"
+
+
+# -- tables -----------------------------------------------------------------------------
+
+
+def test_a_table_is_aligned_text_and_escaped_html():
+    table = Table(("pod", "state"), [("a", "running"), ("long-name", None)], title="Pods",
+                  notes=["one note"])  # fmt: skip
+    assert table.text() == "Pods\npod        state\na          running\nlong-name\none note"
+    assert table.records() == [{"pod": "a", "state": "running"}, {"pod": "long-name", "state": ""}]
+    assert len(table) == 2 and repr(table) == table.text()
+    html = Table(("x",), [("<b>",)], title="<t>")._repr_html_()
+    assert "&lt;b&gt;" in html and "<caption>&lt;t&gt;</caption>" in html
+
+
+def test_a_report_shows_its_tables_in_order():
+    first = Table(("a",), [("1",)], title="first")
+    second = Table(("b",), [], title="second", notes=["empty"])
+    report = Report(first, second)
+    assert report["second"] is second
+    assert report.text() == "first\na\n1\n\nsecond\nempty"
+    assert report._repr_html_().index("first") < report._repr_html_().index("second")
+    with pytest.raises(KeyError):
+        report["third"]
