@@ -45,6 +45,10 @@ from .session import Session
 #: Magics whose first positional argument is a pod name (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
 _QUOTES = ("'", '"')
+_BACKGROUND = argument(
+    "-b", "--background", action="store_true",
+    help="return at once with the Session; the cell keeps streaming",
+)  # fmt: skip
 
 
 def _one_line(text: str) -> str:
@@ -290,10 +294,7 @@ class CldpdMagics(Magics):
     # -- magics ---------------------------------------------------------------------
 
     @magic_arguments()
-    @argument(
-        "-b", "--background", action="store_true",
-        help="return at once with the Session; the cell keeps streaming",
-    )  # fmt: skip
+    @_BACKGROUND
     @argument("--pods-dir", metavar="DIR", help="the pods directory for this run")
     @argument("pod", help="the pod to run")
     @argument("issue_url", help="the GitHub issue URL (http or https)")
@@ -312,10 +313,7 @@ class CldpdMagics(Magics):
         return self._follow(session, args.pod, args.background, note=f"issue: {url}")
 
     @magic_arguments()
-    @argument(
-        "-b", "--background", action="store_true",
-        help="return at once with the Session; the cell keeps streaming",
-    )  # fmt: skip
+    @_BACKGROUND
     @argument("pod", help="the running pod")
     @argument(
         "prompt", nargs="*",
@@ -347,10 +345,7 @@ class CldpdMagics(Magics):
         return self._follow(session, f"{pod} resume", background, note=f"prompt: {first}")
 
     @magic_arguments()
-    @argument(
-        "-b", "--background", action="store_true",
-        help="return at once with the Session; the cell keeps streaming",
-    )  # fmt: skip
+    @_BACKGROUND
     @argument("pod", help="the running pod")
     @line_magic
     def cldpd_attach(self, line: str) -> Session:
