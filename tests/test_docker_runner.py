@@ -118,19 +118,23 @@ def test_preflight_without_engine(monkeypatch, tmp_path):
 
 
 def test_build_streams_lines(runner, make_pod, pods_dir):
-    name = make_pod(dockerfile="FROM busybox:latest\nRUN echo build-says-$((6 * 7))\n")
+    token = uuid.uuid4().hex  # a step the engine has never cached, so it runs and prints
+    name = make_pod(dockerfile=f"FROM busybox:latest\nRUN echo build-says-$((6 * 7)) {token}\n")
     lines: list[str] = []
     runner.build(f"cldpd-{name}", str(pods_dir / name), on_output=lines.append)
     assert any(re.fullmatch(r"Step 1/\d+ : FROM busybox:latest", line) for line in lines)
-    assert "build-says-42" in lines
+    assert f"build-says-42 {token}" in lines
     assert not any("\n" in line for line in lines)
 
 
 def test_build_args_reach_the_build(runner, make_pod, pods_dir):
-    name = make_pod(dockerfile="FROM busybox:latest\nARG FLAVOUR\nRUN echo flavour=$FLAVOUR\n")
+    token = uuid.uuid4().hex
+    name = make_pod(
+        dockerfile=f"FROM busybox:latest\nARG FLAVOUR\nRUN echo flavour=$FLAVOUR {token}\n"
+    )
     lines: list[str] = []
     runner.build(f"cldpd-{name}", str(pods_dir / name), {"FLAVOUR": "mint"}, lines.append)
-    assert "flavour=mint" in lines
+    assert f"flavour=mint {token}" in lines
 
 
 def test_build_failure_carries_the_log_tail(runner, make_pod, pods_dir):
