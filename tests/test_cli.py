@@ -14,15 +14,27 @@ import pytest
 from cldpd_magic.cli import build_parser, main
 
 URL = "https://github.com/octocat/Hello-World/issues/1"
+CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]
 
 
 def cldpd(pods_dir: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cldpd_magic.cli", "--pods-dir", str(pods_dir), *args],
+        [*CLDPD, "--pods-dir", str(pods_dir), *args],
         capture_output=True,
         text=True,
         timeout=120,
         **kwargs,
+    )
+
+
+def spawn_start(pods_dir: Path, name: str, stdout: int) -> subprocess.Popen[str]:
+    """``cldpd start`` in the background, stderr piped, output unbuffered."""
+    return subprocess.Popen(
+        [*CLDPD, "--pods-dir", str(pods_dir), "start", name, "--issue", URL],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -79,23 +91,7 @@ def test_ctrl_c_stops_the_pod_gracefully(docker_client, pods_dir, make_pod):
         while :; do sleep 1 & wait $!; done
         """
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cldpd_magic.cli",
-            "--pods-dir",
-            str(pods_dir),
-            "start",
-            name,
-            "--issue",
-            URL,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = spawn_start(pods_dir, name, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
@@ -119,22 +115,7 @@ def test_resume_and_stop(docker_client, pods_dir, make_pod):
         while :; do sleep 1 & wait $!; done
         """
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cldpd_magic.cli",
-            "--pods-dir",
-            str(pods_dir),
-            "start",
-            name,
-            "--issue",
-            URL,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_start(pods_dir, name, stdout=subprocess.DEVNULL)
     try:
         assert proc.stderr is not None
         while "running in container" not in proc.stderr.readline():
