@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import itertools
 import json
 import re
 import secrets as _secrets
@@ -13,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from .errors import CldpdError
 
@@ -128,6 +127,25 @@ def new_session_id(pod_name: str) -> str:
     return f"{pod_name}-{_secrets.token_hex(4)}"
 
 
+class _Chunk:
+    """Events stored together: output lines of one read (made Events only when consumed)."""
+
+    __slots__ = ("etype", "items", "size", "start", "time")
+
+    def __init__(self, etype: EventType | None, time: datetime | None, items: list[Any]) -> None:
+        self.etype = etype
+        self.time = time
+        self.items = items
+        self.start = 0
+        self.size = 0
+
+    def events(self, offset: int) -> list[Event]:
+        if self.etype is None:
+            return self.items[offset:]
+        new, etype, time = tuple.__new__, self.etype, self.time
+        return [new(Event, (etype, line, None, time)) for line in self.items[offset:]]
+
+
 class SessionStopped(CldpdError):
     """Raised inside a job when the session was stopped before its container started."""
 
@@ -240,8 +258,8 @@ class Session:
         stopped: Whether :meth:`stop` was called.
     """
 
-    MAX_EVENTS = 50000
-    MAX_BYTES = 8 * 1024 * 1024
+    MAX_EVENTS = 20000
+    MAX_BYTES = 4 * 1024 * 1024
 
     def __init__(
         self,
@@ -268,7 +286,8 @@ class Session:
         self._file: IO[str] | None = open(self.transcript, "w", encoding="utf-8")  # noqa: SIM115
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
-        self._buf: deque[Event] = deque()
+        self._buf: deque[_Chunk] = deque()
+        self._buf_events = 0
         self._buf_bytes = 0
         self._first = 0
         self._count = 0
@@ -297,6 +316,12 @@ class Session:
     def state(self) -> str:
         """``building``, ``starting``, ``running``, ``exited``, ``failed`` or ``stopped``."""
         return self.phase
+
+    @property
+    def held_in_memory(self) -> tuple[int, int]:
+        """How many events, and characters of their data, memory holds now (the rest is on disk)."""
+        with self._cond:
+            return self._buf_events, self._buf_bytes
 
     @property
     def event_count(self) -> int:
@@ -328,30 +353,22 @@ class Session:
         now = _now()
         if self.mask:
             lines = [self.mask(line) for line in lines]
-        new = tuple.__new__
-        events = [new(Event, (etype, line, None, now)) for line in lines]
         tail = f',"code":null,"time":"{now.isoformat()}"}}\n'
         head = f'{{"type":"{etype.value}","data":'
         enc = _encode_str
         text = "".join([head + enc(line) + tail for line in lines])
-        self._append(events, text=text, size=sum(map(len, lines)))
+        self._store(_Chunk(etype, now, lines), text, sum(map(len, lines)))
 
-    def _append(
-        self,
-        events: list[Event],
-        final: bool = False,
-        text: str | None = None,
-        size: int | None = None,
-    ) -> None:
-        if size is None:
-            size = sum(len(e.data) for e in events)
-        if text is None:
-            text = "".join(e.to_json() + "\n" for e in events)
-            for e in events:
-                if e.type is EventType.BUILD_STARTED:
-                    self.phase = "building"
-                elif e.type is EventType.CONTAINER_STARTED:
-                    self.phase = "running"
+    def _append(self, events: list[Event], final: bool = False) -> None:
+        for e in events:
+            if e.type is EventType.BUILD_STARTED:
+                self.phase = "building"
+            elif e.type is EventType.CONTAINER_STARTED:
+                self.phase = "running"
+        text = "".join(e.to_json() + "\n" for e in events)
+        self._store(_Chunk(None, None, events), text, sum(len(e.data) for e in events), final)
+
+    def _store(self, chunk: _Chunk, text: str, size: int, final: bool = False) -> None:
         with self._write_lock:
             f = self._file
             if f is None:
@@ -363,14 +380,20 @@ class Session:
                 self._file = None
             with self._cond:
                 buf = self._buf
-                buf.extend(events)
+                chunk.start = self._count
+                chunk.size = size
+                buf.append(chunk)
+                count = len(chunk.items)
+                self._count += count
+                self._buf_events += count
                 self._buf_bytes += size
-                self._count += len(events)
                 while len(buf) > 1 and (
-                    len(buf) > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
+                    self._buf_events > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
                 ):
-                    self._buf_bytes -= len(buf.popleft().data)
-                    self._first += 1
+                    old = buf.popleft()
+                    self._buf_events -= len(old.items)
+                    self._buf_bytes -= old.size
+                    self._first = buf[0].start
                 if final:
                     self._ended = True
                     self.ended_at = _now()
@@ -402,10 +425,18 @@ class Session:
                         return
                     behind = index < self._first
                     if not behind:
-                        batch = list(itertools.islice(self._buf, index - self._first, None))
+                        chunks = []
+                        for chunk in reversed(self._buf):
+                            chunks.append(chunk)
+                            if chunk.start <= index:
+                                break
                     else:
                         upto = self._first
-                if behind:
+                if not behind:
+                    batch = []
+                    for chunk in reversed(chunks):
+                        batch.extend(chunk.events(max(0, index - chunk.start)))
+                else:
                     if reader is None:
                         reader = _TranscriptReader(self.transcript)
                     batch = reader.read(index, min(upto, index + 2000))

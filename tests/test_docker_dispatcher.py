@@ -307,7 +307,7 @@ def test_200000_lines_arrive_in_order_with_the_exit_code(dispatcher, make_pod):
     name = make_pod("seq 1 200000; exit 42")
     session = dispatcher.start_session(name, URL)
     assert session.wait(120) == 42
-    assert len(session._buf) <= session.MAX_EVENTS
+    assert session.held_in_memory[0] <= session.MAX_EVENTS
     lines = output(session)
     assert len(lines) == 200000
     assert lines == [str(i) for i in range(1, 200001)]

@@ -152,10 +152,9 @@ def test_memory_stays_bounded_and_events_replay_from_the_transcript(transcript_d
 
     def job(ctl: SessionControl) -> int:
         ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
-        buf = ctl._session._buf
         for i in range(6000):
             ctl.stdout.write(f"{i:07d}{'y' * (i % 900)}\n")
-            sizes.append((len(buf), sum(len(e.data) for e in buf)))
+            sizes.append(ctl._session.held_in_memory)
             if i == 3000:
                 gate.set()
         return 0
@@ -169,7 +168,7 @@ def test_memory_stays_bounded_and_events_replay_from_the_transcript(transcript_d
     assert session.wait(10) == 0
     assert max(n for n, _ in sizes) <= 50
     assert max(b for _, b in sizes) <= 20_000
-    assert len(session._buf) <= 50
+    assert session.held_in_memory[0] <= 50
     expected = [f"{i:07d}{'y' * (i % 900)}" for i in range(6000)]
     assert [e.data for e in slow[1:-1]] == expected
     assert [e.data for e in list(session.events())[1:-1]] == expected
