@@ -99,14 +99,14 @@ def error_result(figure: str, name: str, exc: BaseException) -> Result:
 
 
 class NullWriter:
-    """A writer that drops its text and counts the writes (one per line from ``start``)."""
+    """A writer that drops its text and counts its lines (``start`` may write many at once)."""
 
     def __init__(self) -> None:
         self.lines = 0
 
     def write(self, text: str) -> None:
-        """Count one line."""
-        self.lines += 1
+        """Count the lines in a piece of text."""
+        self.lines += text.count("\n")
 
 
 class OrderedWriter(NullWriter):
@@ -117,10 +117,11 @@ class OrderedWriter(NullWriter):
         self.disorder = 0
 
     def write(self, text: str) -> None:
-        """Check the line's number and shape."""
-        self.lines += 1
-        if text != f"{self.lines}{PADDING}\n":
-            self.disorder += 1
+        """Check each line's number and shape."""
+        for line in text.splitlines():
+            self.lines += 1
+            if line != f"{self.lines}{PADDING}":
+                self.disorder += 1
 
 
 def check_transcript(path: Path, lines: int) -> str:
