@@ -12,12 +12,21 @@ from typing import TextIO
 from urllib.parse import urlparse
 
 from .errors import (
+    CldpdError,
     ContainerFailedError,
     InvalidRequestError,
+    PodNotFoundError,
     PodRunningError,
     SessionNotFoundError,
 )
-from .pods import Pod, container_name, default_pods_dir, discover_all, discover_pod
+from .pods import (
+    Pod,
+    container_name,
+    default_pods_dir,
+    discover_all,
+    discover_pod,
+    validate_pod_name,
+)
 from .runner import ContainerInfo, DockerRunner, ExecHandle, Runner, RunOptions, Writer
 from .session import EventType, Session, SessionControl, new_session_id
 
@@ -26,6 +35,7 @@ LABEL_SESSION = "cldpd.session"
 LABEL_CLAUDE_SESSION = "cldpd.claude-session"
 LABEL_KEEP_ALIVE = "cldpd.keep-alive"
 LABEL_TRANSCRIPT = "cldpd.transcript"
+LABEL_PODS_DIR = "cldpd.pods-dir"
 
 #: The command a keepAlive container idles on; the agent then runs through exec.
 IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
@@ -202,9 +212,7 @@ class Dispatcher:
         session_uuid = str(uuid.uuid4())
         session_id = new_session_id(pod.name)
         missing = [n for n in pod.config.inherit_env if n not in os.environ]
-        secrets = pod.secret_values() + [
-            os.environ[n] for n in pod.config.inherit_env if n in os.environ
-        ]
+        secrets = self.secrets(pod)
         cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
                             resume=False)  # fmt: skip
         transcript = self.transcript_dir / f"{session_id}.jsonl"
@@ -223,6 +231,7 @@ class Dispatcher:
                 LABEL_CLAUDE_SESSION: session_uuid,
                 LABEL_KEEP_ALIVE: "true" if pod.config.keep_alive else "false",
                 LABEL_TRANSCRIPT: str(transcript),
+                LABEL_PODS_DIR: str(pod.dir.parent),
             },
         )
         runner = self.runner
@@ -266,6 +275,35 @@ class Dispatcher:
         ctl.emit(EventType.CONTAINER_STARTED, info.name)
         return runner.exec(info.name, agent_cmd, ctl.stdout, ctl.stderr)
 
+    @staticmethod
+    def secrets(pod: Pod) -> list[str]:
+        """The values to mask for a pod: secret-looking env values and forwarded variables."""
+        return pod.secret_values() + [
+            os.environ[n] for n in pod.config.inherit_env if n in os.environ
+        ]
+
+    def _running_container(
+        self, pod_name: str, missing: str, *, known: bool = False
+    ) -> ContainerInfo:
+        validate_pod_name(pod_name)
+        self.runner.preflight()
+        info = self.runner.inspect(container_name(pod_name))
+        if info is None or not info.running:
+            if known:
+                self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
+            raise SessionNotFoundError(missing)
+        return info
+
+    def _pod_of(self, pod_name: str, info: ContainerInfo) -> Pod:
+        """The pod of a running container: from our pods_dir, else from where it was started."""
+        try:
+            return self.pod(pod_name)
+        except PodNotFoundError:
+            started_from = info.labels.get(LABEL_PODS_DIR)
+            if not started_from or Path(started_from) == self.pods_dir:
+                raise
+            return discover_pod(started_from, pod_name)
+
     def resume_session(self, pod_name: str, prompt: str) -> Session:
         """Send a follow-up prompt to the pod's running container, returning at once.
 
@@ -286,17 +324,14 @@ class Dispatcher:
         """
         if not prompt or not prompt.strip():
             raise InvalidRequestError("The prompt is empty; say what the agent should do next.")
-        pod = self.pod(pod_name)
-        self.runner.preflight()
-        info = self.runner.inspect(pod.container_name)
-        if info is None or not info.running:
-            raise SessionNotFoundError(
-                f"Pod {pod.name} is not running; start it first with an issue URL."
-            )
+        info = self._running_container(
+            pod_name,
+            f"Pod {pod_name} is not running; start it first with an issue URL.",
+            known=True,
+        )
+        pod = self._pod_of(pod_name, info)
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
-        secrets = pod.secret_values() + [
-            os.environ[n] for n in pod.config.inherit_env if n in os.environ
-        ]
+        secrets = self.secrets(pod)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
         runner = self.runner
 
@@ -327,17 +362,13 @@ class Dispatcher:
         Raises:
             SessionNotFoundError: Nothing runs for the pod.
         """
-        name = container_name(pod_name)
-        self.runner.preflight()
-        info = self.runner.inspect(name)
-        if info is None or not info.running:
-            raise SessionNotFoundError(f"Pod {pod_name} is not running; nothing to attach to.")
+        info = self._running_container(
+            pod_name, f"Pod {pod_name} is not running; nothing to attach to."
+        )
+        name = info.name
         try:
-            pod = self.pod(pod_name)
-            secrets = pod.secret_values() + [
-                os.environ[n] for n in pod.config.inherit_env if n in os.environ
-            ]
-        except Exception:  # the pod's directory may be gone; the container still runs
+            secrets = self.secrets(self._pod_of(pod_name, info))
+        except CldpdError:  # the pod's directory may be gone; the container still runs
             secrets = []
         runner = self.runner
 

@@ -52,8 +52,7 @@ def _sentence(exc: BaseException) -> str:
 def _pod_masker(pod: Pod | None) -> Masker:
     if pod is None:
         return Masker()
-    forwarded = [os.environ[n] for n in pod.config.inherit_env if n in os.environ]
-    return Masker(pod.secret_values() + forwarded)
+    return Masker(Dispatcher.secrets(pod))
 
 
 class _Run:

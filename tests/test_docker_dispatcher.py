@@ -259,6 +259,21 @@ def test_dispatcher_stop_ends_a_running_resume_too(dispatcher, make_pod, docker_
     assert container(docker_client, name) is None
 
 
+def test_resume_finds_a_pod_started_from_another_pods_dir(
+    dispatcher, make_pod, docker_client, tmp_path, transcript_dir
+):
+    name = make_pod(IDLE, pod_json={"args": ["--model", "m1"]})
+    start, resume = idle_start_and_resume(dispatcher, name)
+    resume.stop(10)
+    elsewhere = Dispatcher(tmp_path / "other-pods", transcript_dir=transcript_dir)
+    again = elsewhere.resume_session(name, "from elsewhere")
+    until(again.events(), "resume-ready")
+    again.stop(10)
+    dispatcher.stop(name, 10)
+    assert start.wait(30) == 130
+    assert container(docker_client, name) is None
+
+
 def build_containers(docker_client, marker: str) -> list[str]:
     return [
         c["Id"] for c in docker_client.api.containers(all=True) if marker in c.get("Command", "")
