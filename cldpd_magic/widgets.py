@@ -17,6 +17,7 @@ follows its output, and Resume and Stop work on it without attaching.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import shlex
@@ -583,7 +584,7 @@ class PodPicker:
 
     def _details_html(self, state: _PodState) -> str:
         if not state.name:
-            where = html.escape(str(self.pods_dir))
+            where = html.escape(display_path(self.pods_dir))
             return (
                 f"<i>No pods in {where}. A pod is a directory there with a Dockerfile, "
                 "and optionally pod.json and template.md.</i>"
@@ -610,7 +611,7 @@ class PodPicker:
             preview += f"\n… (+{len(template) - TEMPLATE_PREVIEW_LINES} more lines)"
         rows = [
             ("image", pod.image),
-            ("directory", str(pod.dir)),
+            ("directory", display_path(pod.dir)),
             ("workdir", config.workdir or "(image default)"),
             ("env", env or "none"),
             ("inheritEnv", forwarded or "none"),
@@ -672,6 +673,16 @@ def _close_tree(widget: widgets.Widget) -> None:
     for child in getattr(widget, "children", ()):
         _close_tree(child)
     widget.close()
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as a person would write it: relative to the working directory when below it,
+    else with ``~`` for the home directory."""
+    path = Path(path)
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        with contextlib.suppress(ValueError):
+            return prefix + str(path.relative_to(base))
+    return str(path)
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:

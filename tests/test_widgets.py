@@ -513,3 +513,14 @@ def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, t
         assert session.wait(30) in (130, 137, 143)
     finally:
         session.stop(2)
+
+
+def test_paths_show_as_a_person_writes_them(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cldpd_magic.widgets import display_path
+
+    monkeypatch.chdir(tmp_path)
+    assert display_path(tmp_path / "pods" / "demo") == "pods/demo"
+    assert display_path(Path.home() / ".cldpd" / "pods") == "~/.cldpd/pods"
+    assert display_path("/elsewhere/pods") == "/elsewhere/pods"
