@@ -229,8 +229,9 @@ def rebuild(bench: Bench) -> list[Result]:
         return time.perf_counter() - started
 
     def theirs() -> float:
+        # A tag of its own: retagging ours would drop the label that lets start skip the build.
         started = time.perf_counter()
-        docker("build", "-t", pod.image, str(pod.dir), env={"DOCKER_BUILDKIT": "0"})
+        docker("build", "-t", f"{pod.image}-cli", str(pod.dir), env={"DOCKER_BUILDKIT": "0"})
         return time.perf_counter() - started
 
     direct, cli, in_start = interleaved(
@@ -239,8 +240,9 @@ def rebuild(bench: Bench) -> list[Result]:
     base = median(cli)
     mine = median(direct)
     return [
-        Result("5", "rebuild of an unchanged pod: DockerRunner.build vs DOCKER_BUILDKIT=0 "
-               "docker build (same context, both fully cached)", mine, base, "s",
+        Result("5", "rebuild of an unchanged pod: DockerRunner.build (which skips the engine "
+               "when the pod is unchanged) vs DOCKER_BUILDKIT=0 docker build (same context, "
+               "fully cached)", mine, base, "s",
                "ratio <= 1.2", mine / base <= 1.2,
                f"ours {_samples(direct, 's')}, docker build {_samples(cli, 's')}"),
         Result("5b", "the build phase inside start (BUILD_STARTED to BUILD_COMPLETE "
