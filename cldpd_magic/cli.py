@@ -82,14 +82,17 @@ def _stream(
 def _run(session: Session, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     seen = [0]
     try:
-        _stream(session, args.raw, args.verbose, out, err, seen)
-        return session.wait()
-    except KeyboardInterrupt:
-        err.write(f"\ncldpd: interrupted; stopping pod {session.pod_name} gracefully\n")
-        err.flush()
-        session.stop()
-        _stream(session, args.raw, args.verbose, out, err, seen)
-        return 130
+        try:
+            _stream(session, args.raw, args.verbose, out, err, seen)
+            return session.wait()
+        except KeyboardInterrupt:
+            err.write(f"\ncldpd: interrupted; stopping pod {session.pod_name} gracefully\n")
+            err.flush()
+            session.stop()
+            _stream(session, args.raw, args.verbose, out, err, seen)
+            return 130
+    finally:
+        err.write(f"cldpd: transcript: {session.transcript}\n")
 
 
 def _list(dispatcher: Dispatcher, out: TextIO) -> int:

@@ -72,6 +72,7 @@ def test_start_streams_output_and_returns_agent_exit_code(docker_client, pods_di
     assert f"issue: Work on this GitHub issue: {URL}" in result.stdout
     assert "oops" in result.stderr
     assert f"cldpd: building image cldpd-{name}" in result.stderr
+    assert "cldpd: transcript: " in result.stderr
 
 
 def test_stream_json_is_rendered_unless_raw(docker_client, pods_dir, make_pod):
