@@ -25,6 +25,7 @@ from .pods import (
     default_pods_dir,
     discover_all,
     discover_pod,
+    looks_secret,
     validate_pod_name,
 )
 from .runner import ContainerInfo, DockerRunner, ExecHandle, Runner, RunOptions, Writer
@@ -36,6 +37,7 @@ LABEL_CLAUDE_SESSION = "cldpd.claude-session"
 LABEL_KEEP_ALIVE = "cldpd.keep-alive"
 LABEL_TRANSCRIPT = "cldpd.transcript"
 LABEL_PODS_DIR = "cldpd.pods-dir"
+LABEL_INHERIT_ENV = "cldpd.inherit-env"
 
 #: The command a keepAlive container idles on; the agent then runs through exec.
 IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
@@ -211,8 +213,9 @@ class Dispatcher:
         self._ensure_free(pod)
         session_uuid = str(uuid.uuid4())
         session_id = new_session_id(pod.name)
-        missing = [n for n in pod.config.inherit_env if n not in os.environ]
-        secrets = self.secrets(pod)
+        forwarded = {n: os.environ[n] for n in pod.config.inherit_env if n in os.environ}
+        missing = [n for n in pod.config.inherit_env if n not in forwarded]
+        secrets = pod.secret_values() + list(forwarded.values())
         cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
                             resume=False)  # fmt: skip
         transcript = self.transcript_dir / f"{session_id}.jsonl"
@@ -220,8 +223,9 @@ class Dispatcher:
             image=pod.image,
             name=pod.container_name,
             cmd=cmd,
-            env=dict(pod.config.env),
-            inherit_env=list(pod.config.inherit_env),
+            # Resolved once, here: the values masked are the values forwarded.
+            env={**pod.config.env, **forwarded},
+            inherit_env=[],
             workdir=pod.config.workdir,
             remove=not pod.config.keep_alive,
             mounts=list(pod.config.mounts),
@@ -232,6 +236,7 @@ class Dispatcher:
                 LABEL_KEEP_ALIVE: "true" if pod.config.keep_alive else "false",
                 LABEL_TRANSCRIPT: str(transcript),
                 LABEL_PODS_DIR: str(pod.dir.parent),
+                LABEL_INHERIT_ENV: ",".join(pod.config.inherit_env),
             },
         )
         runner = self.runner
@@ -282,6 +287,16 @@ class Dispatcher:
             os.environ[n] for n in pod.config.inherit_env if n in os.environ
         ]
 
+    @staticmethod
+    def container_secrets(info: ContainerInfo) -> list[str]:
+        """The values to mask that a running container holds: forwarded and secret-looking.
+
+        A pod may have been started by another process, whose forwarded values differ
+        from this one's.
+        """
+        names = set(filter(None, info.labels.get(LABEL_INHERIT_ENV, "").split(",")))
+        return [v for k, v in info.env.items() if v and (k in names or looks_secret(k))]
+
     def _running_container(
         self, pod_name: str, missing: str, *, known: bool = False
     ) -> ContainerInfo:
@@ -331,7 +346,7 @@ class Dispatcher:
         )
         pod = self._pod_of(pod_name, info)
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
-        secrets = self.secrets(pod)
+        secrets = self.secrets(pod) + self.container_secrets(info)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
         runner = self.runner
 
@@ -370,6 +385,7 @@ class Dispatcher:
             secrets = self.secrets(self._pod_of(pod_name, info))
         except CldpdError:  # the pod's directory may be gone; the container still runs
             secrets = []
+        secrets += self.container_secrets(info)
         runner = self.runner
 
         def job(ctl: SessionControl) -> int:

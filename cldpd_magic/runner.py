@@ -93,6 +93,7 @@ class ContainerInfo:
         labels: Its labels.
         image: Image tag it was created from.
         started_at: Start time as the engine reports it (ISO 8601).
+        env: Its environment.
     """
 
     name: str
@@ -101,6 +102,7 @@ class ContainerInfo:
     labels: dict[str, str]
     image: str = ""
     started_at: str = ""
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:
@@ -179,6 +181,14 @@ class Runner(Protocol):
 LABEL_CONTEXT = "cldpd.context"
 _FROM_RE = re.compile(
     r"^\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", re.IGNORECASE | re.MULTILINE
+)
+
+
+#: Signals ($0) the live processes recorded by exec()'s pid files; exit 0 when any was alive.
+_SIGNAL_EXECS = (
+    'alive=1; for f in /tmp/.cldpd-exec-*.pid; do [ -f "$f" ] || continue; '
+    'p=$(cat "$f"); if kill -0 "$p" 2>/dev/null; then alive=0; '
+    '[ "$0" = 0 ] || kill -"$0" "$p" 2>/dev/null; else rm -f "$f"; fi; done; exit $alive'
 )
 
 
@@ -627,6 +637,16 @@ class DockerRunner:
             exec_id = api.exec_create(handle.container, ["sh", "-c", script, handle.pidfile])["Id"]
             api.exec_start(exec_id)
 
+    def _signal_execs(self, container: str, signal: str) -> bool:
+        """Signal every agent exec() started in a container (``0``: none); True if any is alive."""
+        try:
+            api = self._control()
+            exec_id = api.exec_create(container, ["sh", "-c", _SIGNAL_EXECS, signal])["Id"]
+            api.exec_start(exec_id)
+            return api.exec_inspect(exec_id).get("ExitCode") == 0
+        except (docker.errors.APIError, requests.exceptions.RequestException):
+            return False
+
     def _exec_running(self, handle: ExecHandle) -> bool:
         try:
             return bool(self._control().exec_inspect(handle.exec_id).get("Running"))
@@ -674,6 +694,12 @@ class DockerRunner:
         info = self.inspect(container)
         if info is None or info.status not in ("running", "paused", "restarting"):
             return
+        deadline = time.monotonic() + timeout * self.STOP_SHARES[0]
+        if info.running and self._signal_execs(container, "INT"):
+            # Agents running through exec (resumes, keepAlive runs) end their turn first:
+            # stopping the container would kill them.
+            while time.monotonic() < deadline and self._signal_execs(container, "0"):
+                time.sleep(0.1)
         with self._streaming() as api:
             for signal, share in zip(("SIGINT", "SIGTERM"), self.STOP_SHARES, strict=True):
                 try:
@@ -710,6 +736,7 @@ class DockerRunner:
             labels=config.get("Labels") or {},
             image=config.get("Image", ""),
             started_at=state.get("StartedAt", ""),
+            env=dict(item.partition("=")[::2] for item in config.get("Env") or []),
         )
 
     def inspect(self, container: str) -> ContainerInfo | None:

@@ -365,6 +365,46 @@ def test_keep_alive(dispatcher, make_pod, docker_client):
     assert container(docker_client, name) is None
 
 
+def test_stopping_a_kept_alive_pod_lets_its_agents_end_their_turn(
+    dispatcher, make_pod, docker_client, transcript_dir
+):
+    name = make_pod(IDLE, pod_json={"keepAlive": True})
+    start = dispatcher.start_session(name, URL)
+    until(start.events(), "ready")
+    resume = dispatcher.resume_session(name, "and more")
+    until(resume.events(), "resume-ready")
+    # Another process (a new kernel) stops it: it knows none of these sessions.
+    Dispatcher(dispatcher.pods_dir, DockerRunner(), transcript_dir).stop(name, 10)
+    assert start.wait(30) == 130 and resume.wait(30) == 130
+    assert output(start) == ["ready", "got INT"]
+    assert output(resume) == ["resume-ready", "resume got INT"]
+    assert container(docker_client, name) is None
+
+
+def test_a_resume_masks_what_the_container_was_given(
+    dispatcher, make_pod, docker_client, monkeypatch
+):
+    name = make_pod(
+        """
+        echo "token is $CLDPD_TEST_FORWARDED"
+        [ "$5" = --resume ] && exit 0
+        trap 'exit 130' INT
+        while :; do sleep 1 & wait; done
+        """,
+        pod_json={"inheritEnv": ["CLDPD_TEST_FORWARDED"]},
+    )
+    monkeypatch.setenv("CLDPD_TEST_FORWARDED", "value-from-the-first-kernel")
+    start = dispatcher.start_session(name, URL)
+    until(start.events(), f"token is {MASK}")
+    monkeypatch.delenv("CLDPD_TEST_FORWARDED")  # a new kernel without the variable
+    resume = dispatcher.resume_session(name, "again")
+    assert resume.wait(30) == 0
+    assert output(resume) == [f"token is {MASK}"]
+    assert "value-from-the-first-kernel" not in resume.transcript.read_text()
+    dispatcher.stop(name, 10)
+    assert container(docker_client, name) is None
+
+
 def test_pod_already_running(dispatcher, make_pod, pods_dir, transcript_dir):
     name = make_pod(IDLE)
     session = dispatcher.start_session(name, URL)
