@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -254,6 +255,26 @@ def _log_frames(
         response.close()
 
 
+def _engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a docker-py or connection error escaping a runner method into one sentence."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailableError(
+                f"Docker stopped answering ({_one_line(_explain(exc))}); check that the "
+                "engine runs, then try again."
+            ) from None
+
+    return wrapper
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _explain(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc).strip()
@@ -379,6 +400,7 @@ class DockerRunner:
             "labels": json.dumps({LABEL_CONTEXT: digest or ""}),
         }
         error = ""
+        built = False
         try:
             with self._streaming() as api:
                 response = api._post(
@@ -394,6 +416,8 @@ class DockerRunner:
                 watcher = _Canceller(cancel, stream)
                 try:
                     for item in stream:
+                        if "aux" in item and "ID" in (item["aux"] or {}):
+                            built = True
                         if "stream" in item:
                             emit(item["stream"])
                         elif "error" in item:
@@ -414,6 +438,10 @@ class DockerRunner:
         if cancel is not None and cancel.is_set():
             error = error or "the build was stopped"
             self._discard(step_containers[-1:])
+        elif (
+            not error and not built and not any(ln.startswith("Successfully built") for ln in tail)
+        ):
+            error = "the engine ended the build without an image"
         if error:
             raise BuildFailedError(f"Building image {tag} failed: {error}", "\n".join(tail))
 
@@ -508,6 +536,7 @@ class DockerRunner:
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             api.remove_container(cid, force=True)
 
+    @_engine_errors
     def run(
         self,
         opts: RunOptions,
@@ -555,6 +584,7 @@ class DockerRunner:
                 if opts.remove:
                     self._force_remove(api, cid)
 
+    @_engine_errors
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Create and start a container detached (for keepAlive pods).
 
@@ -573,6 +603,7 @@ class DockerRunner:
         self._start_or_remove(api, opts, cid)
         return ContainerInfo(opts.name, cid, "running", opts.labels, opts.image)
 
+    @_engine_errors
     def exec(
         self,
         container: str,
@@ -653,6 +684,7 @@ class DockerRunner:
         except docker.errors.APIError:
             return False
 
+    @_engine_errors
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop one exec gracefully: SIGINT, then SIGTERM, then SIGKILL; the container stays.
 
@@ -681,6 +713,7 @@ class DockerRunner:
             return info is None or not info.running
         return True
 
+    @_engine_errors
     def stop(self, container: str, timeout: float = 10.0) -> None:
         """Stop a container gracefully: SIGINT (the agent ends its turn), SIGTERM, then SIGKILL.
 
@@ -721,6 +754,7 @@ class DockerRunner:
                     raise StopFailedError(f"Could not stop {container}: {_explain(exc)}") from None
             self._wait_exit(api, container, 10)
 
+    @_engine_errors
     def remove(self, container: str) -> None:
         """Force-remove a container; a missing one is fine."""
         self._force_remove(self._control(), container)
@@ -739,6 +773,7 @@ class DockerRunner:
             env=dict(item.partition("=")[::2] for item in config.get("Env") or []),
         )
 
+    @_engine_errors
     def inspect(self, container: str) -> ContainerInfo | None:
         """Describe a container.
 
@@ -755,6 +790,7 @@ class DockerRunner:
         except docker.errors.DockerException as exc:
             raise DockerUnavailableError(f"Docker did not answer: {_explain(exc)}.") from None
 
+    @_engine_errors
     def list(self, label: str) -> list[ContainerInfo]:
         """List containers, running or not, that carry a label.
 
@@ -769,6 +805,7 @@ class DockerRunner:
                 found.append(info)
         return sorted(found, key=lambda c: c.name)
 
+    @_engine_errors
     def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
         """Follow a container's output from its start until it exits.
 

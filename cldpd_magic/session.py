@@ -212,7 +212,10 @@ class SessionControl:
             self._stopper = stopper
             run_now = stopper is not None and self.cancelled.is_set()
         if run_now:
-            stopper(self._stop_timeout)
+            # Not on this (the worker's) thread: it must go on reading the output meanwhile.
+            threading.Thread(
+                target=stopper, args=(self._stop_timeout,), daemon=True, name="cldpd-stop"
+            ).start()
 
     def check_cancelled(self) -> None:
         """Raise SessionStopped if a stop was asked for."""
@@ -397,6 +400,13 @@ class Session:
                 if final:
                     self._ended = True
                     self.ended_at = _now()
+                    # An ended session keeps only its last chunk: late readers replay
+                    # the rest from the transcript, so finished sessions cost no memory.
+                    while len(buf) > 1:
+                        old = buf.popleft()
+                        self._buf_events -= len(old.items)
+                        self._buf_bytes -= old.size
+                    self._first = buf[0].start
                     self._finished.set()
                 self._cond.notify_all()
 

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 
 from cldpd_magic import (
@@ -363,3 +364,13 @@ def test_cancelled_build_returns_promptly_and_leaves_no_container(
     assert time.monotonic() - started < 25
     assert build_containers(docker_client, marker) == []
     assert Path(pods_dir / name).is_dir()
+
+
+def test_an_engine_that_stops_answering_is_one_sentence(tmp_path):
+    gone = DockerRunner(
+        docker.DockerClient(base_url=f"unix://{tmp_path}/gone.sock", version="1.41")
+    )
+    for call in (lambda: gone.list("cldpd.pod"), lambda: gone.stop("cldpd-x")):
+        with pytest.raises(DockerUnavailableError, match="Docker") as info:
+            call()
+        assert "\n" not in str(info.value)

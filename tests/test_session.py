@@ -418,3 +418,10 @@ def test_json_escaped_secrets_are_masked(transcript_dir):
     ]
     for line in session.transcript.read_text().splitlines():
         assert "ss" not in json.loads(line)["data"]
+
+
+def test_an_ended_session_holds_almost_nothing_in_memory(transcript_dir):
+    session = make_session(transcript_dir, lines_job(3000))
+    assert session.wait(10) == 0
+    assert session.held_in_memory[0] == 1
+    assert [e.data for e in session.events()][1:-1] == [f"{i:07d}" for i in range(3000)]
