@@ -388,8 +388,18 @@ class Dispatcher:
         secrets += self.container_secrets(info)
         runner = self.runner
 
+        kept_alive = info.labels.get(LABEL_KEEP_ALIVE) == "true"
+        transcript = info.labels.get(LABEL_TRANSCRIPT, "")
+
         def job(ctl: SessionControl) -> int:
             ctl.emit(EventType.CONTAINER_STARTED, name)
+            if kept_alive:
+                ctl.stderr.write(
+                    "cldpd: this pod is kept alive and its agent runs through exec, whose "
+                    "output went to the process that started it"
+                    + (f" (transcript: {transcript})" if transcript else "")
+                    + "; resume it to run the agent here, or stop it.\n"
+                )
             ctl.set_stopper(lambda t: runner.stop(name, t))
             try:
                 return runner.logs(name, ctl.stdout, ctl.stderr)

@@ -405,6 +405,19 @@ def test_a_resume_masks_what_the_container_was_given(
     assert container(docker_client, name) is None
 
 
+def test_attaching_to_a_kept_alive_pod_says_where_its_output_went(
+    dispatcher, make_pod, docker_client, transcript_dir
+):
+    name = make_pod("echo done", pod_json={"keepAlive": True})
+    start = dispatcher.start_session(name, URL)
+    assert start.wait(30) == 0
+    attach = Dispatcher(dispatcher.pods_dir, DockerRunner(), transcript_dir).attach_session(name)
+    notice = next(e for e in attach.events() if e.type is E.STDERR)
+    assert "kept alive" in notice.data and str(start.transcript) in notice.data
+    attach.stop(10)
+    assert container(docker_client, name) is None
+
+
 def test_pod_already_running(dispatcher, make_pod, pods_dir, transcript_dir):
     name = make_pod(IDLE)
     session = dispatcher.start_session(name, URL)
