@@ -419,8 +419,10 @@ class Dispatcher:
             timeout: Seconds before the container is killed.
 
         Raises:
+            InvalidPodError: The name is not a pod name.
             StopFailedError: Docker refused to stop the container.
         """
+        validate_pod_name(pod_name)
         name = container_name(pod_name)
         for session in reversed(self.local_sessions(pod_name, active=True)):
             if session.kind == "resume":

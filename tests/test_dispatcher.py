@@ -16,6 +16,7 @@ from cldpd_magic import (
     DockerRunner,
     DockerUnavailableError,
     EventType,
+    InvalidPodError,
     InvalidRequestError,
     PodNotFoundError,
     PodRunningError,
@@ -606,3 +607,8 @@ def test_defaults_come_from_the_environment(tmp_path, monkeypatch):
     dispatcher = Dispatcher()
     assert (dispatcher.pods_dir, dispatcher.transcript_dir) == (tmp_path / "p", tmp_path / "s")
     assert isinstance(dispatcher.runner, DockerRunner)
+
+
+def test_stop_refuses_a_name_that_is_not_a_pod_name(dispatcher):
+    with pytest.raises(InvalidPodError):
+        dispatcher.stop("../etc")
