@@ -226,14 +226,14 @@ class CldpdMagics(Magics):
 
     def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
         pod = session.pod_name
-        what = (
-            f"agent turn stopped; pod {pod} keeps running (%cldpd_stop {pod} ends it)"
-            if session.kind == "resume"
-            else f"pod {pod} stopped"
-        )
+        what = f"pod {pod} stopped"
         while True:  # a second Ctrl-C must not leave the pod half stopped
             try:
+                # The agent's turn ends first (SIGINT through its exec for a resume),
+                # then the pod, as a person interrupting a blocking cell expects.
                 session.stop(self.stop_timeout)
+                if session.kind == "resume":
+                    self.dispatcher.stop(pod, self.stop_timeout)
                 feed.join(10)
                 break
             except KeyboardInterrupt:

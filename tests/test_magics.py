@@ -312,14 +312,17 @@ def test_interrupt_stops_gracefully_and_says_so(ip, fake, make_pod, kind):
     name = make_pod()
     if kind == "resume":
         fake.pretend_running(name)
-        line, stop, what = f"{name} go", "stop_exec", "agent turn stopped"
+        line, stops = f"{name} go", ["stop_exec", "stop"]
     else:
-        line, stop, what = f"{name} {URL}", "stop", f"pod {name} stopped"
+        line, stops = f"{name} {URL}", ["stop"]
+    what = f"pod {name} stopped"
     _interrupt_when(fake.started)
     with capture_output() as captured, pytest.raises(UsageError, match="Interrupted") as info:
         ip.run_line_magic(f"cldpd_{kind}", line)
     assert what in str(info.value)
-    assert any(call[0] == stop for call in fake.calls)
+    # A resume's agent ends its turn through its exec first; then the pod stops.
+    assert [call[0] for call in fake.calls if call[0] in ("stop_exec", "stop")][:2] == stops
+    assert ("stop", f"cldpd-{name}") in fake.calls
     final = last_text(captured)
     assert f"interrupted: {what}" in final
     assert "stopped" in final.splitlines()[0]
