@@ -502,6 +502,24 @@ class CldpdMagics(Magics):
 _LOADED: weakref.WeakKeyDictionary[Any, tuple[CldpdMagics, Any]] = weakref.WeakKeyDictionary()
 
 
+def keep_question_marks(lines: list[str]) -> list[str]:
+    """Input transformer: a one-line ``%cldpd_resume`` that ends in ``?`` is a prompt.
+
+    IPython reads a trailing ``?`` as a help request before any magic runs, so
+    ``%cldpd_resume pod Why did it fail?`` would send nothing; this rewrites such a line
+    into the explicit magic call, the prompt untouched.
+    """
+    if len(lines) != 1:
+        return lines
+    line = lines[0].rstrip("\n")
+    stripped = line.lstrip()
+    if not stripped.startswith("%cldpd_resume ") or not line.rstrip().endswith("?"):
+        return lines
+    indent = line[: len(line) - len(stripped)]
+    rest = stripped[len("%cldpd_resume ") :]
+    return [f"{indent}get_ipython().run_line_magic('cldpd_resume', {rest!r})\n"]
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics and the pod-name completer (``%load_ext cldpd_magic``).
 
@@ -519,6 +537,9 @@ def load_ipython_extension(ipython: Any) -> None:
     completer = getattr(ipython, "Completer", None)
     if completer is not None:
         completer.custom_matchers.append(cldpd_pod_matcher)
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None and keep_question_marks not in cleanup:
+        cleanup.append(keep_question_marks)
     _LOADED[ipython] = (magics, cldpd_pod_matcher)
 
 
@@ -545,6 +566,9 @@ def unload_ipython_extension(ipython: Any) -> None:
         completer.custom_matchers.remove(matcher)
     if magics in getattr(ipython, "configurables", []):
         ipython.configurables.remove(magics)
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None and keep_question_marks in cleanup:
+        cleanup.remove(keep_question_marks)
 
 
 __all__ = [

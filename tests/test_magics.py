@@ -20,7 +20,7 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from cldpd_magic.errors import BuildFailedError, DockerUnavailableError
-from cldpd_magic.magics import CldpdMagics, split_prompt
+from cldpd_magic.magics import CldpdMagics, keep_question_marks, split_prompt
 from cldpd_magic.runner import ContainerInfo, RunOptions
 from cldpd_magic.session import Session
 
@@ -278,8 +278,9 @@ def test_resume_sends_the_prompt_verbatim(ip, fake, make_pod):
         session = ip.run_line_magic("cldpd_resume", f"{name} fix {{x}} and $x")
         ip.run_cell(f'%cldpd_resume {name} "quoted words"')
         ip.run_cell_magic("cldpd_resume", name, "line one\nline {x}\n")
+        ip.run_cell(f"%cldpd_resume {name} Why did it fail?")
     prompts = [cmd[-1] for kind, cmd in fake.calls if kind == "exec"]
-    assert prompts == ["fix {x} and $x", "quoted words", "line one\nline {x}"]
+    assert prompts == ["fix {x} and $x", "quoted words", "line one\nline {x}", "Why did it fail?"]
     cmd = fake.calls[0][1]
     assert cmd[cmd.index("--resume") + 1] == "uuid-1"
     assert session.kind == "resume" and session.exit_code == 0
@@ -489,6 +490,7 @@ def test_unload_removes_magics_completer_and_config_and_leaves_pods_running(ip, 
         assert "CldpdMagics" not in ip.magics_manager.registry
         assert magics not in ip.configurables
         assert len(ip.Completer.custom_matchers) == len(matchers) - 1
+        assert keep_question_marks not in ip.input_transformers_cleanup
         assert completions(ip, f"%cldpd_start {name[:3]}") == []
         assert not session.done
     finally:
