@@ -7,6 +7,11 @@ saying what went wrong and what to do about it.
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """Fold any text (an engine's message, a traceback-free error) into one line."""
+    return " ".join(str(text).split())
+
+
 class CldpdError(Exception):
     """Base class of every cldpd_magic error."""
 
@@ -79,4 +84,5 @@ __all__ = [
     "PodRunningError",
     "SessionNotFoundError",
     "StopFailedError",
+    "one_line",
 ]

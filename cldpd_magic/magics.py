@@ -36,7 +36,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Float, Integer, Unicode
 
 from .dispatcher import Dispatcher, validate_issue_url
-from .errors import CldpdError
+from .errors import CldpdError, one_line
 from .pods import container_name, scan_pods, validate_pod_name
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
 from .runner import DockerRunner, Runner
@@ -49,10 +49,6 @@ _BACKGROUND = argument(
     "-b", "--background", action="store_true",
     help="return at once with the Session; the cell keeps streaming",
 )  # fmt: skip
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _is_docker_error(exc: BaseException) -> bool:
@@ -73,10 +69,10 @@ def user_errors() -> Iterator[None]:
     except UsageError:
         raise
     except CldpdError as exc:
-        raise UsageError(_one_line(str(exc)) or type(exc).__name__) from None
+        raise UsageError(one_line(str(exc)) or type(exc).__name__) from None
     except Exception as exc:
         if _is_docker_error(exc):
-            raise UsageError(f"Docker error: {_one_line(str(exc))}") from None
+            raise UsageError(f"Docker error: {one_line(str(exc))}") from None
         raise
 
 
@@ -221,7 +217,7 @@ class CldpdMagics(Magics):
         if not self._live():
             handle.update(view.bundle(), raw=True)
         if session.error is not None:
-            raise UsageError(_one_line(f"{title} failed: {session.error}"))
+            raise UsageError(one_line(f"{title} failed: {session.error}"))
         return session
 
     def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
@@ -408,12 +404,12 @@ class CldpdMagics(Magics):
             if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
                 raise
             running = None
-            notes.append(f"Docker did not answer, so running is unknown: {_one_line(str(exc))}")
+            notes.append(f"Docker did not answer, so running is unknown: {one_line(str(exc))}")
         rows = []
         for name, pod, error in scan_pods(pods_dir):
             state = "?" if running is None else ("running" if name in running else "no")
             if pod is None:
-                rows.append((name, "", "", "", "", "", state, _one_line(str(error))))
+                rows.append((name, "", "", "", "", "", state, one_line(str(error))))
                 continue
             config = pod.config
             mounts = ", ".join(
@@ -448,7 +444,7 @@ class CldpdMagics(Magics):
             if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
                 raise
             found = []
-            notes.append(f"Docker did not answer: {_one_line(str(exc))}")
+            notes.append(f"Docker did not answer: {one_line(str(exc))}")
         mine = self.sessions()
         here = {s.id for s in mine}
         container_rows = [
@@ -484,7 +480,7 @@ class CldpdMagics(Magics):
             from .widgets import PodPicker
         except Exception as exc:
             raise UsageError(
-                f"The pod picker cannot be loaded ({_one_line(str(exc))}); it needs "
+                f"The pod picker cannot be loaded ({one_line(str(exc))}); it needs "
                 "ipywidgets >= 8.1 in this kernel."
             ) from None
         dispatcher = self.dispatcher

@@ -33,6 +33,7 @@ from .errors import (
     PodRunningError,
     SessionNotFoundError,
     StopFailedError,
+    one_line,
 )
 from .pods import Mount
 
@@ -264,15 +265,11 @@ def _engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(*args, **kwargs)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise DockerUnavailableError(
-                f"Docker stopped answering ({_one_line(_explain(exc))}); check that the "
+                f"Docker stopped answering ({one_line(_explain(exc))}); check that the "
                 "engine runs, then try again."
             ) from None
 
     return wrapper
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _explain(exc: Exception) -> str:
