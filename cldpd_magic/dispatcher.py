@@ -229,6 +229,7 @@ class Dispatcher:
             workdir=pod.config.workdir,
             remove=not pod.config.keep_alive,
             mounts=list(pod.config.mounts),
+            network=pod.config.network,
             labels={
                 LABEL_POD: pod.name,
                 LABEL_SESSION: session_id,

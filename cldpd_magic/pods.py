@@ -55,6 +55,11 @@ class PodConfig:
     mounts: tuple[Mount, ...] = ()
     args: tuple[str, ...] = ()
     keep_alive: bool = False
+    network: str = ""
+
+
+#: Docker's own network modes a pod may name; any other value names a network.
+NETWORK_MODES = ("none", "host", "bridge")
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,23 @@ _CONFIG_KEYS = {
     "mounts": "mounts",
     "args": "args",
     "keepAlive": "keep_alive",
+    "network": "network",
 }
+
+
+def _network(path: Path, value: Any) -> str:
+    if isinstance(value, dict):
+        raise PodConfigError(
+            f"{path}: 'network' as an allowlist object is not supported by this version; "
+            f"use one of {', '.join(NETWORK_MODES)} or the name of a Docker network."
+        )
+    _expect(path, "network", value, str, "a string: none, host, bridge or a network name")
+    if not POD_NAME_RE.fullmatch(value):
+        raise PodConfigError(
+            f"{path}: 'network' must be none, host, bridge or the name of a Docker "
+            f"network, got {value!r}."
+        )
+    return value
 
 
 def parse_pod_config(path: Path, text: str) -> PodConfig:
@@ -228,6 +249,8 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
             values[_CONFIG_KEYS[key]] = _str_list(path, key, value)
         elif key == "mounts":
             values["mounts"] = _mounts(path, value)
+        elif key == "network":
+            values["network"] = _network(path, value)
         else:
             values["keep_alive"] = _expect(path, key, value, bool, "true or false")
     for name in values.get("build_args", {}):

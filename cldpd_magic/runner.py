@@ -62,6 +62,7 @@ class RunOptions:
         remove: Remove the container once it has exited.
         mounts: Bind mounts.
         labels: Container labels.
+        network: Docker network mode or network name ("" keeps the engine's default).
     """
 
     image: str
@@ -73,6 +74,7 @@ class RunOptions:
     remove: bool = True
     mounts: list[Mount] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    network: str = ""
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""
@@ -270,6 +272,17 @@ def _engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
 
     return wrapper
+
+
+def _container_error(opts: RunOptions, action: str, exc: Exception) -> ContainerFailedError:
+    """One sentence for a container the engine would not create or start."""
+    explanation = _explain(exc)
+    if opts.network and f"network {opts.network} not found" in explanation:
+        return ContainerFailedError(
+            f"Docker network {opts.network!r} does not exist on this engine; create it "
+            "(docker network create) or change 'network' in pod.json."
+        )
+    return ContainerFailedError(f"Could not {action} container {opts.name}: {explanation}")
 
 
 def _explain(exc: Exception) -> str:
@@ -496,7 +509,9 @@ class DockerRunner:
             docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
             for m in opts.mounts
         ]
-        host_config = api.create_host_config(init=True, mounts=mounts)
+        host_config = api.create_host_config(
+            init=True, mounts=mounts, network_mode=opts.network or None
+        )
         try:
             created = api.create_container(
                 image=opts.image,
@@ -514,9 +529,7 @@ class DockerRunner:
                 raise PodRunningError(
                     f"A container named {opts.name} already exists; stop it first."
                 ) from None
-            raise ContainerFailedError(
-                f"Could not create container {opts.name}: {_explain(exc)}"
-            ) from None
+            raise _container_error(opts, "create", exc) from None
         return created["Id"]
 
     def _start_or_remove(self, api: docker.APIClient, opts: RunOptions, cid: str) -> None:
@@ -524,9 +537,7 @@ class DockerRunner:
             api.start(cid)
         except docker.errors.APIError as exc:
             self._force_remove(api, cid)
-            raise ContainerFailedError(
-                f"Could not start container {opts.name}: {_explain(exc)}"
-            ) from None
+            raise _container_error(opts, "start", exc) from None
 
     @staticmethod
     def _force_remove(api: docker.APIClient, cid: str) -> None:

@@ -205,6 +205,28 @@ def test_workdir(runner, image):
     assert run(runner, name, ["pwd"])[:2] == (0, "/\n")
 
 
+def test_network_none_host_and_named(runner, image, docker_client):
+    name = image()
+    show = ["sh", "-c", "ls /sys/class/net | sort | tr '\\n' ' '"]
+    assert run(runner, name, show, network="none")[:2] == (0, "lo ")
+    host = sorted(p.name for p in Path("/sys/class/net").iterdir())
+    assert run(runner, name, show, network="host")[1].split() == host
+    net = docker_client.networks.create(f"cldpd-test-{name}", labels={"cldpd.test": "1"})
+    try:
+        code, out, _ = run(runner, name, show, network=net.name)
+        assert code == 0 and "eth0" in out.split()
+    finally:
+        net.remove()
+
+
+def test_missing_network_is_one_sentence(runner, image):
+    name = image()
+    with pytest.raises(ContainerFailedError, match="network 'no-such-net' does not exist") as info:
+        runner.run(opts(name, network="no-such-net"), Text())
+    assert "\n" not in str(info.value)
+    assert runner.inspect(f"cldpd-{name}") is None
+
+
 def test_labels_and_list(runner, image):
     name = image(TRAP_INT)
     label = f"cldpd.test-{name}"

@@ -125,6 +125,7 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
             ],
             "args": ["--model", "opus", "--max-turns", "3"],
             "keepAlive": True,
+            "network": "host",
         },
     )
     assert discover_pod(pods_dir, "alpha").config == PodConfig(
@@ -136,7 +137,29 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
         mounts=(Mount(str(source), "/src", True), Mount("/data", "/data", False)),
         args=("--model", "opus", "--max-turns", "3"),
         keep_alive=True,
+        network="host",
     )
+
+
+@pytest.mark.parametrize("network", ["none", "host", "bridge", "team-net", "net_2.a"])
+def test_network_modes_and_names_are_accepted(pods_dir, network):
+    write_pod(pods_dir, "alpha", {"network": network})
+    assert discover_pod(pods_dir, "alpha").config.network == network
+
+
+@pytest.mark.parametrize(
+    ("network", "expected"),
+    [
+        ("", "Docker network"),
+        ("-net", "Docker network"),
+        ("a b", "Docker network"),
+        (3, "network"),
+        ({"allow": ["github.com"]}, "allowlist"),
+    ],
+)
+def test_bad_network_values_are_one_sentence(pods_dir, network, expected):
+    message = config_error(pods_dir, {"network": network})
+    assert "'network'" in message and expected in message and "\n" not in message
 
 
 @pytest.mark.parametrize("text", ["", "  \n", "{}"])
