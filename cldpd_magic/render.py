@@ -25,6 +25,27 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 #: Longest line shown in a cell; the transcript keeps the whole line.
 MAX_SHOWN_CHARS = 2000
 _STEP_RE = re.compile(r"^Step (\d+)/(\d+) :")
+#: Terminal escape sequences (CSI, OSC, DCS/PM/APC strings, two-character escapes) and
+#: control characters other than tab and newline: what must never reach a terminal or a page.
+_TERMINAL_RE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[@-Z\\-_]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+def clean_text(text: str) -> str:
+    """Remove terminal escape sequences and control characters (tab and newline stay).
+
+    Agent output is hostile input: colours, cursor moves, window titles and clear-screen
+    sequences are dropped, so that what is shown is only the text.
+    """
+    return _TERMINAL_RE.sub("", text) if text else text
+
+
 _KEY_ARGS = {
     "Bash": "command",
     "Read": "file_path",
