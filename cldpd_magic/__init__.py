@@ -23,7 +23,7 @@ from .errors import (
     StopFailedError,
 )
 from .pods import Mount, Pod, PodConfig, default_pods_dir, discover_all, discover_pod
-from .runner import DockerRunner, Runner, RunOptions
+from .protocol import Runner, RunOptions
 from .session import Event, EventType, Session
 
 __version__ = "0.1.0"
@@ -66,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from .widgets import PodPicker
 
         return PodPicker
+    if name == "DockerRunner":  # docker-py and requests load only when asked for
+        from .runner import DockerRunner
+
+        return DockerRunner
     raise AttributeError(f"module 'cldpd_magic' has no attribute {name!r}")
 
 

@@ -28,7 +28,7 @@ from .pods import (
     looks_secret,
     validate_pod_name,
 )
-from .runner import ContainerInfo, DockerRunner, ExecHandle, Runner, RunOptions, Writer
+from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
 from .session import EventType, Session, SessionControl, new_session_id
 
 LABEL_POD = "cldpd.pod"
@@ -135,7 +135,11 @@ class Dispatcher:
         transcript_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.pods_dir = Path(pods_dir).expanduser() if pods_dir else default_pods_dir()
-        self.runner: Runner = runner if runner is not None else DockerRunner()
+        if runner is None:
+            from .runner import DockerRunner  # docker-py loads only when it is used
+
+            runner = DockerRunner()
+        self.runner: Runner = runner
         self.transcript_dir = (
             Path(transcript_dir).expanduser() if transcript_dir else default_transcript_dir()
         )

@@ -38,8 +38,8 @@ from traitlets import Float, Integer, Unicode
 from .dispatcher import Dispatcher, validate_issue_url
 from .errors import CldpdError, one_line
 from .pods import container_name, scan_pods, validate_pod_name
+from .protocol import Runner
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
-from .runner import DockerRunner, Runner
 from .session import Session
 
 #: Magics whose first positional argument is a pod name (completed with Tab).
@@ -154,6 +154,8 @@ class CldpdMagics(Magics):
     def runner(self) -> Runner:
         """The Docker operations, shared by every dispatcher of this instance."""
         if self._runner is None:
+            from .runner import DockerRunner  # docker-py loads only when it is used
+
             self._runner = DockerRunner()
         return self._runner
 

@@ -1,4 +1,4 @@
-"""Docker operations behind a small protocol; DockerRunner is the only code that imports docker."""
+"""DockerRunner: the Runner protocol on a Docker engine; the only code that imports docker."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import IO, Any
 
 import docker
 import docker.errors
@@ -35,150 +34,10 @@ from .errors import (
     StopFailedError,
     one_line,
 )
-from .pods import Mount
+from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
 
 #: A legacy-builder log line naming the container that runs a build step.
 _STEP_CONTAINER_RE = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
-
-
-class Writer(Protocol):
-    """Anything with ``write(str)``, such as ``sys.stdout`` or an ``io.StringIO``."""
-
-    def write(self, text: str, /) -> Any:
-        """Write a piece of text."""
-
-
-@dataclass
-class RunOptions:
-    """How to run a pod's container.
-
-    Attributes:
-        image: Image tag.
-        name: Container name.
-        cmd: Command and arguments.
-        env: Environment variables set in the container.
-        inherit_env: Host variable names forwarded when set on the host; unset ones are skipped.
-        workdir: Working directory ("" keeps the image's).
-        remove: Remove the container once it has exited.
-        mounts: Bind mounts.
-        labels: Container labels.
-        network: Docker network mode or network name ("" keeps the engine's default).
-    """
-
-    image: str
-    name: str
-    cmd: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    inherit_env: list[str] = field(default_factory=list)
-    workdir: str = ""
-    remove: bool = True
-    mounts: list[Mount] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    network: str = ""
-
-    def resolved_env(self) -> dict[str, str]:
-        """``env`` plus every ``inherit_env`` variable that is set on the host."""
-        env = dict(self.env)
-        for name in self.inherit_env:
-            value = os.environ.get(name)
-            if value is not None:
-                env[name] = value
-        return env
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What the engine says about a container.
-
-    Attributes:
-        name: Container name.
-        id: Container id.
-        status: Docker status (created, running, exited, ...).
-        labels: Its labels.
-        image: Image tag it was created from.
-        started_at: Start time as the engine reports it (ISO 8601).
-        env: Its environment.
-    """
-
-    name: str
-    id: str
-    status: str
-    labels: dict[str, str]
-    image: str = ""
-    started_at: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def running(self) -> bool:
-        """Whether the container is running."""
-        return self.status == "running"
-
-
-@dataclass
-class ExecHandle:
-    """Identifies an exec started by :meth:`DockerRunner.exec`, so it can be stopped."""
-
-    container: str
-    exec_id: str
-    pidfile: str
-
-
-@runtime_checkable
-class Runner(Protocol):
-    """The Docker operations the dispatcher needs; every method blocks."""
-
-    def preflight(self) -> None:
-        """Raise DockerUnavailableError unless the engine answers."""
-
-    def build(
-        self,
-        tag: str,
-        context_dir: str,
-        build_args: dict[str, str] | None = None,
-        on_output: Callable[[str], None] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> None:
-        """Build an image, passing each log line to on_output."""
-
-    def run(
-        self,
-        opts: RunOptions,
-        stdout: Writer,
-        stderr: Writer | None = None,
-        on_start: Callable[[ContainerInfo], None] | None = None,
-    ) -> int:
-        """Run a container to its end and return its exit code."""
-
-    def start(self, opts: RunOptions) -> ContainerInfo:
-        """Create and start a container detached."""
-
-    def exec(
-        self,
-        container: str,
-        cmd: list[str],
-        stdout: Writer,
-        stderr: Writer | None = None,
-        on_start: Callable[[ExecHandle], None] | None = None,
-    ) -> int:
-        """Run a command in a running container and return its exit code."""
-
-    def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
-        """Stop an exec started by exec()."""
-
-    def stop(self, container: str, timeout: float = 10.0) -> None:
-        """Stop a container gracefully; a missing container is fine."""
-
-    def remove(self, container: str) -> None:
-        """Remove a stopped container; a missing one is fine."""
-
-    def inspect(self, container: str) -> ContainerInfo | None:
-        """Describe a container, None when there is none."""
-
-    def list(self, label: str) -> list[ContainerInfo]:
-        """List containers carrying a label."""
-
-    def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
-        """Follow a container's output from its start to its end; return its exit code."""
 
 
 #: Image label holding the digest of the build's inputs, to skip rebuilding an unchanged pod.
@@ -868,3 +727,14 @@ class _Canceller:
 
     def done(self) -> None:
         self._finished.set()
+
+
+__all__ = [
+    "LABEL_CONTEXT",
+    "ContainerInfo",
+    "DockerRunner",
+    "ExecHandle",
+    "RunOptions",
+    "Runner",
+    "Writer",
+]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cldpd_magic.errors import BuildFailedError, PodRunningError, SessionNotFoundError
-from cldpd_magic.runner import ContainerInfo, ExecHandle, RunOptions, Writer
+from cldpd_magic.protocol import ContainerInfo, ExecHandle, RunOptions, Writer
 
 
 def write_pod(
