@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -10,14 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidPodError, PodConfigError, PodNotFoundError
+from .secrets import config_secrets, looks_secret
 
 POD_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
-SECRET_KEY_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
-
-def looks_secret(name: str) -> bool:
-    """Tell whether an environment variable name looks like it holds a secret."""
-    return bool(SECRET_KEY_RE.search(name))
+# The image reference grammar of Docker (distribution/reference): a repository is
+# path components of lower-case letters and digits joined by '.', '_', '__' or dashes.
+_ALNUM = r"[a-z0-9]+"
+_PATH_COMPONENT = rf"{_ALNUM}(?:(?:[._]|__|-+){_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,}"
+IMAGE_REFERENCE_RE = re.compile(
+    rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    rf"(?::{_TAG})?(?:@{_DIGEST})?"
+)
+#: The engine counts a repository's length with its implicit ``docker.io/library/``
+#: prefix, and refuses more than 255 characters: a bare name has 237.
+MAX_REPOSITORY_LENGTH = 255 - len("docker.io/library/")
+#: Image ``cldpd-<name>``, plus ``-<8 hex>`` for a name with capitals, within the limit.
+MAX_POD_NAME_LENGTH = MAX_REPOSITORY_LENGTH - len("cldpd-") - 9
 
 
 def default_pods_dir() -> Path:
@@ -82,20 +96,22 @@ class Pod:
 
     @property
     def image(self) -> str:
-        """The image tag to build and run: ``config.image`` or ``cldpd-<name>`` lower-cased."""
-        return self.config.image or f"cldpd-{self.name}".lower()
+        """The image tag to build and run: ``config.image`` or :func:`default_image`."""
+        return self.config.image or default_image(self.name)
 
     @property
     def container_name(self) -> str:
         """The name of the pod's container, ``cldpd-<name>``."""
         return container_name(self.name)
 
-    def secret_values(self) -> list[str]:
-        """Values that must never be displayed: secret-looking env values.
+    def secret_values(self, environ: dict[str, str] | None = None) -> list[str]:
+        """Values that must never be displayed: secret-looking env values, forwarded values.
 
-        inheritEnv values are read from the host at run time and masked by the dispatcher.
+        Args:
+            environ: The host environment the inheritEnv values come from; ``os.environ``
+                when None.
         """
-        return [v for k, v in self.config.env.items() if v and looks_secret(k)]
+        return config_secrets(self.config.env, self.config.inherit_env, environ)
 
 
 def container_name(pod_name: str) -> str:
@@ -103,9 +119,45 @@ def container_name(pod_name: str) -> str:
     return f"cldpd-{pod_name}"
 
 
+def default_image(pod_name: str) -> str:
+    """The image a pod builds when its pod.json names none: ``cldpd-<name>`` lower-cased.
+
+    Image names cannot hold capitals; a name that has some gets a suffix made from the
+    name as written, so that pods differing only in case never share an image.
+    """
+    image = f"cldpd-{pod_name}".lower()
+    if pod_name != pod_name.lower():
+        image += "-" + hashlib.sha256(pod_name.encode()).hexdigest()[:8]
+    return image
+
+
+def pod_name_problem(name: str) -> str:
+    """Say why ``name`` is not a usable pod name, or return "" when it is.
+
+    A pod name is a directory name, a container name and (lower-cased) part of an image
+    name, so it must satisfy the rules of all three.
+    """
+    if not isinstance(name, str) or not POD_NAME_RE.fullmatch(name):
+        return (
+            f"{name!r} is not a valid pod name: use letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit."
+        )
+    if len(name) > MAX_POD_NAME_LENGTH:
+        return (
+            f"The pod name {name[:20]}... has {len(name)} characters; Docker image names allow "
+            f"pod names of at most {MAX_POD_NAME_LENGTH}: use a shorter name."
+        )
+    if not re.fullmatch(_PATH_COMPONENT, f"cldpd-{name}".lower()):
+        return (
+            f"{name!r} is not a valid pod name: Docker image names must end with a letter or "
+            "digit, and '.', '_' or '__' may only stand between letters and digits."
+        )
+    return ""
+
+
 def is_valid_pod_name(name: str) -> bool:
-    """Tell whether ``name`` is a usable pod name (a Docker name, no ``/`` nor ``..``)."""
-    return isinstance(name, str) and bool(POD_NAME_RE.fullmatch(name)) and ".." not in name
+    """Tell whether ``name`` is a usable pod name (see :func:`pod_name_problem`)."""
+    return not pod_name_problem(name)
 
 
 def validate_pod_name(name: str) -> None:
@@ -115,14 +167,24 @@ def validate_pod_name(name: str) -> None:
         name: The candidate pod name.
 
     Raises:
-        InvalidPodError: If the name could escape the pods directory or is not a
-            valid Docker name.
+        InvalidPodError: If the name could escape the pods directory, is not a valid
+            Docker name, or would make no valid image name.
     """
-    if not is_valid_pod_name(name):
-        raise InvalidPodError(
-            f"{name!r} is not a valid pod name: use letters, digits, '_', '.' and '-', "
-            "starting with a letter or digit."
+    problem = pod_name_problem(name)
+    if problem:
+        raise InvalidPodError(problem)
+
+
+def validate_image(path: Path, image: str) -> str:
+    """Return ``image`` if it is a valid Docker image reference, else raise PodConfigError."""
+    match = IMAGE_REFERENCE_RE.fullmatch(image)
+    if match is None or len(match["name"]) > MAX_REPOSITORY_LENGTH:
+        raise PodConfigError(
+            f"{path}: 'image' must be a Docker image reference like 'name', 'name:tag' or "
+            f"'registry/name:tag' (lower-case name, at most {MAX_REPOSITORY_LENGTH} "
+            f"characters), got {image[:80]!r}."
         )
+    return image
 
 
 def _expect(path: Path, key: str, value: Any, kind: type, what: str) -> Any:
@@ -212,6 +274,21 @@ def _network(path: Path, value: Any) -> str:
     return value
 
 
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
 def parse_pod_config(path: Path, text: str) -> PodConfig:
     """Parse the text of a pod.json file.
 
@@ -223,15 +300,25 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
         The parsed configuration.
 
     Raises:
-        PodConfigError: Malformed JSON (with line and column), unknown keys, wrong types.
+        PodConfigError: Malformed JSON (with line and column), a key given twice, JSON
+            nested too deeply, unknown keys, wrong types, an invalid image reference.
     """
     if not text.strip():
         return PodConfig()
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise PodConfigError(
             f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}."
+        ) from None
+    except _DuplicateKeyError as exc:
+        raise PodConfigError(
+            f"{path}: the key {exc.key!r} appears more than once in one object; keep one."
+        ) from None
+    except RecursionError:
+        raise PodConfigError(
+            f"{path}: the JSON is nested too deeply to read; "
+            "a pod.json is at most three levels deep."
         ) from None
     _expect(path, "pod.json", data, dict, "a JSON object")
     unknown = [k for k in data if k not in _CONFIG_KEYS]
@@ -241,8 +328,10 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
         )
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("image", "workdir"):
-            values[_CONFIG_KEYS[key]] = _expect(path, key, value, str, "a string")
+        if key == "image":
+            values["image"] = validate_image(path, _expect(path, key, value, str, "a string"))
+        elif key == "workdir":
+            values["workdir"] = _expect(path, key, value, str, "a string")
         elif key in ("env", "buildArgs"):
             values[_CONFIG_KEYS[key]] = _str_map(path, key, value)
         elif key in ("inheritEnv", "args"):
@@ -334,7 +423,8 @@ def scan_pods(
 ) -> list[tuple[str, Pod | None, Exception | None]]:
     """List every pod directory with either its Pod or the error that makes it broken.
 
-    Directories without a Dockerfile and names that are not valid pod names are left out.
+    Directories without a Dockerfile, and names of other characters than a pod name's,
+    are left out; a name that Docker would refuse (``x-``, too long) is a broken pod.
 
     Args:
         pods_dir: The pods directory.
@@ -349,7 +439,7 @@ def scan_pods(
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if not entry.is_dir() or not (entry / "Dockerfile").is_file():
             continue
-        if not is_valid_pod_name(entry.name):
+        if not POD_NAME_RE.fullmatch(entry.name):
             continue
         try:
             found.append((entry.name, discover_pod(root, entry.name), None))

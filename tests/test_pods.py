@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,12 @@ from cldpd_magic import (
     discover_all,
     discover_pod,
 )
-from cldpd_magic.pods import scan_pods
+from cldpd_magic.pods import (
+    IMAGE_REFERENCE_RE,
+    MAX_POD_NAME_LENGTH,
+    MAX_REPOSITORY_LENGTH,
+    scan_pods,
+)
 
 
 def config_error(pods_dir: Path, pod_json: dict | str) -> str:
@@ -98,9 +104,73 @@ def test_discover_all_raises_on_broken_pod_and_scan_lists_it(pods_dir):
     assert good_pod is not None and good_pod.name == "good" and good_error is None
 
 
-def test_default_image_tag_is_lower_cased(pods_dir):
-    write_pod(pods_dir, "My_Pod.V2")
-    assert discover_pod(pods_dir, "My_Pod.V2").image == "cldpd-my_pod.v2"
+def test_default_image_tag_is_lower_cased_and_unique_per_name(pods_dir):
+    for name in ("my_pod.v2", "My_Pod.V2", "MY_POD.V2"):
+        write_pod(pods_dir, name)
+    images = [discover_pod(pods_dir, n).image for n in ("my_pod.v2", "My_Pod.V2", "MY_POD.V2")]
+    assert images[0] == "cldpd-my_pod.v2"
+    assert all(re.fullmatch(r"cldpd-my_pod\.v2-[0-9a-f]{8}", i) for i in images[1:])
+    assert len(set(images)) == 3
+    assert discover_pod(pods_dir, "My_Pod.V2").image == images[1]
+
+
+@pytest.mark.parametrize("name", ["x-", "x.", "x_", "x._y", "x___y", "x-_y", "a" * 223])
+def test_names_that_make_no_image_name_are_refused_up_front(pods_dir, name):
+    with pytest.raises(InvalidPodError) as info:
+        discover_pod(pods_dir, name)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(".")
+    assert "image" in message
+
+
+def test_longest_name_gives_a_valid_image_name(pods_dir):
+    name = "A" * MAX_POD_NAME_LENGTH
+    write_pod(pods_dir, name)
+    image = discover_pod(pods_dir, name).image
+    assert IMAGE_REFERENCE_RE.fullmatch(image) and len(image) <= MAX_REPOSITORY_LENGTH
+
+
+def test_pods_whose_names_docker_refuses_are_listed_as_broken(pods_dir):
+    write_pod(pods_dir, "x-")
+    write_pod(pods_dir, "good")
+    scanned = scan_pods(pods_dir)
+    assert [(n, p is None, type(e).__name__) for n, p, e in scanned] == [
+        ("good", False, "NoneType"),
+        ("x-", True, "InvalidPodError"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "image", ["Upper", "a-", "a..b", "a:b:c", "with space", "a" * 238, "a/", "", "a@sha256:12"]
+)
+def test_image_that_is_no_docker_reference_is_one_sentence(pods_dir, image):
+    message = config_error(pods_dir, {"image": image})
+    assert "'image' must be a Docker image reference" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "image", ["a", "a:1.0", "localhost:5000/team/a_b:v1", "a@sha256:" + "0" * 64, "a" * 237]
+)
+def test_valid_image_references_are_accepted(pods_dir, image):
+    write_pod(pods_dir, "p", {"image": image})
+    assert discover_pod(pods_dir, "p").image == image
+
+
+def test_duplicate_keys_are_named(pods_dir):
+    message = config_error(pods_dir, '{"env": {"A": "1", "A": "2"}, "image": "x"}')
+    assert "'A' appears more than once" in message
+
+
+def test_deeply_nested_pod_json_is_one_sentence_and_others_still_list(pods_dir):
+    write_pod(pods_dir, "deep", '{"env": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    write_pod(pods_dir, "fine")
+    with pytest.raises(PodConfigError, match="nested too deeply") as info:
+        discover_pod(pods_dir, "deep")
+    assert "\n" not in str(info.value)
+    assert [(n, p is not None) for n, p, _ in scan_pods(pods_dir)] == [
+        ("deep", False),
+        ("fine", True),
+    ]
 
 
 def test_custom_image_is_used_verbatim(pods_dir):
@@ -248,6 +318,14 @@ def test_secret_looking_build_args_are_refused(pods_dir, name):
 def test_secret_looking_env_values_are_secret_values(pods_dir):
     write_pod(pods_dir, "alpha", {"env": {"API_KEY": "k-123456", "MODE": "plain", "TOKEN": ""}})
     assert discover_pod(pods_dir, "alpha").secret_values() == ["k-123456"]
+
+
+def test_forwarded_values_are_secret_values(pods_dir):
+    write_pod(pods_dir, "alpha", {"env": {"MODE": "plain"}, "inheritEnv": ["HOST_A", "GONE"]})
+    pod = discover_pod(pods_dir, "alpha")
+    assert pod.secret_values({"HOST_A": "plain-but-forwarded", "OTHER": "x"}) == [
+        "plain-but-forwarded"
+    ]
 
 
 @pytest.mark.parametrize(("text", "expected"), [(None, ""), ("", ""), ("\n  \n", "")])
