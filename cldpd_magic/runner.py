@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import struct
@@ -35,6 +36,8 @@ from .errors import (
     one_line,
 )
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+
+logger = logging.getLogger(__name__)
 
 #: A legacy-builder log line naming the container that runs a build step.
 _STEP_CONTAINER_RE = re.compile(r"^ ---> Running in ([0-9a-f]{12,64})\s*$")
@@ -97,24 +100,59 @@ def _read_exactly(raw: Any, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _log_frames(
-    api: docker.APIClient, response: requests.Response
-) -> Iterator[tuple[bytes | None, bytes | None]]:
-    """Split a (non-TTY) logs response into ``(stdout, stderr)`` chunks."""
-    api._raise_for_status(response)
-    api._disable_socket_timeout(api._get_raw_response_socket(response))
-    try:
-        while True:
-            header = _read_exactly(response.raw, 8)
-            if len(header) < 8:
-                return
-            kind, size = struct.unpack(">BxxxL", header)
-            data = _read_exactly(response.raw, size)
-            yield (None, data) if kind == 2 else (data, None)
-            if len(data) < size:
-                return
-    finally:
-        response.close()
+class _PrivateAPI:
+    """The few private ``APIClient`` calls the runner needs, in one place.
+
+    docker-py's public ``build()`` hands back a bare generator, so a build cannot be
+    cancelled from another thread (its response must be closed), and its public
+    ``logs()`` merges stdout and stderr into one stream. These calls give both; they are
+    the same in docker-py 4 to 7, and pyproject pins ``docker<8`` so a change is seen.
+    ``docker.utils.socket.frames_iter`` reads a hijacked socket (attach, exec); a logs
+    response is plain HTTP whose body urllib3 may already have buffered, so its frames
+    are read from the response as docker-py's own multiplexed-stream helper does.
+    """
+
+    @staticmethod
+    def post_build(
+        api: docker.APIClient, context: IO[bytes], params: dict[str, Any]
+    ) -> CancellableStream:
+        """Start a build; the stream yields the engine's decoded JSON log items."""
+        response = api._post(
+            api._url("/build"),
+            data=context,
+            params=params,
+            headers={"Content-Type": "application/tar"},
+            stream=True,
+            timeout=None,
+        )
+        api._raise_for_status(response)
+        return CancellableStream(api._stream_helper(response, decode=True), response)
+
+    @staticmethod
+    def follow_logs(
+        api: docker.APIClient, container: str
+    ) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """Follow a (non-TTY) container's log from its start as ``(stdout, stderr)`` chunks."""
+        response = api._get(
+            api._url("/containers/{0}/logs", container),
+            params={"stdout": 1, "stderr": 1, "follow": 1, "tail": "all"},
+            stream=True,
+            timeout=None,
+        )
+        api._raise_for_status(response)
+        api._disable_socket_timeout(api._get_raw_response_socket(response))
+        try:
+            while True:
+                header = _read_exactly(response.raw, 8)
+                if len(header) < 8:
+                    return
+                kind, size = struct.unpack(">BxxxL", header)
+                data = _read_exactly(response.raw, size)
+                yield (None, data) if kind == 2 else (data, None)
+                if len(data) < size:
+                    return
+        finally:
+            response.close()
 
 
 def _engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -148,6 +186,54 @@ def _explain(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc).strip()
     return str(exc).strip()
+
+
+def _build_context(context_dir: str) -> IO[bytes]:
+    """The build context as a tar file: the directory less .dockerignore's matches and pod.json."""
+    exclude = [".dockerignore"]
+    ignore = os.path.join(context_dir, ".dockerignore")
+    if os.path.exists(ignore):
+        with open(ignore, encoding="utf-8") as f:
+            exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    exclude.append("pod.json")  # last, so that no "!pod.json" can bring it back
+    return build_utils.tar(context_dir, exclude=exclude)
+
+
+class _BuildLog:
+    """A build's log: split into lines for ``on_output``, with a tail kept for errors."""
+
+    def __init__(self, on_output: Callable[[str], None] | None) -> None:
+        self.on_output = on_output
+        self.tail: deque[str] = deque(maxlen=40)
+        self.step_containers: list[str] = []
+        self.built = False
+        self._pending = ""
+
+    def say(self, line: str) -> None:
+        """Pass a line of our own to ``on_output``."""
+        if self.on_output is not None:
+            self.on_output(line)
+
+    def feed(self, text: str) -> None:
+        """Take a piece of the engine's log; complete lines go out at once."""
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self.tail.append(line)
+            step = _STEP_CONTAINER_RE.match(line)
+            if step:
+                self.step_containers.append(step.group(1))
+            elif line.startswith("Successfully built"):
+                self.built = True
+            self.say(line)
+
+    def close(self) -> None:
+        """Send the last, unterminated line."""
+        if self._pending:
+            self.feed("\n")
+
+    def tail_text(self) -> str:
+        """The last lines of the log."""
+        return "\n".join(self.tail)
 
 
 class DockerRunner:
@@ -231,88 +317,65 @@ class DockerRunner:
         Raises:
             BuildFailedError: The build failed or was cancelled; carries the log tail.
         """
-        tail: deque[str] = deque(maxlen=40)
-        pending = ""
-        step_containers: list[str] = []
-
-        def emit(text: str) -> None:
-            nonlocal pending
-            pending += text
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                tail.append(line)
-                step = _STEP_CONTAINER_RE.match(line)
-                if step:
-                    step_containers.append(step.group(1))
-                if on_output is not None:
-                    on_output(line)
-
-        exclude = [".dockerignore"]
-        ignore = os.path.join(context_dir, ".dockerignore")
-        if os.path.exists(ignore):
-            with open(ignore, encoding="utf-8") as f:
-                exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-        exclude.append("pod.json")  # last, so that no "!pod.json" can bring it back
-        context = build_utils.tar(context_dir, exclude=exclude)
-        digest = self._context_digest(context, context_dir, build_args or {})
-        if digest is not None and self._image_digest(tag) == digest:
+        log = _BuildLog(on_output)
+        context = _build_context(context_dir)
+        try:
+            digest = self._context_digest(context, context_dir, build_args or {})
+            if digest is not None and self._image_digest(tag) == digest:
+                log.say(f"cldpd: image {tag} is up to date (the pod has not changed)")
+                return
+            params = {
+                "t": tag,
+                "rm": True,
+                "forcerm": True,
+                "q": False,
+                "buildargs": json.dumps(build_args or {}),
+                "labels": json.dumps({LABEL_CONTEXT: digest or ""}),
+            }
+            error = self._stream_build(context, params, log, cancel)
+        finally:
             context.close()
-            if on_output is not None:
-                on_output(f"cldpd: image {tag} is up to date (the pod has not changed)")
-            return
-        params = {
-            "t": tag,
-            "rm": True,
-            "forcerm": True,
-            "q": False,
-            "buildargs": json.dumps(build_args or {}),
-            "labels": json.dumps({LABEL_CONTEXT: digest or ""}),
-        }
+        log.close()
+        if cancel is not None and cancel.is_set():
+            error = error or "the build was stopped"
+            # The engine may still be running the step's container: it is ours to remove.
+            self._discard(log.step_containers[-1:])
+        elif not error and not log.built:
+            error = "the engine ended the build without an image"
+        if error:
+            raise BuildFailedError(f"Building image {tag} failed: {error}", log.tail_text())
+
+    def _stream_build(
+        self,
+        context: IO[bytes],
+        params: dict[str, Any],
+        log: _BuildLog,
+        cancel: threading.Event | None,
+    ) -> str:
+        """Run a build, feeding its log to ``log``; return the engine's error ("" if none)."""
         error = ""
-        built = False
         try:
             with self._streaming() as api:
-                response = api._post(
-                    api._url("/build"),
-                    data=context,
-                    params=params,
-                    headers={"Content-Type": "application/tar"},
-                    stream=True,
-                    timeout=None,
-                )
-                api._raise_for_status(response)
-                stream = CancellableStream(api._stream_helper(response, decode=True), response)
+                stream = _PrivateAPI.post_build(api, context, params)
                 watcher = _Canceller(cancel, stream)
                 try:
                     for item in stream:
                         if "aux" in item and "ID" in (item["aux"] or {}):
-                            built = True
+                            log.built = True
                         if "stream" in item:
-                            emit(item["stream"])
+                            log.feed(item["stream"])
                         elif "error" in item:
                             error = item["error"].strip()
                         elif "status" in item:
-                            emit(item["status"] + "\n")
+                            log.feed(item["status"] + "\n")
                 finally:
                     watcher.done()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             if cancel is not None and cancel.is_set():
-                error = "the build was stopped"
-            else:
-                error = _explain(exc)
-        finally:
-            context.close()
-        if pending:
-            emit("\n")
-        if cancel is not None and cancel.is_set():
-            error = error or "the build was stopped"
-            self._discard(step_containers[-1:])
-        elif (
-            not error and not built and not any(ln.startswith("Successfully built") for ln in tail)
-        ):
-            error = "the engine ended the build without an image"
-        if error:
-            raise BuildFailedError(f"Building image {tag} failed: {error}", "\n".join(tail))
+                return "the build was stopped"
+            logger.debug("build stream failed", exc_info=True)
+            return _explain(exc)
+        return error
 
     def _discard(self, containers: list[str], timeout: float = 10.0) -> None:
         """Force-remove containers and wait until the engine has let them go."""
@@ -692,16 +755,9 @@ class DockerRunner:
         """
         if self.inspect(container) is None:
             raise SessionNotFoundError(f"No container named {container}.")
-        params = {"stdout": 1, "stderr": 1, "follow": 1, "tail": "all"}
         with self._streaming() as api:
             try:
-                response = api._get(
-                    api._url("/containers/{0}/logs", container),
-                    params=params,
-                    stream=True,
-                    timeout=None,
-                )
-                _pump(_log_frames(api, response), stdout, stderr)
+                _pump(_PrivateAPI.follow_logs(api, container), stdout, stderr)
                 return int(api.wait(container)["StatusCode"])
             except docker.errors.NotFound:
                 return -1
