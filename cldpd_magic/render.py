@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextvars
 import html
 import json
+import logging
+import math
 import re
 import threading
 import time
@@ -18,7 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .session import Event, EventType, Masker, Session
+from markdown_it import MarkdownIt
+
+from .session import MASK, Event, EventType, Masker, Session
 
 DEFAULT_MAX_LINES = 200
 DEFAULT_FLUSH_INTERVAL = 0.25
@@ -37,13 +41,23 @@ _TERMINAL_RE = re.compile(
 )
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+#: Bidirectional overrides and isolates: they make a terminal show text in another order.
+_BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
 def clean_text(text: str) -> str:
     """Remove terminal escape sequences and control characters (tab and newline stay).
 
     Agent output is hostile input: colours, cursor moves, window titles and clear-screen
-    sequences are dropped, so that what is shown is only the text.
+    sequences are dropped, so that what is shown is only the text. Bidirectional
+    overrides go too, and lone surrogates (which no page or terminal can encode) become
+    U+FFFD.
     """
-    return _TERMINAL_RE.sub("", text) if text else text
+    if not text:
+        return text
+    text = _BIDI_RE.sub("", _TERMINAL_RE.sub("", text))
+    return _SURROGATE_RE.sub("\ufffd", text)
 
 
 _KEY_ARGS = {
@@ -53,13 +67,34 @@ _KEY_ARGS = {
     "Edit": "file_path",
     "MultiEdit": "file_path",
     "NotebookEdit": "notebook_path",
+    "NotebookRead": "notebook_path",
     "Glob": "pattern",
     "Grep": "pattern",
+    "LS": "path",
     "WebFetch": "url",
     "WebSearch": "query",
     "Task": "description",
     "Agent": "description",
+    "Skill": "skill",
+    "SlashCommand": "command",
+    "BashOutput": "bash_id",
+    "KillShell": "shell_id",
 }
+#: Result subtypes of Claude Code and what the summary line calls them.
+_RESULT_NAMES = {
+    "error_max_turns": "reached the turn limit",
+    "error_during_execution": "error during execution",
+    "error_max_budget_usd": "reached the budget",
+    "error_max_structured_output_retries": "no valid structured output",
+}
+#: Event types that carry nothing a person needs to read (partial messages, tool ticks).
+_QUIET_TYPES = frozenset({"stream_event", "tool_progress", "keep_alive"})
+#: Fields left out of the summary of an unknown event.
+_SUMMARY_SKIP = frozenset({"type", "subtype", "uuid", "session_id", "parent_tool_use_id"})
+#: Longest Markdown text rendered as Markdown; the transcript keeps the whole text.
+MAX_MARKDOWN_CHARS = 20000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +102,24 @@ class Line:
     """One rendered piece of output.
 
     Attributes:
-        kind: ``text``, ``stderr``, ``markdown``, ``tool``, ``tool_result``,
-            ``tool_error``, ``result``, ``system`` or ``error``.
-        text: Plain-text form.
+        kind: ``text``, ``stderr``, ``markdown``, ``thinking``, ``tool``, ``tool_result``,
+            ``tool_error``, ``denied``, ``retry``, ``result``, ``failed``, ``system``,
+            ``event``, ``build`` or ``error``.
+        text: Plain-text form (for Markdown, the Markdown source), free of terminal
+            escapes and control characters.
         lines: How many screen lines it takes (for the bounded tail).
+        markup: Its HTML when made at render time (Markdown); else made from ``text``.
     """
 
     kind: str
     text: str
     lines: int = 1
+    markup: str = ""
 
     def to_html(self) -> str:
-        """HTML form."""
+        """HTML form: every character of the text escaped, Markdown made safe."""
+        if self.markup:
+            return self.markup
         if self.kind == "markdown":
             return f'<div class="cldpd-md">{markdown_to_html(self.text)}</div>'
         return f'<div class="cldpd-{self.kind}">{html.escape(self.text)}</div>'
@@ -95,187 +136,422 @@ def _first_line(text: str, limit: int = 160) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
-def _tool_line(block: dict[str, Any]) -> Line:
-    name = str(block.get("name", "tool"))
-    args = block.get("input") or {}
-    key = _KEY_ARGS.get(name)
-    value: Any = args.get(key) if key and isinstance(args, dict) else None
-    if value is None and isinstance(args, dict):
-        if name == "TodoWrite" and isinstance(args.get("todos"), list):
-            value = f"{len(args['todos'])} todos"
-        else:
-            value = next((v for v in args.values() if isinstance(v, str)), "")
-    return Line("tool", f"▸ {name}: {_first_line(str(value))}" if value else f"▸ {name}")
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (strings, null, bools, huge ints)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _result_text(content: Any) -> str:
+def _count(value: Any) -> str:
+    number = _number(value)
+    return "?" if number is None else f"{number:,.0f}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A scalar's one-line form, clipped."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return _first_line(text, limit)
+
+
+def _summary(obj: dict[str, Any], limit: int = 160) -> str:
+    """``key=value`` of an event's scalar fields, for events this renderer does not know."""
+    parts = [
+        f"{key}={_short(value)}"
+        for key, value in obj.items()
+        if key not in _SUMMARY_SKIP and (value is None or isinstance(value, str | int | float))
+    ]
+    nested = [str(key) for key, value in obj.items() if isinstance(value, dict | list)]
+    if nested:
+        parts.append("+" + ",".join(nested))
+    return _first_line(" ".join(parts), limit)
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message or tool-result content: a string, or a list of blocks."""
+    if isinstance(content, str):
+        return content
     if isinstance(content, list):
-        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                if part.get("type") == "image":
+                    parts.append("[image]")
+                elif isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(parts)
+    return "" if content is None else json.dumps(content)
 
 
-def render_stream_json(obj: dict[str, Any]) -> list[Line] | None:
-    """Render one Claude Code stream-json event; None when it is not one.
+def _tool_call(name: Any, args: Any) -> str:
+    """``Name: key argument`` of a tool call (the argument that says what it does)."""
+    name = _first_line(str(name or "tool"), 60)
+    value: Any = None
+    if isinstance(args, dict):
+        key = _KEY_ARGS.get(name)
+        value = args.get(key) if key else None
+        if value is None:
+            if name == "TodoWrite" and isinstance(args.get("todos"), list):
+                value = f"{len(args['todos'])} todos"
+            else:
+                value = next((v for v in args.values() if isinstance(v, str)), "")
+    if value is None or value == "":
+        return name
+    return f"{name}: {_short(value, 160)}"
+
+
+def _markdown_line(text: str, kind: str = "markdown") -> Line:
+    text = _clip(text.strip(), MAX_MARKDOWN_CHARS)
+    return Line(kind, text, text.count("\n") + 1)
+
+
+def _duration(value: Any) -> str:
+    number = _number(value)
+    return "? s" if number is None else f"{number / 1000:.1f} s"
+
+
+class StreamRenderer:
+    """Renders one agent's output lines, keeping what it must remember between them.
+
+    It remembers the last assistant text shown, so that the final ``result`` event does
+    not show the same answer again. Every line it produces is free of terminal escapes
+    and masked with ``mask`` *after* JSON decoding, so a secret written with ``\\uXXXX``
+    escapes is masked too. Rendering never raises: a line that cannot be rendered as an
+    event is shown as text.
 
     Args:
-        obj: A decoded JSON line.
-
-    Returns:
-        Rendered lines (possibly none, for events not worth showing), or None when
-        the object is not a Claude Code event.
+        mask: Applied to the text of every produced line (e.g. a session's ``Masker``).
     """
-    kind = obj.get("type")
-    if kind == "system":
-        if obj.get("subtype") == "init":
-            tools = obj.get("tools") or []
+
+    def __init__(self, mask: Callable[[str], str] | None = None) -> None:
+        self.mask = mask
+        self.last_text = ""
+
+    def render(self, text: str) -> list[Line]:
+        """Render one output line: a Claude Code stream-json event, or plain text."""
+        try:
+            lines = self._render(text)
+        except Exception:  # hostile output must never end a session or its consumer
+            log.debug("rendering an output line failed; shown as text", exc_info=True)
+            lines = None
+        if lines is None:
+            lines = [Line("text", _clip(text))]
+        try:
+            return [self._finish(line) for line in lines]
+        except Exception:
+            log.debug("finishing a rendered line failed; shown as text", exc_info=True)
+            return [self._finish(Line("text", _clip(str(text))))]
+
+    def _finish(self, line: Line) -> Line:
+        text = clean_text(line.text)
+        if self.mask is None:
+            return Line(line.kind, text, line.lines)
+        if line.kind != "markdown":
+            return Line(line.kind, self.mask(text), line.lines)
+        # The mask must stay text in Markdown ("********" alone would be a rule): it goes
+        # through as a private-use character. The decoded text (entities, escapes) is
+        # masked again, as is the HTML made of it.
+        source = self.mask(text).replace(MASK, _MASK_STAND_IN)
+        markup = self.mask(markdown_to_html(source, self.mask)).replace(_MASK_STAND_IN, MASK)
+        return Line(line.kind, self.mask(text), line.lines, f'<div class="cldpd-md">{markup}</div>')
+
+    def _render(self, text: str) -> list[Line] | None:
+        stripped = text.strip()
+        if not (stripped.startswith("{") and stripped.endswith("}")):
+            return None
+        try:
+            obj = json.loads(stripped)
+        except (ValueError, RecursionError):
+            return None
+        return self.render_event(obj) if isinstance(obj, dict) else None
+
+    def render_event(self, obj: dict[str, Any]) -> list[Line] | None:
+        """Render one decoded stream-json event; None when it is no event (shown as text).
+
+        Args:
+            obj: A decoded JSON line.
+
+        Returns:
+            Rendered lines (none for events that stay quiet), or None when the object
+            has no string ``type``.
+        """
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return None
+        handler = getattr(self, f"_on_{kind}", None) if kind.isidentifier() else None
+        if kind in _QUIET_TYPES:
+            return []
+        if handler is None:
+            return [Line("event", f"· {_first_line(kind, 40)}: {_summary(obj)}".rstrip(": "))]
+        return handler(obj)
+
+    def _on_system(self, obj: dict[str, Any]) -> list[Line]:
+        subtype = obj.get("subtype")
+        if subtype == "init":
+            tools = obj.get("tools")
+            servers = obj.get("mcp_servers")
+            parts = [
+                f"● Claude Code {_short(obj.get('claude_code_version') or '')}".rstrip(),
+                f"model {_short(obj.get('model') or '?')}",
+                f"permission mode {_short(obj.get('permissionMode') or '?')}",
+                f"{len(tools) if isinstance(tools, list) else '?'} tools",
+            ]
+            if isinstance(servers, list) and servers:
+                parts.append(f"{len(servers)} MCP servers")
+            if obj.get("session_id"):
+                parts.append(f"session {_short(obj['session_id'])}")
+            return [Line("system", " · ".join(parts))]
+        if subtype == "api_retry":
+            status = obj.get("error_status")
+            error = " ".join(_short(v) for v in (status, obj.get("error")) if v not in (None, ""))
+            return [
+                Line(
+                    "retry",
+                    f"↻ API retry {_count(obj.get('attempt'))}/{_count(obj.get('max_retries'))}"
+                    f" in {_duration(obj.get('retry_delay_ms'))}" + (f": {error}" if error else ""),
+                )
+            ]
+        if subtype == "compact_boundary":
+            meta = obj.get("compact_metadata")
+            meta = meta if isinstance(meta, dict) else {}
+            trigger = _short(meta.get("trigger") or "?")
             return [
                 Line(
                     "system",
-                    f"● Claude Code session {obj.get('session_id', '?')} · model "
-                    f"{obj.get('model', '?')} · {len(tools)} tools",
+                    f"── conversation compacted ({trigger}, "
+                    f"{_count(meta.get('pre_tokens'))} tokens before) ──",
                 )
             ]
-        return []
-    if kind == "assistant":
+        if subtype == "status" and obj.get("status") in (None, ""):
+            return []
+        name = f"system/{_first_line(str(subtype), 40)}" if subtype is not None else "system"
+        return [Line("event", f"· {name}: {_summary(obj)}".rstrip(": "))]
+
+    def _on_assistant(self, obj: dict[str, Any]) -> list[Line] | None:
+        message = obj.get("message")
+        if not isinstance(message, dict):
+            return None
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            return None
         lines: list[Line] = []
-        for block in (obj.get("message") or {}).get("content") or []:
+        for block in content:
             btype = block.get("type") if isinstance(block, dict) else None
-            if btype == "text" and str(block.get("text", "")).strip():
-                text = _clip(str(block["text"]).strip(), 20000)
-                lines.append(Line("markdown", text, text.count("\n") + 1))
-            elif btype == "tool_use":
-                lines.append(_tool_line(block))
+            if btype == "text":
+                text = _text_of(block.get("text"))
+                if text.strip():
+                    self.last_text = text.strip()
+                    lines.append(_markdown_line(text))
+            elif btype == "thinking":
+                thought = _text_of(block.get("thinking"))
+                if thought.strip():
+                    lines.append(Line("thinking", f"✻ {_first_line(thought, 120)}"))
+            elif btype == "redacted_thinking":
+                lines.append(Line("thinking", "✻ (redacted thinking)"))
+            elif btype in ("tool_use", "server_tool_use", "mcp_tool_use"):
+                lines.append(Line("tool", f"▸ {_tool_call(block.get('name'), block.get('input'))}"))
+            elif isinstance(btype, str):
+                lines.append(Line("event", f"· {_first_line(btype, 40)} block"))
+            else:
+                lines.append(Line("event", f"· content block: {_short(block, 120)}"))
         return lines
-    if kind == "user":
-        lines = []
-        content = (obj.get("message") or {}).get("content")
-        for block in content if isinstance(content, list) else []:
-            if isinstance(block, dict) and block.get("type") == "tool_result":
-                text = _result_text(block.get("content"))
-                count = len(text.strip().splitlines())
+
+    def _on_rate_limit_event(self, obj: dict[str, Any]) -> list[Line]:
+        info = obj.get("rate_limit_info")
+        if isinstance(info, dict) and info.get("status") == "allowed":
+            return []
+        summary = _summary(info) if isinstance(info, dict) else _summary(obj)
+        return [Line("retry", f"⚠ rate limit: {summary}")]
+
+    def _on_user(self, obj: dict[str, Any]) -> list[Line] | None:
+        message = obj.get("message")
+        if not isinstance(message, dict):
+            return None
+        content = message.get("content")
+        if isinstance(content, str):
+            return [Line("user", f"▷ {_first_line(content)}")] if content.strip() else []
+        if not isinstance(content, list):
+            return None
+        lines: list[Line] = []
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_result":
+                text = _text_of(block.get("content")).strip()
+                count = len(text.splitlines())
                 more = f" (+{count - 1} lines)" if count > 1 else ""
                 if block.get("is_error"):
                     lines.append(Line("tool_error", f"  ✗ {_first_line(text)}{more}"))
                 else:
                     lines.append(Line("tool_result", f"  ↳ {_first_line(text)}{more}"))
+            elif block.get("type") == "text" and str(block.get("text") or "").strip():
+                lines.append(Line("user", f"▷ {_first_line(str(block['text']))}"))
         return lines
-    if kind == "result":
-        ok = not obj.get("is_error") and obj.get("subtype") == "success"
-        parts = [
-            "✓ done" if ok else f"✗ {obj.get('subtype', 'error')}",
-            f"{obj.get('num_turns', '?')} turns",
-            f"{(obj.get('duration_ms') or 0) / 1000:.1f} s",
-        ]
-        cost = obj.get("total_cost_usd", obj.get("cost_usd"))
-        if isinstance(cost, int | float):
-            parts.append(f"${cost:.4f}")
-        parts.append(f"session {obj.get('session_id', '?')}")
-        lines = [Line("result", " · ".join(parts))]
-        summary = str(obj.get("result") or "").strip()
-        if summary:
-            summary = _clip(summary, 20000)
-            lines.append(Line("markdown", summary, summary.count("\n") + 1))
-        return lines
-    if kind == "stream_event":
-        return []
-    return None
 
-
-def render_output_line(text: str) -> list[Line]:
-    """Render one output line: a Claude Code stream-json event, or plain text."""
-    stripped = text.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        try:
-            obj = json.loads(stripped)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            rendered = render_stream_json(obj)
-            if rendered is not None:
-                return rendered
-    return [Line("text", _clip(text))]
-
-
-_MD_INLINE = [
-    (re.compile(r"`([^`\n]+)`"), r"<code>\1</code>"),
-    (re.compile(r"\*\*([^*\n]+)\*\*"), r"<strong>\1</strong>"),
-    (re.compile(r"(?<![\w*])\*([^*\n]+)\*(?![\w*])"), r"<em>\1</em>"),
-    (re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)"), r'<a href="\2" target="_blank">\1</a>'),
-]
-
-
-def _inline(text: str) -> str:
-    out = html.escape(text, quote=False)
-    for pattern, repl in _MD_INLINE:
-        out = pattern.sub(repl, out)
-    return out
-
-
-def markdown_to_html(text: str) -> str:
-    """Render the Markdown that agents write (headings, lists, code, emphasis, links) as HTML.
-
-    The text is HTML-escaped first, so nothing in it can inject markup.
-    """
-    out: list[str] = []
-    para: list[str] = []
-    list_tag = ""
-    in_code = False
-    code: list[str] = []
-
-    def close_para() -> None:
-        if para:
-            out.append("<p>" + "<br>".join(_inline(p) for p in para) + "</p>")
-            para.clear()
-
-    def close_list() -> None:
-        nonlocal list_tag
-        if list_tag:
-            out.append(f"</{list_tag}>")
-            list_tag = ""
-
-    for raw in text.split("\n"):
-        if raw.lstrip().startswith("```"):
-            if in_code:
-                out.append("<pre><code>" + html.escape("\n".join(code)) + "</code></pre>")
-                code.clear()
-                in_code = False
-            else:
-                close_para()
-                close_list()
-                in_code = True
-            continue
-        if in_code:
-            code.append(raw)
-            continue
-        line = raw.rstrip()
-        heading = re.match(r"^(#{1,6})\s+(.*)$", line)
-        bullet = re.match(r"^\s*[-*+]\s+(.*)$", line)
-        numbered = re.match(r"^\s*\d+[.)]\s+(.*)$", line)
-        if heading:
-            close_para()
-            close_list()
-            level = len(heading.group(1))
-            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif bullet or numbered:
-            close_para()
-            tag = "ul" if bullet else "ol"
-            if list_tag != tag:
-                close_list()
-                out.append(f"<{tag}>")
-                list_tag = tag
-            item = (bullet or numbered).group(1)  # type: ignore[union-attr]
-            out.append(f"<li>{_inline(item)}</li>")
-        elif not line.strip():
-            close_para()
-            close_list()
+    def _on_result(self, obj: dict[str, Any]) -> list[Line]:
+        subtype = obj.get("subtype")
+        answer = _text_of(obj.get("result")).strip()
+        errors = obj.get("errors")
+        reason = (
+            next((e for e in errors if isinstance(e, str) and e.strip()), "")
+            if (isinstance(errors, list))
+            else ""
+        )
+        if subtype == "success" and not obj.get("is_error"):
+            head = "✓ done"
+        elif subtype == "success" or subtype is None:
+            head = f"✗ failed: {_first_line(reason or answer or 'no reason given', 300)}"
         else:
-            close_list()
-            para.append(line)
-    if in_code:
-        out.append("<pre><code>" + html.escape("\n".join(code)) + "</code></pre>")
-    close_para()
-    close_list()
-    return "".join(out)
+            name = _RESULT_NAMES.get(subtype) if isinstance(subtype, str) else None
+            head = f"✗ {name or _first_line(str(subtype), 60)}"
+            if reason:
+                head += f": {_first_line(reason, 300)}"
+        parts = [head, f"{_count(obj.get('num_turns'))} turns", _duration(obj.get("duration_ms"))]
+        cost = _number(obj.get("total_cost_usd", obj.get("cost_usd")))
+        if cost is not None:
+            parts.append(f"${cost:.4f}")
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            tokens_in = sum(
+                _number(usage.get(k)) or 0
+                for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+            )
+            parts.append(f"{tokens_in:,.0f} in / {_count(usage.get('output_tokens'))} out tokens")
+        if obj.get("session_id"):
+            parts.append(f"session {_short(obj['session_id'])}")
+        lines = [Line("result" if head.startswith("✓") else "failed", " · ".join(parts))]
+        denials = obj.get("permission_denials")
+        for denial in denials if isinstance(denials, list) else []:
+            if isinstance(denial, dict):
+                call = _tool_call(denial.get("tool_name"), denial.get("tool_input"))
+                lines.append(Line("denied", f"⊘ permission denied: {call}"))
+        # The answer is usually the last assistant text, already shown: not twice. A
+        # failure's one-line reason is in the summary line already.
+        if answer and answer != self.last_text and (head.startswith("✓") or "\n" in answer):
+            lines.append(_markdown_line(answer))
+        return lines
+
+
+def render_output_line(text: str, mask: Callable[[str], str] | None = None) -> list[Line]:
+    """Render one output line on its own: a Claude Code stream-json event, or plain text.
+
+    Args:
+        text: The line.
+        mask: Applied to every produced line's text, after JSON decoding.
+
+    Returns:
+        The rendered lines; never raises.
+    """
+    return StreamRenderer(mask).render(text)
+
+
+def render_stream_json(obj: dict[str, Any]) -> list[Line] | None:
+    """Render one decoded Claude Code stream-json event; None when it is no event."""
+    return StreamRenderer().render_event(obj)
+
+
+_MASK_STAND_IN = "\ue000"
+_SAFE_LINK_RE = re.compile(r"(?:https?://|mailto:|#)", re.IGNORECASE)
+_LANGUAGE_RE = re.compile(r"[\w+#.-]{1,40}")
+_LINK_REL = "noopener noreferrer nofollow"
+
+
+def _safe_link(url: str) -> bool:
+    """Only http(s), mailto and in-page anchors: never javascript:, data:, relative URLs."""
+    return bool(_SAFE_LINK_RE.match(url))
+
+
+def _render_link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    token = tokens[idx]
+    if not str(token.attrGet("href") or "").startswith("#"):
+        token.attrSet("target", "_blank")
+    token.attrSet("rel", _LINK_REL)
+    return self.renderToken(tokens, idx, options, env)
+
+
+def _render_image(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    # An image becomes a link to it: nothing is loaded from a URL an agent chose.
+    token = tokens[idx]
+    alt = self.renderInlineAsText(token.children or [], options, env) or "image"
+    href = html.escape(str(token.attrGet("src") or ""))
+    return f'<a href="{href}" target="_blank" rel="{_LINK_REL}">[image: {html.escape(alt)}]</a>'
+
+
+def _render_fence(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    token = tokens[idx]
+    language = token.info.strip().split(maxsplit=1)[0] if token.info.strip() else ""
+    token.info = language if _LANGUAGE_RE.fullmatch(language) else ""
+    return self.rules["_fence"](tokens, idx, options, env)
+
+
+def _render_cell_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    tokens[idx].attrs.pop("style", None)  # alignment styles: no style attribute at all
+    return self.renderToken(tokens, idx, options, env)
+
+
+def _make_markdown() -> MarkdownIt:
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    md.enable(["table", "strikethrough"])
+    md.validateLink = _safe_link  # type: ignore[method-assign]
+    md.renderer.rules["_fence"] = md.renderer.rules["fence"]
+    md.add_render_rule("link_open", _render_link_open)
+    md.add_render_rule("image", _render_image)
+    md.add_render_rule("fence", _render_fence)
+    md.add_render_rule("th_open", _render_cell_open)
+    md.add_render_rule("td_open", _render_cell_open)
+    return md
+
+
+_MARKDOWN = _make_markdown()
+_MARKDOWN_LOCK = threading.Lock()
+
+
+def _mask_tokens(tokens: Iterable[Any], mask: Callable[[str], str]) -> None:
+    """Mask decoded text (entities and escapes resolved) and link targets of parsed tokens."""
+    for token in tokens:
+        if token.content:
+            token.content = mask(token.content)
+        for name in ("href", "src", "title"):
+            value = token.attrGet(name)
+            if isinstance(value, str) and value:
+                token.attrSet(name, mask(value))
+        if token.children:
+            _mask_tokens(token.children, mask)
+
+
+def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str:
+    """Render the Markdown that agents write as HTML that is safe in a trusted page.
+
+    CommonMark with tables and strikethrough, through markdown-it-py: raw HTML is shown
+    as text, links only to http, https, mailto or anchors (opening in a new tab, with
+    ``rel="noopener noreferrer nofollow"``), images become links (nothing is loaded),
+    every attribute is quoted and escaped.
+
+    Args:
+        text: The Markdown.
+        mask: Applied to the decoded text of the document (after entities and escapes).
+
+    Returns:
+        The HTML; on any failure of the Markdown library, the escaped text.
+    """
+    try:
+        with _MARKDOWN_LOCK:  # the parser and renderer are not documented as thread-safe
+            env: dict[str, Any] = {}
+            tokens = _MARKDOWN.parse(text, env)
+            if mask is not None:
+                _mask_tokens(tokens, mask)
+            return _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, env)
+    except Exception:  # e.g. RecursionError on pathological nesting
+        log.debug("Markdown rendering failed; shown as text", exc_info=True)
+        return f"<pre>{html.escape(mask(text) if mask else text)}</pre>"
 
 
 _CSS = (
@@ -284,14 +560,19 @@ _CSS = (
     ".cldpd-status{font-weight:bold;margin:2px 0;}"
     ".cldpd-body{max-height:480px;overflow-y:auto;display:flex;flex-direction:column-reverse;}"
     ".cldpd-text,.cldpd-stderr,.cldpd-tool,.cldpd-tool_result,.cldpd-tool_error,"
-    ".cldpd-result,.cldpd-system,.cldpd-build,.cldpd-error,.cldpd-elided"
+    ".cldpd-result,.cldpd-failed,.cldpd-system,.cldpd-build,.cldpd-error,.cldpd-elided,"
+    ".cldpd-thinking,.cldpd-retry,.cldpd-denied,.cldpd-event,.cldpd-user"
     "{white-space:pre-wrap;word-break:break-all;}"
-    ".cldpd-stderr,.cldpd-tool_error,.cldpd-error{color:#c62828;}"
-    ".cldpd-tool{color:#1565c0;}.cldpd-tool_result,.cldpd-system,.cldpd-build,.cldpd-elided"
-    "{color:#757575;}"
+    ".cldpd-stderr,.cldpd-tool_error,.cldpd-error,.cldpd-denied{color:#c62828;}"
+    ".cldpd-tool{color:#1565c0;}.cldpd-tool_result,.cldpd-system,.cldpd-build,.cldpd-elided,"
+    ".cldpd-event,.cldpd-user{color:#757575;}"
+    ".cldpd-thinking{color:#9e9e9e;font-style:italic;}.cldpd-retry{color:#e65100;}"
     ".cldpd-result{font-weight:bold;color:#2e7d32;}"
+    ".cldpd-failed{font-weight:bold;color:#c62828;}"
     ".cldpd-md{font-family:var(--jp-content-font-family,sans-serif);}"
     ".cldpd-md p,.cldpd-md ul,.cldpd-md ol,.cldpd-md h1,.cldpd-md h2,.cldpd-md h3{margin:4px 0;}"
+    ".cldpd-md table{border-collapse:collapse;}"
+    ".cldpd-md td,.cldpd-md th{border:1px solid #e0e0e0;padding:1px 6px;}"
     ".cldpd-transcript{color:#757575;font-size:11px;}"
     "</style>"
 )
@@ -314,10 +595,11 @@ class SessionView:
         masker: Masker | None = None,
         transcript: str = "",
     ) -> None:
-        self.title = title
+        self.title = clean_text(title)
         self.max_lines = max(1, int(max_lines))
         self.mask = masker or Masker()
-        self.transcript = transcript
+        self.transcript = clean_text(str(transcript))
+        self.renderer = StreamRenderer(self.mask)
         self.tail: deque[Line] = deque()
         self.tail_lines = 0
         self.elided = 0
@@ -341,54 +623,68 @@ class SessionView:
             self.tail_lines -= dropped.lines
             self.elided += dropped.lines
 
+    def _clean(self, text: str) -> str:
+        return self.mask(clean_text(text))
+
     def add(self, event: Event, stopped: bool = False) -> None:
-        """Take one session event into the view."""
+        """Take one session event into the view; never raises, whatever the agent printed.
+
+        Output lines are rendered (stream-json events) or shown as text; everything is
+        masked after decoding and free of terminal escapes.
+        """
         with self.lock:
             self.version += 1
-            etype = event.type
-            if etype is EventType.OUTPUT:
-                for line in render_output_line(event.data):
-                    self._push(line)
-            elif etype is EventType.STDERR:
-                self._push(Line("stderr", _clip(event.data)))
-            elif etype is EventType.BUILD_OUTPUT:
-                step = _STEP_RE.match(event.data)
-                if step:
-                    self.build_step, self.build_total = int(step.group(1)), int(step.group(2))
-                if event.data.startswith("cldpd:"):
-                    self._push(Line("build", event.data))
-            elif etype is EventType.BUILD_STARTED:
-                self.state = "building"
-                self.detail = event.data
-            elif etype is EventType.BUILD_COMPLETE:
-                self.build_step = self.build_total = max(self.build_total, 1)
-            elif etype is EventType.CONTAINER_STARTED:
-                self.state = "running"
-                self.detail = event.data
-                self.started = time.monotonic()
-            elif etype is EventType.CONTAINER_EXITED:
-                self.state = "stopped" if stopped else "exited"
-                self.exit_code = event.code
-                self.ended = time.monotonic()
-            elif etype is EventType.ERROR:
-                self.state = "stopped" if stopped else "failed"
-                self.detail = event.data
-                self.ended = time.monotonic()
-                if not stopped:
-                    self._push(Line("error", event.data))
+            try:
+                self._add(event, stopped)
+            except Exception:
+                log.debug("a session event could not be rendered; shown as text", exc_info=True)
+                self._push(Line("text", self._clean(_clip(str(event.data)))))
+
+    def _add(self, event: Event, stopped: bool) -> None:
+        etype = event.type
+        if etype is EventType.OUTPUT:
+            for line in self.renderer.render(event.data):
+                self._push(line)
+        elif etype is EventType.STDERR:
+            self._push(Line("stderr", self._clean(_clip(event.data))))
+        elif etype is EventType.BUILD_OUTPUT:
+            step = _STEP_RE.match(event.data)
+            if step:
+                self.build_step, self.build_total = int(step.group(1)), int(step.group(2))
+            if event.data.startswith("cldpd:"):
+                self._push(Line("build", self._clean(event.data)))
+        elif etype is EventType.BUILD_STARTED:
+            self.state = "building"
+            self.detail = self._clean(event.data)
+        elif etype is EventType.BUILD_COMPLETE:
+            self.build_step = self.build_total = max(self.build_total, 1)
+        elif etype is EventType.CONTAINER_STARTED:
+            self.state = "running"
+            self.detail = self._clean(event.data)
+            self.started = time.monotonic()
+        elif etype is EventType.CONTAINER_EXITED:
+            self.state = "stopped" if stopped else "exited"
+            self.exit_code = event.code
+            self.ended = time.monotonic()
+        elif etype is EventType.ERROR:
+            self.state = "stopped" if stopped else "failed"
+            self.detail = self._clean(event.data)
+            self.ended = time.monotonic()
+            if not stopped:
+                self._push(Line("error", self.detail))
 
     def note(self, text: str, kind: str = "system") -> None:
         """Add a line of our own (masked) to the tail."""
         with self.lock:
             self.version += 1
-            self._push(Line(kind, self.mask(text)))
+            self._push(Line(kind, self._clean(text)))
 
     def fail(self, message: str) -> None:
         """Mark the view failed with a one-sentence reason."""
         with self.lock:
             self.version += 1
             self.state = "failed"
-            self.detail = self.mask(message)
+            self.detail = self._clean(message)
             self.ended = time.monotonic()
 
     @property
@@ -576,10 +872,10 @@ class Table:
         title: str = "",
         notes: Iterable[str] = (),
     ) -> None:
-        self.columns = tuple(columns)
-        self.rows = [tuple("" if v is None else str(v) for v in row) for row in rows]
-        self.title = title
-        self.notes = list(notes)
+        self.columns = tuple(clean_text(str(c)) for c in columns)
+        self.rows = [tuple("" if v is None else clean_text(str(v)) for v in row) for row in rows]
+        self.title = clean_text(title)
+        self.notes = [clean_text(str(n)) for n in notes]
 
     def records(self) -> list[dict[str, str]]:
         """The rows as dictionaries keyed by column heading."""

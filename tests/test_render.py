@@ -13,6 +13,7 @@ from cldpd_magic.render import (
     LiveFeed,
     Report,
     SessionView,
+    StreamRenderer,
     Table,
     markdown_to_html,
     render_output_line,
@@ -30,19 +31,35 @@ def rendered(obj: dict) -> list[tuple[str, str]]:
 def test_markdown_renders_what_agents_write():
     html = markdown_to_html(
         "## Plan\n\n- read `a.py`\n- **fix** it\n\n1. one\n2. two\n\n"
-        "See [docs](https://example.com/x) and *this*.\n```\nx < 1\n```"
-    )
+        "See [docs](https://example.com/x) and *this*, ~~not that~~.\n```python\nx < 1\n```\n\n"
+        "| a | b |\n|:--|--:|\n| 1 | 2 |"
+    ).replace("\n", "")
     assert "<h2>Plan</h2>" in html
     assert "<ul><li>read <code>a.py</code></li><li><strong>fix</strong> it</li></ul>" in html
     assert "<ol><li>one</li><li>two</li></ol>" in html
-    assert '<a href="https://example.com/x" target="_blank">docs</a>' in html
-    assert "<em>this</em>" in html
-    assert "<pre><code>x &lt; 1</code></pre>" in html
+    assert (
+        '<a href="https://example.com/x" target="_blank" rel="noopener noreferrer nofollow">'
+        "docs</a>"
+    ) in html
+    assert "<em>this</em>" in html and "<s>not that</s>" in html
+    assert '<pre><code class="language-python">x &lt; 1</code></pre>' in html
+    assert "<table><thead><tr><th>a</th><th>b</th></tr></thead>" in html
+    assert "<td>1</td><td>2</td>" in html and "style" not in html
 
 
 def test_markdown_cannot_inject_markup():
     html = markdown_to_html('<script>alert(1)</script> [x](javascript:alert(1)) <img src="y">')
     assert "<script>" not in html and "<img" not in html and "href" not in html
+
+
+def test_markdown_images_become_links_and_only_web_links_are_links():
+    html = markdown_to_html(
+        "![logo](https://e.com/a.png) [rel](/api/contents) [mail](mailto:a@b.org) [top](#plan)"
+    )
+    assert "<img" not in html and "src=" not in html
+    assert '<a href="https://e.com/a.png" target="_blank"' in html and "[image: logo]" in html
+    assert "[rel](/api/contents)" in html
+    assert '<a href="mailto:a@b.org"' in html and '<a href="#plan" rel=' in html
 
 
 def test_assistant_text_is_markdown_and_tool_calls_are_one_line():
@@ -69,6 +86,28 @@ def test_assistant_text_is_markdown_and_tool_calls_are_one_line():
     ]
 
 
+def test_thinking_is_one_dimmed_line():
+    event = {
+        "type": "assistant",
+        "message": {
+            "content": [
+                {
+                    "type": "thinking",
+                    "thinking": "The user wants a fix.\nLet me look.",
+                    "signature": "x",
+                },
+                {"type": "redacted_thinking", "data": "..."},
+            ]
+        },
+    }
+    assert rendered(event) == [
+        ("thinking", "✻ The user wants a fix."),
+        ("thinking", "✻ (redacted thinking)"),
+    ]
+    html = render_output_line(json.dumps(event))[0].to_html()
+    assert html == '<div class="cldpd-thinking">✻ The user wants a fix.</div>'
+
+
 def test_tool_results_and_errors_show_their_first_line():
     event = {
         "type": "user",
@@ -76,34 +115,141 @@ def test_tool_results_and_errors_show_their_first_line():
             "content": [
                 {"type": "tool_result", "content": "ok\nmore\nlines"},
                 {"type": "tool_result", "is_error": True, "content": [{"text": "boom"}]},
+                {"type": "tool_result", "content": [{"type": "image", "source": {}}]},
             ]
         },
     }
     assert rendered(event) == [
         ("tool_result", "  ↳ ok (+2 lines)"),
         ("tool_error", "  ✗ boom"),
+        ("tool_result", "  ↳ [image]"),
     ]
+
+
+def test_the_system_init_names_model_permission_mode_and_tools():
+    init = {
+        "type": "system", "subtype": "init", "session_id": "s", "model": "claude-x",
+        "permissionMode": "acceptEdits", "tools": ["Bash", "Read"], "mcp_servers": [],
+        "claude_code_version": "2.1.0", "cwd": "/work",
+    }  # fmt: skip
+    assert rendered(init) == [
+        ("system", "● Claude Code 2.1.0 · model claude-x · permission mode acceptEdits · 2 tools"
+                   " · session s"),
+    ]  # fmt: skip
+
+
+def test_api_retries_and_compaction_are_shown():
+    retry = {
+        "type": "system", "subtype": "api_retry", "attempt": 2, "max_retries": 10,
+        "retry_delay_ms": 1250, "error_status": 529, "error": "overloaded_error",
+    }  # fmt: skip
+    assert rendered(retry) == [("retry", "↻ API retry 2/10 in 1.2 s: 529 overloaded_error")]
+    unreachable = {"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
+                   "retry_delay_ms": 500, "error_status": None, "error": "unknown"}  # fmt: skip
+    assert rendered(unreachable) == [("retry", "↻ API retry 1/10 in 0.5 s: unknown")]
+    compact = {"type": "system", "subtype": "compact_boundary",
+               "compact_metadata": {"trigger": "auto", "pre_tokens": 156594}}  # fmt: skip
+    assert rendered(compact) == [
+        ("system", "── conversation compacted (auto, 156,594 tokens before) ──")
+    ]
+
+
+RESULT = {
+    "type": "result", "subtype": "success", "is_error": False, "num_turns": 7,
+    "duration_ms": 61500, "total_cost_usd": 0.25, "session_id": "abc",
+    "usage": {"input_tokens": 1000, "cache_read_input_tokens": 200, "output_tokens": 345},
+    "result": "All **done**.", "permission_denials": [],
+}  # fmt: skip
 
 
 def test_the_final_result_is_a_summary():
-    ok = {
-        "type": "result", "subtype": "success", "is_error": False, "num_turns": 7,
-        "duration_ms": 61500, "total_cost_usd": 0.25, "session_id": "abc",
-        "result": "All **done**.",
-    }  # fmt: skip
-    assert rendered(ok) == [
-        ("result", "✓ done · 7 turns · 61.5 s · $0.2500 · session abc"),
+    assert rendered(RESULT) == [
+        ("result", "✓ done · 7 turns · 61.5 s · $0.2500 · 1,200 in / 345 out tokens · session abc"),
         ("markdown", "All **done**."),
     ]
-    failed = {"type": "result", "subtype": "error_max_turns", "is_error": True}
-    assert rendered(failed)[0][1].startswith("✗ error_max_turns · ? turns")
+
+
+def test_a_failed_result_says_why_and_never_success():
+    failed = RESULT | {
+        "is_error": True, "result": "API Error: 401 {\"error\":\"invalid x-api-key\"}",
+        "num_turns": 1, "total_cost_usd": 0, "usage": None,
+    }  # fmt: skip
+    lines = rendered(failed)
+    assert lines == [
+        ("failed", '✗ failed: API Error: 401 {"error":"invalid x-api-key"} · 1 turns · 61.5 s'
+                   " · $0.0000 · session abc"),
+    ]  # fmt: skip
+    assert "success" not in lines[0][1]
+
+
+@pytest.mark.parametrize(
+    ("subtype", "head"),
+    [
+        ("error_max_turns", "✗ reached the turn limit"),
+        ("error_during_execution", "✗ error during execution: boom"),
+        ("error_max_budget_usd", "✗ reached the budget"),
+        ("error_something_new", "✗ error_something_new"),
+    ],
+)
+def test_every_result_subtype_has_a_summary(subtype, head):
+    event = {"type": "result", "subtype": subtype, "is_error": True, "num_turns": 3,
+             "duration_ms": 2000, "session_id": "abc"}  # fmt: skip
+    if subtype == "error_during_execution":
+        event["errors"] = ["boom", "later"]
+    lines = rendered(event)
+    assert lines == [("failed", f"{head} · 3 turns · 2.0 s · session abc")]
+
+
+def test_permission_denials_are_listed():
+    denied = RESULT | {
+        "result": "",
+        "permission_denials": [
+            {"tool_name": "Bash", "tool_use_id": "t1", "tool_input": {"command": "rm -rf /"}},
+            {"tool_name": "Write", "tool_use_id": "t2", "tool_input": {"file_path": "/etc/x"}},
+        ],
+    }
+    assert rendered(denied)[1:] == [
+        ("denied", "⊘ permission denied: Bash: rm -rf /"),
+        ("denied", "⊘ permission denied: Write: /etc/x"),
+    ]
+
+
+def test_the_final_answer_is_not_shown_twice():
+    renderer = StreamRenderer()
+    answer = {
+        "type": "assistant",
+        "message": {"content": [{"type": "text", "text": "All **done**."}]},
+    }
+    assert [x.kind for x in renderer.render(json.dumps(answer))] == ["markdown"]
+    assert [x.kind for x in renderer.render(json.dumps(RESULT))] == ["result"]
+    other = RESULT | {"result": "A different summary."}
+    assert [x.kind for x in renderer.render(json.dumps(other))] == ["result", "markdown"]
+
+    view = SessionView("pod")
+    for event in (answer, RESULT):
+        view.add(Event(EventType.OUTPUT, json.dumps(event)))
+    assert view.text().count("All **done**.") == 1
+
+
+def test_unknown_events_are_compact_and_partial_messages_quiet():
+    assert rendered({"type": "stream_event", "event": {"type": "content_block_delta"}}) == []
+    assert rendered({"type": "other", "n": 3, "what": "x\ny", "data": {"a": 1}}) == [
+        ("event", "· other: n=3 what=x +data")
+    ]
+    assert rendered(
+        {
+            "type": "system",
+            "subtype": "hook_response",
+            "hook_name": "h",
+            "uuid": "u",
+            "session_id": "s",
+        }
+    ) == [("event", "· system/hook_response: hook_name=h")]
+    assert rendered({"type": "system", "subtype": "status", "status": None}) == []
+    assert rendered({"no": "type"}) == [("text", '{"no": "type"}')]
 
 
 def test_other_lines_are_plain_text():
-    init = {"type": "system", "subtype": "init", "session_id": "s", "model": "m", "tools": [1]}
-    assert rendered(init) == [("system", "● Claude Code session s · model m · 1 tools")]
-    assert rendered({"type": "stream_event"}) == []
-    assert rendered({"type": "other"}) == [("text", '{"type": "other"}')]
     assert [(x.kind, x.text) for x in render_output_line("{not json}")] == [("text", "{not json}")]
     long = render_output_line("x" * 5000)[0].text
     assert long.startswith("x" * 2000) and "3,000 more characters in the transcript" in long
