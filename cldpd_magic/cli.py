@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
+from . import __version__
 from .dispatcher import Dispatcher
 from .errors import CldpdError
-from .pods import scan_pods
+from .pods import default_pods_dir, scan_pods
 from .render import render_output_line
+from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import EventType, Session
 
 EPILOG = """examples:
+  cldpd init myrepo --template claude-code
   cldpd start myrepo --issue https://github.com/org/repo/issues/42
   cldpd resume myrepo --prompt "Focus on error handling"
   cldpd stop myrepo
@@ -29,10 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--pods-dir", help="the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
-    )
+    pods_dir_help = "the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
+    parser.add_argument("--pods-dir", help=pods_dir_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init = sub.add_parser("init", help="write a new pod from a template into the pods directory")
+    init.add_argument("pod", help="the new pod's name")
+    init.add_argument(
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        help=f"the template: {', '.join(template_names())} (default: {DEFAULT_TEMPLATE})",
+    )
+    init.add_argument("--pods-dir", default=argparse.SUPPRESS, help=pods_dir_help)
     start = sub.add_parser("start", help="build a pod and run its agent on a GitHub issue")
     start.add_argument("pod")
     start.add_argument("--issue", required=True, metavar="URL", help="the GitHub issue URL")
@@ -110,11 +123,28 @@ def _list(dispatcher: Dispatcher, out: TextIO) -> int:
         if name not in names:
             rows.append((name, "?", f"{info.status} (no pod directory)"))
     if len(rows) == 1:
-        out.write(f"No pods in {dispatcher.pods_dir}.\n")
+        out.write(f"No pods in {dispatcher.pods_dir}: {_make_one_hint(dispatcher.pods_dir)}\n")
         return 0
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for row in rows:
         out.write(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}\n")
+    return 0
+
+
+def _pods_dir_option(pods_dir: str | None) -> str:
+    return f" --pods-dir {shlex.quote(pods_dir)}" if pods_dir else ""
+
+
+def _make_one_hint(pods_dir: Path) -> str:
+    default = pods_dir.expanduser().resolve() == default_pods_dir().expanduser().resolve()
+    option = "" if default else _pods_dir_option(str(pods_dir))
+    return f"make one with `cldpd{option} init NAME` (templates: {', '.join(template_names())})."
+
+
+def _init(args: argparse.Namespace, out: TextIO) -> int:
+    scaffold = create_pod(args.pod, args.template, args.pods_dir)
+    option = _pods_dir_option(args.pods_dir)
+    out.write(scaffold.text(f"cldpd{option} start {args.pod} --issue URL") + "\n")
     return 0
 
 
@@ -132,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     dispatcher = Dispatcher(args.pods_dir)
     try:
+        if args.command == "init":
+            return _init(args, out)
         if args.command == "start":
             return _run(dispatcher.start_session(args.pod, args.issue), args, out, err)
         if args.command == "resume":

@@ -2,8 +2,8 @@
 
 ``%load_ext cldpd_magic`` registers ``%cldpd_start``, ``%cldpd_resume`` (and
 ``%%cldpd_resume``), ``%cldpd_stop``, ``%cldpd_pods``, ``%cldpd_sessions``,
-``%cldpd_attach`` and ``%cldpd_picker``, and completes pod names after the magics that
-take one. Settings are traits of :class:`CldpdMagics`, e.g.
+``%cldpd_attach``, ``%cldpd_picker`` and ``%cldpd_new``, and completes pod names
+after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g.
 ``%config CldpdMagics.pods_dir = "~/pods"``.
 
 A run shows in the cell that started it, through a display handle that a
@@ -40,6 +40,7 @@ from .errors import CldpdError, one_line
 from .pods import container_name, scan_pods, validate_pod_name
 from .protocol import Runner
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
+from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import Session
 
 #: Magics whose first positional argument is a pod name (completed with Tab).
@@ -100,10 +101,14 @@ def split_prompt(line: str) -> tuple[bool, str, str]:
     pod, prompt = _first_word(rest)
     if not pod:
         raise UsageError("Name the pod: %cldpd_resume [-b] POD PROMPT.")
-    prompt = prompt.strip()
-    if len(prompt) >= 2 and prompt[0] in _QUOTES and prompt[-1] == prompt[0]:
-        prompt = prompt[1:-1]
-    return background, pod, prompt
+    return background, pod, unquote(prompt.strip())
+
+
+def unquote(text: str) -> str:
+    """Remove one pair of quotes around the whole text (parse_argstring keeps them)."""
+    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == text[0]:
+        return text[1:-1]
+    return text
 
 
 def _parse(magic: Any, line: str) -> Any:
@@ -306,7 +311,7 @@ class CldpdMagics(Magics):
         args = _parse(self.cldpd_start, line)
         with user_errors():
             url = validate_issue_url(args.issue_url)
-            dispatcher = self.dispatcher_for(args.pods_dir)
+            dispatcher = self.dispatcher_for(unquote(args.pods_dir or "") or None)
             session = dispatcher.start_session(args.pod, url)
         return self._follow(session, args.pod, args.background, note=f"issue: {url}")
 
@@ -388,6 +393,27 @@ class CldpdMagics(Magics):
         print(f"Pod {args.pod} stopped.")
 
     @magic_arguments()
+    @argument("pod", help="the new pod's name")
+    @argument(
+        "--template", default=DEFAULT_TEMPLATE,
+        help=f"the template: {', '.join(template_names())} (default: {DEFAULT_TEMPLATE})",
+    )  # fmt: skip
+    @argument("--pods-dir", metavar="DIR", help="the pods directory to write it into")
+    @line_magic
+    def cldpd_new(self, line: str) -> None:
+        """Write a new pod from a template into the pods directory, and say what to edit next.
+
+        Refuses to overwrite an existing pod. The templates ship with the package
+        (``--template`` lists them); ``minimal`` is the one to start from.
+        """
+        args = _parse(self.cldpd_new, line)
+        with user_errors():
+            pods_dir = unquote(args.pods_dir or "") or self.pods_dir or None
+            scaffold = create_pod(unquote(args.pod), args.template, pods_dir)
+        option = f" --pods-dir {args.pods_dir}" if args.pods_dir else ""
+        print(scaffold.text(f"%cldpd_start{option} {args.pod} ISSUE_URL"))
+
+    @magic_arguments()
     @line_magic
     def cldpd_pods(self, line: str = "") -> Table:
         """List the pods: image, workdir, mounts, forwarded variables, template, running.
@@ -422,7 +448,10 @@ class CldpdMagics(Magics):
                 ", ".join(config.inherit_env), "yes" if pod.template else "no", state, "",
             ))  # fmt: skip
         if not rows:
-            notes.append(f"No pods in {pods_dir}: a pod is a directory with a Dockerfile.")
+            notes.append(
+                f"No pods in {pods_dir}: make one with %cldpd_new NAME (templates: "
+                f"{', '.join(template_names())}); a pod is a directory with a Dockerfile."
+            )
         columns = ("pod", "image", "workdir", "mounts", "forwards", "template", "running")
         if any(row[-1] for row in rows):
             columns += ("problem",)
