@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import re
 import secrets as _secrets
 import threading
 from collections import deque
@@ -15,8 +14,9 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from .errors import CldpdError
+from .secrets import MASK, Masker
 
-MASK = "********"
+__all__ = ["MASK", "Event", "EventType", "Masker", "Session", "SessionControl", "read_transcript"]
 
 
 class EventType(enum.Enum):
@@ -95,53 +95,36 @@ class Event(_EventFields):
         )
 
 
-class Masker:
-    """Replaces secret values in text with a fixed mask.
-
-    A value is also masked as it appears inside a JSON string (escaped quotes,
-    backslashes, ``\\uXXXX``), since agents print stream-json that is decoded for display.
-
-    Args:
-        values: The secret values; empty values and values shorter than 4 characters
-            (which would mask ordinary text) are ignored.
-    """
-
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        kept = {v for v in values if v and len(v) >= 4}
-        forms = kept | {json.dumps(v, ensure_ascii=a)[1:-1] for v in kept for a in (False, True)}
-        self.values = sorted(forms, key=len, reverse=True)
-        self._re = re.compile("|".join(map(re.escape, self.values))) if self.values else None
-
-    def __call__(self, text: str) -> str:
-        """Return text with every secret value masked."""
-        if self._re is None or not text:
-            return text
-        return self._re.sub(MASK, text)
-
-    def __bool__(self) -> bool:
-        return self._re is not None
-
-
 def new_session_id(pod_name: str) -> str:
     """Return a fresh session id ``<pod>-<8 hex digits>``."""
     return f"{pod_name}-{_secrets.token_hex(4)}"
 
 
 class _Chunk:
-    """Events stored together: output lines of one read (made Events only when consumed)."""
+    """Events stored together, with the index of the first and the size of their data."""
 
-    __slots__ = ("etype", "items", "size", "start", "time")
+    __slots__ = ("items", "size", "start")
 
-    def __init__(self, etype: EventType | None, time: datetime | None, items: list[Any]) -> None:
-        self.etype = etype
-        self.time = time
+    def __init__(self, items: list[Any]) -> None:
         self.items = items
         self.start = 0
         self.size = 0
 
     def events(self, offset: int) -> list[Event]:
-        if self.etype is None:
-            return self.items[offset:]
+        return self.items[offset:]
+
+
+class _LineChunk(_Chunk):
+    """Output lines of one read, of one type and time: made Events only when consumed."""
+
+    __slots__ = ("etype", "time")
+
+    def __init__(self, etype: EventType, time: datetime, lines: list[str]) -> None:
+        super().__init__(lines)
+        self.etype = etype
+        self.time = time
+
+    def events(self, offset: int) -> list[Event]:
         new, etype, time = tuple.__new__, self.etype, self.time
         return [new(Event, (etype, line, None, time)) for line in self.items[offset:]]
 
@@ -238,6 +221,11 @@ class Session:
     they come; :meth:`events` replays from the transcript what memory no longer holds,
     so every consumer sees every event in order while memory stays bounded.
 
+    A transcript that cannot be written (its directory is a file or read-only, the disk
+    fills up) does not end the session: it goes on with its latest events in memory,
+    says once, in a STDERR event and in :attr:`transcript_error`, that the transcript
+    could not be written, and ends with the agent's exit code.
+
     Args:
         pod_name: The pod.
         container: The pod's container name.
@@ -257,6 +245,8 @@ class Session:
         claude_session: Claude Code's session uuid ("" for an attach).
         missing_env: inheritEnv names that were not forwarded.
         transcript: Path of the JSON-lines transcript.
+        transcript_error: One sentence saying why the transcript is incomplete ("" when
+            it is written).
         error: The error that ended the session, if any.
         stopped: Whether :meth:`stop` was called.
     """
@@ -283,10 +273,6 @@ class Session:
         self.claude_session = claude_session
         self.missing_env = list(missing_env)
         self.mask = Masker(secrets)
-        directory = Path(transcript_dir).expanduser()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.transcript = directory / f"{self.id}.jsonl"
-        self._file: IO[str] | None = open(self.transcript, "w", encoding="utf-8")  # noqa: SIM115
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
         self._buf: deque[_Chunk] = deque()
@@ -294,14 +280,26 @@ class Session:
         self._buf_bytes = 0
         self._first = 0
         self._count = 0
+        self._on_disk = 0
         self._ended = False
         self._finished = threading.Event()
         self.error: BaseException | None = None
         self.stopped = False
         self.exit_code: int | None = None
-        self.phase = "starting"
+        self._state = "starting"
         self.started_at = _now()
         self.ended_at: datetime | None = None
+        self.transcript_error = ""
+        self._lost_because = ""
+        directory = Path(transcript_dir).expanduser()
+        self.transcript = directory / f"{self.id}.jsonl"
+        self._file: IO[str] | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # backslashreplace: a lone surrogate is written as its JSON escape, and read back.
+            self._file = open(self.transcript, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        except OSError as exc:
+            self._lose_transcript(exc)
         self._control = SessionControl(self)
         self._job = job
         self._thread = threading.Thread(target=self._work, name=f"cldpd-{self.id}", daemon=True)
@@ -318,7 +316,7 @@ class Session:
     @property
     def state(self) -> str:
         """``building``, ``starting``, ``running``, ``exited``, ``failed`` or ``stopped``."""
-        return self.phase
+        return self._state
 
     @property
     def held_in_memory(self) -> tuple[int, int]:
@@ -334,21 +332,21 @@ class Session:
     def _work(self) -> None:
         control = self._control
         try:
-            code = self._job(control)
-            control.stdout.close()
-            control.stderr.close()
+            try:
+                code = self._job(control)
+            finally:
+                control.stdout.close()
+                control.stderr.close()
             self.exit_code = code
-            self.phase = "stopped" if self.stopped else "exited"
+            self._state = "stopped" if self.stopped else "exited"
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
         except BaseException as exc:
-            control.stdout.close()
-            control.stderr.close()
             message = self.mask(str(exc)) or type(exc).__name__
             if isinstance(exc, SessionStopped) or self.stopped:
                 self.exit_code = -1
-                self.phase = "stopped"
+                self._state = "stopped"
             else:
-                self.phase = "failed"
+                self._state = "failed"
                 self.error = _masked_error(exc, self.mask)
             self._append([Event(EventType.ERROR, message)], final=True)
 
@@ -360,61 +358,96 @@ class Session:
         head = f'{{"type":"{etype.value}","data":'
         enc = _encode_str
         text = "".join([head + enc(line) + tail for line in lines])
-        self._store(_Chunk(etype, now, lines), text, sum(map(len, lines)))
+        self._store(_LineChunk(etype, now, lines), text, sum(map(len, lines)))
 
     def _append(self, events: list[Event], final: bool = False) -> None:
         for e in events:
             if e.type is EventType.BUILD_STARTED:
-                self.phase = "building"
+                self._state = "building"
             elif e.type is EventType.CONTAINER_STARTED:
-                self.phase = "running"
+                self._state = "running"
         text = "".join(e.to_json() + "\n" for e in events)
-        self._store(_Chunk(None, None, events), text, sum(len(e.data) for e in events), final)
+        self._store(_Chunk(events), text, sum(len(e.data) for e in events), final)
 
     def _store(self, chunk: _Chunk, text: str, size: int, final: bool = False) -> None:
         with self._write_lock:
-            f = self._file
-            if f is None:
+            if self._ended:
                 return
-            f.write(text)
-            f.flush()
+            failure: OSError | None = None
+            if self._file is not None:
+                try:
+                    self._file.write(text)
+                    self._file.flush()
+                except OSError as exc:
+                    failure = exc
+            self._buffer(chunk, size, on_disk=self._file is not None and failure is None)
+            if failure is not None:
+                self._lose_transcript(failure)
             if final:
+                self._close_transcript()
+                self._end()
+
+    def _buffer(self, chunk: _Chunk, size: int, on_disk: bool) -> None:
+        """Hold a chunk in memory, dropping the oldest ones over the bounds."""
+        with self._cond:
+            buf = self._buf
+            chunk.start = self._count
+            chunk.size = size
+            buf.append(chunk)
+            count = len(chunk.items)
+            self._count += count
+            if on_disk:
+                self._on_disk = self._count
+            self._buf_events += count
+            self._buf_bytes += size
+            while len(buf) > 1 and (
+                self._buf_events > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
+            ):
+                self._drop_oldest()
+            self._cond.notify_all()
+
+    def _drop_oldest(self) -> None:
+        old = self._buf.popleft()
+        self._buf_events -= len(old.items)
+        self._buf_bytes -= old.size
+        self._first = self._buf[0].start
+
+    def _end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self.ended_at = _now()
+            # An ended session keeps only what its transcript does not hold (its last
+            # chunk when it does): late readers replay the rest from the transcript.
+            while len(self._buf) > 1 and self._buf[1].start <= self._on_disk:
+                self._drop_oldest()
+            self._finished.set()
+            self._cond.notify_all()
+
+    def _close_transcript(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
                 f.close()
-                self._file = None
-            with self._cond:
-                buf = self._buf
-                chunk.start = self._count
-                chunk.size = size
-                buf.append(chunk)
-                count = len(chunk.items)
-                self._count += count
-                self._buf_events += count
-                self._buf_bytes += size
-                while len(buf) > 1 and (
-                    self._buf_events > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
-                ):
-                    old = buf.popleft()
-                    self._buf_events -= len(old.items)
-                    self._buf_bytes -= old.size
-                    self._first = buf[0].start
-                if final:
-                    self._ended = True
-                    self.ended_at = _now()
-                    # An ended session keeps only its last chunk: late readers replay
-                    # the rest from the transcript, so finished sessions cost no memory.
-                    while len(buf) > 1:
-                        old = buf.popleft()
-                        self._buf_events -= len(old.items)
-                        self._buf_bytes -= old.size
-                    self._first = buf[0].start
-                    self._finished.set()
-                self._cond.notify_all()
+
+    def _lose_transcript(self, exc: OSError) -> None:
+        """Go on without a transcript, saying so once (a STDERR event and transcript_error)."""
+        self._close_transcript()
+        if self.transcript_error:
+            return
+        reason = self._lost_because = _reason(exc)
+        self.transcript_error = (
+            f"cldpd: the transcript could not be written to {self.transcript} ({reason}); "
+            f"the session goes on, keeping only its latest events in memory."
+        )
+        notice = [Event(EventType.STDERR, self.transcript_error)]
+        self._buffer(_Chunk(notice), len(self.transcript_error), on_disk=False)
 
     def events(self) -> Iterator[Event]:
         """Iterate over every event from the first, in order, waiting for new ones.
 
         The iterator ends after the terminal event (CONTAINER_EXITED or ERROR). Events
-        that memory no longer holds are read back from the transcript.
+        that memory no longer holds are read back from the transcript; those that neither
+        holds (the transcript could not be written or read) are named in one STDERR event.
         """
         for batch in self.event_batches():
             yield from batch
@@ -426,6 +459,7 @@ class Session:
         """
         index = 0
         reader: _TranscriptReader | None = None
+        unreadable = ""
         try:
             while True:
                 with self._cond:
@@ -433,23 +467,38 @@ class Session:
                         self._cond.wait()
                     if index >= self._count:
                         return
-                    behind = index < self._first
-                    if not behind:
+                    first = self._first
+                    if index >= first:
                         chunks = []
                         for chunk in reversed(self._buf):
                             chunks.append(chunk)
                             if chunk.start <= index:
                                 break
-                    else:
-                        upto = self._first
-                if not behind:
+                    on_disk = self._on_disk if not unreadable else 0
+                if index >= first:
                     batch = []
                     for chunk in reversed(chunks):
                         batch.extend(chunk.events(max(0, index - chunk.start)))
+                elif index < on_disk:
+                    try:
+                        if reader is None:
+                            reader = _TranscriptReader(self.transcript)
+                        batch = reader.read(index, min(first, on_disk, index + 2000))
+                    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                        unreadable = f"could not be read ({_reason(exc)})"
+                        continue
                 else:
-                    if reader is None:
-                        reader = _TranscriptReader(self.transcript)
-                    batch = reader.read(index, min(upto, index + 2000))
+                    why = unreadable or f"could not be written ({self._lost_because})"
+                    batch = [
+                        Event(
+                            EventType.STDERR,
+                            f"cldpd: {first - index} earlier events are not shown: memory no "
+                            f"longer holds them and the transcript {self.transcript} {why}.",
+                        )
+                    ]
+                    index = first
+                    yield batch
+                    continue
                 index += len(batch)
                 yield batch
         finally:
@@ -488,6 +537,10 @@ class Session:
             self.stopped = True
             self._control._stop(timeout)
         self._thread.join(timeout + 30)
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _masked_error(exc: BaseException, mask: Masker) -> BaseException:
