@@ -533,7 +533,7 @@ def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str
     CommonMark with tables and strikethrough, through markdown-it-py: raw HTML is shown
     as text, links only to http, https, mailto or anchors (opening in a new tab, with
     ``rel="noopener noreferrer nofollow"``), images become links (nothing is loaded),
-    every attribute is quoted and escaped.
+    every attribute is quoted and escaped, terminal escapes and control characters dropped.
 
     Args:
         text: The Markdown.
@@ -542,6 +542,7 @@ def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str
     Returns:
         The HTML; on any failure of the Markdown library, the escaped text.
     """
+    text = clean_text(text)
     try:
         with _MARKDOWN_LOCK:  # the parser and renderer are not documented as thread-safe
             env: dict[str, Any] = {}
