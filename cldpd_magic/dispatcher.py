@@ -25,10 +25,10 @@ from .pods import (
     default_pods_dir,
     discover_all,
     discover_pod,
-    looks_secret,
     validate_pod_name,
 )
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from .secrets import config_secrets, container_secrets, forwarded_env
 from .session import EventType, Session, SessionControl, new_session_id
 
 LABEL_POD = "cldpd.pod"
@@ -41,6 +41,14 @@ LABEL_INHERIT_ENV = "cldpd.inherit-env"
 
 #: The command a keepAlive container idles on; the agent then runs through exec.
 IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
+
+#: Linux refuses one argument or environment entry of 131072 bytes or more (MAX_ARG_STRLEN,
+#: 32 pages, counting its terminating NUL) with "argument list too long".
+MAX_ARGUMENT_BYTES = 131072 - 1
+#: All arguments and environment entries together (each with its NUL and an 8-byte pointer)
+#: may take a quarter of the stack limit, 8 MiB in containers: 2 MiB. 64 KiB of it is
+#: left for the image's own environment and the exec wrapper.
+MAX_COMMAND_LINE_BYTES = 2 * 1024 * 1024 - 64 * 1024
 
 
 def default_transcript_dir() -> Path:
@@ -73,6 +81,45 @@ def agent_command(pod: Pod, prompt: str, *, session_uuid: str, resume: bool) -> 
         "claude", "-p", "--output-format", "stream-json", "--verbose",
         flag, session_uuid, *pod.config.args, prompt,
     ]  # fmt: skip
+
+
+def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix: str) -> None:
+    """Refuse up front a command the kernel would refuse with "argument list too long".
+
+    Args:
+        cmd: The agent's command; its last argument is the prompt.
+        env: The environment it runs with.
+        prompt_is: What the prompt is, for the message (``The prompt``).
+        fix: What to do about a prompt that is too long.
+
+    Raises:
+        InvalidRequestError: An argument or environment entry holds a NUL or is over
+            :data:`MAX_ARGUMENT_BYTES`, or all of them are over :data:`MAX_COMMAND_LINE_BYTES`.
+    """
+    named = [(f"The argument {a[:40]!r} in pod.json args", a) for a in cmd[:-1]]
+    named.append((prompt_is, cmd[-1]))
+    named += [(f"The environment variable {k}", f"{k}={v}") for k, v in env.items()]
+    total = 0
+    for what, text in named:
+        if "\0" in text:
+            raise InvalidRequestError(
+                f"{what} contains a NUL character, which no command-line argument or "
+                "environment variable can carry; remove it."
+            )
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_ARGUMENT_BYTES:
+            advice = fix if text is cmd[-1] else "shorten it"
+            raise InvalidRequestError(
+                f"{what} is {size} bytes, over the {MAX_ARGUMENT_BYTES} bytes Linux allows in "
+                f"one argument (MAX_ARG_STRLEN); {advice}."
+            )
+        total += size + 1 + 8
+    if total > MAX_COMMAND_LINE_BYTES:
+        raise InvalidRequestError(
+            f"The agent's command line and environment come to {total} bytes, over the "
+            f"{MAX_COMMAND_LINE_BYTES} bytes Linux allows in all; shorten the prompt or the "
+            "pod's environment."
+        )
 
 
 @dataclass(frozen=True)
@@ -206,30 +253,35 @@ class Dispatcher:
             or ERROR.
 
         Raises:
-            InvalidRequestError: The URL is not http(s).
+            InvalidRequestError: The URL is not http(s); the prompt, an argument or an
+                environment entry holds a NUL or is over the kernel's limits.
             PodNotFoundError, InvalidPodError, PodConfigError: The pod is unusable.
             DockerUnavailableError: Docker does not answer.
             PodRunningError: The pod's container already runs.
         """
         url = validate_issue_url(issue_url)
         pod = self.pod(pod_name)
-        self.runner.preflight()
-        self._ensure_free(pod)
         session_uuid = str(uuid.uuid4())
         session_id = new_session_id(pod.name)
-        forwarded = {n: os.environ[n] for n in pod.config.inherit_env if n in os.environ}
+        forwarded = forwarded_env(pod.config.inherit_env)
         missing = [n for n in pod.config.inherit_env if n not in forwarded]
-        secrets = pod.secret_values() + list(forwarded.values())
+        # Resolved once, here: the values masked are the values forwarded.
+        env = {**pod.config.env, **forwarded}
+        secrets = config_secrets(pod.config.env, forwarded, forwarded)
         cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
                             resume=False)  # fmt: skip
+        check_command_line(
+            cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
+            f"shorten {pod.dir / 'template.md'}",
+        )  # fmt: skip
+        self.runner.preflight()
+        self._ensure_free(pod)
         transcript = self.transcript_dir / f"{session_id}.jsonl"
         opts = RunOptions(
             image=pod.image,
             name=pod.container_name,
             cmd=cmd,
-            # Resolved once, here: the values masked are the values forwarded.
-            env={**pod.config.env, **forwarded},
-            inherit_env=[],
+            env=env,
             workdir=pod.config.workdir,
             remove=not pod.config.keep_alive,
             mounts=list(pod.config.mounts),
@@ -288,9 +340,7 @@ class Dispatcher:
     @staticmethod
     def secrets(pod: Pod) -> list[str]:
         """The values to mask for a pod: secret-looking env values and forwarded variables."""
-        return pod.secret_values() + [
-            os.environ[n] for n in pod.config.inherit_env if n in os.environ
-        ]
+        return pod.secret_values()
 
     @staticmethod
     def container_secrets(info: ContainerInfo) -> list[str]:
@@ -299,19 +349,19 @@ class Dispatcher:
         A pod may have been started by another process, whose forwarded values differ
         from this one's.
         """
-        names = set(filter(None, info.labels.get(LABEL_INHERIT_ENV, "").split(",")))
-        return [v for k, v in info.env.items() if v and (k in names or looks_secret(k))]
+        return container_secrets(info.env, info.labels.get(LABEL_INHERIT_ENV, "").split(","))
 
     def _running_container(
-        self, pod_name: str, missing: str, *, known: bool = False
+        self, pod_name: str, not_running: str, *, known: bool = False
     ) -> ContainerInfo:
+        """The pod's running container, else SessionNotFoundError with ``not_running``."""
         validate_pod_name(pod_name)
         self.runner.preflight()
         info = self.runner.inspect(container_name(pod_name))
         if info is None or not info.running:
             if known:
                 self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
-            raise SessionNotFoundError(missing)
+            raise SessionNotFoundError(not_running)
         return info
 
     def _pod_of(self, pod_name: str, info: ContainerInfo) -> Pod:
@@ -339,7 +389,8 @@ class Dispatcher:
             CONTAINER_EXITED or ERROR.
 
         Raises:
-            InvalidRequestError: The prompt is empty.
+            InvalidRequestError: The prompt is empty, holds a NUL or is over the kernel's
+                limits (see :func:`check_command_line`).
             SessionNotFoundError: Nothing runs for the pod.
         """
         if not prompt or not prompt.strip():
@@ -353,6 +404,7 @@ class Dispatcher:
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
         secrets = self.secrets(pod) + self.container_secrets(info)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
+        check_command_line(cmd, info.env, "The prompt", "shorten it")
         runner = self.runner
 
         def job(ctl: SessionControl) -> int:

@@ -31,9 +31,10 @@ import ipywidgets as widgets
 
 from .dispatcher import Dispatcher, RunningPod, validate_issue_url
 from .errors import CldpdError, InvalidRequestError, SessionNotFoundError
-from .pods import Pod, looks_secret, scan_pods
+from .pods import Pod, scan_pods
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView
-from .session import MASK, Masker, Session
+from .secrets import MASK, Masker, looks_secret
+from .session import Session
 
 #: How many lines of a pod's template the details pane shows.
 TEMPLATE_PREVIEW_LINES = 6
@@ -53,7 +54,7 @@ def _sentence(exc: BaseException) -> str:
 def _pod_masker(pod: Pod | None) -> Masker:
     if pod is None:
         return Masker()
-    return Masker(Dispatcher.secrets(pod))
+    return Masker(pod.secret_values())
 
 
 class _Run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import threading
@@ -141,8 +142,7 @@ class FakeRunner:
     def _set_status(self, name: str, status: str) -> None:
         container = self.containers.get(name)
         if container is not None:
-            i = container.info
-            container.info = ContainerInfo(i.name, i.id, status, i.labels, i.image, i.started_at)
+            container.info = dataclasses.replace(container.info, status=status)
 
     def preflight(self) -> None:
         """Raise ``unavailable`` when set."""
@@ -194,7 +194,7 @@ class FakeRunner:
         if on_start is not None:
             on_start(container.info)
         self.agent_started.set()
-        call = AgentCall(opts.cmd, opts.resolved_env(), stdout, stderr, container.stopped, "run")
+        call = AgentCall(opts.cmd, dict(opts.env), stdout, stderr, container.stopped, "run")
         try:
             return self.agent(call)
         finally:
@@ -227,7 +227,7 @@ class FakeRunner:
         if on_start is not None:
             on_start(handle)
         self.agent_started.set()
-        env = found.opts.resolved_env()
+        env = dict(found.opts.env)
         return self.agent(AgentCall(list(cmd), env, stdout, stderr, stopped, "exec"))
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:

@@ -29,6 +29,8 @@ from cldpd_magic.dispatcher import (
     LABEL_KEEP_ALIVE,
     LABEL_POD,
     LABEL_SESSION,
+    MAX_ARGUMENT_BYTES,
+    MAX_COMMAND_LINE_BYTES,
     RunningPod,
 )
 from cldpd_magic.session import MASK, Session
@@ -242,7 +244,6 @@ def test_inherit_env_forwards_set_variables_and_lists_unset_ones(
     session.wait(10)
     assert seen == [{"MODE": "x", "HOST_SET": "forwarded value"}]
     # Resolved once at start: the values masked are exactly the values forwarded.
-    assert runner.runs[0].inherit_env == []
     assert runner.runs[0].env == {"MODE": "x", "HOST_SET": "forwarded value"}
     assert session.missing_env == ["HOST_UNSET"]
     notes = [e.data for e in session.events() if e.type is E.BUILD_OUTPUT and "HOST" in e.data]
@@ -309,8 +310,7 @@ def test_resume_masks_secrets_too(dispatcher, runner, pods_dir, monkeypatch):
     write_pod(pods_dir, "p", {"env": {"API_KEY": ENV_SECRET}, "inheritEnv": ["HOST_VALUE"]})
     runner.add_container("cldpd-p", {LABEL_POD: "p"})
     monkeypatch.setenv("HOST_VALUE", HOST_SECRET)
-    runner.containers["cldpd-p"].opts.env = {"API_KEY": ENV_SECRET}
-    runner.containers["cldpd-p"].opts.inherit_env = ["HOST_VALUE"]
+    runner.containers["cldpd-p"].opts.env = {"API_KEY": ENV_SECRET, "HOST_VALUE": HOST_SECRET}
     session = dispatcher.resume_session("p", "again")
     assert session.wait(10) == 3
     assert f"inherited={MASK} key={MASK}" in [e.data for e in session.events()]
@@ -612,3 +612,37 @@ def test_defaults_come_from_the_environment(tmp_path, monkeypatch):
 def test_stop_refuses_a_name_that_is_not_a_pod_name(dispatcher):
     with pytest.raises(InvalidPodError):
         dispatcher.stop("../etc")
+
+
+def test_command_lines_the_kernel_would_refuse_are_one_sentence_before_any_work(
+    dispatcher, runner, pods_dir, monkeypatch
+):
+    write_pod(pods_dir, "nul", template="orders\0more")
+    write_pod(pods_dir, "big", template="t" * MAX_ARGUMENT_BYTES)
+    write_pod(pods_dir, "arg", {"args": ["--model", "op\u0000us"]})
+    write_pod(pods_dir, "env", {"env": {"HUGE": "v" * MAX_ARGUMENT_BYTES}})
+    write_pod(pods_dir, "all", {"env": {f"V{i}": "v" * 100_000 for i in range(25)}})
+    expected = {
+        "nul": "The start prompt of pod nul (template.md and the issue line) contains a NUL",
+        "big": f"over the {MAX_ARGUMENT_BYTES} bytes Linux allows in one argument (MAX_ARG_STRLEN)"
+        "; shorten",
+        "arg": "The argument 'op\\x00us' in pod.json args contains a NUL",
+        "env": "The environment variable HUGE is",
+        "all": f"over the {MAX_COMMAND_LINE_BYTES} bytes Linux allows in all",
+    }
+    for name, sentence in expected.items():
+        with pytest.raises(InvalidRequestError) as info:
+            dispatcher.start_session(name, URL)
+        assert sentence in str(info.value) and "\n" not in str(info.value)
+    assert runner.calls == [] and dispatcher.sessions == []
+
+
+def test_a_resume_prompt_the_kernel_would_refuse_is_one_sentence(dispatcher, runner, pods_dir):
+    write_pod(pods_dir, "p")
+    runner.add_container("cldpd-p", {LABEL_POD: "p"})
+    with pytest.raises(InvalidRequestError, match="The prompt contains a NUL character"):
+        dispatcher.resume_session("p", "a\0b")
+    with pytest.raises(InvalidRequestError, match=r"The prompt is 131072 bytes, .*; shorten it\."):
+        dispatcher.resume_session("p", "é" * (MAX_ARGUMENT_BYTES // 2 + 1))
+    assert runner.execs == []
+    assert dispatcher.resume_session("p", "é" * (MAX_ARGUMENT_BYTES // 2)).wait(10) == 0

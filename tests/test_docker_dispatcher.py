@@ -22,11 +22,17 @@ from cldpd_magic import (
     DockerUnavailableError,
     Event,
     EventType,
+    InvalidRequestError,
     PodRunningError,
     Session,
     SessionNotFoundError,
 )
-from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
+from cldpd_magic.dispatcher import (
+    LABEL_CLAUDE_SESSION,
+    LABEL_POD,
+    LABEL_SESSION,
+    MAX_ARGUMENT_BYTES,
+)
 from cldpd_magic.session import MASK, read_transcript
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
@@ -483,4 +489,41 @@ def test_attach_replays_a_pod_started_by_another_process(
     assert session.kind == "attach"
     assert output(session) == ["first line", "last line"]
     assert output(session, E.STDERR) == ["to stderr"]
+    assert container(docker_client, name) is None
+
+
+def test_a_prompt_over_the_argument_limit_is_one_sentence(dispatcher, make_pod, docker_client):
+    """The kernel's limit is exact: the longest prompt runs, one byte more is refused up front."""
+    directive = f"\n\nWork on this GitHub issue: {URL}"
+    longest = "t" * (MAX_ARGUMENT_BYTES - len(directive))
+    name = make_pod('eval "prompt=\\${$#}"; echo "${#prompt}"', template=longest)
+    start = dispatcher.start_session(name, URL)
+    assert start.wait(60) == 0
+    assert output(start) == [str(MAX_ARGUMENT_BYTES)]
+
+    (dispatcher.pods_dir / name / "template.md").write_text("t" * 200_000)
+    with pytest.raises(InvalidRequestError) as info:
+        dispatcher.start_session(name, URL)
+    message = str(info.value)
+    assert "131071 bytes" in message and "MAX_ARG_STRLEN" in message and "template.md" in message
+    assert "argument list too long" not in message.lower()
+    assert container(docker_client, name) is None
+
+
+def test_a_resume_prompt_over_the_limit_or_with_a_nul_is_one_sentence(
+    dispatcher, make_pod, docker_client
+):
+    name = make_pod('echo "ran with ${#7} bytes"', pod_json={"keepAlive": True})
+    assert dispatcher.start_session(name, URL).wait(60) == 0
+    try:
+        with pytest.raises(
+            InvalidRequestError, match=r"The prompt is 200000 bytes, over the 131071"
+        ):
+            dispatcher.resume_session(name, "r" * 200_000)
+        with pytest.raises(InvalidRequestError, match="The prompt contains a NUL character"):
+            dispatcher.resume_session(name, "before\0after")
+        resume = dispatcher.resume_session(name, "r" * 1000)
+        assert resume.wait(60) == 0
+    finally:
+        dispatcher.stop(name, 10)
     assert container(docker_client, name) is None
