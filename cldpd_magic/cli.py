@@ -1,21 +1,32 @@
-"""The ``cldpd`` console command: start, resume, stop and list pods from a terminal."""
+"""The ``cldpd`` console command: start, resume, stop and list pods from a terminal.
+
+A run followed by ``cldpd start`` or ``cldpd resume`` stops its pod on Ctrl+C (SIGINT),
+SIGTERM or SIGHUP: gracefully first, and by a kill when a second signal comes during
+the graceful stop. Whatever ends the command, no container of the run is left behind.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import queue
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
 from . import __version__
 from .dispatcher import Dispatcher
-from .errors import CldpdError
-from .pods import default_pods_dir, scan_pods
-from .render import render_output_line
+from .errors import CldpdError, one_line
+from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
+from .render import clean_text, render_output_line
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
-from .session import EventType, Session
+from .session import Event, EventType, Session
 
 EPILOG = """examples:
   cldpd init myrepo --template claude-code
@@ -23,7 +34,18 @@ EPILOG = """examples:
   cldpd resume myrepo --prompt "Focus on error handling"
   cldpd stop myrepo
   cldpd list
+
+Ctrl+C, SIGTERM or SIGHUP during start or resume stops the pod gracefully (the agent's
+turn ends first); a second Ctrl+C during that stop kills it.
 """
+
+#: Signals that stop a followed run: Ctrl+C, ``kill`` and a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Seconds a pod gets to stop gracefully before it is killed.
+STOP_TIMEOUT = 10.0
+#: A repeat of the first signal within this many seconds is the same request, not an
+#: escalation: timeout(1) signals its child and then, at once, its whole process group.
+_REPEAT_WINDOW = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--prompt", required=True, help="the follow-up prompt")
     for command in (start, resume):
         command.add_argument(
-            "--raw", action="store_true", help="print the agent's output lines verbatim"
+            "--raw",
+            action="store_true",
+            help="print the agent's stdout and stderr lines verbatim, terminal escape "
+            "sequences included (by default they are rendered and escapes are dropped)",
         )
         command.add_argument(
             "-v", "--verbose", action="store_true", help="show the image build log"
@@ -66,46 +91,220 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stream(
-    session: Session, raw: bool, verbose: bool, out: TextIO, err: TextIO, seen: list[int]
+def _say(stream: TextIO, text: str) -> None:
+    # A closed terminal (SIGHUP) or pipe must not stop the pod from being stopped.
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text)
+        stream.flush()
+
+
+def _show(
+    events: list[Event], session: Session, args: argparse.Namespace, out: TextIO, err: TextIO
 ) -> None:
-    for index, event in enumerate(session.events()):
-        if index < seen[0]:
-            continue
-        seen[0] = index + 1
-        etype = event.type
+    """Write events to the terminal; in rendered mode nothing the agent printed is an escape."""
+    raw = args.raw
+    shown: list[str] = []
+    noted: list[str] = []
+    for event in events:
+        etype, data = event.type, event.data
         if etype is EventType.OUTPUT:
             if raw:
-                out.write(event.data + "\n")
+                shown.append(data)
             else:
-                for line in render_output_line(event.data):
-                    out.write(line.text + "\n")
-            out.flush()
+                shown.extend(clean_text(line.text) for line in render_output_line(data))
         elif etype is EventType.STDERR:
-            err.write(event.data + "\n")
+            noted.append(data if raw else clean_text(data))
         elif etype is EventType.BUILD_STARTED:
-            err.write(f"cldpd: building image {event.data}\n")
-        elif etype is EventType.BUILD_OUTPUT and (verbose or event.data.startswith("cldpd:")):
-            err.write(event.data + "\n")
+            noted.append(f"cldpd: building image {data}")
+        elif etype is EventType.BUILD_OUTPUT and (args.verbose or data.startswith("cldpd:")):
+            noted.append(clean_text(data))
         elif etype is EventType.CONTAINER_STARTED:
-            err.write(f"cldpd: {session.kind} running in container {event.data}\n")
-        err.flush()
+            noted.append(f"cldpd: {session.kind} running in container {data}")
+    if shown:
+        _say(out, "\n".join(shown) + "\n")
+    if noted:
+        _say(err, "\n".join(noted) + "\n")
 
 
-def _run(session: Session, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    seen = [0]
-    try:
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class _Interrupted(BaseException):
+    """A stop signal that came before the run could be followed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """The handler of the stop signals: raises while the run is set up, records afterwards.
+
+    Recording (a list append) is all a handler may safely do while other threads hold
+    locks; the run loop acts on what was recorded.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[tuple[int, float]] = []
+        self.raising = True
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.raising:
+            self.raising = False
+            raise _Interrupted(signum)
+        self.received.append((signum, time.monotonic()))
+
+    def take(self) -> list[tuple[int, float]]:
+        taken = self.received[:]
+        del self.received[: len(taken)]
+        return taken
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
         try:
-            _stream(session, args.raw, args.verbose, out, err, seen)
-            return session.wait()
-        except KeyboardInterrupt:
-            err.write(f"\ncldpd: interrupted; stopping pod {session.pod_name} gracefully\n")
-            err.flush()
-            session.stop()
-            _stream(session, args.raw, args.verbose, out, err, seen)
-            return 130
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+class _Stopper:
+    """Stops the pod of a followed run: gracefully on a first signal, by a kill on a second."""
+
+    def __init__(self, dispatcher: Dispatcher, session: Session, err: TextIO) -> None:
+        self._dispatcher = dispatcher
+        self._session = session
+        self._err = err
+        self._threads: list[threading.Thread] = []
+        self._errors: list[str] = []
+        self.first: tuple[int, float] | None = None
+        self.killing = False
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that asked for the stop, if any."""
+        return None if self.first is None else self.first[0]
+
+    def on_signal(self, signum: int, when: float) -> None:
+        pod = self._session.pod_name
+        if self.first is None:
+            self.first = (signum, when)
+            why = "interrupted" if signum == signal.SIGINT else f"got {_signal_name(signum)}"
+            if self._session.kind == "resume":
+                what = f"the agent's turn ends first, then pod {pod} stops gracefully"
+            else:
+                what = f"stopping pod {pod} gracefully"
+            _say(self._err, f"\ncldpd: {why}; {what} (interrupt again to kill it)\n")
+            self._spawn(STOP_TIMEOUT)
+        elif self.killing or (signum == self.first[0] and when - self.first[1] < _REPEAT_WINDOW):
+            return
+        else:
+            self.killing = True
+            why = "interrupted" if signum == signal.SIGINT else f"got {_signal_name(signum)}"
+            _say(self._err, f"cldpd: {why} again; killing pod {pod}\n")
+            self._spawn(0.0)
+
+    def _spawn(self, timeout: float) -> None:
+        thread = threading.Thread(
+            target=self._stop, args=(timeout,), daemon=True, name="cldpd-stop"
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _stop(self, timeout: float) -> None:
+        try:
+            self._dispatcher.stop(self._session.pod_name, timeout)
+        except Exception as exc:  # reported by the main thread, never lost
+            self._errors.append(one_line(str(exc)) or type(exc).__name__)
+
+    @property
+    def done(self) -> bool:
+        """Whether every stop asked for has finished."""
+        return not any(t.is_alive() for t in self._threads)
+
+    def report(self) -> None:
+        """Say how the stop ended."""
+        pod = self._session.pod_name
+        if self._errors:
+            _say(self._err, f"cldpd: could not stop pod {pod}: {clean_text(self._errors[-1])}\n")
+        elif self.first is not None:
+            _say(self._err, f"cldpd: pod {pod} {'killed' if self.killing else 'stopped'}\n")
+
+
+def _pump(session: Session, batches: queue.Queue[list[Event] | None]) -> None:
+    try:
+        for batch in session.event_batches():
+            batches.put(batch)
     finally:
-        err.write(f"cldpd: transcript: {session.transcript}\n")
+        batches.put(None)
+
+
+def _follow(
+    dispatcher: Dispatcher,
+    session: Session,
+    signals: _Signals,
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Show a run until it ends and every stop asked for is done; return the exit code."""
+    batches: queue.Queue[list[Event] | None] = queue.Queue()
+    threading.Thread(
+        target=_pump, args=(session, batches), daemon=True, name="cldpd-events"
+    ).start()
+    stopper = _Stopper(dispatcher, session, err)
+    ended = False
+    try:
+        while not (ended and stopper.done):
+            for signum, when in signals.take():
+                stopper.on_signal(signum, when)
+            try:
+                batch = batches.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if batch is None:
+                ended = True
+            else:
+                _show(batch, session, args, out, err)
+        stopper.report()
+    finally:
+        _say(err, f"cldpd: transcript: {session.transcript}\n")
+    if stopper.signum is not None:
+        return 128 + stopper.signum
+    return session.wait()
+
+
+def _run(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    signals = _Signals()
+    with signals.installed():
+        try:
+            if args.command == "start":
+                session = dispatcher.start_session(args.pod, args.issue)
+            else:
+                session = dispatcher.resume_session(args.pod, args.prompt)
+            signals.raising = False
+        except _Interrupted as exc:
+            for started in dispatcher.local_sessions(active=True):
+                started.stop(0.0)
+            _say(err, f"\ncldpd: got {_signal_name(exc.signum)} before the pod started\n")
+            return 128 + exc.signum
+        return _follow(dispatcher, session, signals, args, out, err)
+
+
+def _stop(dispatcher: Dispatcher, args: argparse.Namespace, err: TextIO) -> int:
+    validate_pod_name(args.pod)
+    dispatcher.runner.preflight()
+    info = dispatcher.runner.inspect(container_name(args.pod))
+    running = info is not None and info.running
+    if info is not None:
+        dispatcher.stop(args.pod, args.timeout)  # an ended container is removed too
+    if not running:
+        _say(err, f"cldpd: pod {args.pod} is not running; nothing to stop\n")
+        return 1
+    _say(err, f"cldpd: pod {args.pod} stopped\n")
+    return 0
 
 
 def _list(dispatcher: Dispatcher, out: TextIO) -> int:
@@ -122,8 +321,9 @@ def _list(dispatcher: Dispatcher, out: TextIO) -> int:
     for name, info in sorted(running.items()):
         if name not in names:
             rows.append((name, "?", f"{info.status} (no pod directory)"))
-    if len(rows) == 1:
+    if not names:
         out.write(f"No pods in {dispatcher.pods_dir}: {_make_one_hint(dispatcher.pods_dir)}\n")
+    if len(rows) == 1:
         return 0
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     for row in rows:
@@ -155,8 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments; ``sys.argv[1:]`` when None.
 
     Returns:
-        The exit code: the agent's for start and resume, 1 for an error, 130 when
-        interrupted.
+        The exit code: the agent's for start and resume, 128 + the signal's number when
+        a signal stopped the run (130 for Ctrl+C), 1 for an error and for stopping a pod
+        that does not run.
     """
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
@@ -164,20 +365,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init":
             return _init(args, out)
-        if args.command == "start":
-            return _run(dispatcher.start_session(args.pod, args.issue), args, out, err)
-        if args.command == "resume":
-            return _run(dispatcher.resume_session(args.pod, args.prompt), args, out, err)
+        if args.command in ("start", "resume"):
+            return _run(dispatcher, args, out, err)
         if args.command == "stop":
-            dispatcher.stop(args.pod, args.timeout)
-            err.write(f"cldpd: pod {args.pod} stopped\n")
-            return 0
+            return _stop(dispatcher, args, err)
         return _list(dispatcher, out)
     except CldpdError as exc:
-        err.write(f"cldpd: {exc}\n")
+        _say(err, f"cldpd: {clean_text(str(exc))}\n")
         return 1
     except KeyboardInterrupt:
-        err.write("cldpd: interrupted\n")
+        _say(err, "cldpd: interrupted\n")
         return 130
 
 

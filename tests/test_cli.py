@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,15 +29,41 @@ def cldpd(pods_dir: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[s
     )
 
 
-def spawn_start(pods_dir: Path, name: str, stdout: int) -> subprocess.Popen[str]:
-    """``cldpd start`` in the background, stderr piped, output unbuffered."""
+def spawn(pods_dir: Path, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``cldpd ARGS`` in the background, stderr piped, output unbuffered."""
     return subprocess.Popen(
-        [*CLDPD, "--pods-dir", str(pods_dir), "start", name, "--issue", URL],
+        [*CLDPD, "--pods-dir", str(pods_dir), *args],
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def spawn_start(pods_dir: Path, name: str, stdout: int) -> subprocess.Popen[str]:
+    """``cldpd start`` in the background, stderr piped, output unbuffered."""
+    return spawn(pods_dir, "start", name, "--issue", URL, stdout=stdout)
+
+
+def read_until(stream, needle: str) -> str:
+    """Read lines until one contains needle (fails at end of stream); return what was read."""
+    seen = []
+    while True:
+        line = stream.readline()
+        assert line, f"{needle!r} never came; read: {''.join(seen)!r}"
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+
+
+def gone(docker_client, name: str, timeout: float = 15) -> bool:
+    """Whether no container cldpd-<name> exists, running or not (waits up to timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not docker_client.containers.list(all=True, filters={"name": f"^cldpd-{name}$"}):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_parser_needs_issue_for_start():
@@ -84,14 +112,78 @@ def test_stream_json_is_rendered_unless_raw(docker_client, pods_dir, make_pod):
     assert line in raw.stdout
 
 
-def test_ctrl_c_stops_the_pod_gracefully(docker_client, pods_dir, make_pod):
+GRACEFUL = """
+trap 'echo got INT; exit 130' INT
+trap 'echo got TERM; exit 143' TERM
+echo ready
+while :; do sleep 1 & wait $!; done
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "interrupted"),
+        (signal.SIGTERM, "got SIGTERM"),
+        (signal.SIGHUP, "got SIGHUP"),
+    ],
+)
+def test_a_signal_stops_the_pod_gracefully(docker_client, pods_dir, make_pod, signum, said):
+    name = make_pod(GRACEFUL)
+    proc = spawn_start(pods_dir, name, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    # Whatever the signal, the agent gets SIGINT first: it ends its turn.
+    assert "got INT" in out
+    assert f"cldpd: {said}; stopping pod {name} gracefully (interrupt again to kill it)" in err
+    assert f"cldpd: pod {name} stopped" in err
+    assert gone(docker_client, name)
+
+
+@pytest.mark.docker
+def test_a_second_interrupt_kills_the_pod(docker_client, pods_dir, make_pod):
     name = make_pod(
         """
-        trap 'echo got INT; exit 130' INT
+        trap '' INT TERM
         echo ready
         while :; do sleep 1 & wait $!; done
         """
     )
+    proc = spawn_start(pods_dir, name, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    read_until(proc.stderr, f"stopping pod {name} gracefully")
+    time.sleep(0.5)  # a person's second Ctrl+C, not timeout(1)'s echo of the first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"cldpd: interrupted again; killing pod {name}" in err
+    assert f"cldpd: pod {name} killed" in err
+    assert gone(docker_client, name)
+
+
+@pytest.mark.docker
+def test_timeout_with_sigint_leaves_nothing_behind(docker_client, pods_dir, make_pod):
+    name = make_pod(GRACEFUL)
+    result = subprocess.run(
+        ["timeout", "-s", "INT", "5", *CLDPD, "--pods-dir", str(pods_dir), "start", name,
+         "--issue", URL],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 124, result.stderr
+    # timeout(1) signals the command and then its process group: one request, not two.
+    assert "killing" not in result.stderr
+    assert gone(docker_client, name)
+
+
+@pytest.mark.docker
+def test_an_interrupted_start_of_a_kept_alive_pod_stops_it(docker_client, pods_dir, make_pod):
+    name = make_pod(GRACEFUL, pod_json={"keepAlive": True})
     proc = spawn_start(pods_dir, name, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
@@ -99,13 +191,75 @@ def test_ctrl_c_stops_the_pod_gracefully(docker_client, pods_dir, make_pod):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "got INT" in out
-    assert f"stopping pod {name} gracefully" in err
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not docker_client.containers.list(all=True, filters={"name": f"cldpd-{name}"}):
-            break
-        time.sleep(0.2)
-    assert not docker_client.containers.list(all=True, filters={"name": f"cldpd-{name}"})
+    assert f"cldpd: pod {name} stopped" in err
+    assert gone(docker_client, name)
+
+
+@pytest.mark.docker
+def test_an_interrupted_resume_ends_the_turn_then_stops_the_pod(docker_client, pods_dir, make_pod):
+    name = make_pod(
+        """
+        case "$5" in --resume)
+            trap 'echo turn ended; exit 130' INT
+            echo resuming
+            while :; do sleep 1 & wait $!; done;;
+        esac
+        trap 'echo start ended; exit 0' INT TERM
+        while :; do sleep 1 & wait $!; done
+        """,
+        pod_json={"keepAlive": True},
+    )
+    start = spawn_start(pods_dir, name, stdout=subprocess.PIPE)
+    try:
+        assert start.stdout is not None and start.stderr is not None
+        read_until(start.stderr, "running in container")
+        resume = spawn(pods_dir, "resume", name, "--prompt", "go on")
+        assert resume.stdout is not None
+        assert resume.stdout.readline().strip() == "resuming"
+        resume.send_signal(signal.SIGINT)
+        out, err = resume.communicate(timeout=60)
+        assert resume.returncode == 130
+        assert "turn ended" in out
+        assert (
+            f"cldpd: interrupted; the agent's turn ends first, then pod {name} stops "
+            "gracefully (interrupt again to kill it)"
+        ) in err
+        assert f"cldpd: pod {name} stopped" in err
+        assert start.wait(timeout=60) == 0
+        assert "start ended" in start.stdout.read()
+        assert gone(docker_client, name)
+    finally:
+        start.kill()
+        start.wait()
+
+
+#: Clear screen, cursor home, a window title, colours, BELs and a C1 CSI, as printf octal.
+HOSTILE_PRINTF = r"\033[2J\033[H\033]0;pwned-title\007\033[31mred\033[0m bell\007 c1\302\23331m end"
+HOSTILE = "\x1b[2J\x1b[H\x1b]0;pwned-title\x07\x1b[31mred\x1b[0m bell\x07 c1\x9b31m end"
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@pytest.mark.docker
+def test_no_terminal_escape_reaches_the_terminal_unless_raw(docker_client, pods_dir, make_pod):
+    event = {"type": "assistant", "message": {"content": [{"type": "text", "text": HOSTILE}]}}
+    name = make_pod(
+        f"""
+        printf '{HOSTILE_PRINTF}\\n'
+        printf '{HOSTILE_PRINTF}\\n' >&2
+        cat <<'EOF'
+        {json.dumps(event)}
+        EOF
+        """
+    )
+    rendered = cldpd(pods_dir, "start", name, "--issue", URL)
+    assert rendered.returncode == 0, rendered.stderr
+    for text in (rendered.stdout, rendered.stderr):
+        assert not CONTROL_RE.search(text), repr(text)
+        assert "pwned-title" not in text
+    assert rendered.stdout.count("red bell c1 end") == 2  # the plain line and the JSON one
+    assert "red bell c1 end" in rendered.stderr
+    raw = cldpd(pods_dir, "start", name, "--issue", URL, "--raw")
+    assert HOSTILE in raw.stdout and HOSTILE in raw.stderr
 
 
 def test_resume_and_stop(docker_client, pods_dir, make_pod):
@@ -126,8 +280,11 @@ def test_resume_and_stop(docker_client, pods_dir, make_pod):
         assert "resumed with: and now tests" in resumed.stdout
         stopped = cldpd(pods_dir, "stop", name)
         assert stopped.returncode == 0
-        assert f"pod {name} stopped" in stopped.stderr
+        assert stopped.stderr == f"cldpd: pod {name} stopped\n"
         assert proc.wait(timeout=60) == 0
+        again = cldpd(pods_dir, "stop", name)
+        assert again.returncode == 1
+        assert again.stderr == f"cldpd: pod {name} is not running; nothing to stop\n"
     finally:
         proc.kill()
         proc.wait()
