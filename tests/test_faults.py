@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import html
+import io
 import json
 import os
 import re
+import shlex
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +17,6 @@ import pytest
 
 from cldpd_magic import BuildFailedError, Event, EventType, Session
 from cldpd_magic import session as session_module
-from cldpd_magic.secrets import MASK, Masker
 from cldpd_magic.session import SessionControl
 
 E = EventType
@@ -210,21 +211,6 @@ def assert_no_secret(text: str, secret: str = SECRET) -> None:
         assert secret not in decoded, text
 
 
-@pytest.mark.parametrize("form", range(6))
-def test_a_masker_masks_every_escaped_form(form):
-    encoded = escaped_forms(SECRET)[form]
-    line = f'{{"type":"assistant","message":{{"content":[{{"text":"key {encoded} end"}}]}}}}'
-    masked = Masker([SECRET])(line)
-    assert MASK in masked
-    assert_no_secret(masked)
-    assert json.loads(masked)["message"]["content"][0]["text"].startswith("key ")
-
-
-def test_the_masker_leaves_lines_without_secrets_alone():
-    line = '{"text":"caf\\u00e9 \\n \\u0026 &amp; \\/ done"}'
-    assert Masker([SECRET])(line) == line
-
-
 def test_a_session_holds_no_secret_in_any_encoding(transcript_dir):
     forms = escaped_forms(SECRET)
 
@@ -281,3 +267,34 @@ def test_a_run_with_a_full_transcript_disk_ends_with_its_code_and_leaves_nothing
         == "line 1999 of an agent that prints more than the transcript disk holds"
     )
     assert docker_client.containers.list(all=True, filters={"name": f"cldpd-{name}"}) == []
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(180)
+def test_a_pod_that_prints_its_secret_escaped_shows_it_nowhere(
+    docker_client, make_pod, pods_dir, transcript_dir, monkeypatch, capsys
+):
+    from cldpd_magic import Dispatcher, DockerRunner
+
+    monkeypatch.setenv("CLDPD_TEST_FORWARDED", SECRET)
+    lines = [
+        json.dumps({"type": "assistant"})[:-1] + f', "text": "{f}"}}' for f in escaped_forms(SECRET)
+    ]
+    script = "\n".join(f"printf '%s\\n' {shlex.quote(line)}" for line in lines)
+    script += "\n" + "\n".join(
+        f"printf '%s\\n' {shlex.quote(f)} >&2" for f in escaped_forms(SECRET)
+    )
+    name = make_pod(script + "\nexit 3", pod_json={"inheritEnv": ["CLDPD_TEST_FORWARDED"]})
+    dispatcher = Dispatcher(pods_dir, DockerRunner(), transcript_dir)
+    out = io.StringIO()
+    assert dispatcher.start(name, "https://github.com/o/r/issues/1", out, check=False) == 3
+    session = dispatcher.sessions[0]
+    events = list(session.events())
+    assert len(outputs(events)) == len(lines)
+    assert len([e for e in events if e.type is E.STDERR]) == len(lines)
+    for event in events:
+        assert_no_secret(event.data)
+    assert_no_secret(out.getvalue())
+    assert_no_secret(capsys.readouterr().err)
+    for line in session.transcript.read_text(encoding="utf-8").splitlines():
+        assert_no_secret(json.loads(line)["data"])
