@@ -1,0 +1,386 @@
+"""The real Claude Code CLI in a pod, on the real engine, against the scripted model.
+
+The pod is the ``claude-offline`` template built on ``cldpd-claude-code:<version>``
+(made offline by scripts/setup); the model is :class:`ScriptedModelServer` on the host's
+127.0.0.1, reached through ``"network": "host"``. No stand-in agent anywhere.
+
+``CLDPD_CAPTURE_FIXTURES=1`` also writes the stream-json lines of these runs, masked, to
+``tests/fixtures/claude/`` (``tests/fixtures/claude/capture.py`` does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cldpd_magic import Dispatcher
+from cldpd_magic.session import EventType, Session, read_transcript
+from cldpd_magic.testing import ScriptedModelServer, ToolCall, Turn
+
+pytestmark = [pytest.mark.docker, pytest.mark.claude]
+
+CLAUDE_CODE_VERSION = "2.1.332"
+CLAUDE_IMAGE = f"cldpd-claude-code:{CLAUDE_CODE_VERSION}"
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO / "cldpd_magic" / "templates" / "claude-offline"
+URL = "https://github.com/octocat/Hello-World/issues/7"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
+API_KEY = f"sk-ant-scripted-{uuid.uuid4().hex}"
+SLOW = 300.0  # seconds: a turn that never ends by itself in these tests
+PROOF_COMMAND = "echo made-in-pod > proof.txt && cat proof.txt && id -un"
+
+
+@pytest.fixture(scope="module")
+def claude_image() -> Iterator[str]:
+    """The image tag all pods of this module share; fails in CI when the CLI image is missing."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+        client.images.get(CLAUDE_IMAGE)
+    except Exception as exc:
+        message = f"no Docker engine with {CLAUDE_IMAGE} ({type(exc).__name__}); run scripts/setup"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    tag = f"cldpd-test-claude-offline-{uuid.uuid4().hex[:8]}"
+    yield tag
+    with contextlib.suppress(docker.errors.APIError):
+        client.images.remove(tag, noprune=True)
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
+
+
+OfflinePod = Callable[..., str]
+
+
+@pytest.fixture
+def offline_pod(
+    claude_image: str, pods_dir: Path, tmp_path: Path, docker_client
+) -> Iterator[OfflinePod]:
+    """Copy the claude-offline template into pods_dir, pointed at a model server.
+
+    ``offline_pod(url, args=None, keep_alive=False, env=None)`` returns the pod name;
+    its workdir is the bind-mounted ``tmp_path / "work"``. After the test, a container
+    left behind fails the test (and is removed).
+    """
+    made: list[str] = []
+
+    def make(
+        url: str,
+        args: list[str] | None = None,
+        keep_alive: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> str:
+        name = f"claude{uuid.uuid4().hex[:8]}"
+        pod = pods_dir / name
+        shutil.copytree(TEMPLATE, pod)
+        config = json.loads((pod / "pod.json").read_text())
+        config["image"] = claude_image
+        config["buildArgs"] = {"BASE_IMAGE": CLAUDE_IMAGE}
+        config["env"].update({"ANTHROPIC_BASE_URL": url, "CLAUDE_CODE_MAX_RETRIES": "1"})
+        config["env"].update(env or {})
+        work = tmp_path / "work"
+        work.mkdir(exist_ok=True)
+        work.chmod(0o777)  # the agent is uid 1000
+        config["mounts"] = [{"source": str(work), "target": config["workdir"]}]
+        if args is not None:
+            config["args"] = args
+        config["keepAlive"] = keep_alive
+        (pod / "pod.json").write_text(json.dumps(config, indent=2))
+        made.append(name)
+        return name
+
+    yield make
+
+    leaked = []
+    for name in made:
+        for container in docker_client.containers.list(
+            all=True, filters={"name": f"^cldpd-{name}$"}
+        ):
+            leaked.append(f"{container.name} ({container.status})")
+            container.remove(force=True)
+    if leaked:
+        pytest.fail(f"test left containers behind: {', '.join(leaked)}")
+
+
+@pytest.fixture
+def dispatcher(pods_dir: Path, transcript_dir: Path) -> Dispatcher:
+    return Dispatcher(pods_dir, transcript_dir=transcript_dir)
+
+
+def stream(session: Session) -> list[dict[str, Any]]:
+    """The stream-json events among a finished session's output lines."""
+    found = []
+    for event in session.events():
+        if event.type is EventType.OUTPUT and event.data.startswith("{"):
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(event.data))
+    return found
+
+
+def result_of(events: list[dict[str, Any]]) -> dict[str, Any]:
+    results = [e for e in events if e.get("type") == "result"]
+    assert len(results) == 1, [e.get("type") for e in events]
+    return results[0]
+
+
+def run(dispatcher: Dispatcher, name: str, timeout: float = 120) -> tuple[Session, list[dict]]:
+    session = dispatcher.start_session(name, URL)
+    session.wait(timeout)
+    return session, stream(session)
+
+
+def assert_secret_nowhere(session: Session) -> None:
+    """The forwarded key is in no event and no transcript line."""
+    for event in session.events():
+        assert API_KEY not in event.data
+    assert API_KEY not in session.transcript.read_text(encoding="utf-8")
+    assert all(API_KEY not in e.data for e in read_transcript(session.transcript))
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def container_gone(docker_client, name: str, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not docker_client.containers.list(all=True, filters={"name": f"^cldpd-{name}$"}):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# --- Fixtures for the renderer ----------------------------------------------------
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ID = re.compile(r"\b(msg|toolu|req|sig)_01[0-9a-f]{22}\b")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+_PORT = re.compile(r"127\.0\.0\.1:\d+")
+_SOCK = re.compile(r"/tmp/cc-socks/\d+\.sock")
+
+
+def mask_fixture(lines: list[str]) -> list[str]:
+    """Make captured lines stable and shareable: ids numbered, times, ports and pids fixed."""
+    seen: dict[str, str] = {}
+
+    def number(kind: str, value: str) -> str:
+        if value not in seen:
+            n = sum(1 for v in seen.values() if v.startswith(kind)) + 1
+            seen[value] = (
+                f"{kind}{n:012d}" if kind == "00000000-0000-4000-8000-" else f"{kind}_01{n:022d}"
+            )
+        return seen[value]
+
+    out = []
+    for line in lines:
+        line = line.replace(API_KEY, "***")
+        line = _UUID.sub(lambda m: number("00000000-0000-4000-8000-", m.group()), line)
+        line = _ID.sub(lambda m: number(m.group(1), m.group()), line)
+        line = _TIME.sub("2026-01-01T00:00:00.000Z", line)
+        line = _PORT.sub("127.0.0.1:8123", line)
+        line = _SOCK.sub("/tmp/cc-socks/1000.sock", line)
+        out.append(line)
+    return out
+
+
+def capture(name: str, session: Session) -> None:
+    """Write a session's stream-json lines to tests/fixtures/claude/NAME.jsonl when asked."""
+    if not os.environ.get("CLDPD_CAPTURE_FIXTURES"):
+        return
+    lines = [
+        e.data for e in session.events() if e.type is EventType.OUTPUT and e.data.startswith("{")
+    ]
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    (FIXTURES / f"{name}.jsonl").write_text("\n".join(mask_fixture(lines)) + "\n")
+
+
+# --- Through the Dispatcher ------------------------------------------------------
+def test_a_bash_tool_call_runs_inside_the_container(dispatcher, offline_pod, tmp_path):
+    scenario = [
+        Turn(
+            thinking="The issue wants a proof file. I will write it with Bash.",
+            text="Writing the proof file.",
+            tool_calls=[ToolCall("Bash", {"command": PROOF_COMMAND})],
+            usage={"input_tokens": 1500, "output_tokens": 60, "cache_read_input_tokens": 300},
+        ),
+        Turn(text="Wrote **proof.txt** in the workdir."),
+    ]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, args=[
+            "--permission-mode", "acceptEdits", "--allowedTools=Bash",
+            "--model", "claude-scripted-1", "--max-turns", "5",
+        ])  # fmt: skip
+        session, events = run(dispatcher, name)
+        requests = server.conversation_requests()
+    capture("success_with_tools", session)
+    assert session.exit_code == 0, events
+    assert (tmp_path / "work" / "proof.txt").read_text() == "made-in-pod\n"
+    assert len(requests) == 2
+    (tool_result,) = requests[1].tool_results()
+    assert "made-in-pod" in str(tool_result["content"])
+    assert "agent" in str(tool_result["content"])  # the non-root user
+    assert all(r.headers["x-api-key"] == API_KEY for r in requests)
+    assert {r.body["model"] for r in requests} == {"claude-scripted-1"}
+    init = events[0]
+    assert (init["type"], init["subtype"]) == ("system", "init")
+    assert init["permissionMode"] == "acceptEdits"
+    assert init["claude_code_version"] == CLAUDE_CODE_VERSION
+    assert [e["type"] for e in events].count("assistant") >= 3  # thinking, text, tool_use
+    result = result_of(events)
+    assert (result["subtype"], result["is_error"]) == ("success", False)
+    assert result["result"] == "Wrote **proof.txt** in the workdir."
+    assert result["usage"]["input_tokens"] > 1500 and result["total_cost_usd"] > 0
+    assert_secret_nowhere(session)
+
+
+def test_tool_error_and_permission_denied_are_in_the_stream(dispatcher, offline_pod, tmp_path):
+    scenario = [
+        Turn(tool_calls=[ToolCall("Read", {"file_path": "/home/agent/work/missing.txt"})]),
+        Turn(text="There is no such file."),
+        Turn(tool_calls=[ToolCall("Bash", {"command": "touch refused.txt"})]),
+        Turn(text="The command was refused."),
+    ]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        read = offline_pod(server.url)
+        session, events = run(dispatcher, read)
+        capture("tool_error", session)
+        denied = offline_pod(server.url, args=["--permission-mode", "default", "--max-turns", "5"])
+        refused, refused_events = run(dispatcher, denied)
+        capture("permission_denied", refused)
+    errors = [
+        block
+        for e in events
+        if e["type"] == "user"
+        for block in e["message"]["content"]
+        if block.get("type") == "tool_result" and block.get("is_error")
+    ]
+    assert errors and "does not exist" in str(errors[0]["content"])
+    assert result_of(events)["is_error"] is False
+    assert not (tmp_path / "work" / "refused.txt").exists()
+    result = result_of(refused_events)
+    assert [d["tool_name"] for d in result["permission_denials"]] == ["Bash"]
+    assert result["result"] == "The command was refused."
+
+
+def test_resume_on_a_kept_alive_pod_continues_the_same_conversation(
+    dispatcher, offline_pod, docker_client
+):
+    scenario = [Turn(text="First answer: noted."), Turn(text="Second answer: still here.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, keep_alive=True)
+        try:
+            first, first_events = run(dispatcher, name)
+            assert first.exit_code == 0, first_events
+            assert docker_client.containers.get(f"cldpd-{name}").status == "running"
+            second = dispatcher.resume_session(name, "And the follow-up?")
+            second.wait(120)
+            second_events = stream(second)
+        finally:
+            dispatcher.stop(name)
+        requests = server.conversation_requests()
+    assert second.exit_code == 0, second_events
+    assert first_events[0]["session_id"] == second_events[0]["session_id"] == first.claude_session
+    assert result_of(second_events)["result"] == "Second answer: still here."
+    resumed = json.dumps(requests[1].messages)
+    assert "Work on this GitHub issue: " + URL in resumed
+    assert "First answer: noted." in resumed
+    assert "And the follow-up?" in resumed
+    assert container_gone(docker_client, name)
+    assert_secret_nowhere(second)
+
+
+def test_stop_during_a_slow_turn_ends_the_session_and_the_container(
+    dispatcher, offline_pod, docker_client
+):
+    with ScriptedModelServer([Turn(delay=SLOW, text="too late")], api_key=API_KEY) as server:
+        name = offline_pod(server.url)
+        session = dispatcher.start_session(name, URL)
+        server.wait_for_turn(0, timeout=120)
+        session.stop()
+        session.wait(60)
+    assert session.state == "stopped"
+    assert container_gone(docker_client, name)
+
+
+def test_api_retry_events_while_overloaded_then_success(dispatcher, offline_pod):
+    scenario = [Turn(error=529, repeat=2), Turn(text="Recovered after the overload.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, env={"CLAUDE_CODE_MAX_RETRIES": "3"})
+        session, events = run(dispatcher, name)
+    retries = [e for e in events if e.get("subtype") == "api_retry"]
+    assert [(r["attempt"], r["error_status"]) for r in retries] == [(1, 529), (2, 529)]
+    assert retries[0]["max_retries"] == 3
+    result = result_of(events)
+    assert (result["is_error"], result["result"]) == (False, "Recovered after the overload.")
+    assert session.exit_code == 0
+
+
+def failed_result(events: list[dict[str, Any]], session: Session) -> dict[str, Any]:
+    result = result_of(events)
+    assert result["is_error"] is True
+    assert session.exit_code != 0
+    return result
+
+
+def test_overloaded_until_retries_run_out_fails_naming_the_error(dispatcher, offline_pod):
+    with ScriptedModelServer([Turn(error=529, repeat=10)], api_key=API_KEY) as server:
+        name = offline_pod(server.url, env={"CLAUDE_CODE_MAX_RETRIES": "2"})
+        session, events = run(dispatcher, name)
+        assert len(server.conversation_requests()) == 3
+    capture("api_retry_then_failure", session)
+    assert [e["attempt"] for e in events if e.get("subtype") == "api_retry"] == [1, 2]
+    result = failed_result(events, session)
+    assert result["api_error_status"] == 529
+    assert "529" in result["result"] and "Overloaded" in result["result"]
+
+
+def test_a_wrong_key_fails_naming_the_authentication_error(dispatcher, offline_pod):
+    with ScriptedModelServer([Turn(text="never")], api_key="sk-ant-another-key") as server:
+        name = offline_pod(server.url)
+        session, events = run(dispatcher, name)
+        assert server.conversation_requests() == []  # refused before any turn
+    capture("auth_401", session)
+    result = failed_result(events, session)
+    assert result["api_error_status"] == 401
+    assert "Invalid API key" in result["result"]
+    assert_secret_nowhere(session)
+
+
+def test_connection_refused_fails_naming_the_connection_error(dispatcher, offline_pod):
+    name = offline_pod(f"http://127.0.0.1:{refused_port()}")
+    session, events = run(dispatcher, name)
+    assert [e for e in events if e.get("subtype") == "api_retry"]
+    result = failed_result(events, session)
+    assert "connect" in result["result"].lower()
+
+
+def test_max_turns_is_honoured(dispatcher, offline_pod):
+    loop = Turn(tool_calls=[ToolCall("Bash", {"command": "echo again"})], repeat=10)
+    with ScriptedModelServer([loop], api_key=API_KEY) as server:
+        name = offline_pod(server.url, args=["--allowedTools=Bash", "--max-turns", "2"])
+        session, events = run(dispatcher, name)
+        assert len(server.conversation_requests()) == 2
+    capture("max_turns", session)
+    result = result_of(events)
+    assert (result["subtype"], result["is_error"]) == ("error_max_turns", True)
+    assert session.exit_code != 0
