@@ -471,7 +471,10 @@ def _safe_link(url: str) -> bool:
 
 def _render_link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
     token = tokens[idx]
-    if not str(token.attrGet("href") or "").startswith("#"):
+    href = str(token.attrGet("href") or "")
+    if not _safe_link(href):  # an empty target (``[x]()``) is not validated by the parser
+        token.attrs.pop("href", None)
+    elif not href.startswith("#"):
         token.attrSet("target", "_blank")
     token.attrSet("rel", _LINK_REL)
     return self.renderToken(tokens, idx, options, env)
@@ -481,8 +484,11 @@ def _render_image(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> s
     # An image becomes a link to it: nothing is loaded from a URL an agent chose.
     token = tokens[idx]
     alt = self.renderInlineAsText(token.children or [], options, env) or "image"
-    href = html.escape(str(token.attrGet("src") or ""))
-    return f'<a href="{href}" target="_blank" rel="{_LINK_REL}">[image: {html.escape(alt)}]</a>'
+    label = f"[image: {html.escape(alt)}]"
+    src = str(token.attrGet("src") or "")
+    if not _safe_link(src):  # an empty source (``![x]()``) is not validated by the parser
+        return label
+    return f'<a href="{html.escape(src)}" target="_blank" rel="{_LINK_REL}">{label}</a>'
 
 
 def _render_fence(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:

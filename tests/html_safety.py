@@ -28,6 +28,7 @@ PAYLOADS = [
     "[a](vbscript:msgbox(1))",
     "[a](VbScRiPt:msgbox(1))",
     "[a](//evil.example/x)",
+    "[empty]() ![empty]() [e2](<>)",
     "[a](/api/contents?x=1)",
     "<javascript:window.pwned=1>",
     "<data:text/html,<script>window.pwned=1</script>>",
