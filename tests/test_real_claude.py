@@ -384,3 +384,93 @@ def test_max_turns_is_honoured(dispatcher, offline_pod):
     result = result_of(events)
     assert (result["subtype"], result["is_error"]) == ("error_max_turns", True)
     assert session.exit_code != 0
+
+
+def test_thinking_is_streamed_before_the_answer(dispatcher, offline_pod):
+    turn = Turn(thinking="Two cases: the file exists, or not. Check first.", text="Checked.")
+    with ScriptedModelServer([turn], api_key=API_KEY) as server:
+        session, events = run(dispatcher, offline_pod(server.url))
+    capture("thinking", session)
+    blocks = [b for e in events if e["type"] == "assistant" for b in e["message"]["content"]]
+    assert [b["type"] for b in blocks] == ["thinking", "text"]
+    assert blocks[0]["thinking"] == turn.thinking and blocks[0]["signature"]
+    assert result_of(events)["result"] == "Checked."
+
+
+# --- Through the magics in a real kernel -------------------------------------------
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory, claude_image: str):
+    from kernel_util import KernelSession
+
+    home = tmp_path_factory.mktemp("kernel-home")
+    env = {
+        "CLDPD_SESSIONS_DIR": str(home / "sessions"),
+        "CLDPD_PODS_DIR": str(home / "pods"),
+        "ANTHROPIC_API_KEY": API_KEY,
+    }
+    with KernelSession(env=env) as ks:
+        yield ks
+
+
+@pytest.fixture
+def ks(kernel, pods_dir: Path, transcript_dir: Path):
+    """The module's kernel, its magics pointed at this test's pods and transcripts."""
+    kernel.execute(
+        "%load_ext cldpd_magic\n"
+        f"%config CldpdMagics.pods_dir = {str(pods_dir)!r}\n"
+        f"%config CldpdMagics.transcript_dir = {str(transcript_dir)!r}\n"
+        "%config CldpdMagics.flush_interval = 0.1"
+    )
+    return kernel
+
+
+def interrupt_during_turn(ks, server: ScriptedModelServer, code: str, turn: int) -> dict:
+    """Run a blocking magic, interrupt the kernel while the model's turn is pending.
+
+    The cell's live output ends saying it was interrupted. Returns the cell's reply
+    content; every message of the cell is in ks.messages.
+    """
+    from kernel_util import outputs, text_of
+
+    msg_id = ks.submit(code)
+    server.wait_for_turn(turn, timeout=120)
+    ks.interrupt()
+    msgs = ks.wait(msg_id, timeout=90, check=False)
+    shown = outputs(msgs, ("display_data", "update_display_data"))
+    assert shown and "interrupted" in text_of(shown[-1]).lower()
+    return ks.replies[msg_id]["content"]
+
+
+def assert_no_secret_in(messages: list[dict]) -> None:
+    assert API_KEY not in json.dumps(messages, default=str)
+
+
+def test_interrupting_a_blocking_start_during_a_slow_turn(ks, offline_pod, docker_client):
+    with ScriptedModelServer([Turn(delay=SLOW, text="too late")], api_key=API_KEY) as server:
+        name = offline_pod(server.url)
+        before = len(ks.messages)
+        reply = interrupt_during_turn(ks, server, f"%cldpd_start {name} {URL}", 0)
+    assert reply["status"] == "error"
+    assert "nterrupted" in reply["evalue"] and name in reply["evalue"]
+    assert container_gone(docker_client, name)
+    assert ks.value("1 + 1") == "2"
+    assert_no_secret_in(ks.messages[before:])
+
+
+def test_interrupting_a_blocking_resume_during_a_slow_turn(ks, offline_pod, docker_client):
+    scenario = [Turn(text="First answer."), Turn(delay=SLOW, text="too late")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, keep_alive=True)
+        before = len(ks.messages)
+        try:
+            ks.execute(f"%cldpd_start {name} {URL}", timeout=120)
+            reply = interrupt_during_turn(ks, server, f"%cldpd_resume {name} Go on, slowly.", 1)
+        finally:
+            ks.execute(f"%cldpd_stop {name}", timeout=60, check=False)
+        resumed = json.dumps(server.conversation_requests()[1].messages)
+    assert reply["status"] == "error"
+    assert "nterrupted" in reply["evalue"] and name in reply["evalue"]
+    assert "First answer." in resumed and "Go on, slowly." in resumed
+    assert container_gone(docker_client, name)
+    assert ks.value("1 + 1") == "2"
+    assert_no_secret_in(ks.messages[before:])
