@@ -298,7 +298,7 @@ class Session:
             directory.mkdir(parents=True, exist_ok=True)
             # backslashreplace: a lone surrogate is written as its JSON escape, and read back.
             self._file = open(self.transcript, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
             self._lose_transcript(exc)
         self._control = SessionControl(self)
         self._job = job
@@ -429,7 +429,7 @@ class Session:
             with contextlib.suppress(OSError):
                 f.close()
 
-    def _lose_transcript(self, exc: OSError) -> None:
+    def _lose_transcript(self, exc: Exception) -> None:
         """Go on without a transcript, saying so once (a STDERR event and transcript_error)."""
         self._close_transcript()
         if self.transcript_error:
