@@ -8,13 +8,16 @@ after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g
 
 A run shows in the cell that started it, through a display handle that a
 :class:`~cldpd_magic.render.LiveFeed` updates a few times a second, also with ``-b``
-while other cells run. ``%unload_ext cldpd_magic`` removes the magics and the completer;
+while other cells run. A bare blocking ``%cldpd_start``, ``%cldpd_resume`` or
+``%cldpd_attach`` shows the run and no ``Out[]`` result under it; ``s = %cldpd_start ...``
+still gets the Session. ``%unload_ext cldpd_magic`` removes the magics and the completer;
 pods and their live cells keep running (the pods belong to Docker, not to the
 extension): stop them first with ``%cldpd_stop`` if they should end.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import weakref
@@ -43,6 +46,10 @@ from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report,
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import Session
 
+#: Magics that follow a run in their cell; a bare blocking call leaves no result under it.
+FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach"})
+#: Sessions that a blocking magic followed in its cell to their end.
+_FOLLOWED_LIVE: weakref.WeakSet[Session] = weakref.WeakSet()
 #: Magics whose first positional argument is a pod name (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
 _QUOTES = ("'", '"')
@@ -216,6 +223,7 @@ class CldpdMagics(Magics):
             raise
         if background:
             return session
+        _FOLLOWED_LIVE.add(session)
         try:
             while not feed.join(0.25):
                 pass
@@ -227,20 +235,25 @@ class CldpdMagics(Magics):
             raise UsageError(one_line(f"{title} failed: {session.error}"))
         return session
 
+    def _stop_pod(self, pod: str, timeout: float) -> None:
+        """Stop a pod through the dispatchers running it here (Dispatcher.stop owns the order)."""
+        owners = [d for d in list(self._dispatchers.values()) if d.local_sessions(pod, active=True)]
+        for dispatcher in owners or [self.dispatcher]:
+            dispatcher.stop(pod, timeout)
+
     def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
         pod = session.pod_name
         what = f"pod {pod} stopped"
-        while True:  # a second Ctrl-C must not leave the pod half stopped
+        timeout = self.stop_timeout
+        while True:  # a second Ctrl-C must not leave the pod half stopped: it kills it
             try:
                 # The agent's turn ends first (SIGINT through its exec for a resume),
                 # then the pod, as a person interrupting a blocking cell expects.
-                session.stop(self.stop_timeout)
-                if session.kind == "resume":
-                    self.dispatcher.stop(pod, self.stop_timeout)
+                self._stop_pod(pod, timeout)
                 feed.join(10)
                 break
             except KeyboardInterrupt:
-                continue
+                what, timeout = f"pod {pod} killed", 0.0
         feed.view.note(f"interrupted: {what}", kind="error")
         handle.update(feed.view.bundle(), raw=True)
         raise UsageError(f"Interrupted: {what}.")
@@ -330,8 +343,8 @@ class CldpdMagics(Magics):
 
         ``%cldpd_resume [-b] POD PROMPT...`` takes the rest of the line as the prompt;
         ``%%cldpd_resume [-b] POD`` takes the cell body. Blocks until the agent answers
-        unless -b is given; interrupting the kernel ends this agent turn (the pod keeps
-        running). Returns the Session.
+        unless -b is given; interrupting the kernel ends the agent's turn, then stops the
+        pod. Returns the Session.
         """
         background, pod, prompt = split_prompt(line)
         if cell is not None:
@@ -387,9 +400,7 @@ class CldpdMagics(Magics):
                     )
                 print(f"Pod {args.pod} is not running.")
                 return
-            for session in sorted(ours, key=lambda s: s.kind != "resume"):
-                session.stop(timeout)
-            self.dispatcher.stop(args.pod, timeout)
+            self._stop_pod(args.pod, timeout)
         print(f"Pod {args.pod} stopped.")
 
     @magic_arguments()
@@ -526,7 +537,7 @@ class CldpdMagics(Magics):
         display(picker)
 
 
-_LOADED: weakref.WeakKeyDictionary[Any, tuple[CldpdMagics, Any]] = weakref.WeakKeyDictionary()
+_LOADED: weakref.WeakKeyDictionary[Any, tuple[CldpdMagics, Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def keep_question_marks(lines: list[str]) -> list[str]:
@@ -545,6 +556,45 @@ def keep_question_marks(lines: list[str]) -> list[str]:
     indent = line[: len(line) - len(stripped)]
     rest = stripped[len("%cldpd_resume ") :]
     return [f"{indent}get_ipython().run_line_magic('cldpd_resume', {rest!r})\n"]
+
+
+def shown_result(value: Any) -> Any:
+    """What a bare follow magic's cell shows as its result: nothing for a run it followed.
+
+    The cell already shows that run live, so the Session (kept for ``s = %cldpd_start
+    ...`` and ``-b``) would only repeat a stale status under it.
+    """
+    return None if isinstance(value, Session) and value in _FOLLOWED_LIVE else value
+
+
+class HideFollowedResult(ast.NodeTransformer):
+    """AST transformer: a cell's bare blocking follow magic shows no ``Out[]`` result.
+
+    A top-level expression statement calling ``%cldpd_start``, ``%cldpd_resume`` or
+    ``%cldpd_attach`` becomes ``shown_result(<the call>)``. The value never reaches the
+    display hook, so neither a kernel (no execute_result) nor a terminal (no ``Out[n]:``
+    prompt) shows it; an assignment, ``-b`` and any other statement are left alone.
+    """
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        node.body = [self._wrap(statement) for statement in node.body]
+        return node
+
+    @staticmethod
+    def _wrap(statement: ast.stmt) -> ast.stmt:
+        call = statement.value if isinstance(statement, ast.Expr) else None
+        if not (
+            isinstance(call, ast.Call)
+            and isinstance(call.func, ast.Attribute)
+            and call.func.attr in ("run_line_magic", "run_cell_magic")
+            and call.args
+            and isinstance(call.args[0], ast.Constant)
+            and call.args[0].value in FOLLOW_MAGICS
+        ):
+            return statement
+        helper = ast.parse(f"__import__({__name__!r}, fromlist=['_']).shown_result", mode="eval")
+        wrapped = ast.Expr(ast.Call(helper.body, [call], []))
+        return ast.fix_missing_locations(ast.copy_location(wrapped, statement))
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -567,7 +617,9 @@ def load_ipython_extension(ipython: Any) -> None:
     cleanup = getattr(ipython, "input_transformers_cleanup", None)
     if cleanup is not None and keep_question_marks not in cleanup:
         cleanup.append(keep_question_marks)
-    _LOADED[ipython] = (magics, cldpd_pod_matcher)
+    hider = HideFollowedResult()
+    ipython.ast_transformers.append(hider)
+    _LOADED[ipython] = (magics, cldpd_pod_matcher, hider)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -580,7 +632,9 @@ def unload_ipython_extension(ipython: Any) -> None:
     loaded = _LOADED.pop(ipython, None)
     if loaded is None:
         return
-    magics, matcher = loaded
+    magics, matcher, hider = loaded
+    if hider in ipython.ast_transformers:
+        ipython.ast_transformers.remove(hider)
     manager = ipython.magics_manager
     for kind, table in magics.magics.items():
         for name in table:
@@ -602,6 +656,7 @@ __all__ = [
     "POD_MAGICS",
     "CldpdMagics",
     "load_ipython_extension",
+    "shown_result",
     "split_prompt",
     "unload_ipython_extension",
     "user_errors",

@@ -100,10 +100,8 @@ def test_output_streams_live_before_the_container_exits(ks, make_pod, docker_cli
     assert f"{name}: exited 0" in final
     assert "transcript: " in final
     assert [m for m in displays(msgs) if display_id(m) != did] == []
-    result = outputs(msgs, ("execute_result",))
-    assert len(result) == 1
-    assert result[0]["content"]["data"]["text/plain"].count("\n") == 0
-    assert result[0]["content"]["data"]["text/plain"].startswith(f"<Session {name}-")
+    # The cell shows the run; no stale "<Session ... exited>" result under it.
+    assert outputs(msgs, ("execute_result",)) == []
 
 
 def test_200000_lines_are_batched_and_all_in_the_transcript(ks, make_pod, transcript_dir):
@@ -111,6 +109,8 @@ def test_200000_lines_are_batched_and_all_in_the_transcript(ks, make_pod, transc
     began = time.monotonic()
     msgs = ks.execute(f"s = %cldpd_start {name} {URL}", timeout=150)
     wall = time.monotonic() - began
+    assert outputs(msgs, ("execute_result",)) == []
+    assert ks.value("s").startswith(f"<Session {name}-")
     shown = displays(msgs)
     assert len(shown) < 10 * wall + 10, f"{len(shown)} display messages in {wall:.1f} s"
     final = text_of(shown[-1])
@@ -157,13 +157,16 @@ while :; do sleep 1 & wait $!; done
 
 def test_resume_into_a_background_start_then_stop(ks, make_pod, docker_client):
     name = make_pod(RESUMABLE)
-    did = first_display(ks.execute(f"%cldpd_start -b {name} {URL}"))
+    started = ks.execute(f"%cldpd_start -b {name} {URL}")
+    did = first_display(started)
+    assert text_of(outputs(started, ("execute_result",))[0]).startswith(f"<Session {name}-")
     ks.wait_for(update_with(did, "started"), timeout=60)
     line = ks.execute(f"%cldpd_resume {name} and now {{x}} $y tests")
     rdid = first_display(line)
     assert rdid != did
     assert "resumed with: and now {x} $y tests" in text_of(displays(line, rdid)[-1])
     cell = ks.execute(f"%%cldpd_resume {name}\nfirst line\nsecond line\n")
+    assert outputs(line + cell, ("execute_result",)) == []
     final = text_of(displays(cell)[-1])
     assert "resumed with: first line" in final and "second line" in final
     assert f"{name} resume: exited 0" in final

@@ -20,7 +20,12 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from cldpd_magic.errors import BuildFailedError, DockerUnavailableError
-from cldpd_magic.magics import CldpdMagics, keep_question_marks, split_prompt
+from cldpd_magic.magics import (
+    CldpdMagics,
+    HideFollowedResult,
+    keep_question_marks,
+    split_prompt,
+)
 from cldpd_magic.runner import ContainerInfo, RunOptions
 from cldpd_magic.session import Session
 
@@ -247,6 +252,28 @@ def test_start_streams_into_one_display_and_returns_the_session(ip, fake, make_p
     assert captured.stdout == ""
 
 
+def test_a_bare_blocking_magic_shows_no_result_but_an_assigned_one_keeps_it(ip, fake, make_pod):
+    name, fresh = make_pod(), make_pod()
+    fake.pretend_running(name)
+    with capture_output() as captured:
+        bare = [
+            ip.run_cell(f"%cldpd_start {fresh} {URL}"),
+            ip.run_cell(f"%cldpd_resume {name} go on"),
+            ip.run_cell(f"%%cldpd_resume {name}\ngo on\n"),
+            ip.run_cell(f"%cldpd_attach {name}"),
+        ]
+        kept = ip.run_cell(f"s = %cldpd_start {fresh} {URL}")
+        shown = ip.run_cell("s")
+        background = ip.run_cell(f"%cldpd_resume -b {name} go on")
+    assert [r.error_in_exec for r in bare] == [None] * 4
+    assert [r.result for r in bare] == [None] * 4
+    assert kept.result is None
+    assert shown.result is ip.user_ns["s"]
+    assert isinstance(shown.result, Session)
+    assert isinstance(background.result, Session)
+    assert captured.stdout.count("<Session") == 2  # s, and the -b resume
+
+
 def test_background_start_returns_at_once_and_stop_ends_it(ip, fake, make_pod):
     fake.block = True
     name = make_pod()
@@ -322,11 +349,38 @@ def test_interrupt_stops_gracefully_and_says_so(ip, fake, make_pod, kind):
         ip.run_line_magic(f"cldpd_{kind}", line)
     assert what in str(info.value)
     # A resume's agent ends its turn through its exec first; then the pod stops.
-    assert [call[0] for call in fake.calls if call[0] in ("stop_exec", "stop")][:2] == stops
+    stop_calls = [call[0] for call in fake.calls if call[0] in ("stop_exec", "stop")]
+    assert stop_calls[: len(stops)] == stops
     assert ("stop", f"cldpd-{name}") in fake.calls
     final = last_text(captured)
     assert f"interrupted: {what}" in final
     assert "stopped" in final.splitlines()[0]
+
+
+def test_a_second_interrupt_during_the_stop_kills_the_pod(ip, fake, make_pod):
+    fake.block = True
+    name = make_pod()
+    timeouts: list[float] = []
+    graceful = threading.Event()
+
+    def slow_stop(container: str, timeout: float = 10.0) -> None:
+        timeouts.append(timeout)
+        if timeout > 0:
+            graceful.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # a pod slow to end its turn
+                time.sleep(0.01)
+        fake._release.set()
+
+    fake.stop = slow_stop
+    _interrupt_when(fake.started)
+    _interrupt_when(graceful)
+    with capture_output() as captured, pytest.raises(UsageError) as info:
+        ip.run_line_magic("cldpd_start", f"{name} {URL}")
+    assert str(info.value) == f"Interrupted: pod {name} killed."
+    assert timeouts[0] == magics_of(ip).stop_timeout
+    assert 0.0 in timeouts
+    assert f"interrupted: pod {name} killed" in last_text(captured)
 
 
 def test_a_failed_build_is_one_line_and_shown(ip, fake, make_pod):
@@ -491,6 +545,7 @@ def test_unload_removes_magics_completer_and_config_and_leaves_pods_running(ip, 
         assert magics not in ip.configurables
         assert len(ip.Completer.custom_matchers) == len(matchers) - 1
         assert keep_question_marks not in ip.input_transformers_cleanup
+        assert not [t for t in ip.ast_transformers if isinstance(t, HideFollowedResult)]
         assert completions(ip, f"%cldpd_start {name[:3]}") == []
         assert not session.done
     finally:
