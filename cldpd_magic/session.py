@@ -341,7 +341,10 @@ class Session:
             self._state = "stopped" if self.stopped else "exited"
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
         except BaseException as exc:
-            message = self.mask(str(exc)) or type(exc).__name__
+            try:
+                message = self.mask(str(exc)) or type(exc).__name__
+            except Exception:  # an error whose str() fails must still end the session
+                message = type(exc).__name__
             if isinstance(exc, SessionStopped) or self.stopped:
                 self.exit_code = -1
                 self._state = "stopped"

@@ -169,6 +169,21 @@ def test_an_unreadable_transcript_never_breaks_a_reader(transcript_dir, monkeypa
     assert list(session.events())[-1].type is E.CONTAINER_EXITED
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_error_that_cannot_be_printed_still_ends_the_session(transcript_dir):
+    def job(ctl: SessionControl) -> int:
+        raise _Unprintable()
+
+    session = make_session(transcript_dir, job)
+    with pytest.raises(_Unprintable):
+        session.wait(10)
+    assert [(e.type, e.data) for e in session.events()] == [(E.ERROR, "_Unprintable")]
+
+
 # -- secrets behind escapes ------------------------------------------------------------
 
 
