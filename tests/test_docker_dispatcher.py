@@ -527,3 +527,19 @@ def test_a_resume_prompt_over_the_limit_or_with_a_nul_is_one_sentence(
     finally:
         dispatcher.stop(name, 10)
     assert container(docker_client, name) is None
+
+
+def test_pods_differing_only_in_case_run_their_own_images(dispatcher, make_pod, docker_client):
+    base = f"case{uuid.uuid4().hex[:8]}"
+    lower, upper = make_pod("echo lower", name=base), make_pod("echo upper", name=base.upper())
+    image = dispatcher.pod(upper).image
+    try:
+        for name, said in ((lower, "lower"), (upper, "upper"), (lower, "lower")):
+            session = dispatcher.start_session(name, URL)
+            assert session.wait(60) == 0
+            assert output(session) == [said]
+        # The upper-case pod's build did not replace the lower-case pod's image.
+        assert any("up to date" in line for line in output(session, E.BUILD_OUTPUT))
+        assert docker_client.images.get(image).id != docker_client.images.get(f"cldpd-{base}").id
+    finally:
+        docker_client.images.remove(image, noprune=True)
