@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ URL = "https://github.com/octocat/Hello-World/issues/7"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
 API_KEY = f"sk-ant-scripted-{uuid.uuid4().hex}"
 SLOW = 300.0  # seconds: a turn that never ends by itself in these tests
+NOTES = "/home/agent/work/notes.md"
 PROOF_COMMAND = "echo made-in-pod > proof.txt && cat proof.txt && id -un"
 
 
@@ -215,13 +217,19 @@ def capture(name: str, session: Session) -> None:
 
 
 # --- Through the Dispatcher ------------------------------------------------------
-def test_a_bash_tool_call_runs_inside_the_container(dispatcher, offline_pod, tmp_path):
+def test_bash_write_and_edit_run_inside_the_container(dispatcher, offline_pod, tmp_path):
     scenario = [
         Turn(
             thinking="The issue wants a proof file. I will write it with Bash.",
             text="Writing the proof file.",
             tool_calls=[ToolCall("Bash", {"command": PROOF_COMMAND})],
             usage={"input_tokens": 1500, "output_tokens": 60, "cache_read_input_tokens": 300},
+        ),
+        Turn(tool_calls=[ToolCall("Write", {"file_path": NOTES, "content": "status: draft\n"})]),
+        Turn(
+            tool_calls=[
+                ToolCall("Edit", {"file_path": NOTES, "old_string": "draft", "new_string": "done"})
+            ]
         ),
         Turn(text="Wrote **proof.txt** in the workdir."),
     ]
@@ -235,8 +243,10 @@ def test_a_bash_tool_call_runs_inside_the_container(dispatcher, offline_pod, tmp
     capture("success_with_tools", session)
     assert session.exit_code == 0, events
     assert (tmp_path / "work" / "proof.txt").read_text() == "made-in-pod\n"
-    assert len(requests) == 2
-    (tool_result,) = requests[1].tool_results()
+    assert (tmp_path / "work" / "notes.md").read_text() == "status: done\n"
+    assert len(requests) == 4
+    assert not [r for r in requests[3].tool_results() if r.get("is_error")]
+    tool_result = requests[1].tool_results()[0]
     assert "made-in-pod" in str(tool_result["content"])
     assert "agent" in str(tool_result["content"])  # the non-root user
     assert all(r.headers["x-api-key"] == API_KEY for r in requests)
@@ -319,6 +329,52 @@ def test_stop_during_a_slow_turn_ends_the_session_and_the_container(
         session.stop()
         session.wait(60)
     assert session.state == "stopped"
+    assert container_gone(docker_client, name)
+
+
+class Follower:
+    """Collects a running session's events in a thread, so a test can look while it runs."""
+
+    def __init__(self, session: Session) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._follow, args=(session,), daemon=True)
+        self._thread.start()
+
+    def _follow(self, session: Session) -> None:
+        for event in session.events():
+            with self._cond:
+                self.lines.append(event.data)
+                self._cond.notify_all()
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        """Block until an event holding needle has come; return it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [line for line in self.lines if needle in line]
+                if found:
+                    return found[0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no event with {needle!r} in {timeout} s")
+                self._cond.wait(left)
+
+
+def test_api_retry_events_arrive_while_the_run_goes_on(dispatcher, offline_pod, docker_client):
+    scenario = [Turn(error=529), Turn(delay=SLOW, text="too late")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, env={"CLAUDE_CODE_MAX_RETRIES": "3"})
+        session = dispatcher.start_session(name, URL)
+        follower = Follower(session)
+        server.wait_for_turn(1, timeout=120)  # the CLI retried; its retry now waits
+        retry = json.loads(follower.wait_for('"subtype":"api_retry"'))
+        running = not session.done
+        session.stop()
+        session.wait(60)
+    assert running
+    assert (retry["attempt"], retry["max_retries"], retry["error_status"]) == (1, 3, 529)
+    assert retry["error"] == "overloaded" and retry["retry_delay_ms"] > 0
     assert container_gone(docker_client, name)
 
 
