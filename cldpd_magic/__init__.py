@@ -24,6 +24,7 @@ from .errors import (
 )
 from .pods import Mount, Pod, PodConfig, default_pods_dir, discover_all, discover_pod
 from .protocol import Runner, RunOptions
+from .scaffold import Scaffold, Template, create_pod, list_templates
 from .session import Event, EventType, Session
 
 __version__ = "0.1.0"
@@ -49,12 +50,16 @@ __all__ = [
     "RunOptions",
     "Runner",
     "RunningPod",
+    "Scaffold",
     "Session",
     "SessionNotFoundError",
     "StopFailedError",
+    "Template",
+    "create_pod",
     "default_pods_dir",
     "discover_all",
     "discover_pod",
+    "list_templates",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]

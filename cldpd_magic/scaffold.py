@@ -214,7 +214,8 @@ def create_pod(
 
     Raises:
         InvalidPodError: ``name`` is not a valid pod name.
-        InvalidRequestError: Unknown template, or ``name`` exists in the pods directory.
+        InvalidRequestError: Unknown template, ``name`` exists in the pods directory, or
+            the pods directory cannot be written (nothing is left half-written).
     """
     validate_pod_name(name)
     source = get_template(template)
@@ -227,13 +228,20 @@ def create_pod(
         raise exists
     try:
         root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"Cannot make the pods directory {root} ({exc.strerror or exc}); choose a "
+            "directory you can write to (--pods-dir)."
+        ) from None
+    try:
         shutil.copytree(source.dir, target, ignore=shutil.ignore_patterns("__pycache__"))
     except FileExistsError:
         raise exists from None
     except OSError as exc:
+        shutil.rmtree(target, ignore_errors=True)  # a half-written pod would look like a pod
         raise InvalidRequestError(
-            f"Cannot write the pod into {root}: {exc.strerror or exc}; choose a pods "
-            "directory you can write to (--pods-dir)."
+            f"Cannot write the pod into {root} ({exc.strerror or 'some files failed to copy'}); "
+            "choose a directory you can write to (--pods-dir)."
         ) from None
     try:
         steps = _next_steps(target)
