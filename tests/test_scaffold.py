@@ -333,11 +333,17 @@ def test_cldpd_new_refuses_to_overwrite(ip, pods_dir):
     assert tree(pods_dir / "once") == tree(TEMPLATES_DIR / "minimal")
 
 
-def test_cldpd_new_has_help(ip):
+def test_cldpd_new_has_help_and_goes_with_the_extension(ip):
     with capture_output() as captured:
         ip.run_cell("%cldpd_new?")
     assert "%cldpd_new" in captured.stdout
     assert "--template" in captured.stdout
+    ip.extension_manager.unload_extension("cldpd_magic")
+    try:
+        assert ip.find_line_magic("cldpd_new") is None
+    finally:
+        ip.extension_manager.load_extension("cldpd_magic")
+    assert ip.find_line_magic("cldpd_new") is not None
 
 
 def test_cldpd_pods_of_an_empty_pods_dir_says_how_to_make_one(ip, pods_dir):
