@@ -466,7 +466,7 @@ class Dispatcher:
         return self._register(Session(pod_name, name, job, self.transcript_dir, secrets,
                                       kind="attach"))  # fmt: skip
 
-    def stop(self, pod_name: str, timeout: float = 10.0) -> None:
+    def stop(self, pod_name: str, timeout: float = 10.0) -> bool:
         """Stop a pod gracefully: its sessions in this process, then its container.
 
         Stopping a pod that is not running is fine.
@@ -475,19 +475,25 @@ class Dispatcher:
             pod_name: The pod.
             timeout: Seconds before the container is killed.
 
+        Returns:
+            Whether anything was running: a session of this process or the container.
+
         Raises:
             InvalidPodError: The name is not a pod name.
             StopFailedError: Docker refused to stop the container.
         """
         validate_pod_name(pod_name)
         name = container_name(pod_name)
-        for session in reversed(self.local_sessions(pod_name, active=True)):
+        info = self.runner.inspect(name)
+        active = self.local_sessions(pod_name, active=True)
+        for session in reversed(active):
             if session.kind == "resume":
                 session.stop(timeout)
         self.runner.stop(name, timeout)
         for session in self.local_sessions(pod_name, active=True):
             session.stop(timeout)
         self._remove_if_ended(name)
+        return bool(active) or (info is not None and info.running)
 
     def _remove_if_ended(self, name: str) -> None:
         info = self.runner.inspect(name)

@@ -470,13 +470,13 @@ def test_stop_during_a_start_stops_and_removes_the_container(dispatcher, runner,
     write_pod(pods_dir, "p")
     session = dispatcher.start_session("p", URL)
     runner.agent_started.wait(10)
-    dispatcher.stop("p", timeout=2)
+    assert dispatcher.stop("p", timeout=2) is True
     assert session.done and session.stopped and session.state == "stopped"
     assert session.wait(0) == 130
     assert [e.data for e in session.events()][-2:] == ["got INT", "130"]
     assert ("stop", ("cldpd-p", 2)) in runner.calls
     assert runner.containers == {}
-    dispatcher.stop("p")
+    assert dispatcher.stop("p") is False
     session.stop()
 
 
@@ -524,8 +524,11 @@ def test_dispatcher_stop_ends_resumes_then_the_container(dispatcher, runner, pod
 
 
 def test_stop_of_a_pod_that_is_not_running(dispatcher, runner):
-    dispatcher.stop("nothing-here")
+    assert dispatcher.stop("nothing-here") is False
     assert runner.removed == []
+    runner.add_container("cldpd-ended", {LABEL_POD: "ended"}, status="exited")
+    assert dispatcher.stop("ended") is False
+    assert runner.removed == ["cldpd-ended"]
 
 
 def test_running_lists_pods_by_label(dispatcher, runner):
