@@ -27,7 +27,7 @@ import pytest
 
 from cldpd_magic import Dispatcher
 from cldpd_magic.session import EventType, Session, read_transcript
-from cldpd_magic.testing import ScriptedModelServer, ToolCall, Turn
+from cldpd_magic.testing import Scenario, ScriptedModelServer, ToolCall, Turn
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
 
@@ -261,6 +261,19 @@ def test_bash_write_and_edit_run_inside_the_container(dispatcher, offline_pod, t
     assert result["result"] == "Wrote **proof.txt** in the workdir."
     assert result["usage"]["input_tokens"] > 1500 and result["total_cost_usd"] > 0
     assert_secret_nowhere(session)
+
+
+def test_the_template_as_shipped_plays_its_sample_scenario(dispatcher, offline_pod, tmp_path):
+    scenario = Scenario.from_json(TEMPLATE / "scenario.json")
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        _, events = run(dispatcher, offline_pod(server.url))
+        assert len(server.conversation_requests()) == len(scenario.turns)
+    assert (
+        tmp_path / "work" / "STATUS.md"
+    ).read_text() == "# Status\n\nChecked by the agent: done\n"
+    result = result_of(events)
+    assert (result["is_error"], result["num_turns"]) == (False, len(scenario.turns))
+    assert result["result"].startswith("Done: I wrote **STATUS.md**")
 
 
 def test_tool_error_and_permission_denied_are_in_the_stream(dispatcher, offline_pod, tmp_path):
