@@ -543,3 +543,53 @@ def test_interrupting_a_blocking_resume_during_a_slow_turn(ks, offline_pod, dock
     assert container_gone(docker_client, name)
     assert ks.value("1 + 1") == "2"
     assert_no_secret_in(ks.messages[before:])
+
+
+def cell_text(ks, msg_id: str) -> str:
+    """The text of the last display of a cell so far."""
+    from kernel_util import outputs, parent_id, text_of
+
+    mine = [m for m in ks.messages if parent_id(m) == msg_id]
+    shown = outputs(mine, ("display_data", "update_display_data"))
+    return text_of(shown[-1]) if shown else ""
+
+
+def test_a_cell_shows_retries_live_then_the_connection_error(ks, offline_pod, docker_client):
+    from kernel_util import parent_id, text_of
+
+    server = ScriptedModelServer([Turn(error=529), Turn(delay=SLOW)], api_key=API_KEY).start()
+    try:
+        name = offline_pod(server.url, env={"CLAUDE_CODE_MAX_RETRIES": "2"})
+        before = len(ks.messages)
+        msg_id = ks.submit(f"%cldpd_start {name} {URL}")
+        server.wait_for_turn(1, timeout=120)  # retried; the model now holds the retry
+        ks.wait_for(lambda m: parent_id(m) == msg_id and "retry" in text_of(m).lower(), timeout=60)
+        assert docker_client.containers.get(f"cldpd-{name}").status == "running"
+    finally:
+        server.close()  # the held request drops, the next ones are refused
+    ks.wait(msg_id, timeout=120, check=False)
+    final = cell_text(ks, msg_id)
+    assert "Connection refused" in final and "failed" in final.lower()
+    assert "✗ success" not in final
+    assert container_gone(docker_client, name)
+    assert_no_secret_in(ks.messages[before:])
+
+
+@pytest.mark.parametrize(
+    ("scenario", "key", "error"),
+    [
+        ([Turn(text="never")], "sk-ant-another-key", "Invalid API key"),
+        ([Turn(error=529, repeat=10)], API_KEY, "529"),
+    ],
+    ids=["401", "529"],
+)
+def test_a_cell_ends_with_the_apis_error(ks, offline_pod, scenario, key, error):
+    with ScriptedModelServer(scenario, api_key=key) as server:
+        name = offline_pod(server.url)
+        before = len(ks.messages)
+        msg_id = ks.submit(f"%cldpd_start {name} {URL}")
+        ks.wait(msg_id, timeout=120, check=False)
+    final = cell_text(ks, msg_id)
+    assert error in final and "failed" in final.lower()
+    assert "✗ success" not in final
+    assert_no_secret_in(ks.messages[before:])
