@@ -41,11 +41,14 @@ the same names)::
 Each request of the conversation takes the next turn (a turn with ``repeat: N`` serves
 N requests); when the turns run out, the reply is the text ``Done.`` Errors the CLI
 retries (429, 529, 500, a dropped connection) take turns too: script as many as the
-retries to exhaust. Requests that are not the conversation do not take turns: the CLI
-also asks the model for side work (a session title, a quota probe) with requests that
-carry no tools; they get a short default text answer. ``POST /v1/messages/count_tokens``
-answers an estimate; any other path answers 404 with the API's error body, and is
-logged and recorded like everything else.
+retries to exhaust. Requests that are not the conversation do not take turns: the agent
+loop always offers its tools, while side requests of the CLI (session titles, quota
+probes, summaries) offer none; they get a short default text answer. Recorded from
+Claude Code 2.1.332 in ``-p`` mode, with or without
+``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC``: only ``POST /v1/messages?beta=true``,
+streaming, with tools, one per model turn and per retry; nothing else reached the
+server. ``POST /v1/messages/count_tokens`` answers an estimate; any other path answers
+404 with the API's error body, and is logged and recorded like everything else.
 
 Command line, for demos and for trying a pod without an API key::
 
