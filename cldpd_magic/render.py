@@ -896,7 +896,8 @@ class Table:
         lines = [self.title] if self.title else []
         if self.rows:
             table = [self.columns, *self.rows]
-            widths = [max(len(row[i]) for row in table) for i in range(len(self.columns))]
+            width = max(len(row) for row in table)  # rows may be longer or shorter
+            widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(width)]
             for row in table:
                 cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row)]
                 lines.append("  ".join(cells).rstrip())

@@ -93,8 +93,8 @@ def test_markdown_alone_is_inert(payload):
 
 def test_tables_and_reports_are_inert():
     for payload in PAYLOADS:
-        table = Table((payload, "b"), [(payload, None), (1, payload)], title=payload,
-                      notes=[payload])  # fmt: skip
+        table = Table((payload, "b"), [(payload, None), (1, payload, payload), ()],
+                      title=payload, notes=[payload])  # fmt: skip
         empty = Table(("a",), [], title=payload, notes=[payload])
         for markup in (table._repr_html_(), Report(table, empty)._repr_html_()):
             assert html_problems(markup, (_TABLE_CSS,)) == []
