@@ -89,6 +89,8 @@ _RESULT_NAMES = {
 }
 #: Event types that carry nothing a person needs to read (partial messages, tool ticks).
 _QUIET_TYPES = frozenset({"stream_event", "tool_progress", "keep_alive"})
+#: System subtypes that only tick (thinking token estimates while the model thinks).
+_QUIET_SYSTEM = frozenset({"thinking_tokens"})
 #: Fields left out of the summary of an unknown event.
 _SUMMARY_SKIP = frozenset({"type", "subtype", "uuid", "session_id", "parent_tool_use_id"})
 #: Longest Markdown text rendered as Markdown; the transcript keeps the whole text.
@@ -328,7 +330,15 @@ class StreamRenderer:
                     f"{_count(meta.get('pre_tokens'))} tokens before) ──",
                 )
             ]
+        if subtype == "permission_denied":
+            call = _tool_call(obj.get("tool_name"), None)
+            reason = _first_line(_text_of(obj.get("message")), 200)
+            return [
+                Line("denied", f"⊘ permission denied: {call}" + (f": {reason}" if reason else ""))
+            ]
         if subtype == "status" and obj.get("status") in (None, ""):
+            return []
+        if isinstance(subtype, str) and subtype in _QUIET_SYSTEM:
             return []
         name = f"system/{_first_line(str(subtype), 40)}" if subtype is not None else "system"
         return [Line("event", f"· {name}: {_summary(obj)}".rstrip(": "))]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -408,3 +410,68 @@ def test_a_report_shows_its_tables_in_order():
     assert report._repr_html_().index("first") < report._repr_html_().index("second")
     with pytest.raises(KeyError):
         report["third"]
+
+
+# -- real Claude Code output ----------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "claude"
+
+
+def fixture_view(name: str) -> SessionView:
+    """A view fed a captured run of the real CLI (tests/fixtures/claude/<name>.jsonl)."""
+    view = SessionView("pod", max_lines=10_000)
+    view.add(Event(EventType.CONTAINER_STARTED, "cldpd-pod"))
+    for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines():
+        view.add(Event(EventType.OUTPUT, line))
+    return view
+
+
+def kinds(view: SessionView) -> list[str]:
+    return [line.kind for line in view.tail]
+
+
+def test_a_real_successful_run_shows_tools_results_and_one_answer():
+    view = fixture_view("success_with_tools")
+    text = view.text()
+    assert kinds(view) == ["system", "thinking", "markdown", "tool", "tool_result", "tool",
+                           "tool_result", "tool", "tool_result", "markdown", "result"]  # fmt: skip
+    assert text.count("Wrote **proof.txt** in the workdir.") == 1
+    assert "▸ Bash: echo made-in-pod > proof.txt" in text and "  ↳ made-in-pod (+1 lines)" in text
+    assert "permission mode acceptEdits · 22 tools" in text
+    assert re.search(r"✓ done · 4 turns · \d+\.\d s · \$0\.0101 · 2,160 in / 132 out tokens", text)
+
+
+@pytest.mark.parametrize(
+    ("name", "failure"),
+    [
+        ("api_retry_then_failure", "✗ failed: API Error: Repeated 529 Overloaded errors."),
+        ("auth_401", "✗ failed: Invalid API key"),
+        ("max_turns", "✗ reached the turn limit: Reached maximum number of turns (2) · 3 turns"),
+    ],
+)
+def test_a_real_failed_run_says_why_and_never_success(name, failure):
+    view = fixture_view(name)
+    result = view.tail[-1]
+    assert result.kind == "failed" and result.text.startswith(failure)
+    assert "✓" not in view.text() and "✗ success" not in view.text()
+
+
+def test_real_api_retries_denials_and_tool_errors_are_shown():
+    retries = [x.text for x in fixture_view("api_retry_then_failure").tail if x.kind == "retry"]
+    assert len(retries) == 2  # the delays differ from capture to capture
+    for attempt, retry in enumerate(retries, 1):
+        assert re.fullmatch(rf"↻ API retry {attempt}/2 in \d+\.\d s: 529 overloaded", retry)
+    denied = fixture_view("permission_denied")
+    assert [x.text[:45] for x in denied.tail if x.kind == "denied"] == [
+        "⊘ permission denied: Bash: touch in '/home/ag",
+        "⊘ permission denied: Bash: touch refused.txt",
+    ]
+    assert "tool_error" in kinds(denied)
+    assert [x.text for x in fixture_view("tool_error").tail if x.kind == "tool_error"] == [
+        "  ✗ File does not exist. Note: your current working directory is /home/agent/work."
+    ]
+
+
+def test_real_runs_have_no_unknown_events():
+    for path in sorted(FIXTURES.glob("*.jsonl")):
+        assert "event" not in kinds(fixture_view(path.stem)), path.name
