@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from cldpd_magic import Dispatcher
-from cldpd_magic.session import EventType, Session, read_transcript
+from cldpd_magic.session import MASK, EventType, Session, read_transcript
 from cldpd_magic.testing import Scenario, ScriptedModelServer, ToolCall, Turn
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
@@ -40,7 +40,9 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
 API_KEY = f"sk-ant-scripted-{uuid.uuid4().hex}"
 SLOW = 300.0  # seconds: a turn that never ends by itself in these tests
 NOTES = "/home/agent/work/notes.md"
-PROOF_COMMAND = "echo made-in-pod > proof.txt && cat proof.txt && id -un"
+PROOF_COMMAND = (
+    "echo made-in-pod > proof.txt && cat proof.txt && id -un && echo key-is-$ANTHROPIC_API_KEY"
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +251,8 @@ def test_bash_write_and_edit_run_inside_the_container(dispatcher, offline_pod, t
     tool_result = requests[1].tool_results()[0]
     assert "made-in-pod" in str(tool_result["content"])
     assert "agent" in str(tool_result["content"])  # the non-root user
+    assert f"key-is-{API_KEY}" in str(tool_result["content"])  # the agent printed the key,
+    assert any(f"key-is-{MASK}" in e.data for e in session.events())  # cldpd masked it
     assert all(r.headers["x-api-key"] == API_KEY for r in requests)
     assert {r.body["model"] for r in requests} == {"claude-scripted-1"}
     init = events[0]
