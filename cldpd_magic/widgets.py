@@ -32,7 +32,7 @@ import ipywidgets as widgets
 from .dispatcher import Dispatcher, RunningPod, validate_issue_url
 from .errors import CldpdError, InvalidRequestError, SessionNotFoundError
 from .pods import Pod, scan_pods
-from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView
+from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView, clean_text
 from .secrets import MASK, Masker, looks_secret
 from .session import Session
 
@@ -592,7 +592,9 @@ class PodPicker:
             )
         name = html.escape(state.name)
         if state.pod is None:
-            error = html.escape(_sentence(state.error)) if state.error else "unknown error"
+            error = (
+                html.escape(clean_text(_sentence(state.error))) if state.error else "unknown error"
+            )
             return f"<b>{name}</b> is broken: {error}"
         pod, config = state.pod, state.pod.config
         env = ", ".join(
@@ -623,11 +625,11 @@ class PodPicker:
         mask = _pod_masker(pod)
         cells = "".join(
             f'<tr><th style="text-align:left;padding-right:1em">{key}</th>'
-            f"<td>{html.escape(mask(value))}</td></tr>"
+            f"<td>{html.escape(mask(clean_text(value)))}</td></tr>"
             for key, value in rows
         )
         template_html = (
-            f'<pre style="margin:2px 0">{html.escape(mask(preview))}</pre>'
+            f'<pre style="margin:2px 0">{html.escape(mask(clean_text(preview)))}</pre>'
             if preview
             else "<i>none</i>"
         )

@@ -109,14 +109,15 @@ def _hostile_agent(call: AgentCall) -> int:
 
 
 def test_the_picker_shows_hostile_pods_and_runs_inert(pods_dir: Path, transcript_dir: Path):
-    payload = "\n".join(p for p in PAYLOADS if "\x00" not in p)  # a NUL is refused at start
+    terminal = "\x1b[2J\x1b]0;title\x07\x1b[31m"
+    payload = terminal + "\n".join(p for p in PAYLOADS if "\x00" not in p)  # NUL: refused
     write_pod(
         pods_dir,
         "hostile",
         pod_json={
-            "env": {"NOTE": payload[:500]},
+            "env": {"NOTE": payload[:500], "COLOUR": terminal},
             "args": PAYLOADS[:5],
-            "workdir": PAYLOADS[0],
+            "workdir": PAYLOADS[0] + terminal,
             "mounts": [{"source": "/tmp", "target": "/x" + PAYLOADS[1].replace(" ", "")}],
         },
         template=payload,
