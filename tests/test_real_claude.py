@@ -15,7 +15,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -597,3 +600,48 @@ def test_a_cell_ends_with_the_apis_error(ks, offline_pod, scenario, key, error):
     assert error in final and "failed" in final.lower()
     assert "✗ success" not in final
     assert_no_secret_in(ks.messages[before:])
+
+
+# --- Through the cldpd command --------------------------------------------------
+def wait_for_turn_while_running(
+    server: ScriptedModelServer, turn: int, proc: subprocess.Popen, timeout: float = 120
+) -> None:
+    """Wait for the model's turn; fail at once, with its output, if proc exits first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        try:
+            server.wait_for_turn(turn, timeout=0.5)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+    pytest.fail(f"exited {proc.returncode} before turn {turn}: {proc.communicate()}")
+
+
+def test_cldpd_resume_interrupted_during_a_slow_turn_stops_the_pod(
+    dispatcher, offline_pod, pods_dir, transcript_dir, docker_client
+):
+    scenario = [Turn(text="First answer."), Turn(delay=SLOW, text="too late")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, keep_alive=True)
+        try:
+            first, _ = run(dispatcher, name)
+            assert first.exit_code == 0
+            resume = subprocess.Popen(
+                [sys.executable, "-m", "cldpd_magic.cli", "--pods-dir", str(pods_dir),
+                 "resume", name, "--prompt", "Go on, slowly."],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                     "CLDPD_SESSIONS_DIR": str(transcript_dir)},
+            )  # fmt: skip
+            wait_for_turn_while_running(server, 1, resume)
+            resume.send_signal(signal.SIGINT)
+            out, err = resume.communicate(timeout=90)
+        finally:
+            dispatcher.stop(name)
+    assert resume.returncode == 128 + signal.SIGINT
+    assert "interrupted" in err and f"pod {name} stopped" in err
+    assert container_gone(docker_client, name)
+    assert API_KEY not in out + err
