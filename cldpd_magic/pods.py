@@ -86,6 +86,8 @@ class Pod:
         dockerfile: Absolute path of its Dockerfile.
         config: Its parsed pod.json (defaults when absent).
         template: The standing orders from template.md ("" when absent or empty).
+        case_twin: Another pod of the same pods directory has this name in other case
+            (image names are lower case, so the two need distinct default images).
     """
 
     name: str
@@ -93,11 +95,12 @@ class Pod:
     dockerfile: Path
     config: PodConfig
     template: str = ""
+    case_twin: bool = False
 
     @property
     def image(self) -> str:
         """The image tag to build and run: ``config.image`` or :func:`default_image`."""
-        return self.config.image or default_image(self.name)
+        return self.config.image or default_image(self.name, unique=self.case_twin)
 
     @property
     def container_name(self) -> str:
@@ -119,14 +122,15 @@ def container_name(pod_name: str) -> str:
     return f"cldpd-{pod_name}"
 
 
-def default_image(pod_name: str) -> str:
+def default_image(pod_name: str, *, unique: bool = False) -> str:
     """The image a pod builds when its pod.json names none: ``cldpd-<name>`` lower-cased.
 
-    Image names cannot hold capitals; a name that has some gets a suffix made from the
-    name as written, so that pods differing only in case never share an image.
+    Image names cannot hold capitals. With ``unique`` (another pod's name differs from
+    this one only in case), a name that has capitals gets a suffix made from the name as
+    written, so that the two pods never share an image.
     """
     image = f"cldpd-{pod_name}".lower()
-    if pod_name != pod_name.lower():
+    if unique and pod_name != pod_name.lower():
         image += "-" + hashlib.sha256(pod_name.encode()).hexdigest()[:8]
     return image
 
@@ -394,7 +398,12 @@ def discover_pod(pods_dir: str | os.PathLike[str], name: str) -> Pod:
         raise PodConfigError(f"{config_path} cannot be read: {exc}.") from None
     config = parse_pod_config(config_path, text)
     template = _read_template(pod_dir / "template.md")
-    return Pod(name=name, dir=pod_dir, dockerfile=dockerfile, config=config, template=template)
+    lower = name.lower()
+    case_twin = name != lower and any(
+        entry.name != name and entry.name.lower() == lower for entry in root.iterdir()
+    )
+    return Pod(name=name, dir=pod_dir, dockerfile=dockerfile, config=config, template=template,
+               case_twin=case_twin)  # fmt: skip
 
 
 def discover_all(pods_dir: str | os.PathLike[str]) -> list[Pod]:

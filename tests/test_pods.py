@@ -104,7 +104,12 @@ def test_discover_all_raises_on_broken_pod_and_scan_lists_it(pods_dir):
     assert good_pod is not None and good_pod.name == "good" and good_error is None
 
 
-def test_default_image_tag_is_lower_cased_and_unique_per_name(pods_dir):
+def test_default_image_tag_is_lower_cased(pods_dir):
+    write_pod(pods_dir, "My_Pod.V2")
+    assert discover_pod(pods_dir, "My_Pod.V2").image == "cldpd-my_pod.v2"
+
+
+def test_default_image_tag_is_unique_per_name_among_case_twins(pods_dir):
     for name in ("my_pod.v2", "My_Pod.V2", "MY_POD.V2"):
         write_pod(pods_dir, name)
     images = [discover_pod(pods_dir, n).image for n in ("my_pod.v2", "My_Pod.V2", "MY_POD.V2")]
