@@ -32,6 +32,7 @@ the same names)::
         {"error": 429, "retry_after": 0},  // retry-after header (seconds)
         {"error": 500, "message": "boom"}, // the error's message
         {"drop": true},                    // close the connection without an answer
+        {"text": "part", "stream_error": 529},  // the stream starts, then an SSE error event
         {"text": "done", "usage": {"input_tokens": 900, "output_tokens": 40,
                                    "cache_read_input_tokens": 100}},
         {"text": "x", "stop_reason": "max_tokens"}
@@ -132,6 +133,9 @@ class Turn:
         message: The error's message (a default per status when empty).
         retry_after: A ``retry-after`` header (seconds) on an error.
         drop: Close the connection without answering.
+        stream_error: An HTTP status whose error body comes as an SSE ``error`` event
+            after the reply's first delta, ending the stream (the API does so when it is
+            overloaded mid-reply); a plain error reply when the request is not streaming.
         usage: Token counts merged over the defaults (input_tokens, output_tokens,
             cache_creation_input_tokens, cache_read_input_tokens).
         stop_reason: Overrides the stop reason (end_turn, or tool_use with tool calls).
@@ -146,6 +150,7 @@ class Turn:
     message: str = ""
     retry_after: float | None = None
     drop: bool = False
+    stream_error: int | None = None
     usage: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
     repeat: int = 1
@@ -443,7 +448,10 @@ class _Handler(BaseHTTPRequestHandler):
             "usage": {**DEFAULT_USAGE, **turn.usage},
         }
         if not body.get("stream"):
-            self._send_json(200, message)
+            if turn.stream_error:
+                self._send_json(turn.stream_error, error_body(turn.stream_error, turn.message))
+            else:
+                self._send_json(200, message)
             return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -456,6 +464,10 @@ class _Handler(BaseHTTPRequestHandler):
             for chunk in stream_events(message):
                 self.wfile.write(chunk)
                 self.wfile.flush()
+                if turn.stream_error and chunk.startswith(b"event: content_block_delta"):
+                    error = error_body(turn.stream_error, turn.message)
+                    self.wfile.write(sse("error", error))
+                    break
         except OSError:
             log.info("scripted model: the client went away during a reply")
 

@@ -159,6 +159,20 @@ def test_errors_carry_the_apis_json_body(
         assert headers["retry-after"] == "0"
 
 
+def test_a_stream_error_comes_as_an_sse_error_event_after_the_first_delta() -> None:
+    with ScriptedModelServer([Turn(text="partial answer", stream_error=529)]) as server:
+        status, _, raw = post(server, conversation())
+        plain_status, _, plain = post(server, conversation(stream=False))
+    events = parse_sse(raw)
+    assert status == 200
+    assert [kind for kind, _ in events] == [
+        "message_start", "ping", "content_block_start", "content_block_delta", "error",
+    ]  # fmt: skip
+    assert events[-1][1]["error"]["type"] == "overloaded_error"
+    assert plain_status == 200  # the next turn: the scenario has ended
+    assert json.loads(plain)["content"][0]["text"] == DONE_REPLY
+
+
 def test_a_dropped_connection_gets_no_answer_and_the_next_turn_does() -> None:
     with ScriptedModelServer([Turn(drop=True), Turn(text="after")]) as server:
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
