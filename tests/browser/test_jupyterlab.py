@@ -56,35 +56,37 @@ def _unexpected_errors(notebook: Any) -> list[str]:
 
 
 def test_quickstart_runs_all_cells(notebook: Any, expect: Any, no_leftovers: Any) -> None:
-    """Run > Run All Cells: the demo's lines, a rendered stream-json run, exit 0 everywhere."""
-    no_leftovers("demo", "demo-kept")
+    """Run > Run All Cells: the real Claude Code's rendered runs (scripted model), exit 0."""
+    no_leftovers("quickstart")
     notebook.open("notebooks/01-quickstart.ipynb")
     notebook.shot("opened")
     notebook.run_all()
 
-    start = notebook.find("%cldpd_start demo ")
+    start = notebook.find("%cldpd_start quickstart ")
     out = notebook.output(start)
     expect(out.locator(".cldpd-status")).to_have_text(
-        re.compile(r"^demo: exited 0 after "), timeout=120_000
+        re.compile(r"^quickstart: exited 0 after "), timeout=120_000
     )
-    for step in ("step 1 of 3", "step 2 of 3", "step 3 of 3"):
-        expect(out.locator(".cldpd-text", has_text=step)).to_be_visible()
-    notebook.shot("demo-run", out)
+    expect(out.locator(".cldpd-system", has_text="Claude Code 2.1.")).to_be_visible()
+    expect(out.locator(".cldpd-thinking", has_text="greeting script")).to_be_visible()
+    expect(out.locator(".cldpd-tool", has_text="Bash: sh hello.sh")).to_be_visible()
+    expect(out.locator(".cldpd-tool_result", has_text="Hello, World!")).to_be_visible()
+    expect(out.locator(".cldpd-result")).to_have_text(re.compile(r"^✓ done · 4 turns · "))
+    notebook.shot("claude-run", out)
 
-    resume = notebook.find("[stream-json]")
+    resume = notebook.find("%cldpd_resume quickstart Add a test")
     out = notebook.output(resume)
     expect(out.locator(".cldpd-status")).to_have_text(
-        re.compile(r"^demo-kept resume: exited 0 after "), timeout=120_000
+        re.compile(r"^quickstart resume: exited 0 after "), timeout=120_000
     )
-    expect(out.locator(".cldpd-md h2", has_text="Stand-in agent")).to_be_visible()
-    expect(out.locator(".cldpd-md li code").first).to_be_visible()
-    expect(out.locator(".cldpd-tool", has_text="Bash: ls -la")).to_be_visible()
-    expect(out.locator(".cldpd-tool_error", has_text="File does not exist")).to_be_visible()
+    expect(out.locator(".cldpd-md strong", has_text="test_hello.sh")).to_be_visible()
+    expect(out.locator(".cldpd-tool", has_text="Bash: sh test_hello.sh")).to_be_visible()
+    expect(out.locator(".cldpd-tool_result", has_text="2 tests passed")).to_be_visible()
     expect(out.locator(".cldpd-result")).to_have_text(re.compile(r"^✓ done · 3 turns · "))
     shown = out.inner_text()
     assert '{"type"' not in shown and '"session_id"' not in shown, shown[:2000]
-    assert "## Stand-in agent" not in shown, "the Markdown was not rendered"
-    notebook.shot("stream-json-run", out)
+    assert "**test_hello.sh**" not in shown, "the Markdown was not rendered"
+    notebook.shot("resume-run", out)
 
     notebook.wait_idle(180)
     notebook.shot("all-cells-run")
