@@ -51,7 +51,9 @@ streaming, with tools, one per model turn and per retry; nothing else reached th
 server. ``POST /v1/messages/count_tokens`` answers an estimate; any other path answers
 404 with the API's error body, and is logged and recorded like everything else.
 
-Command line, for demos and for trying a pod without an API key::
+Command line, for demos and for trying a pod without an API key (it prints the URL, logs
+each request to stderr, and serves until Ctrl+C or SIGTERM; ``--api-key KEY`` refuses
+other keys with 401)::
 
     python -m cldpd_magic.testing serve --port 8123 --scenario scenario.json
 """
@@ -62,6 +64,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -626,7 +629,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        server = ScriptedModelServer(scenario, host=args.host, port=args.port).start()
+        server = ScriptedModelServer(
+            scenario, host=args.host, port=args.port, api_key=args.api_key
+        ).start()
     except OSError as exc:
         print(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
@@ -639,6 +644,9 @@ def _serve(args: argparse.Namespace) -> int:
         f"({len(scenario.turns)} turns); set ANTHROPIC_BASE_URL={server.url}",
         flush=True,
     )
+    # SIGTERM ends it as Ctrl+C does: a script that started it in the background stops it
+    # with kill (SIGINT is ignored by background jobs of non-interactive shells).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
@@ -650,7 +658,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cldpd_magic.testing serve [--port N] [--scenario FILE]``."""
+    """``python -m cldpd_magic.testing serve [--port N] [--scenario FILE] [--api-key KEY]``.
+
+    Serves until Ctrl+C or SIGTERM; returns the exit code.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m cldpd_magic.testing",
         description="A scripted Anthropic Messages API for running Claude Code without a model.",
@@ -660,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=0, help="port (0: any free port)")
     serve.add_argument("--scenario", help="scenario JSON file (default: 'Done.' to everything)")
+    serve.add_argument(
+        "--api-key", help="answer 401 to requests with another key (default: accept any key)"
+    )
     args = parser.parse_args(argv)
     return _serve(args)
 

@@ -301,11 +301,21 @@ def test_serve_refuses_a_missing_scenario_in_one_sentence(tmp_path, capsys) -> N
     assert "cannot load the scenario" in err and "Traceback" not in err
 
 
-def test_serve_command_line_serves_until_interrupted(tmp_path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_line_serves_until_interrupted(tmp_path, stop_signal) -> None:
     scenario = tmp_path / "s.json"
     scenario.write_text(json.dumps([{"text": "from the file"}]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cldpd_magic.testing", "serve", "--scenario", str(scenario)],
+        [
+            sys.executable,
+            "-m",
+            "cldpd_magic.testing",
+            "serve",
+            "--scenario",
+            str(scenario),
+            "--api-key",
+            "sk-cli",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -315,11 +325,16 @@ def test_serve_command_line_serves_until_interrupted(tmp_path) -> None:
         assert "ANTHROPIC_BASE_URL=http://127.0.0.1:" in line
         port = int(line.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", "/v1/messages", json.dumps(conversation(stream=False)))
+        body = json.dumps(conversation(stream=False))
+        conn.request("POST", "/v1/messages", body)
+        assert conn.getresponse().status == 401
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/messages", body, {"x-api-key": "sk-cli"})
         assert json.loads(conn.getresponse().read())["content"][0]["text"] == "from the file"
         conn.close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "POST /v1/messages" in err and "Traceback" not in err
