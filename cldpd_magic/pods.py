@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -57,6 +58,75 @@ class Mount:
     read_only: bool = False
 
 
+#: The capabilities of Linux 6.x (capability.h) that ``capAdd`` may name, without ``CAP_``.
+CAPABILITIES = frozenset(
+    [
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+    ]
+)
+#: Docker refuses a memory limit below 6 MiB.
+MIN_MEMORY_BYTES = 6 * 1024 * 1024
+#: Docker refuses a CPU limit below a hundredth of a CPU.
+MIN_CPUS = 0.01
+_MEMORY_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Docker limits of a pod's container; None leaves a limit unset.
+
+    Attributes:
+        cpus: CPUs the container may use (``1.5`` is one and a half).
+        memory: Memory limit in bytes; swap is not allowed beyond it.
+        pids: Most processes and threads the container may have at once.
+    """
+
+    cpus: float | None = None
+    memory: int | None = None
+    pids: int | None = None
+
+
 @dataclass(frozen=True)
 class PodConfig:
     """The parsed ``pod.json`` of a pod; every key is optional."""
@@ -70,6 +140,9 @@ class PodConfig:
     args: tuple[str, ...] = ()
     keep_alive: bool = False
     network: str = ""
+    resources: Resources = field(default_factory=Resources)
+    cap_add: tuple[str, ...] = ()
+    read_only_root: bool = False
 
 
 #: Docker's own network modes a pod may name; any other value names a network.
@@ -260,7 +333,97 @@ _CONFIG_KEYS = {
     "args": "args",
     "keepAlive": "keep_alive",
     "network": "network",
+    "resources": "resources",
+    "capAdd": "cap_add",
+    "readOnlyRoot": "read_only_root",
 }
+
+
+def _capabilities(path: Path, value: Any) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, item in enumerate(_str_list(path, "capAdd", value)):
+        name = item.upper().removeprefix("CAP_")
+        if name == "ALL":
+            raise PodConfigError(
+                f"{path}: capAdd[{i}] is 'ALL', which would undo the capability drop; "
+                "list the capabilities the pod needs, such as CHOWN or NET_BIND_SERVICE."
+            )
+        if name not in CAPABILITIES:
+            raise PodConfigError(
+                f"{path}: capAdd[{i}] {item[:40]!r} is not a Linux capability; use names "
+                "like CHOWN, NET_ADMIN or CAP_NET_BIND_SERVICE."
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def parse_memory(value: str | int) -> int | None:
+    """Read a memory size as Docker does: bytes, or a number with b, k, m, g, t or p.
+
+    Units are binary (``1k`` is 1024 bytes); ``kb``, ``KiB`` and ``K`` are the same.
+
+    Args:
+        value: An int of bytes or a string such as ``"512m"`` or ``"2g"``.
+
+    Returns:
+        The size in bytes, or None when the value is no size.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    match = _MEMORY_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        return None
+    return int(float(match[1]) * _MEMORY_UNITS[match[2].lower()])
+
+
+def _resources(path: Path, value: Any) -> Resources:
+    _expect(path, "resources", value, dict, "an object with cpus, memory and pids")
+    unknown = set(value) - {"cpus", "memory", "pids"}
+    if unknown:
+        raise PodConfigError(
+            f"{path}: unknown key {sorted(unknown)[0]!r} in resources; expected cpus, memory, pids."
+        )
+    # A key given as null is a bad value, not an absent one.
+    missing = object()
+    cpus = value.get("cpus", missing)
+    if cpus is not missing and (
+        isinstance(cpus, bool)
+        or not isinstance(cpus, int | float)
+        or not math.isfinite(cpus)
+        or cpus < MIN_CPUS
+    ):
+        raise PodConfigError(
+            f"{path}: resources.cpus must be a number of CPUs of at least {MIN_CPUS}, "
+            f"such as 1 or 1.5, got {str(cpus)[:40]!r}."
+        )
+    memory = value.get("memory", missing)
+    if memory is not missing:
+        size = parse_memory(memory)
+        if size is None:
+            raise PodConfigError(
+                f"{path}: resources.memory must be bytes or a size such as '512m' or '2g', "
+                f"got {str(memory)[:40]!r}."
+            )
+        if size < MIN_MEMORY_BYTES:
+            raise PodConfigError(
+                f"{path}: resources.memory {str(memory)[:40]!r} is below Docker's minimum "
+                "of 6 MiB; give at least '6m' (an agent needs far more, such as '2g')."
+            )
+        memory = size
+    pids = value.get("pids", missing)
+    if pids is not missing and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
+        raise PodConfigError(
+            f"{path}: resources.pids must be a whole number of processes of at least 1, "
+            f"such as 256, got {str(pids)[:40]!r}."
+        )
+    return Resources(
+        None if cpus is missing else float(cpus),
+        None if memory is missing else memory,
+        None if pids is missing else pids,
+    )
 
 
 def _network(path: Path, value: Any) -> str:
@@ -344,8 +507,12 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
             values["mounts"] = _mounts(path, value)
         elif key == "network":
             values["network"] = _network(path, value)
+        elif key == "resources":
+            values["resources"] = _resources(path, value)
+        elif key == "capAdd":
+            values["cap_add"] = _capabilities(path, value)
         else:
-            values["keep_alive"] = _expect(path, key, value, bool, "true or false")
+            values[_CONFIG_KEYS[key]] = _expect(path, key, value, bool, "true or false")
     for name in values.get("build_args", {}):
         if looks_secret(name):
             raise PodConfigError(

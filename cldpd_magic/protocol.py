@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .pods import Mount
+from .pods import Mount, Resources
 
 
 class Writer(Protocol):
@@ -37,6 +37,10 @@ class RunOptions:
         mounts: Bind mounts.
         labels: Container labels.
         network: Docker network mode or network name ("" keeps the engine's default).
+        resources: CPU, memory and process limits.
+        cap_add: Capabilities kept (all others are dropped), without ``CAP_``.
+        read_only_root: Make the root filesystem read-only; /tmp, the working directory
+            and the home directory stay writable.
     """
 
     image: str
@@ -49,6 +53,9 @@ class RunOptions:
     mounts: list[Mount] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     network: str = ""
+    resources: Resources = field(default_factory=Resources)
+    cap_add: list[str] = field(default_factory=list)
+    read_only_root: bool = False
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""

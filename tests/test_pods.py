@@ -24,6 +24,8 @@ from cldpd_magic.pods import (
     IMAGE_REFERENCE_RE,
     MAX_POD_NAME_LENGTH,
     MAX_REPOSITORY_LENGTH,
+    Resources,
+    parse_memory,
     scan_pods,
 )
 
@@ -201,6 +203,9 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
             "args": ["--model", "opus", "--max-turns", "3"],
             "keepAlive": True,
             "network": "host",
+            "resources": {"cpus": 1.5, "memory": "2g", "pids": 256},
+            "capAdd": ["CHOWN", "cap_net_bind_service"],
+            "readOnlyRoot": True,
         },
     )
     assert discover_pod(pods_dir, "alpha").config == PodConfig(
@@ -213,6 +218,9 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
         args=("--model", "opus", "--max-turns", "3"),
         keep_alive=True,
         network="host",
+        resources=Resources(cpus=1.5, memory=2 * 1024**3, pids=256),
+        cap_add=("CHOWN", "NET_BIND_SERVICE"),
+        read_only_root=True,
     )
 
 
@@ -235,6 +243,83 @@ def test_network_modes_and_names_are_accepted(pods_dir, network):
 def test_bad_network_values_are_one_sentence(pods_dir, network, expected):
     message = config_error(pods_dir, {"network": network})
     assert "'network'" in message and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        (7340032, 7340032),
+        ("512m", 512 << 20),
+        ("512M", 512 << 20),
+        ("2g", 2 << 30),
+        ("2GiB", 2 << 30),
+        ("1.5g", 3 << 29),
+        ("64 mb", 64 << 20),
+        ("100000000", 100000000),
+        ("8k", 8192),
+        ("2 x", None),
+        ("-1m", None),
+        ("", None),
+        (True, None),
+        (1.5, None),
+    ],
+)
+def test_memory_sizes_read_as_docker_does(text, size):
+    assert parse_memory(text) == size
+
+
+def test_resources_are_parsed_and_optional(pods_dir):
+    write_pod(pods_dir, "alpha", {"resources": {"memory": 67108864}})
+    assert discover_pod(pods_dir, "alpha").config.resources == Resources(memory=64 << 20)
+    write_pod(pods_dir, "beta", {"resources": {"cpus": 2, "pids": 1}})
+    assert discover_pod(pods_dir, "beta").config.resources == Resources(cpus=2.0, pids=1)
+    assert discover_pod(pods_dir, "beta").config.resources.cpus == 2.0
+    write_pod(pods_dir, "gamma", {"resources": {}})
+    assert discover_pod(pods_dir, "gamma").config.resources == Resources()
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"memory": "5m"}, "below Docker's minimum of 6 MiB"),
+        ({"memory": 1000}, "below Docker's minimum of 6 MiB"),
+        ({"memory": "lots"}, "resources.memory must be bytes or a size"),
+        ({"memory": 1.5e9}, "resources.memory must be bytes or a size"),
+        ({"memory": None}, "resources.memory must be bytes or a size"),
+        ({"cpus": 0}, "resources.cpus must be a number of CPUs of at least 0.01"),
+        ({"cpus": -1}, "resources.cpus"),
+        ({"cpus": "2"}, "resources.cpus"),
+        ({"cpus": True}, "resources.cpus"),
+        ({"cpus": 1e999}, "resources.cpus"),
+        ({"pids": 0}, "resources.pids must be a whole number of processes of at least 1"),
+        ({"pids": 2.5}, "resources.pids"),
+        ({"pids": "100"}, "resources.pids"),
+        ({"pids": False}, "resources.pids"),
+        ({"swap": "1g"}, "unknown key 'swap' in resources; expected cpus, memory, pids"),
+    ],
+)
+def test_bad_resources_are_one_sentence(pods_dir, resources, expected):
+    message = config_error(pods_dir, {"resources": resources})
+    assert expected in message and "\n" not in message
+
+
+def test_capabilities_with_or_without_prefix_in_any_case(pods_dir):
+    write_pod(pods_dir, "alpha", {"capAdd": ["CAP_CHOWN", "net_admin", "CHOWN", "Sys_Ptrace"]})
+    assert discover_pod(pods_dir, "alpha").config.cap_add == ("CHOWN", "NET_ADMIN", "SYS_PTRACE")
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected"),
+    [
+        ("CAP_FLY", "capAdd[1] 'CAP_FLY' is not a Linux capability"),
+        ("", "is not a Linux capability"),
+        ("ALL", "'ALL', which would undo the capability drop"),
+        ("cap_all", "'ALL', which would undo the capability drop"),
+    ],
+)
+def test_unknown_capabilities_are_one_sentence(pods_dir, cap, expected):
+    message = config_error(pods_dir, {"capAdd": ["CHOWN", cap]})
+    assert expected in message and "\n" not in message
 
 
 @pytest.mark.parametrize("text", ["", "  \n", "{}"])
@@ -304,6 +389,10 @@ def test_unknown_key_is_named(pods_dir):
         ({"args": ["--max-turns", 3]}, "args[1]"),
         ({"keepAlive": "true"}, "keepAlive"),
         ({"keepAlive": 1}, "keepAlive"),
+        ({"readOnlyRoot": "yes"}, "readOnlyRoot"),
+        ({"capAdd": "CHOWN"}, "capAdd"),
+        ({"capAdd": [7]}, "capAdd[0]"),
+        ({"resources": [1]}, "resources"),
         ([], "pod.json"),
     ],
 )
