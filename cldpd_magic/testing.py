@@ -479,6 +479,13 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     owner: ScriptedModelServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up (the CLI stopped, a keep-alive closed) is no error.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("scripted model: %s hung up", client_address)
+        else:
+            log.exception("scripted model: error answering %s", client_address)
+
 
 class ScriptedModelServer:
     """The scripted Messages API on 127.0.0.1, serving in a thread.
@@ -639,15 +646,15 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(
-        f"scripted model listening on {server.url} "
-        f"({len(scenario.turns)} turns); set ANTHROPIC_BASE_URL={server.url}",
-        flush=True,
-    )
     # SIGTERM ends it as Ctrl+C does: a script that started it in the background stops it
     # with kill (SIGINT is ignored by background jobs of non-interactive shells).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        print(
+            f"scripted model listening on {server.url} "
+            f"({len(scenario.turns)} turns); set ANTHROPIC_BASE_URL={server.url}",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
