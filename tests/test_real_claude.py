@@ -339,6 +339,36 @@ def test_resume_on_a_kept_alive_pod_continues_the_same_conversation(
     assert_secret_nowhere(second)
 
 
+def test_stopping_a_resume_ends_its_turn_only_and_the_next_resume_goes_on(
+    dispatcher, offline_pod, docker_client
+):
+    scenario = [Turn(text="First answer."), Turn(delay=SLOW), Turn(text="Third answer.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = offline_pod(server.url, keep_alive=True)
+        try:
+            first, _ = run(dispatcher, name)
+            assert first.exit_code == 0
+            slow = dispatcher.resume_session(name, "Take your time.")
+            server.wait_for_turn(1, timeout=120)
+            slow.stop()
+            slow.wait(60)
+            container = docker_client.containers.get(f"cldpd-{name}")
+            status = container.status
+            agents = container.exec_run(["sh", "-c", "ps -eo comm= | grep -c '^claude' || true"])
+            third = dispatcher.resume_session(name, "Once more.")
+            third.wait(120)
+            third_events = stream(third)
+        finally:
+            dispatcher.stop(name)
+        resumed = json.dumps(server.conversation_requests()[2].messages)
+    assert slow.state == "stopped"
+    assert status == "running"
+    assert agents.output.decode().strip() == "0"  # the stopped turn's CLI is gone
+    assert result_of(third_events)["result"] == "Third answer."
+    assert "First answer." in resumed and "Once more." in resumed
+    assert third_events[0]["session_id"] == first.claude_session
+
+
 def test_stop_during_a_slow_turn_ends_the_session_and_the_container(
     dispatcher, offline_pod, docker_client
 ):
