@@ -286,6 +286,9 @@ class Dispatcher:
             remove=not pod.config.keep_alive,
             mounts=list(pod.config.mounts),
             network=pod.config.network,
+            resources=pod.config.resources,
+            cap_add=list(pod.config.cap_add),
+            read_only_root=pod.config.read_only_root,
             labels={
                 LABEL_POD: pod.name,
                 LABEL_SESSION: session_id,

@@ -50,6 +50,15 @@ _FROM_RE = re.compile(
 )
 
 
+#: Every pod container runs with these: no process gains privileges (setuid, file caps).
+SECURITY_OPT = ["no-new-privileges"]
+#: The /tmp of a read-only root: exec allowed (tools run scripts from /tmp), no devices.
+TMP_TMPFS_OPTIONS = "rw,exec,nosuid,nodev,mode=1777"
+#: Label on the anonymous volumes that keep a read-only root's directories writable.
+LABEL_VOLUME_OF = "cldpd.volume-of"
+#: SIGKILL's exit code, which the kernel's OOM killer leaves.
+KILLED_EXIT_CODE = 137
+
 #: Signals ($0) the live processes recorded by exec()'s pid files; exit 0 when any was alive.
 _SIGNAL_EXECS = (
     'alive=1; for f in /tmp/.cldpd-exec-*.pid; do [ -f "$f" ] || continue; '
@@ -186,6 +195,42 @@ def _explain(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc).strip()
     return str(exc).strip()
+
+
+def _size(size: int) -> str:
+    """A byte count as people write it: ``64 MiB``, ``1.5 GiB``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.4g} {unit}"
+    return f"{size} bytes"
+
+
+def out_of_memory_line(limit: int, exit_code: int) -> str:
+    """The line a run's stderr gets when the kernel killed a process of it for memory.
+
+    Args:
+        limit: The container's memory limit in bytes (0: none).
+        exit_code: The agent's exit code.
+    """
+    where = f" (limit {_size(limit)})" if limit else ""
+    if exit_code == 0:
+        return f"cldpd: a process of the agent ran out of memory{where} and was killed.\n"
+    return f"cldpd: the agent ran out of memory{where} and was killed.\n"
+
+
+def _is_under(path: str, parent: str) -> bool:
+    parent = parent.rstrip("/")
+    return path == parent or path.startswith(parent + "/")
+
+
+def _home_of(user: str, env: dict[str, str]) -> str:
+    """The home directory of an image's user, "" when it cannot be told without running it."""
+    if env.get("HOME"):
+        return env["HOME"]
+    name = user.partition(":")[0]
+    if name in ("", "root", "0"):
+        return "/root"
+    return "" if name.isdigit() else f"/home/{name}"
 
 
 def _build_context(context_dir: str) -> IO[bytes]:
@@ -426,13 +471,58 @@ class DockerRunner:
             return None
         return labels.get(LABEL_CONTEXT)
 
+    @staticmethod
+    def _writable_dirs(api: docker.APIClient, opts: RunOptions) -> list[str]:
+        """The working and home directories a read-only root keeps writable with volumes.
+
+        Directories already under a mount or /tmp need none; neither does "/".
+        """
+        try:
+            config = api.inspect_image(opts.image).get("Config") or {}
+        except docker.errors.NotFound:
+            return []  # creating the container says so
+        image_env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
+        candidates = [
+            opts.workdir or config.get("WorkingDir") or "",
+            _home_of(config.get("User") or "", {**image_env, **opts.env}),
+        ]
+        covered = ["/tmp", *(m.target for m in opts.mounts)]
+        chosen: list[str] = []
+        for path in sorted(p.rstrip("/") for p in candidates if p.startswith("/")):
+            if path and not any(_is_under(path, c) for c in covered + chosen):
+                chosen.append(path)
+        return chosen
+
     def _create(self, api: docker.APIClient, opts: RunOptions) -> str:
         mounts = [
             docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
             for m in opts.mounts
         ]
+        tmpfs = None
+        if opts.read_only_root:
+            # Volumes, not tmpfs: the image's files there are copied in, and they take
+            # disk rather than the container's memory limit.
+            labels = {LABEL_VOLUME_OF: opts.name}
+            mounts += [
+                docker.types.Mount(path, None, type="volume", labels=labels)
+                for path in self._writable_dirs(api, opts)
+            ]
+            if not any(_is_under("/tmp", m.target) for m in opts.mounts):
+                tmpfs = {"/tmp": TMP_TMPFS_OPTIONS}
+        limits = opts.resources
         host_config = api.create_host_config(
-            init=True, mounts=mounts, network_mode=opts.network or None
+            init=True,
+            mounts=mounts,
+            network_mode=opts.network or None,
+            cap_drop=["ALL"],
+            cap_add=list(opts.cap_add) or None,
+            security_opt=SECURITY_OPT,
+            read_only=opts.read_only_root or None,
+            tmpfs=tmpfs,
+            nano_cpus=None if limits.cpus is None else round(limits.cpus * 1e9),
+            mem_limit=limits.memory,
+            memswap_limit=limits.memory,
+            pids_limit=limits.pids,
         )
         try:
             created = api.create_container(
@@ -464,7 +554,45 @@ class DockerRunner:
     @staticmethod
     def _force_remove(api: docker.APIClient, cid: str) -> None:
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            api.remove_container(cid, force=True)
+            api.remove_container(cid, force=True, v=True)
+
+    @staticmethod
+    def _say_if_out_of_memory(
+        api: docker.APIClient, container: str, code: int, stderr: Writer | None
+    ) -> None:
+        """After a container's exit: one line on stderr when the kernel killed it for memory."""
+        if stderr is None:
+            return
+        with contextlib.suppress(docker.errors.APIError):
+            attrs = api.inspect_container(container)
+            if (attrs.get("State") or {}).get("OOMKilled"):
+                limit = (attrs.get("HostConfig") or {}).get("Memory") or 0
+                stderr.write(out_of_memory_line(limit, code))
+
+    @staticmethod
+    def _say_if_exec_out_of_memory(
+        api: docker.APIClient, container: str, since: float, stderr: Writer | None
+    ) -> None:
+        """After an exec killed by SIGKILL: one line when the engine saw an OOM since it began.
+
+        The container's ``OOMKilled`` is only set when the container itself exits, so
+        an exec is judged by the engine's ``oom`` events of its container.
+        """
+        if stderr is None:
+            return
+        with contextlib.suppress(docker.errors.APIError, requests.exceptions.RequestException):
+            limit = (api.inspect_container(container).get("HostConfig") or {}).get("Memory")
+            events = api.events(
+                since=f"{since:.9f}",
+                until=f"{time.time():.9f}",
+                filters={"container": container, "event": "oom"},
+                decode=True,
+            )
+            try:
+                if any(True for _ in events):
+                    stderr.write(out_of_memory_line(limit or 0, KILLED_EXIT_CODE))
+            finally:
+                events.close()
 
     @_engine_errors
     def run(
@@ -507,7 +635,9 @@ class DockerRunner:
                 if on_start is not None:
                     on_start(ContainerInfo(opts.name, cid, "running", opts.labels, opts.image))
                 _pump(stream, stdout, stderr)
-                return int(api.wait(cid)["StatusCode"])
+                code = int(api.wait(cid)["StatusCode"])
+                self._say_if_out_of_memory(api, cid, code, stderr)
+                return code
             except docker.errors.NotFound:
                 return -1
             finally:
@@ -565,6 +695,7 @@ class DockerRunner:
             raise SessionNotFoundError(f"No running container named {container}.")
         pidfile = f"/tmp/.cldpd-exec-{uuid.uuid4().hex[:12]}.pid"
         wrapped = ["sh", "-c", '{ echo $$ >"$0"; } 2>/dev/null; exec "$@"', pidfile, *cmd]
+        began = time.time()
         with self._streaming() as api:
             try:
                 exec_id = api.exec_create(container, wrapped, stdout=True, stderr=True)["Id"]
@@ -589,6 +720,8 @@ class DockerRunner:
                 code = result.get("ExitCode")
             except docker.errors.NotFound:
                 code = None
+            if code == KILLED_EXIT_CODE:
+                self._say_if_exec_out_of_memory(api, container, began, stderr)
             return -1 if code is None else int(code)
 
     def _signal_exec(self, handle: ExecHandle, signal: str) -> None:
