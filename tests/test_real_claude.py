@@ -34,10 +34,19 @@ from cldpd_magic.testing import Scenario, ScriptedModelServer, ToolCall, Turn
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
 
-CLAUDE_CODE_VERSION = "2.1.332"
-CLAUDE_IMAGE = f"cldpd-claude-code:{CLAUDE_CODE_VERSION}"
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "cldpd_magic" / "templates" / "claude-offline"
+
+
+def pinned_version(path: Path, pattern: str) -> str:
+    found = re.search(pattern, path.read_text(encoding="utf-8"), re.MULTILINE)
+    assert found, f"no pinned Claude Code version in {path.relative_to(REPO)}"
+    return found.group(1)
+
+
+#: The CLI version scripts/setup installs; the template pins the same (checked below).
+CLAUDE_CODE_VERSION = pinned_version(REPO / "scripts" / "setup", r"^claude_code_version=(\S+)$")
+CLAUDE_IMAGE = f"cldpd-claude-code:{CLAUDE_CODE_VERSION}"
 URL = "https://github.com/octocat/Hello-World/issues/7"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
 API_KEY = f"sk-ant-scripted-{uuid.uuid4().hex}"
@@ -52,6 +61,9 @@ PROOF_COMMAND = (
 def claude_image() -> Iterator[str]:
     """The image tag all pods of this module share; fails in CI when the CLI image is missing."""
     import docker
+
+    template_pin = pinned_version(TEMPLATE / "Dockerfile", r"^ARG CLAUDE_CODE_VERSION=(\S+)$")
+    assert template_pin == CLAUDE_CODE_VERSION, "scripts/setup and the template pin other CLIs"
 
     try:
         client = docker.from_env()
