@@ -6,6 +6,7 @@ Load the IPython extension with ``%load_ext cldpd_magic``, or use the Python API
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .dispatcher import Dispatcher, RunningPod
@@ -28,6 +29,9 @@ from .scaffold import Scaffold, Template, create_pod, list_templates
 from .session import Event, EventType, Session
 
 __version__ = "0.1.0"
+
+# Silent unless the user asks (see cldpd_magic.logs): a library never configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BuildFailedError",

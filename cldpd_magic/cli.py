@@ -3,12 +3,17 @@
 A run followed by ``cldpd start`` or ``cldpd resume`` stops its pod on Ctrl+C (SIGINT),
 SIGTERM or SIGHUP: gracefully first, and by a kill when a second signal comes during
 the graceful stop. Whatever ends the command, no container of the run is left behind.
+
+``cldpd --debug`` (or ``CLDPD_LOG=debug`` in the environment; any level name works there)
+logs what the package does and every error it swallows, with its traceback, to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import queue
 import shlex
 import signal
@@ -23,6 +28,7 @@ from typing import TextIO
 from . import __version__
 from .dispatcher import Dispatcher
 from .errors import CldpdError, one_line
+from .logs import disable_logging, enable_logging, log_swallowed, parse_level
 from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
 from .render import clean_text, render_output_line
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
@@ -37,7 +43,13 @@ EPILOG = """examples:
 
 Ctrl+C, SIGTERM or SIGHUP during start or resume stops the pod gracefully (the agent's
 turn ends first); a second Ctrl+C during that stop kills it.
+
+environment:
+  CLDPD_PODS_DIR   the pods directory (default ~/.cldpd/pods)
+  CLDPD_LOG        log level of the package's log on stderr (debug, info, ...); off when unset
 """
+
+logger = logging.getLogger(__name__)
 
 #: Signals that stop a followed run: Ctrl+C, ``kill`` and a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -59,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     pods_dir_help = "the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
     parser.add_argument("--pods-dir", help=pods_dir_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="log debugging details, swallowed errors with their tracebacks, to stderr "
+        "(same as CLDPD_LOG=debug)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     init = sub.add_parser("init", help="write a new pod from a template into the pods directory")
     init.add_argument("pod", help="the new pod's name")
@@ -217,6 +235,7 @@ class _Stopper:
         try:
             self._dispatcher.stop(self._session.pod_name, timeout)
         except Exception as exc:  # reported by the main thread, never lost
+            log_swallowed(logger, f"stopping pod {self._session.pod_name} failed")
             self._errors.append(one_line(str(exc)) or type(exc).__name__)
 
     @property
@@ -270,7 +289,8 @@ def _follow(
                 _show(batch, session, args, out, err)
         stopper.report()
     finally:
-        _say(err, f"cldpd: transcript: {session.transcript}\n")
+        where = session.transcript_error or f"cldpd: transcript: {session.transcript}"
+        _say(err, where + "\n")
     if stopper.signum is not None:
         return 128 + stopper.signum
     return session.wait()
@@ -357,10 +377,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: the agent's for start and resume, 128 + the signal's number when
         a signal stopped the run (130 for Ctrl+C), 1 for an error and for stopping a pod
-        that does not run.
+        that does not run, 2 for a bad command line or ``CLDPD_LOG`` value.
     """
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
+    level = "debug" if args.debug else os.environ.get("CLDPD_LOG", "")
+    handler = None
+    if level.strip():
+        try:
+            handler = enable_logging(parse_level(level), err)
+        except ValueError as exc:
+            _say(err, f"cldpd: CLDPD_LOG: {exc}\n")
+            return 2
+    try:
+        return _command(args, out, err)
+    finally:
+        if handler is not None:
+            disable_logging(handler)
+
+
+def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     dispatcher = Dispatcher(args.pods_dir)
     try:
         if args.command == "init":
@@ -371,6 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stop(dispatcher, args, err)
         return _list(dispatcher, out)
     except CldpdError as exc:
+        log_swallowed(logger, f"cldpd {args.command} failed")
         _say(err, f"cldpd: {clean_text(str(exc))}\n")
         return 1
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -19,6 +20,7 @@ from .errors import (
     PodRunningError,
     SessionNotFoundError,
 )
+from .logs import log_swallowed
 from .pods import (
     Pod,
     container_name,
@@ -30,6 +32,8 @@ from .pods import (
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
 from .secrets import config_secrets, container_secrets, forwarded_env
 from .session import EventType, Session, SessionControl, new_session_id
+
+logger = logging.getLogger(__name__)
 
 LABEL_POD = "cldpd.pod"
 LABEL_SESSION = "cldpd.session"
@@ -444,6 +448,7 @@ class Dispatcher:
         try:
             secrets = self.secrets(self._pod_of(pod_name, info))
         except CldpdError:  # the pod's directory may be gone; the container still runs
+            log_swallowed(logger, f"pod {pod_name}: its directory is not readable; attaching")
             secrets = []
         secrets += self.container_secrets(info)
         runner = self.runner

@@ -13,15 +13,28 @@ while other cells run. A bare blocking ``%cldpd_start``, ``%cldpd_resume`` or
 still gets the Session. ``%unload_ext cldpd_magic`` removes the magics and the completer;
 pods and their live cells keep running (the pods belong to Docker, not to the
 extension): stop them first with ``%cldpd_stop`` if they should end.
+
+Each magic has one argparse parser, the one its help (``%cldpd_start?``) shows: it parses
+the magic's options, and the completer reads its options and positions from it. A prompt
+is the verbatim rest of the line after the parsed ``[options] POD``.
+
+``%config CldpdMagics.log_level = "DEBUG"`` logs what the package does, and every error it
+swallows with its traceback (masked), to the kernel's stderr: the terminal that runs
+Jupyter, never a cell.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import functools
+import logging
+import re
+import sys
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +49,13 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Float, Integer, Unicode
+from IPython.utils.process import arg_split
+from traitlets import CaselessStrEnum, Float, Integer, Unicode, observe
 
 from .dispatcher import Dispatcher, validate_issue_url
 from .errors import CldpdError, one_line
-from .pods import container_name, scan_pods, validate_pod_name
+from .logs import LEVELS, disable_logging, enable_logging, log_swallowed
+from .pods import scan_pods, validate_pod_name
 from .protocol import Runner
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
@@ -53,6 +68,8 @@ _FOLLOWED_LIVE: weakref.WeakSet[Session] = weakref.WeakSet()
 #: Magics whose first positional argument is a pod name (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
 _QUOTES = ("'", '"')
+_WORD = re.compile(r"\S+")
+logger = logging.getLogger(__name__)
 _BACKGROUND = argument(
     "-b", "--background", action="store_true",
     help="return at once with the Session; the cell keeps streaming",
@@ -77,38 +94,125 @@ def user_errors() -> Iterator[None]:
     except UsageError:
         raise
     except CldpdError as exc:
+        log_swallowed(logger, "a magic failed")
         raise UsageError(one_line(str(exc)) or type(exc).__name__) from None
     except Exception as exc:
         if _is_docker_error(exc):
+            log_swallowed(logger, "a magic failed in Docker")
             raise UsageError(f"Docker error: {one_line(str(exc))}") from None
         raise
 
 
-def _first_word(text: str) -> tuple[str, str]:
-    parts = text.split(None, 1)
-    return (parts[0], parts[1] if len(parts) > 1 else "") if parts else ("", "")
+def _parser_of(magic: Any) -> argparse.ArgumentParser:
+    return magic.parser
+
+
+def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    # argparse offers no public listing of its options; this mapping has been stable
+    # since Python 2.7, and it is read here only.
+    return dict(parser._option_string_actions)
+
+
+def positional_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The names (dests) of a parser's positional arguments, in order."""
+    return [action.dest for action in parser._actions if not action.option_strings]
+
+
+def _option_names(parser: argparse.ArgumentParser) -> str:
+    seen = {id(a): "/".join(a.option_strings) for a in _option_actions(parser).values()}
+    return ", ".join(seen.values()) or "none"
+
+
+@dataclass
+class ArgumentScan:
+    """How far a magic's words fill its parser (for the completer and verbatim prompts).
+
+    Attributes:
+        values: Raw option values by dest (``""`` for a flag that was given).
+        positionals: The positional words, in order.
+        pending: The dest of an option whose value has not come yet, else None.
+    """
+
+    values: dict[str, str]
+    positionals: list[str]
+    pending: str | None
+
+
+def scan_arguments(
+    parser: argparse.ArgumentParser, words: list[str], strict: bool = True
+) -> ArgumentScan:
+    """Sort a magic's words into options and positionals as its parser would.
+
+    Args:
+        parser: The magic's parser.
+        words: The words, already split.
+        strict: Raise on an option the parser does not know (else skip it).
+
+    Raises:
+        UsageError: An unknown option, when ``strict``.
+    """
+    options = _option_actions(parser)
+    values: dict[str, str] = {}
+    positionals: list[str] = []
+    pending: str | None = None
+    for word in words:
+        if pending is not None:
+            values[pending], pending = word, None
+        elif word.startswith("-") and word != "-":
+            name, has_value, value = word.partition("=")
+            action = options.get(name)
+            if action is None:
+                if strict:
+                    raise UsageError(
+                        f"Unknown option {name}; the options are {_option_names(parser)}."
+                    )
+            elif action.nargs == 0 or has_value:
+                values[action.dest] = value
+            else:
+                pending = action.dest
+        else:
+            positionals.append(word)
+    return ArgumentScan(values, positionals, pending)
+
+
+def parse_verbatim(magic: Any, line: str) -> argparse.Namespace:
+    """Parse ``[options] POD REST`` with the magic's own parser, REST kept verbatim.
+
+    The options and every positional but the last are parsed by the parser that the
+    magic's help shows; the last positional (the prompt) is the rest of the line as
+    written, with one pair of quotes around the whole of it removed and nothing else
+    touched (no quote processing, no ``$x`` or ``{x}`` expansion).
+
+    Raises:
+        UsageError: An unknown option, a bad option value or a missing pod.
+    """
+    parser = _parser_of(magic)
+    names = positional_names(parser)
+    for match in _WORD.finditer(line):
+        try:
+            words = arg_split(line[: match.end()])  # as parse_argstring splits
+        except ValueError:
+            continue  # inside a quoted option value
+        found = scan_arguments(parser, words)
+        if found.pending is None and len(found.positionals) == len(names) - 1:
+            args = parser.parse_args(words)
+            setattr(args, names[-1], unquote(line[match.end() :].strip()))
+            return args
+    scan_arguments(parser, arg_split(line, strict=False))  # an unknown option, said first
+    usage = one_line(parser.format_usage()).removeprefix("::").removeprefix("usage:").strip()
+    raise UsageError(f"Name the {names[0]}: {usage}.")
 
 
 def split_prompt(line: str) -> tuple[bool, str, str]:
-    """Split ``[-b] POD PROMPT...`` into (background, pod, prompt), the prompt verbatim.
+    """Split ``%cldpd_resume``'s ``[-b] POD PROMPT...`` into (background, pod, prompt).
 
-    One pair of quotes around the whole prompt is removed; nothing else is touched.
+    The prompt is verbatim (see :func:`parse_verbatim`).
 
     Raises:
         UsageError: An unknown option, or no pod name.
     """
-    background = False
-    rest = line.strip()
-    while rest.startswith("-"):
-        option, rest = _first_word(rest)
-        if option in ("-b", "--background"):
-            background = True
-        else:
-            raise UsageError(f"Unknown option {option}; the only option is -b/--background.")
-    pod, prompt = _first_word(rest)
-    if not pod:
-        raise UsageError("Name the pod: %cldpd_resume [-b] POD PROMPT.")
-    return background, pod, unquote(prompt.strip())
+    args = parse_verbatim(CldpdMagics.cldpd_resume, line)
+    return args.background, args.pod, args.prompt
 
 
 def unquote(text: str) -> str:
@@ -153,12 +257,34 @@ class CldpdMagics(Magics):
     stop_timeout = Float(
         10.0, min=0.0, help="Seconds a pod gets to stop gracefully before it is killed."
     ).tag(config=True)
+    log_level = CaselessStrEnum(
+        ("", *LEVELS),
+        default_value="",
+        help="Log the package's work at this level and above (DEBUG: also every error it "
+        "swallows, with its traceback, masked) to the kernel's stderr, the terminal that "
+        "runs Jupyter; empty: no log.",
+    ).tag(config=True)
+
+    _log_handler: logging.Handler | None = None
 
     def __init__(self, shell: Any = None, runner: Runner | None = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self._runner = runner
         self._dispatchers: dict[tuple[str, str, int], Dispatcher] = {}
         self.feeds: dict[str, LiveFeed] = {}
+        self._apply_log_level()
+
+    @observe("log_level")
+    def _log_level_changed(self, _change: dict[str, Any]) -> None:
+        self._apply_log_level()
+
+    def _apply_log_level(self) -> None:
+        if self._log_handler is not None:
+            disable_logging(self._log_handler)
+            self._log_handler = None
+        if self.log_level:
+            # The process's own stderr: a log line from a worker thread never lands in a cell.
+            self._log_handler = enable_logging(self.log_level, sys.__stderr__ or sys.stderr)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -203,9 +329,17 @@ class CldpdMagics(Magics):
         # The plain terminal publisher prints every update: there, show the end only.
         return type(self.shell.display_pub) is not DisplayPublisher
 
-    def _publish(self, handle: DisplayHandle, view: SessionView) -> None:
+    @staticmethod
+    def _bundle(session: Session, view: SessionView) -> dict[str, str]:
+        # A transcript that could not be written is no path to show: the session says
+        # why in its output instead.
+        if session.transcript_error:
+            view.transcript = ""
+        return view.bundle()
+
+    def _publish(self, handle: DisplayHandle, session: Session, view: SessionView) -> None:
         if self._live():
-            handle.update(view.bundle(), raw=True)
+            handle.update(self._bundle(session, view), raw=True)
 
     def _follow(self, session: Session, title: str, background: bool, note: str = "") -> Session:
         """Show a session in this cell; block until it ends unless ``background``."""
@@ -213,10 +347,9 @@ class CldpdMagics(Magics):
             view = SessionView(title, self.max_output_lines, session.mask, str(session.transcript))
             if note:
                 view.note(note)
-            handle = display(view.bundle(), raw=True, display_id=True)
-            feed = LiveFeed(
-                session, view, functools.partial(self._publish, handle), self.flush_interval
-            )
+            handle = display(self._bundle(session, view), raw=True, display_id=True)
+            publish = functools.partial(self._publish, handle, session)
+            feed = LiveFeed(session, view, publish, self.flush_interval)
             self.feeds[session.id] = feed
         except KeyboardInterrupt:
             session.stop(self.stop_timeout)
@@ -230,16 +363,19 @@ class CldpdMagics(Magics):
         except KeyboardInterrupt:
             self._interrupted(session, feed, handle)
         if not self._live():
-            handle.update(view.bundle(), raw=True)
+            handle.update(self._bundle(session, view), raw=True)
         if session.error is not None:
             raise UsageError(one_line(f"{title} failed: {session.error}"))
         return session
 
-    def _stop_pod(self, pod: str, timeout: float) -> None:
-        """Stop a pod through the dispatchers running it here (Dispatcher.stop owns the order)."""
+    def _stop_pod(self, pod: str, timeout: float) -> bool:
+        """Stop a pod through the dispatchers running it here (Dispatcher.stop owns the order).
+
+        Returns:
+            Whether anything was running.
+        """
         owners = [d for d in list(self._dispatchers.values()) if d.local_sessions(pod, active=True)]
-        for dispatcher in owners or [self.dispatcher]:
-            dispatcher.stop(pod, timeout)
+        return any([dispatcher.stop(pod, timeout) for dispatcher in owners or [self.dispatcher]])
 
     def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
         pod = session.pod_name
@@ -255,7 +391,7 @@ class CldpdMagics(Magics):
             except KeyboardInterrupt:
                 what, timeout = f"pod {pod} killed", 0.0
         feed.view.note(f"interrupted: {what}", kind="error")
-        handle.update(feed.view.bundle(), raw=True)
+        handle.update(self._bundle(session, feed.view), raw=True)
         raise UsageError(f"Interrupted: {what}.")
 
     def _pod_names(self, pods_dir: str | None, running: bool) -> list[str]:
@@ -277,7 +413,8 @@ class CldpdMagics(Magics):
         """
         nothing: SimpleMatcherResult = {"completions": [], "suppress": False}
         words = text.split()
-        if not words or words[0].lstrip("%") not in POD_MAGICS:
+        name = words[0].lstrip("%") if words else ""
+        if name not in POD_MAGICS:
             return nothing
         at_space = text[-1:].isspace()
         if len(words) == 1 and not at_space:
@@ -286,26 +423,19 @@ class CldpdMagics(Magics):
         current = "" if at_space else words[-1]
         if current.startswith("-"):
             return nothing
-        pods_dir: str | None = None
-        positional = 0
-        wants_dir = False
-        for word in before:
-            if wants_dir:
-                pods_dir, wants_dir = word, False
-            elif word == "--pods-dir":
-                wants_dir = True
-            elif word.startswith("--pods-dir="):
-                pods_dir = word.partition("=")[2]
-            elif not word.startswith("-"):
-                positional += 1
-        if wants_dir or positional:
+        parser = _parser_of(getattr(self, name))
+        found = scan_arguments(parser, before, strict=False)
+        pod_position = positional_names(parser).index("pod")
+        if found.pending is not None or len(found.positionals) != pod_position:
             return nothing
         try:
-            names = self._pod_names(pods_dir, running=words[0].lstrip("%") != "cldpd_start")
+            pods_dir = unquote(found.values.get("pods_dir", "")) or None
+            names = self._pod_names(pods_dir, running=name != "cldpd_start")
         except Exception:  # completion must never raise into the frontend
+            log_swallowed(logger, "completing a pod name failed")
             return nothing
-        found = [SimpleCompletion(n, type="pod") for n in names if n.startswith(current)]
-        return {"completions": found, "suppress": True}
+        matches = [SimpleCompletion(n, type="pod") for n in names if n.startswith(current)]
+        return {"completions": matches, "suppress": True}
 
     # -- magics ---------------------------------------------------------------------
 
@@ -346,7 +476,8 @@ class CldpdMagics(Magics):
         unless -b is given; interrupting the kernel ends the agent's turn, then stops the
         pod. Returns the Session.
         """
-        background, pod, prompt = split_prompt(line)
+        args = parse_verbatim(self.cldpd_resume, line)
+        background, pod, prompt = args.background, args.pod, args.prompt
         if cell is not None:
             if prompt:
                 raise UsageError(
@@ -390,17 +521,14 @@ class CldpdMagics(Magics):
         timeout = self.stop_timeout if args.timeout is None else max(0.0, args.timeout)
         with user_errors():
             validate_pod_name(args.pod)
-            ours = [s for s in self.sessions() if s.pod_name == args.pod and not s.done]
-            info = self.runner.inspect(container_name(args.pod))
-            if not ours and (info is None or not info.running):
+            if not self._stop_pod(args.pod, timeout):
                 if args.pod not in self._pod_names(None, running=False):
                     raise UsageError(
                         f"No pod named {args.pod!r} in {self.dispatcher.pods_dir}, and none "
                         "is running."
                     )
-                print(f"Pod {args.pod} is not running.")
+                print(f"Pod {args.pod} is not running; nothing to stop.")
                 return
-            self._stop_pod(args.pod, timeout)
         print(f"Pod {args.pod} stopped.")
 
     @magic_arguments()
@@ -442,6 +570,7 @@ class CldpdMagics(Magics):
         except Exception as exc:
             if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
                 raise
+            log_swallowed(logger, "listing running pods failed")
             running = None
             notes.append(f"Docker did not answer, so running is unknown: {one_line(str(exc))}")
         rows = []
@@ -485,6 +614,7 @@ class CldpdMagics(Magics):
         except Exception as exc:
             if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
                 raise
+            log_swallowed(logger, "listing cldpd containers failed")
             found = []
             notes.append(f"Docker did not answer: {one_line(str(exc))}")
         mine = self.sessions()
@@ -502,7 +632,7 @@ class CldpdMagics(Magics):
         )
         session_rows = [
             (s.id, s.pod_name, s.kind, s.state, "" if s.exit_code is None else s.exit_code,
-             s.transcript)
+             s.transcript_error or s.transcript)
             for s in mine
         ]  # fmt: skip
         sessions = Table(
@@ -521,6 +651,7 @@ class CldpdMagics(Magics):
         try:
             from .widgets import PodPicker
         except Exception as exc:
+            log_swallowed(logger, "importing the pod picker failed")
             raise UsageError(
                 f"The pod picker cannot be loaded ({one_line(str(exc))}); it needs "
                 "ipywidgets >= 8.1 in this kernel."
@@ -633,6 +764,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     if loaded is None:
         return
     magics, matcher, hider = loaded
+    magics.log_level = ""  # its log handler goes with it
     if hider in ipython.ast_transformers:
         ipython.ast_transformers.remove(hider)
     manager = ipython.magics_manager
@@ -654,8 +786,12 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 __all__ = [
     "POD_MAGICS",
+    "ArgumentScan",
     "CldpdMagics",
     "load_ipython_extension",
+    "parse_verbatim",
+    "positional_names",
+    "scan_arguments",
     "shown_result",
     "split_prompt",
     "unload_ipython_extension",

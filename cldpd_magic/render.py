@@ -22,6 +22,7 @@ from typing import Any
 
 from markdown_it import MarkdownIt
 
+from .logs import log_swallowed
 from .session import MASK, Event, EventType, Masker, Session
 
 DEFAULT_MAX_LINES = 200
@@ -240,14 +241,14 @@ class StreamRenderer:
         try:
             lines = self._render(text)
         except Exception:  # hostile output must never end a session or its consumer
-            log.debug("rendering an output line failed; shown as text", exc_info=True)
+            log_swallowed(log, "rendering an output line failed; shown as text", self.mask)
             lines = None
         if lines is None:
             lines = [Line("text", _clip(text))]
         try:
             return [self._finish(line) for line in lines]
         except Exception:
-            log.debug("finishing a rendered line failed; shown as text", exc_info=True)
+            log_swallowed(log, "finishing a rendered line failed; shown as text", self.mask)
             return [self._finish(Line("text", _clip(str(text))))]
 
     def _finish(self, line: Line) -> Line:
@@ -567,7 +568,7 @@ def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str
                 _mask_tokens(tokens, mask)
             return _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, env)
     except Exception:  # e.g. RecursionError on pathological nesting
-        log.debug("Markdown rendering failed; shown as text", exc_info=True)
+        log_swallowed(log, "Markdown rendering failed; shown as text", mask)
         return f"<pre>{html.escape(mask(text) if mask else text)}</pre>"
 
 
@@ -654,7 +655,8 @@ class SessionView:
             try:
                 self._add(event, stopped)
             except Exception:
-                log.debug("a session event could not be rendered; shown as text", exc_info=True)
+                what = "a session event could not be rendered; shown as text"
+                log_swallowed(log, what, self.mask)
                 self._push(Line("text", self._clean(_clip(str(event.data)))))
 
     def _add(self, event: Event, stopped: bool) -> None:
@@ -821,6 +823,7 @@ class LiveFeed:
                 if event.type in (EventType.CONTAINER_EXITED, EventType.ERROR):
                     self.view.exit_code = self.session.exit_code
         except BaseException as exc:  # the feed must end even if a transcript read fails
+            log_swallowed(log, "reading the session's events failed", self.session.mask)
             self.error = exc
             self.view.fail(f"could not read the session's events: {exc}")
         finally:
@@ -832,6 +835,7 @@ class LiveFeed:
             self.publish(self.view)
             self.publications += 1
         except Exception as exc:  # a frontend going away must not kill the feed
+            log_swallowed(log, "publishing the view failed", self.session.mask)
             self.error = exc
 
     def _write(self) -> None:

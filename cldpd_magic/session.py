@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import secrets as _secrets
 import threading
 from collections import deque
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from .errors import CldpdError
+from .logs import log_swallowed
 from .secrets import MASK, Masker
 
 __all__ = ["MASK", "Event", "EventType", "Masker", "Session", "SessionControl", "read_transcript"]
+
+logger = logging.getLogger(__name__)
 
 
 class EventType(enum.Enum):
@@ -341,6 +345,7 @@ class Session:
             self._state = "stopped" if self.stopped else "exited"
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
         except BaseException as exc:
+            log_swallowed(logger, f"session {self.id} ended by an error", self.mask)
             try:
                 message = self.mask(str(exc)) or type(exc).__name__
             except Exception:  # an error whose str() fails must still end the session
@@ -437,6 +442,7 @@ class Session:
         self._close_transcript()
         if self.transcript_error:
             return
+        log_swallowed(logger, f"session {self.id}: writing its transcript failed", self.mask, exc)
         reason = self._lost_because = _reason(exc)
         self.transcript_error = (
             f"cldpd: the transcript could not be written to {self.transcript} ({reason}); "
@@ -488,6 +494,9 @@ class Session:
                             reader = _TranscriptReader(self.transcript)
                         batch = reader.read(index, min(first, on_disk, index + 2000))
                     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                        log_swallowed(
+                            logger, f"session {self.id}: reading its transcript failed", self.mask
+                        )
                         unreadable = f"could not be read ({_reason(exc)})"
                         continue
                 else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import logging
 import os
 import shlex
 import threading
@@ -31,6 +32,7 @@ import ipywidgets as widgets
 
 from .dispatcher import Dispatcher, RunningPod, validate_issue_url
 from .errors import CldpdError, InvalidRequestError, SessionNotFoundError
+from .logs import log_swallowed
 from .pods import Pod, scan_pods
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView, clean_text
 from .secrets import MASK, Masker, looks_secret
@@ -41,6 +43,8 @@ TEMPLATE_PREVIEW_LINES = 6
 #: How many runs (start, resume, attach) a pod's Output keeps.
 DEFAULT_MAX_RUNS = 5
 URL_PLACEHOLDER = "https://github.com/OWNER/REPO/issues/N"
+
+logger = logging.getLogger(__name__)
 
 
 def _sentence(exc: BaseException) -> str:
@@ -313,6 +317,9 @@ class PodPicker:
         try:
             found = self.dispatcher.running()
         except Exception as exc:
+            pods = [s.pod for s in list(self._states.values()) if s.pod is not None]
+            mask = Masker([value for pod in pods for value in pod.secret_values()])
+            log_swallowed(logger, "the picker could not look up running pods", mask)
             self._set_notice(f"Cannot tell which pods are running: {_sentence(exc)}")
             return
         self._set_notice("")
@@ -431,6 +438,7 @@ class PodPicker:
         try:
             session = make()
         except Exception as exc:
+            log_swallowed(logger, f"pod {state.name}: no run started", _pod_masker(state.pod))
             if isinstance(exc, SessionNotFoundError):
                 state.container_up = False
                 state.remote = None
@@ -472,6 +480,7 @@ class PodPicker:
         try:
             self.dispatcher.stop(state.name, self.stop_timeout)
         except Exception as exc:
+            log_swallowed(logger, f"pod {state.name}: the stop failed", _pod_masker(state.pod))
             state.stopping = False
             state.message = f"{state.name}: failed: {_pod_masker(state.pod)(_sentence(exc))}"
             self._show(state)
@@ -495,6 +504,8 @@ class PodPicker:
             try:
                 target(*args)
             except Exception as exc:  # a worker must never print a traceback into a cell
+                pod = args[0].pod if args and isinstance(args[0], _PodState) else None
+                log_swallowed(logger, f"the picker's {name} worker failed", _pod_masker(pod))
                 self._set_notice(f"The pod picker hit an unexpected error: {_sentence(exc)}")
 
         thread = threading.Thread(target=guarded, name=name, daemon=True)

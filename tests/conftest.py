@@ -42,6 +42,20 @@ def docker_client():
 
 
 @pytest.fixture
+def build_containers(docker_client) -> Callable[[str], list[str]]:
+    """``build_containers(marker)``: ids of the containers whose command holds marker.
+
+    A build runs each ``RUN`` step in a container; a step echoing a marker finds them.
+    """
+
+    def find(marker: str) -> list[str]:
+        containers = docker_client.api.containers(all=True)
+        return [c["Id"] for c in containers if marker in c.get("Command", "")]
+
+    return find
+
+
+@pytest.fixture
 def pods_dir(tmp_path: Path) -> Path:
     """An empty pods directory."""
     path = tmp_path / "pods"

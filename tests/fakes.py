@@ -13,6 +13,9 @@ from pathlib import Path
 from cldpd_magic.errors import BuildFailedError, PodRunningError, SessionNotFoundError
 from cldpd_magic.protocol import ContainerInfo, ExecHandle, RunOptions, Writer
 
+#: The GitHub issue every test starts its pods on.
+ISSUE_URL = "https://github.com/octocat/Hello-World/issues/1"
+
 
 def write_pod(
     pods_dir: Path,
@@ -77,6 +80,16 @@ def echo_agent(call: AgentCall) -> int:
     return 0
 
 
+def lines_agent(*lines: str, code: int = 0) -> Agent:
+    """An agent that prints lines and exits with code."""
+
+    def agent(call: AgentCall) -> int:
+        call.out(*lines)
+        return code
+
+    return agent
+
+
 def idle_agent(call: AgentCall) -> int:
     """Run until stopped, then exit 130 as an agent that traps SIGINT does."""
     call.out("working")
@@ -100,7 +113,7 @@ class FakeRunner:
         build_lines: Lines the build prints.
         build_error: When set, the build fails with this message after its lines.
         hold_build: The build waits until it is cancelled.
-        unavailable: preflight() raises this error when set.
+        unavailable: preflight() and list() raise this error when set.
         containers: Containers by name, as the engine would report them.
         calls: Every call, as ``(method, args)`` tuples.
         runs: The RunOptions of every run() and start().
@@ -132,11 +145,17 @@ class FakeRunner:
         self._exec_stops: dict[str, tuple[str, threading.Event]] = {}
 
     def add_container(
-        self, name: str, labels: dict[str, str] | None = None, status: str = "running"
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        status: str = "running",
+        env: dict[str, str] | None = None,
     ) -> ContainerInfo:
         """Pretend a container exists (made by another process, say)."""
-        info = ContainerInfo(name, f"id{next(self._ids)}", status, dict(labels or {}), "img")
-        self.containers[name] = _Container(info, RunOptions("img", name, []))
+        env = dict(env or {})
+        labels = dict(labels or {})
+        info = ContainerInfo(name, f"id{next(self._ids)}", status, labels, "img", env=env)
+        self.containers[name] = _Container(info, RunOptions("img", name, [], env=env))
         return info
 
     def _set_status(self, name: str, status: str) -> None:
@@ -176,7 +195,10 @@ class FakeRunner:
         with self._lock:
             if opts.name in self.containers:
                 raise PodRunningError(f"A container named {opts.name} already exists.")
-            info = ContainerInfo(opts.name, f"id{next(self._ids)}", "running", opts.labels)
+            info = ContainerInfo(
+                opts.name, f"id{next(self._ids)}", "running", dict(opts.labels), opts.image,
+                env=dict(opts.env),
+            )  # fmt: skip
             container = self.containers[opts.name] = _Container(info, opts)
         self.runs.append(opts)
         return container
@@ -259,7 +281,9 @@ class FakeRunner:
         return None if found is None else found.info
 
     def list(self, label: str) -> list[ContainerInfo]:
-        """Containers carrying the label key (or ``key=value``)."""
+        """Containers carrying the label key (or ``key=value``); ``unavailable`` when set."""
+        if self.unavailable is not None:
+            raise self.unavailable
         key, _, value = label.partition("=")
         return sorted(
             (
@@ -281,3 +305,10 @@ class FakeRunner:
             return self.agent(call)
         finally:
             self._set_status(container, "exited")
+
+    def release(self) -> None:
+        """End every agent still waiting to be stopped (a test's clean-up)."""
+        for container in list(self.containers.values()):
+            container.stopped.set()
+        for _name, stopped in list(self._exec_stops.values()):
+            stopped.set()

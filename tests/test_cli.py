@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import ISSUE_URL as URL
 
 from cldpd_magic.cli import build_parser, main
 
-URL = "https://github.com/octocat/Hello-World/issues/1"
 CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]
 
 

@@ -7,6 +7,7 @@ import threading
 import uuid
 
 import pytest
+from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, idle_agent, write_pod
 
 from cldpd_magic import (
@@ -36,7 +37,6 @@ from cldpd_magic.dispatcher import (
 from cldpd_magic.session import MASK, Session
 
 E = EventType
-URL = "https://github.com/octocat/Hello-World/issues/1"
 DIRECTIVE = f"Work on this GitHub issue: {URL}"
 HEAD = ["claude", "-p", "--output-format", "stream-json", "--verbose"]
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import docker.errors
 import pytest
+from fakes import ISSUE_URL as URL
 
 from cldpd_magic import (
     BuildFailedError,
@@ -38,7 +39,6 @@ from cldpd_magic.session import MASK, read_transcript
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 
 E = EventType
-URL = "https://github.com/octocat/Hello-World/issues/1"
 
 #: Start: print the session uuid and idle (SIGINT ends it with 130) until a resume
 #: creates /tmp/done. Resume: print the uuid and the prompt, create /tmp/done, exit 5.
@@ -280,13 +280,7 @@ def test_resume_finds_a_pod_started_from_another_pods_dir(
     assert container(docker_client, name) is None
 
 
-def build_containers(docker_client, marker: str) -> list[str]:
-    return [
-        c["Id"] for c in docker_client.api.containers(all=True) if marker in c.get("Command", "")
-    ]
-
-
-def test_stop_during_the_build(dispatcher, make_pod, docker_client):
+def test_stop_during_the_build(dispatcher, make_pod, docker_client, build_containers):
     marker = f"marker-{uuid.uuid4().hex[:8]}"
     name = make_pod(dockerfile=f"FROM busybox:latest\nRUN echo {marker}-$((6 * 7)) && sleep 30\n")
     session = dispatcher.start_session(name, URL)
@@ -297,7 +291,7 @@ def test_stop_during_the_build(dispatcher, make_pod, docker_client):
     assert session.wait(0) == -1
     assert session.state == "stopped"
     assert [e.type for e in session.events()][-1] is E.ERROR
-    assert build_containers(docker_client, marker) == []
+    assert build_containers(marker) == []
     assert container(docker_client, name) is None
 
 

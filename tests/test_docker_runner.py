@@ -363,14 +363,8 @@ def test_logs_replay_from_the_start(runner, image):
         runner.logs(container, Text())
 
 
-def build_containers(docker_client, marker: str) -> list[str]:
-    return [
-        c["Id"] for c in docker_client.api.containers(all=True) if marker in c.get("Command", "")
-    ]
-
-
 def test_cancelled_build_returns_promptly_and_leaves_no_container(
-    runner, make_pod, pods_dir, docker_client
+    runner, make_pod, pods_dir, build_containers
 ):
     marker = f"marker-{uuid.uuid4().hex[:8]}"
     name = make_pod(dockerfile=f"FROM busybox:latest\nRUN echo {marker}-$((6 * 7)) && sleep 30\n")
@@ -384,7 +378,7 @@ def test_cancelled_build_returns_promptly_and_leaves_no_container(
     with pytest.raises(BuildFailedError, match="stopped"):
         runner.build(f"cldpd-{name}", str(pods_dir / name), on_output=on_output, cancel=cancel)
     assert time.monotonic() - started < 25
-    assert build_containers(docker_client, marker) == []
+    assert build_containers(marker) == []
     assert Path(pods_dir / name).is_dir()
 
 

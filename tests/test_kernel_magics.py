@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import ISSUE_URL as URL
 from kernel_util import (
     KernelSession,
     Message,
@@ -18,7 +19,6 @@ from kernel_util import (
 
 pytestmark = [pytest.mark.kernel, pytest.mark.docker]
 
-URL = "https://github.com/octocat/Hello-World/issues/1"
 SECRET_NAME = "CLDPD_TEST_TOKEN"
 SECRET = "tok-5e3c7a91-do-not-show"
 DISPLAYS = ("display_data", "update_display_data")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from fakes import ISSUE_URL as URL
 from kernel_util import KernelSession, outputs, text_of
 
 pytestmark = pytest.mark.kernel
-
-URL = "https://github.com/octocat/Hello-World/issues/1"
 
 
 def test_agent_lines_go_to_the_pickers_output_only(docker_client, make_pod, pods_dir, tmp_path):

@@ -1,6 +1,6 @@
 """The magics in an IPython shell: parsing, help, errors, completion, config, streaming.
 
-Most tests drive a fake runner (no Docker); one runs a real pod on the engine.
+Most tests drive tests/fakes.py's FakeRunner (no Docker); one runs a real pod on the engine.
 """
 
 from __future__ import annotations
@@ -13,106 +13,34 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fakes import ISSUE_URL as URL
+from fakes import FakeRunner, echo_agent, idle_agent, lines_agent
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets import TraitError
 from traitlets.config import Config
 
-from cldpd_magic.errors import BuildFailedError, DockerUnavailableError
+from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
+from cldpd_magic.errors import DockerUnavailableError
 from cldpd_magic.magics import (
     CldpdMagics,
     HideFollowedResult,
     keep_question_marks,
     split_prompt,
 )
-from cldpd_magic.runner import ContainerInfo, RunOptions
 from cldpd_magic.session import Session
 
-URL = "https://github.com/octocat/Hello-World/issues/1"
 MAGICS = (
     "cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_pods", "cldpd_sessions",
     "cldpd_attach", "cldpd_picker",
 )  # fmt: skip
 
 
-class FakeRunner:
-    """Runner without Docker: containers are dict entries, output is scripted."""
-
-    def __init__(self, lines: tuple[str, ...] = ("hello",), code: int = 0) -> None:
-        self.lines = lines
-        self.code = code
-        self.block = False
-        self.containers: dict[str, ContainerInfo] = {}
-        self.calls: list[tuple] = []
-        self.started = threading.Event()
-        self._release = threading.Event()
-        self.build_error: Exception | None = None
-        self.preflight_error: Exception | None = None
-
-    def preflight(self) -> None:
-        if self.preflight_error is not None:
-            raise self.preflight_error
-
-    def build(self, tag, context_dir, build_args=None, on_output=None, cancel=None) -> None:
-        if on_output is not None:
-            on_output("Step 1/1 : FROM busybox")
-        if self.build_error is not None:
-            raise self.build_error
-
-    def _output(self, stdout, lines) -> None:
-        for line in lines:
-            stdout.write(line + "\n")
-        self.started.set()
-        if self.block:
-            self._release.wait(30)
-
-    def run(self, opts: RunOptions, stdout, stderr=None, on_start=None) -> int:
-        info = ContainerInfo(opts.name, f"id-{opts.name}", "running", dict(opts.labels))
-        self.containers[opts.name] = info
-        if on_start is not None:
-            on_start(info)
-        try:
-            self._output(stdout, self.lines)
-        finally:
-            del self.containers[opts.name]
-        return self.code
-
-    def exec(self, container, cmd, stdout, stderr=None, on_start=None) -> int:
-        self.calls.append(("exec", cmd))
-        if on_start is not None:
-            on_start(container)
-        self._output(stdout, [f"prompt was: {cmd[-1]}"])
-        return 0
-
-    def stop_exec(self, handle, timeout: float = 10.0) -> None:
-        self.calls.append(("stop_exec", handle))
-        self._release.set()
-
-    def stop(self, container: str, timeout: float = 10.0) -> None:
-        self.calls.append(("stop", container))
-        self._release.set()
-
-    def remove(self, container: str) -> None:
-        self.containers.pop(container, None)
-
-    def inspect(self, container: str) -> ContainerInfo | None:
-        return self.containers.get(container)
-
-    def list(self, label: str) -> list[ContainerInfo]:
-        if self.preflight_error is not None:
-            raise self.preflight_error
-        return sorted(self.containers.values(), key=lambda c: c.name)
-
-    def logs(self, container, stdout, stderr=None) -> int:
-        self._output(stdout, self.lines)
-        return self.code
-
-    def pretend_running(self, pod: str) -> None:
-        name = f"cldpd-{pod}"
-        labels = {"cldpd.pod": pod, "cldpd.session": f"{pod}-elsewhere"}
-        labels["cldpd.claude-session"] = "uuid-1"
-        self.containers[name] = ContainerInfo(name, "id", "running", labels, "img")
+def pretend_running(runner: FakeRunner, pod: str) -> None:
+    """A pod's container running, started by another kernel."""
+    labels = {LABEL_POD: pod, LABEL_SESSION: f"{pod}-elsewhere", LABEL_CLAUDE_SESSION: "uuid-1"}
+    runner.add_container(f"cldpd-{pod}", labels)
 
 
 @pytest.fixture
@@ -136,10 +64,10 @@ def magics_of(shell: InteractiveShell) -> CldpdMagics:
 
 @pytest.fixture
 def fake(ip) -> FakeRunner:
-    runner = FakeRunner()
+    runner = FakeRunner(lines_agent("hello"))
     magics_of(ip).runner = runner
     yield runner
-    runner._release.set()
+    runner.release()
 
 
 def views(captured) -> list:
@@ -192,7 +120,7 @@ def test_start_help_shows_its_arguments(ip):
 )
 def test_start_refuses_bad_input_in_one_line(ip, fake, line, match):
     one_line_error(ip, "cldpd_start", line, match)
-    assert fake.calls == []
+    assert fake.runs == [] and fake.built == []
 
 
 @pytest.mark.parametrize(
@@ -233,7 +161,7 @@ def test_resume_of_a_pod_not_running_says_so(ip, fake, make_pod):
 
 
 def test_start_streams_into_one_display_and_returns_the_session(ip, fake, make_pod):
-    fake.lines = tuple(f"line {i}" for i in range(30))
+    fake.agent = lines_agent(*(f"line {i}" for i in range(30)))
     magics_of(ip).max_output_lines = 10
     name = make_pod()
     with capture_output() as captured:
@@ -254,7 +182,7 @@ def test_start_streams_into_one_display_and_returns_the_session(ip, fake, make_p
 
 def test_a_bare_blocking_magic_shows_no_result_but_an_assigned_one_keeps_it(ip, fake, make_pod):
     name, fresh = make_pod(), make_pod()
-    fake.pretend_running(name)
+    pretend_running(fake, name)
     with capture_output() as captured:
         bare = [
             ip.run_cell(f"%cldpd_start {fresh} {URL}"),
@@ -264,6 +192,7 @@ def test_a_bare_blocking_magic_shows_no_result_but_an_assigned_one_keeps_it(ip, 
         ]
         kept = ip.run_cell(f"s = %cldpd_start {fresh} {URL}")
         shown = ip.run_cell("s")
+        pretend_running(fake, name)  # the attach followed its container to its end
         background = ip.run_cell(f"%cldpd_resume -b {name} go on")
     assert [r.error_in_exec for r in bare] == [None] * 4
     assert [r.result for r in bare] == [None] * 4
@@ -275,18 +204,18 @@ def test_a_bare_blocking_magic_shows_no_result_but_an_assigned_one_keeps_it(ip, 
 
 
 def test_background_start_returns_at_once_and_stop_ends_it(ip, fake, make_pod):
-    fake.block = True
+    fake.agent = idle_agent
     name = make_pod()
     with capture_output() as captured:
         session = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
         assert not session.done
-        assert fake.started.wait(10)
+        assert fake.agent_started.wait(10)
         report = ip.run_line_magic("cldpd_sessions", "")
         pods = ip.run_line_magic("cldpd_pods", "")
         ip.run_line_magic("cldpd_stop", name)
         assert magics_of(ip).feeds[session.id].join(10)
     assert session.state == "stopped"
-    assert ("stop", f"cldpd-{name}") in fake.calls
+    assert f"cldpd-{name}" in fake.stops
     assert f"Pod {name} stopped." in captured.stdout
     row = report["containers"].records()[0]
     assert (row["pod"], row["status"], row["this kernel"]) == (name, "running", "yes")
@@ -299,28 +228,29 @@ def test_background_start_returns_at_once_and_stop_ends_it(ip, fake, make_pod):
 
 def test_resume_sends_the_prompt_verbatim(ip, fake, make_pod):
     name = make_pod()
-    fake.pretend_running(name)
+    fake.agent = echo_agent
+    pretend_running(fake, name)
     ip.user_ns["x"] = "EXPANDED"
     with capture_output() as captured:
         session = ip.run_line_magic("cldpd_resume", f"{name} fix {{x}} and $x")
         ip.run_cell(f'%cldpd_resume {name} "quoted words"')
         ip.run_cell_magic("cldpd_resume", name, "line one\nline {x}\n")
         ip.run_cell(f"%cldpd_resume {name} Why did it fail?")
-    prompts = [cmd[-1] for kind, cmd in fake.calls if kind == "exec"]
+    prompts = [cmd[-1] for _container, cmd in fake.execs]
     assert prompts == ["fix {x} and $x", "quoted words", "line one\nline {x}", "Why did it fail?"]
-    cmd = fake.calls[0][1]
+    cmd = fake.execs[0][1]
     assert cmd[cmd.index("--resume") + 1] == "uuid-1"
     assert session.kind == "resume" and session.exit_code == 0
     shown = views(captured)
     assert shown[0].data["text/plain"].startswith(f"{name} resume: starting")
     firsts = [o for o in shown if o.transient["display_id"] == shown[0].transient["display_id"]]
-    assert "prompt was: fix {x} and $x" in firsts[-1].data["text/plain"]
+    assert "\nfix {x} and $x\n" in firsts[-1].data["text/plain"]
     assert f"{name} resume: exited 0" in firsts[-1].data["text/plain"]
 
 
 def test_cell_resume_wants_the_prompt_in_the_body_only(ip, fake, make_pod):
     name = make_pod()
-    fake.pretend_running(name)
+    pretend_running(fake, name)
     with pytest.raises(UsageError, match="the prompt is the cell body"):
         ip.run_cell_magic("cldpd_resume", f"{name} also here", "body\n")
 
@@ -336,32 +266,33 @@ def _interrupt_when(event: threading.Event) -> None:
 
 @pytest.mark.parametrize("kind", ["start", "resume"])
 def test_interrupt_stops_gracefully_and_says_so(ip, fake, make_pod, kind):
-    fake.block = True
+    fake.agent = idle_agent
     name = make_pod()
     if kind == "resume":
-        fake.pretend_running(name)
+        pretend_running(fake, name)
         line, stops = f"{name} go", ["stop_exec", "stop"]
     else:
         line, stops = f"{name} {URL}", ["stop"]
     what = f"pod {name} stopped"
-    _interrupt_when(fake.started)
+    _interrupt_when(fake.agent_started)
     with capture_output() as captured, pytest.raises(UsageError, match="Interrupted") as info:
         ip.run_line_magic(f"cldpd_{kind}", line)
     assert what in str(info.value)
     # A resume's agent ends its turn through its exec first; then the pod stops.
     stop_calls = [call[0] for call in fake.calls if call[0] in ("stop_exec", "stop")]
     assert stop_calls[: len(stops)] == stops
-    assert ("stop", f"cldpd-{name}") in fake.calls
+    assert f"cldpd-{name}" in fake.stops
     final = last_text(captured)
     assert f"interrupted: {what}" in final
     assert "stopped" in final.splitlines()[0]
 
 
 def test_a_second_interrupt_during_the_stop_kills_the_pod(ip, fake, make_pod):
-    fake.block = True
+    fake.agent = idle_agent
     name = make_pod()
     timeouts: list[float] = []
     graceful = threading.Event()
+    real_stop = fake.stop
 
     def slow_stop(container: str, timeout: float = 10.0) -> None:
         timeouts.append(timeout)
@@ -370,10 +301,10 @@ def test_a_second_interrupt_during_the_stop_kills_the_pod(ip, fake, make_pod):
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # a pod slow to end its turn
                 time.sleep(0.01)
-        fake._release.set()
+        real_stop(container, timeout)
 
     fake.stop = slow_stop
-    _interrupt_when(fake.started)
+    _interrupt_when(fake.agent_started)
     _interrupt_when(graceful)
     with capture_output() as captured, pytest.raises(UsageError) as info:
         ip.run_line_magic("cldpd_start", f"{name} {URL}")
@@ -384,7 +315,7 @@ def test_a_second_interrupt_during_the_stop_kills_the_pod(ip, fake, make_pod):
 
 
 def test_a_failed_build_is_one_line_and_shown(ip, fake, make_pod):
-    fake.build_error = BuildFailedError("The image of pod x did not build: step 1 failed.")
+    fake.build_error = "The image of pod x did not build: step 1 failed."
     name = make_pod()
     with capture_output() as captured:
         message = one_line_error(ip, "cldpd_start", f"{name} {URL}", "did not build")
@@ -396,9 +327,9 @@ def test_docker_errors_are_one_sentence(ip, fake, make_pod):
     import docker.errors
 
     name = make_pod()
-    fake.preflight_error = DockerUnavailableError("Docker is not reachable; start it.")
+    fake.unavailable = DockerUnavailableError("Docker is not reachable; start it.")
     one_line_error(ip, "cldpd_start", f"{name} {URL}", "^Docker is not reachable; start it.$")
-    fake.preflight_error = docker.errors.APIError("500 Server Error\nfor url: http://x")
+    fake.unavailable = docker.errors.APIError("500 Server Error\nfor url: http://x")
     message = one_line_error(ip, "cldpd_start", f"{name} {URL}", "^Docker error: ")
     assert "for url" in message
     pods = ip.run_line_magic("cldpd_pods", "")
@@ -423,7 +354,7 @@ def test_pods_table_lists_good_and_broken_pods(ip, fake, make_pod, tmp_path):
     )  # fmt: skip
     plain = make_pod(name="b-plain")
     broken = make_pod(pod_json="{nope", name="c-broken")
-    fake.pretend_running(plain)
+    pretend_running(fake, plain)
     table = ip.run_line_magic("cldpd_pods", "")
     rows = {r["pod"]: r for r in table.records()}
     assert rows[good] == {
@@ -449,11 +380,11 @@ def test_stop_of_unknown_or_idle_pods(ip, fake, make_pod):
     name = make_pod()
     with capture_output() as captured:
         ip.run_line_magic("cldpd_stop", name)
-    assert captured.stdout == f"Pod {name} is not running.\n"
-    fake.pretend_running("elsewhere")
+    assert captured.stdout == f"Pod {name} is not running; nothing to stop.\n"
+    pretend_running(fake, "elsewhere")
     with capture_output() as captured:
         ip.run_line_magic("cldpd_stop", "elsewhere --timeout 1")
-    assert ("stop", "cldpd-elsewhere") in fake.calls
+    assert ("stop", ("cldpd-elsewhere", 1.0)) in fake.calls
     assert captured.stdout == "Pod elsewhere stopped.\n"
 
 
@@ -502,6 +433,39 @@ def test_pod_names_complete_after_pod_magics(ip, make_pod, tmp_path):
     assert "%cldpd_start" in completions(ip, "%cldpd_sta")
 
 
+def test_the_completer_reads_each_magics_parser(ip, make_pod, tmp_path):
+    make_pod(name="alpha")
+    other = tmp_path / "other"
+    (other / "zulu").mkdir(parents=True)
+    (other / "zulu" / "Dockerfile").write_text("FROM busybox\n")
+    assert completions(ip, "%cldpd_stop --timeout 5 a") == ["alpha"]
+    assert "alpha" not in completions(ip, "%cldpd_stop --timeout ")
+    assert completions(ip, f"%cldpd_start --pods-dir={other} z") == ["zulu"]
+    assert "alpha" not in completions(ip, "%cldpd_resume alpha ")
+
+
+def test_resume_options_come_from_its_parser(ip, fake):
+    message = one_line_error(ip, "cldpd_resume", "--pods-dir x pod hi", "Unknown option")
+    assert message == "Unknown option --pods-dir; the options are -b/--background."
+
+
+def test_a_transcript_that_cannot_be_written_is_said_instead_of_its_path(
+    ip, fake, make_pod, tmp_path
+):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    magics_of(ip).transcript_dir = str(blocked)
+    name = make_pod()
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"{name} {URL}")
+        report = ip.run_line_magic("cldpd_sessions", "")
+    assert session.transcript_error
+    final = last_text(captured)
+    assert "transcript:" not in final
+    assert session.transcript_error in final
+    assert report["sessions"].records()[0]["transcript"] == session.transcript_error
+
+
 def test_settings_are_config_traits(ip, pods_dir, tmp_path):
     magics = magics_of(ip)
     assert magics.pods_dir == str(pods_dir)
@@ -530,7 +494,7 @@ def test_pods_dir_option_overrides_one_call(ip, fake, tmp_path):
 
 
 def test_unload_removes_magics_completer_and_config_and_leaves_pods_running(ip, fake, make_pod):
-    fake.block = True
+    fake.agent = idle_agent
     name = make_pod()
     magics = magics_of(ip)
     with capture_output():

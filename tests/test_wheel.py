@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import ISSUE_URL as URL
 
 import cldpd_magic
 from cldpd_magic.scaffold import TEMPLATES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-URL = "https://github.com/octocat/Hello-World/issues/1"
 #: The template a new user tries first: the real CLI against the scripted model.
 OFFLINE = "claude-offline"
 #: What the scripted model answers; the tests look for it in the output.

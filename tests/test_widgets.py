@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
 
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
 from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD
 from cldpd_magic.session import MASK
 
-URL = "https://github.com/octocat/Hello-World/issues/1"
 SECRET = "s3cr3t-t0ken-value"
 
 
