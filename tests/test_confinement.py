@@ -206,6 +206,24 @@ def test_an_agent_out_of_memory_is_told_so(runner, image):
     assert runner.inspect(f"cldpd-{name}") is None
 
 
+def test_an_agent_that_outlives_a_killed_process_is_told_which(runner, image):
+    name = image(MEMORY_HOG + "; echo survived")
+    code, out, err = run(runner, name, resources=Resources(memory=16 << 20))
+    assert (code, out) == (0, "survived\n")
+    assert err.endswith(
+        "cldpd: a process of the agent ran out of memory (limit 16 MiB) and was killed.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("limit", "said"),
+    [(64 << 20, "(limit 64 MiB)"), (3 << 29, "(limit 1.5 GiB)"), (2 << 30, "(limit 2 GiB)")],
+)
+def test_the_limit_is_said_as_people_write_it(limit, said):
+    assert said in out_of_memory_line(limit, 137)
+    assert "limit" not in out_of_memory_line(0, 137)
+
+
 def test_an_agent_within_its_memory_is_not_told_anything(runner, image):
     name = image("head -c 1m /dev/zero | tail | wc -c; exit 137")
     assert run(runner, name, resources=Resources(memory=64 << 20)) == (137, "1048576\n", "")
