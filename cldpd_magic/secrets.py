@@ -107,13 +107,27 @@ def _char_forms(char: str) -> str:
     return "(?:" + "|".join(forms) + ")"
 
 
+#: What a terminal or a renderer drops between the characters of a value, raw or as a
+#: JSON escape: escape sequences, control characters, ``\\r``. A value split by these
+#: reads whole once shown, so it is masked with them.
+_FILLER = (
+    r"(?:\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+    r"|\\+u00[01][0-9a-fA-F](?:\[[0-?]*[ -/]*[@-~])?|\\+u00[89][0-9a-fA-F]|\\+u007[fF]"
+    r"|\\+[rbf])*"
+)
+_RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 class Masker:
     """Replaces secret values in text with a fixed mask.
 
     Plain values and their JSON-escaped forms are replaced everywhere. Text that holds an
     escape is also searched for a value written with escapes of any of its characters
-    (``\\u0026``, ``\\/``, surrogate pairs, ``&#38;``, ``&amp;``), so that decoding the text
-    (a JSON line, Markdown) cannot reveal a value that escaped the plain search.
+    (``\\u0026``, ``\\/``, surrogate pairs, ``&#38;``, ``&amp;``), or split by terminal
+    escape sequences and control characters (raw or escaped), so that decoding or showing
+    the text (a JSON line, Markdown, a terminal) cannot reveal a value that escaped the
+    plain search.
 
     Args:
         values: The secret values; empty values and values shorter than 4 characters
@@ -127,13 +141,15 @@ class Masker:
         self._re = re.compile("|".join(map(re.escape, self.values))) if self.values else None
         ordered = sorted(kept, key=len, reverse=True)
         self._escaped_re = (
-            re.compile("|".join("".join(map(_char_forms, v)) for v in ordered)) if kept else None
+            re.compile("|".join(_FILLER.join(map(_char_forms, v)) for v in ordered))
+            if kept
+            else None
         )
         # Most lines hold only escapes that no secret needs (``\\n`` in every JSON line):
         # a quick search for the ones that matter spares the slow search on those.
         shorts = {_SHORT_ESCAPES[c] for v in kept for c in v if c in _SHORT_ESCAPES}
         self._may_hide = re.compile(
-            r"&#|&[a-zA-Z]+;|\\u" + "".join(rf"|\\{re.escape(c)}" for c in sorted(shorts))
+            r"&#|&[a-zA-Z]+;|\\u|\\[rbf]" + "".join(rf"|\\{re.escape(c)}" for c in sorted(shorts))
         )
 
     def __call__(self, text: str) -> str:
@@ -141,7 +157,9 @@ class Masker:
         if self._re is None or not text:
             return text
         text = self._re.sub(MASK, text)
-        if ("\\" in text or "&" in text) and self._may_hide.search(text):
+        if (("\\" in text or "&" in text) and self._may_hide.search(text)) or _RAW_CONTROL.search(
+            text
+        ):
             text = self._escaped_re.sub(MASK, text)  # type: ignore[union-attr]
         return text
 

@@ -92,3 +92,26 @@ def test_json_twice_encoded_is_masked():
     inner = json.dumps({"text": secret.replace("&", "\\u0026")})
     outer = json.dumps({"content": inner})
     assert "s3cr3t" not in Masker([secret])(outer)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        "super\x1b[0msecret1",  # a colour reset, raw
+        "super\\u001b[0msecret1",  # the same as a JSON escape
+        "super\\u001b[31;1msecret1",
+        "super\x1b]0;title\x07secret1",  # a window title
+        "supersec\rret1",  # a carriage return, raw
+        "supersec\\rret1",  # and escaped
+        "super\\u0007secret1",  # a bell
+        "s\x00u\x08persecret1",  # NUL and backspace
+    ],
+)
+def test_a_secret_split_by_what_a_terminal_drops_is_masked(split):
+    masked = Masker(["supersecret1"])(f"before {split} after")
+    assert masked == f"before {MASK} after"
+
+
+def test_escape_sequences_without_a_secret_are_left_as_they_are():
+    line = "\x1b[31mred\x1b[0m and \\u001b[1mbold\\u001b[0m \r\n"
+    assert Masker(["supersecret1"])(line) == line
