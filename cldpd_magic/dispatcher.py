@@ -79,11 +79,16 @@ def build_prompt(template: str, issue_url: str) -> str:
 
 
 def agent_command(pod: Pod, prompt: str, *, session_uuid: str, resume: bool) -> list[str]:
-    """The Claude Code command line for a start (``--session-id``) or resume (``--resume``)."""
+    """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
+
+    A prompt that starts with ``-`` (a Markdown list, YAML front matter, pasted text) is
+    put after ``--``, so the CLI can never read it as an option.
+    """
     flag = "--resume" if resume else "--session-id"
+    end_of_options = ["--"] if prompt.startswith("-") else []
     return [
         "claude", "-p", "--output-format", "stream-json", "--verbose",
-        flag, session_uuid, *pod.config.args, prompt,
+        flag, session_uuid, *pod.config.args, *end_of_options, prompt,
     ]  # fmt: skip
 
 

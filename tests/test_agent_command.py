@@ -1,0 +1,30 @@
+"""The agent's command line: what cldpd asks Claude Code to do, and nothing more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cldpd_magic.dispatcher import agent_command
+from cldpd_magic.pods import Pod, PodConfig
+
+POD = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"), PodConfig(args=("--model", "opus")))
+HEAD = ["claude", "-p", "--output-format", "stream-json", "--verbose"]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_ordinary_prompt_is_the_last_argument(resume):
+    flag = "--resume" if resume else "--session-id"
+    cmd = agent_command(POD, "Fix the bug", session_uuid="u", resume=resume)
+    assert cmd == [*HEAD, flag, "u", "--model", "opus", "Fix the bug"]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["- also add a test", "--version", "--permission-mode=bypassPermissions", "---\nrole: x\n---"],
+)
+def test_a_prompt_that_looks_like_an_option_follows_end_of_options(prompt):
+    cmd = agent_command(POD, prompt, session_uuid="u", resume=True)
+    assert cmd[-2:] == ["--", prompt]
+    assert cmd[:-2] == [*HEAD, "--resume", "u", "--model", "opus"]
