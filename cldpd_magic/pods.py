@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,9 +265,19 @@ def validate_image(path: Path, image: str) -> str:
     return image
 
 
+#: JSON's names for the Python types json.loads gives.
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true or false",
+               int: "a number", float: "a number", type(None): "null"}  # fmt: skip
+
+
+def json_type(value: Any) -> str:
+    """Name a decoded JSON value's type as JSON does (object, array, null, ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _expect(path: Path, key: str, value: Any, kind: type, what: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PodConfigError(f"{path}: {key!r} must be {what}, got {type(value).__name__}.")
+        raise PodConfigError(f"{path}: {key!r} must be {what}, got {json_type(value)}.")
     return value
 
 
@@ -274,7 +285,13 @@ def _str_map(path: Path, key: str, value: Any) -> dict[str, str]:
     _expect(path, key, value, dict, "an object of strings")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise PodConfigError(f"{path}: {key}.{k} must be a string, got {type(v).__name__}.")
+            raise PodConfigError(f"{path}: {key}.{k} must be a string, got {json_type(v)}.")
+    if key == "env":
+        for k in value:
+            if not k or "=" in k or "\0" in k:
+                raise PodConfigError(
+                    f"{path}: env key {k!r} is no variable name (empty, or with '=' or a NUL)."
+                )
     return dict(value)
 
 
@@ -282,7 +299,7 @@ def _str_list(path: Path, key: str, value: Any) -> tuple[str, ...]:
     _expect(path, key, value, list, "a list of strings")
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            raise PodConfigError(f"{path}: {key}[{i}] must be a string, got {type(v).__name__}.")
+            raise PodConfigError(f"{path}: {key}[{i}] must be a string, got {json_type(v)}.")
     return tuple(value)
 
 
@@ -498,7 +515,7 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
         if key == "image":
             values["image"] = validate_image(path, _expect(path, key, value, str, "a string"))
         elif key == "workdir":
-            values["workdir"] = _expect(path, key, value, str, "a string")
+            values["workdir"] = _workdir(path, _expect(path, key, value, str, "a string"))
         elif key in ("env", "buildArgs"):
             values[_CONFIG_KEYS[key]] = _str_map(path, key, value)
         elif key in ("inheritEnv", "args"):
@@ -522,13 +539,43 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
     return PodConfig(**values)
 
 
-def _read_template(path: Path) -> str:
+def _workdir(path: Path, workdir: str) -> str:
+    if workdir and (not workdir.startswith("/") or "\0" in workdir):
+        raise PodConfigError(
+            f"{path}: 'workdir' must be an absolute path in the container, got {workdir!r}."
+        )
+    return workdir
+
+
+#: The largest pod.json or template.md read; anything larger is no pod file.
+MAX_POD_FILE_BYTES = 1 << 20
+
+
+def _read_pod_file(path: Path, error: type[Exception]) -> str:
+    """A pod file's text ("" when absent): regular files only, up to MAX_POD_FILE_BYTES.
+
+    A FIFO, a device or a link to one would block or never end: such a file makes this
+    pod broken, never the listing of every pod.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
         return ""
+    except OSError as exc:
+        raise error(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path} is not a regular file; make it one.")
+    if info.st_size > MAX_POD_FILE_BYTES:
+        raise error(f"{path} has {info.st_size:,} bytes; a pod file may have at most 1 MiB.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_POD_FILE_BYTES + 1)
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidPodError(f"{path} cannot be read: {exc}.") from None
+        raise error(f"{path} cannot be read: {exc}.") from None
+
+
+def _read_template(path: Path) -> str:
+    text = _read_pod_file(path, InvalidPodError)
     return text.strip("\n") if text.strip() else ""
 
 
@@ -557,13 +604,7 @@ def discover_pod(pods_dir: str | os.PathLike[str], name: str) -> Pod:
     if not dockerfile.is_file():
         raise InvalidPodError(f"Pod {name!r} has no Dockerfile in {pod_dir}.")
     config_path = pod_dir / "pod.json"
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        text = ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PodConfigError(f"{config_path} cannot be read: {exc}.") from None
-    config = parse_pod_config(config_path, text)
+    config = parse_pod_config(config_path, _read_pod_file(config_path, PodConfigError))
     template = _read_template(pod_dir / "template.md")
     lower = name.lower()
     case_twin = name != lower and any(

@@ -509,3 +509,46 @@ def test_default_pods_dir_honours_environment(tmp_path, monkeypatch):
     assert default_pods_dir() == tmp_path / "home" / "mine"
     monkeypatch.delenv("CLDPD_PODS_DIR")
     assert default_pods_dir() == tmp_path / "home" / ".cldpd" / "pods"
+
+
+@pytest.mark.parametrize("which", ["pod.json", "template.md"])
+@pytest.mark.parametrize("kind", ["fifo", "device-link", "too-big"])
+def test_pod_files_that_would_block_or_never_end_break_only_their_pod(pods_dir, which, kind):
+    write_pod(pods_dir, "good")
+    bad = write_pod(pods_dir, "bad") / which
+    if kind == "fifo":
+        os.mkfifo(bad)
+    elif kind == "device-link":
+        bad.symlink_to("/dev/zero")
+    else:
+        bad.write_bytes(b" " * (2 << 20))
+    scanned = {name: (pod, error) for name, pod, error in scan_pods(pods_dir)}
+    assert scanned["good"][0] is not None
+    pod, error = scanned["bad"]
+    assert pod is None and str(bad) in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.parametrize("workdir", ["relative/dir", "./x", "/x\u0000y"])
+def test_workdir_must_be_an_absolute_container_path(pods_dir, workdir):
+    assert "'workdir' must be an absolute path" in config_error(pods_dir, {"workdir": workdir})
+
+
+@pytest.mark.parametrize("key", ["", "A=B", "A\u0000"])
+def test_env_keys_must_be_variable_names(pods_dir, key):
+    assert "no variable name" in config_error(pods_dir, {"env": {key: "x"}})
+
+
+@pytest.mark.parametrize(
+    ("pod_json", "named"),
+    [
+        ({"image": 3}, "got a number"),
+        ({"image": None}, "got null"),
+        ({"env": []}, "got an array"),
+        ({"args": {}}, "got an object"),
+        ({"args": [True]}, "got true or false"),
+    ],
+)
+def test_type_errors_name_json_types(pods_dir, pod_json, named):
+    message = config_error(pods_dir, pod_json)
+    assert message.endswith(f"{named}.")
+    assert not re.search(r"got (int|NoneType|list|dict|bool)\b", message)
