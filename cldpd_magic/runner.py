@@ -191,6 +191,29 @@ def _container_error(opts: RunOptions, action: str, exc: Exception) -> Container
     return ContainerFailedError(f"Could not {action} container {opts.name}: {explanation}")
 
 
+#: Causes of an unreachable engine, as they appear in docker-py's and urllib3's messages.
+_UNREACHABLE_CAUSES = (
+    ("FileNotFoundError", "no socket there"),
+    ("No such file or directory", "no socket there"),
+    ("Connection refused", "the connection was refused"),
+    ("PermissionError", "permission denied: is this user in the docker group?"),
+    ("Permission denied", "permission denied: is this user in the docker group?"),
+    ("timed out", "it did not answer in time"),
+    ("Name or service not known", "the host name is unknown"),
+    ("certificate", "its TLS certificate was refused"),
+)
+
+
+def _unreachable(exc: Exception) -> DockerUnavailableError:
+    """One sentence for an engine that cannot be reached: where, and the likely cause."""
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    text = _explain(exc)
+    cause = next((c for key, c in _UNREACHABLE_CAUSES if key in text), one_line(text)[:200])
+    return DockerUnavailableError(
+        f"Docker is not reachable at {where} ({cause}); start the Docker engine or set DOCKER_HOST."
+    )
+
+
 def _explain(exc: Exception) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc).strip()
@@ -309,10 +332,7 @@ class DockerRunner:
         try:
             return docker.from_env()
         except docker.errors.DockerException as exc:
-            raise DockerUnavailableError(
-                f"Docker is not reachable ({_explain(exc)}); start the Docker engine "
-                "or set DOCKER_HOST."
-            ) from None
+            raise _unreachable(exc) from None
 
     @contextlib.contextmanager
     def _streaming(self) -> Iterator[docker.APIClient]:
@@ -334,10 +354,7 @@ class DockerRunner:
         try:
             self._control().ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise DockerUnavailableError(
-                f"Docker is not reachable ({_explain(exc)}); start the Docker engine "
-                "or set DOCKER_HOST."
-            ) from None
+            raise _unreachable(exc) from None
 
     def build(
         self,

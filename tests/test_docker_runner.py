@@ -116,6 +116,16 @@ def test_preflight_without_engine(monkeypatch, tmp_path):
     with pytest.raises(DockerUnavailableError, match="DOCKER_HOST") as info:
         DockerRunner().preflight()
     assert "\n" not in str(info.value)
+    assert str(info.value) == (
+        f"Docker is not reachable at unix://{tmp_path}/no-docker.sock (no socket there); "
+        "start the Docker engine or set DOCKER_HOST."
+    )
+
+
+def test_preflight_with_a_refusing_engine(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:1")
+    with pytest.raises(DockerUnavailableError, match=r"at tcp://127\.0\.0\.1:1 \(the connection"):
+        DockerRunner().preflight()
 
 
 def test_build_streams_lines(runner, make_pod, pods_dir):
