@@ -78,14 +78,27 @@ def build_prompt(template: str, issue_url: str) -> str:
     return f"{template}\n\n{directive}" if template else directive
 
 
+#: Claude Code options that take several values, or an optional one (``claude --help`` of
+#: 2.1.x): after one of them, a bare prompt would be read as its value.
+GREEDY_OPTIONS = frozenset({
+    "--add-dir", "--allowedTools", "--allowed-tools", "--betas", "--cloud", "-d", "--debug",
+    "--disallowedTools", "--disallowed-tools", "--file", "--from-pr", "--mcp-config",
+    "--prompt-suggestions", "--remote-control", "-r", "--resume", "--teleport", "--tools",
+    "-w", "--worktree",
+})  # fmt: skip
+
+
 def agent_command(pod: Pod, prompt: str, *, session_uuid: str, resume: bool) -> list[str]:
     """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
 
-    A prompt that starts with ``-`` (a Markdown list, YAML front matter, pasted text) is
-    put after ``--``, so the CLI can never read it as an option.
+    A prompt that starts with ``-`` (a Markdown list, YAML front matter, pasted text), or
+    that follows pod args holding an option that takes several values or an optional one
+    (``--allowedTools Bash``), is put after ``--``, so the CLI never reads it as an option
+    or an option's value.
     """
     flag = "--resume" if resume else "--session-id"
-    end_of_options = ["--"] if prompt.startswith("-") else []
+    greedy = any(arg in GREEDY_OPTIONS for arg in pod.config.args)
+    end_of_options = ["--"] if prompt.startswith("-") or greedy else []
     return [
         "claude", "-p", "--output-format", "stream-json", "--verbose",
         flag, session_uuid, *pod.config.args, *end_of_options, prompt,

@@ -28,3 +28,19 @@ def test_a_prompt_that_looks_like_an_option_follows_end_of_options(prompt):
     cmd = agent_command(POD, prompt, session_uuid="u", resume=True)
     assert cmd[-2:] == ["--", prompt]
     assert cmd[:-2] == [*HEAD, "--resume", "u", "--model", "opus"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--allowedTools", "Bash"), ("--add-dir", "/a", "/b"), ("--model", "opus", "--debug")],
+)
+def test_a_prompt_after_an_option_that_takes_several_values_follows_end_of_options(args):
+    pod = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"), PodConfig(args=args))
+    cmd = agent_command(pod, "Fix the bug", session_uuid="u", resume=False)
+    assert cmd == [*HEAD, "--session-id", "u", *args, "--", "Fix the bug"]
+
+
+def test_options_written_with_equals_need_no_end_of_options():
+    pod = Pod("p", Path("/x"), Path("/x/Dockerfile"), PodConfig(args=("--allowedTools=Bash",)))
+    cmd = agent_command(pod, "go", session_uuid="u", resume=False)
+    assert cmd[-2:] == ["--allowedTools=Bash", "go"]
