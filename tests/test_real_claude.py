@@ -687,3 +687,29 @@ def test_cldpd_resume_interrupted_during_a_slow_turn_stops_the_pod(
     assert "interrupted" in err and f"pod {name} stopped" in err
     assert container_gone(docker_client, name)
     assert API_KEY not in out + err
+
+
+def test_prompts_that_look_like_options_reach_the_model_as_prompts(
+    dispatcher, offline_pod, docker_client
+):
+    scenario = [Turn(text="Started."), Turn(text="Listed."), Turn(text="Not a version.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        # An option taking several values right before the prompt, and prompts that
+        # start with '-': the CLI must still get each prompt as the prompt.
+        name = offline_pod(server.url, args=["--max-turns", "3", "--allowedTools", "Bash"],
+                           keep_alive=True)  # fmt: skip
+        try:
+            first, first_events = run(dispatcher, name)
+            assert first.exit_code == 0, first_events
+            prompts = ["- also add a test\n- and the docs", "--version"]
+            for prompt in prompts:
+                resumed = dispatcher.resume_session(name, prompt)
+                assert resumed.wait(120) == 0, stream(resumed)
+        finally:
+            dispatcher.stop(name)
+        sent = [json.dumps(r.messages) for r in server.conversation_requests()]
+    assert len(sent) == 3
+    assert "Work on this GitHub issue" in sent[0]
+    assert json.dumps(prompts[0])[1:-1] in sent[1]
+    assert '"--version"' in sent[2] or "--version" in sent[2]
+    assert container_gone(docker_client, name)
