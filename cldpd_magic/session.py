@@ -8,8 +8,10 @@ import json
 import logging
 import secrets as _secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -18,7 +20,20 @@ from .errors import CldpdError
 from .logs import log_swallowed
 from .secrets import MASK, Masker
 
-__all__ = ["MASK", "Event", "EventType", "Masker", "Session", "SessionControl", "read_transcript"]
+__all__ = [
+    "MASK",
+    "TRANSITIONS",
+    "Event",
+    "EventType",
+    "Masker",
+    "RunSnapshot",
+    "RunState",
+    "RunStatus",
+    "Session",
+    "SessionControl",
+    "SessionKind",
+    "read_transcript",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +112,180 @@ class Event(_EventFields):
                 datetime.fromisoformat(raw["time"]),
             ),
         )
+
+
+class RunState(enum.StrEnum):
+    """Where a run is; a ``str`` so that ``session.state == "exited"`` keeps working."""
+
+    STARTING = "starting"
+    BUILDING = "building"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended (exited, failed or stopped)."""
+        return not TRANSITIONS[self]
+
+
+class SessionKind(enum.StrEnum):
+    """What a session does; a ``str`` so that ``session.kind == "resume"`` keeps working."""
+
+    START = "start"
+    RESUME = "resume"
+    ATTACH = "attach"
+
+
+_S = RunState
+#: The legal moves of a run, and the only place they are written down. A start goes
+#: STARTING, BUILDING, STARTING (the container is being made), RUNNING; a resume or an
+#: attach goes STARTING, RUNNING. Any unfinished run may fail, exit or be asked to stop;
+#: a run asked to stop ends STOPPED, whatever its exit code.
+TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    _S.STARTING: frozenset({_S.BUILDING, _S.RUNNING, _S.STOPPING, _S.EXITED, _S.FAILED}),
+    _S.BUILDING: frozenset({_S.STARTING, _S.STOPPING, _S.EXITED, _S.FAILED}),
+    _S.RUNNING: frozenset({_S.STOPPING, _S.EXITED, _S.FAILED}),
+    _S.STOPPING: frozenset({_S.STOPPED}),
+    _S.EXITED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.STOPPED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    """A run's state at one moment, read at once so that its fields agree.
+
+    Attributes:
+        state: Where the run is.
+        exit_code: The agent's exit code, once known (-1 for a run stopped before it ran).
+        detail: The image being built, the container running, or why the run failed
+            (masked, not yet cleaned of terminal escapes).
+        elapsed: Seconds the agent has been running (or ran); from the run's creation
+            until its container starts.
+    """
+
+    state: RunState
+    exit_code: int | None
+    detail: str
+    elapsed: float
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended."""
+        return self.state.finished
+
+
+class RunStatus:
+    """The state machine of one run: its state, and what came with it, under one lock.
+
+    Every change goes through :meth:`move`, which allows only the moves in
+    :data:`TRANSITIONS` and refuses (returns False for) the others, such as a stop asked
+    for after the run exited. A :class:`Session` owns one; views read it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = RunState.STARTING
+        self._exit_code: int | None = None
+        self._detail = ""
+        self._since = time.monotonic()
+        self._ended: float | None = None
+
+    @property
+    def state(self) -> RunState:
+        """Where the run is now."""
+        return self._state
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code, once the run has ended with one."""
+        return self._exit_code
+
+    def snapshot(self) -> RunSnapshot:
+        """The state, exit code, detail and elapsed time, read together."""
+        with self._lock:
+            end = self._ended if self._ended is not None else time.monotonic()
+            return RunSnapshot(self._state, self._exit_code, self._detail, end - self._since)
+
+    def move(
+        self, to: RunState, *, detail: str | None = None, exit_code: int | None = None
+    ) -> bool:
+        """Move to ``to`` if :data:`TRANSITIONS` allows it from the current state.
+
+        Args:
+            to: The new state.
+            detail: Replaces the detail when given.
+            exit_code: Recorded when given.
+
+        Returns:
+            Whether the move happened; a refused move changes nothing.
+        """
+        with self._lock:
+            return self._move(to, detail, exit_code)
+
+    def _move(self, to: RunState, detail: str | None, exit_code: int | None) -> bool:
+        if to not in TRANSITIONS[self._state]:
+            return False
+        self._state = to
+        if detail is not None:
+            self._detail = detail
+        if exit_code is not None:
+            self._exit_code = exit_code
+        if to is RunState.RUNNING:
+            self._since = time.monotonic()
+        elif to.finished:
+            self._ended = time.monotonic()
+        return True
+
+    def request_stop(self) -> bool:
+        """Move an unfinished run to STOPPING; False when it has ended or is stopping."""
+        return self.move(RunState.STOPPING)
+
+    def finish(self, exit_code: int | None = None, error: str | None = None) -> RunState:
+        """End the run: STOPPED if a stop was asked for, else FAILED on an error, else EXITED.
+
+        Args:
+            exit_code: The agent's exit code (None when it never ran or failed).
+            error: Why the run failed, if it did.
+
+        Returns:
+            The final state (unchanged when the run had already ended).
+        """
+        with self._lock:
+            if self._state is RunState.STOPPING:
+                code = -1 if exit_code is None else exit_code
+                self._move(RunState.STOPPED, None, code)
+            elif error is not None:
+                self._move(RunState.FAILED, error, exit_code)
+            else:
+                self._move(RunState.EXITED, None, exit_code)
+            return self._state
+
+    def on_event(self, event: Event, stopped: bool = False) -> None:
+        """Follow an event of the run (for a run known only through its events).
+
+        Args:
+            event: The event.
+            stopped: Whether a stop was asked for (a terminal event then ends STOPPED).
+        """
+        etype = event.type
+        if etype is EventType.BUILD_STARTED:
+            self.move(RunState.BUILDING, detail=event.data)
+        elif etype is EventType.BUILD_COMPLETE:
+            self.move(RunState.STARTING)
+        elif etype is EventType.CONTAINER_STARTED:
+            self.move(RunState.RUNNING, detail=event.data)
+        elif etype in TERMINAL:
+            if stopped:
+                self.request_stop()
+            if etype is EventType.ERROR:
+                self.finish(error=event.data)
+            else:
+                self.finish(exit_code=event.code)
 
 
 def new_session_id(pod_name: str) -> str:
@@ -236,7 +425,7 @@ class Session:
         job: Runs the agent; gets a :class:`SessionControl`, returns the exit code.
         transcript_dir: Where the transcript file goes.
         secrets: Values to mask in every event, error and transcript line.
-        kind: ``start``, ``resume`` or ``attach``.
+        kind: What the session does (a :class:`SessionKind` or its value).
         session_id: The id; a fresh ``<pod>-<8 hex>`` when None.
         claude_session: Claude Code's session uuid.
         missing_env: inheritEnv names that were not set on the host.
@@ -245,14 +434,15 @@ class Session:
         id: ``<pod>-<8 hex>``.
         pod_name: The pod.
         container: The container name.
-        kind: ``start``, ``resume`` or ``attach``.
+        kind: What the session does (:class:`SessionKind`).
+        status: The run's state machine (:class:`RunStatus`); :attr:`state` reads it.
         claude_session: Claude Code's session uuid ("" for an attach).
         missing_env: inheritEnv names that were not forwarded.
         transcript: Path of the JSON-lines transcript.
         transcript_error: One sentence saying why the transcript is incomplete ("" when
             it is written).
         error: The error that ended the session, if any.
-        stopped: Whether :meth:`stop` was called.
+        stopped: Whether :meth:`stop` was called before the session ended.
     """
 
     MAX_EVENTS = 20000
@@ -265,7 +455,7 @@ class Session:
         job: Callable[[SessionControl], int],
         transcript_dir: str | Path,
         secrets: Iterable[str] = (),
-        kind: str = "start",
+        kind: SessionKind | str = SessionKind.START,
         session_id: str | None = None,
         claude_session: str = "",
         missing_env: Iterable[str] = (),
@@ -273,7 +463,7 @@ class Session:
         self.id = session_id or new_session_id(pod_name)
         self.pod_name = pod_name
         self.container = container
-        self.kind = kind
+        self.kind = SessionKind(kind)
         self.claude_session = claude_session
         self.missing_env = list(missing_env)
         self.mask = Masker(secrets)
@@ -289,8 +479,7 @@ class Session:
         self._finished = threading.Event()
         self.error: BaseException | None = None
         self.stopped = False
-        self.exit_code: int | None = None
-        self._state = "starting"
+        self.status = RunStatus()
         self.started_at = _now()
         self.ended_at: datetime | None = None
         self.transcript_error = ""
@@ -318,9 +507,14 @@ class Session:
         return self._finished.is_set()
 
     @property
-    def state(self) -> str:
-        """``building``, ``starting``, ``running``, ``exited``, ``failed`` or ``stopped``."""
-        return self._state
+    def state(self) -> RunState:
+        """Where the run is (:class:`RunState`, equal to its string value)."""
+        return self.status.state
+
+    @property
+    def exit_code(self) -> int | None:
+        """The agent's exit code once it has ended (-1 when stopped before it ran)."""
+        return self.status.exit_code
 
     @property
     def held_in_memory(self) -> tuple[int, int]:
@@ -341,8 +535,7 @@ class Session:
             finally:
                 control.stdout.close()
                 control.stderr.close()
-            self.exit_code = code
-            self._state = "stopped" if self.stopped else "exited"
+            self.status.finish(exit_code=code)
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
         except BaseException as exc:
             log_swallowed(logger, f"session {self.id} ended by an error", self.mask)
@@ -350,11 +543,7 @@ class Session:
                 message = self.mask(str(exc)) or type(exc).__name__
             except Exception:  # an error whose str() fails must still end the session
                 message = type(exc).__name__
-            if isinstance(exc, SessionStopped) or self.stopped:
-                self.exit_code = -1
-                self._state = "stopped"
-            else:
-                self._state = "failed"
+            if self.status.finish(error=message) is RunState.FAILED:
                 self.error = _masked_error(exc, self.mask)
             self._append([Event(EventType.ERROR, message)], final=True)
 
@@ -370,10 +559,8 @@ class Session:
 
     def _append(self, events: list[Event], final: bool = False) -> None:
         for e in events:
-            if e.type is EventType.BUILD_STARTED:
-                self._state = "building"
-            elif e.type is EventType.CONTAINER_STARTED:
-                self._state = "running"
+            if e.type not in TERMINAL:  # the terminal state is set by _work, knowing why
+                self.status.on_event(e)
         text = "".join(e.to_json() + "\n" for e in events)
         self._store(_Chunk(events), text, sum(len(e.data) for e in events), final)
 
@@ -547,6 +734,7 @@ class Session:
         """
         if not self.done:
             self.stopped = True
+            self.status.request_stop()
             self._control._stop(timeout)
         self._thread.join(timeout + 30)
 

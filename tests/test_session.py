@@ -11,7 +11,16 @@ from collections.abc import Callable
 import pytest
 
 from cldpd_magic import BuildFailedError, CldpdError, Event, EventType, Session
-from cldpd_magic.session import MASK, SessionControl, new_session_id, read_transcript
+from cldpd_magic.session import (
+    MASK,
+    TRANSITIONS,
+    RunState,
+    RunStatus,
+    SessionControl,
+    SessionKind,
+    new_session_id,
+    read_transcript,
+)
 
 E = EventType
 SECRET = "s3cr3t-value-42"
@@ -425,3 +434,76 @@ def test_an_ended_session_holds_almost_nothing_in_memory(transcript_dir):
     assert session.wait(10) == 0
     assert session.held_in_memory[0] == 1
     assert [e.data for e in session.events()][1:-1] == [f"{i:07d}" for i in range(3000)]
+
+
+# -- the run state machine ----------------------------------------------------------------
+
+
+def test_every_state_is_in_the_table_and_only_terminal_states_have_no_way_out():
+    assert set(TRANSITIONS) == set(RunState)
+    ended = {s for s in RunState if s.finished}
+    assert ended == {RunState.EXITED, RunState.FAILED, RunState.STOPPED}
+    assert all(TRANSITIONS[s] for s in set(RunState) - ended)
+    assert TRANSITIONS[RunState.STOPPING] == {RunState.STOPPED}
+
+
+def test_illegal_moves_are_refused_and_change_nothing():
+    status = RunStatus()
+    assert not status.move(RunState.STOPPED)  # only a stopping run ends stopped
+    assert status.move(RunState.BUILDING, detail="img")
+    assert not status.move(RunState.RUNNING)  # the build completes first
+    assert status.move(RunState.STARTING) and status.move(RunState.RUNNING, detail="c")
+    assert status.finish(exit_code=3) is RunState.EXITED
+    assert not status.request_stop()  # a stop after the end is refused
+    assert not status.move(RunState.RUNNING)
+    snap = status.snapshot()
+    assert (snap.state, snap.exit_code, snap.detail, snap.finished) == ("exited", 3, "c", True)
+
+
+def test_a_run_asked_to_stop_ends_stopped_whatever_ends_it():
+    for end in ({"exit_code": 0}, {"error": "boom"}, {}):
+        status = RunStatus()
+        status.move(RunState.RUNNING)
+        assert status.request_stop() and not status.request_stop()
+        assert not status.move(RunState.EXITED)
+        assert status.finish(**end) is RunState.STOPPED
+        assert status.exit_code == end.get("exit_code", -1)
+
+
+def test_a_status_follows_events_for_a_run_known_only_by_them():
+    status = RunStatus()
+    for event in (Event(E.BUILD_STARTED, "img"), Event(E.BUILD_COMPLETE, "img")):
+        status.on_event(event)
+    assert status.state is RunState.STARTING
+    status.on_event(Event(E.CONTAINER_STARTED, "c"))
+    status.on_event(Event(E.ERROR, "gone"), stopped=True)
+    assert status.state is RunState.STOPPED
+
+
+def test_state_and_kind_are_enums_equal_to_their_old_strings(transcript_dir):
+    session = make_session(transcript_dir, lines_job(1), kind="resume")
+    session.wait(10)
+    assert session.state is RunState.EXITED and session.state == "exited"
+    assert session.kind is SessionKind.RESUME and session.kind == "resume"
+    assert f"{session.state} {session.kind}" == "exited resume"
+    with pytest.raises(ValueError):
+        make_session(transcript_dir, lines_job(1), kind="restart")
+
+
+def test_a_session_is_stopping_from_the_stop_until_its_end(transcript_dir):
+    release = threading.Event()
+    seen: list[RunState] = []
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "c")
+        ctl.set_stopper(lambda _t: release.set())
+        release.wait(10)
+        seen.append(session.state)
+        return 0
+
+    session = make_session(transcript_dir, job)
+    next(e for e in session.events() if e.type is E.CONTAINER_STARTED)
+    assert session.state is RunState.RUNNING
+    session.stop(1)
+    assert seen == [RunState.STOPPING]
+    assert session.state is RunState.STOPPED and session.exit_code == 0
