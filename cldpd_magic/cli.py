@@ -30,9 +30,9 @@ from .dispatcher import Dispatcher
 from .errors import CldpdError, one_line
 from .logs import disable_logging, enable_logging, log_swallowed, parse_level
 from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
-from .render import clean_text, render_output_line
+from .render import TextFeed, clean_text
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
-from .session import Event, EventType, Session
+from .session import Event, Session, SessionKind
 
 EPILOG = """examples:
   cldpd init myrepo --template claude-code
@@ -116,32 +116,14 @@ def _say(stream: TextIO, text: str) -> None:
         stream.flush()
 
 
-def _show(
-    events: list[Event], session: Session, args: argparse.Namespace, out: TextIO, err: TextIO
-) -> None:
-    """Write events to the terminal; in rendered mode nothing the agent printed is an escape."""
-    raw = args.raw
-    shown: list[str] = []
-    noted: list[str] = []
-    for event in events:
-        etype, data = event.type, event.data
-        if etype is EventType.OUTPUT:
-            if raw:
-                shown.append(data)
-            else:
-                shown.extend(clean_text(line.text) for line in render_output_line(data))
-        elif etype is EventType.STDERR:
-            noted.append(data if raw else clean_text(data))
-        elif etype is EventType.BUILD_STARTED:
-            noted.append(f"cldpd: building image {data}")
-        elif etype is EventType.BUILD_OUTPUT and (args.verbose or data.startswith("cldpd:")):
-            noted.append(clean_text(data))
-        elif etype is EventType.CONTAINER_STARTED:
-            noted.append(f"cldpd: {session.kind} running in container {data}")
-    if shown:
-        _say(out, "\n".join(shown) + "\n")
-    if noted:
-        _say(err, "\n".join(noted) + "\n")
+class _Terminal:
+    """A stream that a closed terminal (SIGHUP) or pipe cannot make fail: see :func:`_say`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        _say(self._stream, text)
 
 
 def _signal_name(signum: int) -> str:
@@ -210,7 +192,7 @@ class _Stopper:
         if self.first is None:
             self.first = (signum, when)
             why = "interrupted" if signum == signal.SIGINT else f"got {_signal_name(signum)}"
-            if self._session.kind == "resume":
+            if self._session.kind is SessionKind.RESUME:
                 what = f"the agent's turn ends first, then pod {pod} stops gracefully"
             else:
                 what = f"stopping pod {pod} gracefully"
@@ -274,6 +256,7 @@ def _follow(
         target=_pump, args=(session, batches), daemon=True, name="cldpd-events"
     ).start()
     stopper = _Stopper(dispatcher, session, err)
+    text = TextFeed(session, _Terminal(out), _Terminal(err), raw=args.raw, verbose=args.verbose)
     ended = False
     try:
         while not (ended and stopper.done):
@@ -286,7 +269,7 @@ def _follow(
             if batch is None:
                 ended = True
             else:
-                _show(batch, session, args, out, err)
+                text.write(batch)
         stopper.report()
     finally:
         where = session.transcript_error or f"cldpd: transcript: {session.transcript}"

@@ -9,7 +9,6 @@ import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 from urllib.parse import urlparse
 
 from .errors import (
@@ -30,8 +29,9 @@ from .pods import (
     validate_pod_name,
 )
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from .render import TextFeed
 from .secrets import config_secrets, container_secrets, forwarded_env
-from .session import EventType, Session, SessionControl, new_session_id
+from .session import EventType, Session, SessionControl, SessionKind, new_session_id
 
 logger = logging.getLogger(__name__)
 
@@ -349,8 +349,8 @@ class Dispatcher:
             return runner.run(opts, ctl.stdout, ctl.stderr, on_start=started)
 
         session = Session(pod.name, pod.container_name, job, self.transcript_dir, secrets,
-                          kind="start", session_id=session_id, claude_session=session_uuid,
-                          missing_env=missing)  # fmt: skip
+                          kind=SessionKind.START, session_id=session_id,
+                          claude_session=session_uuid, missing_env=missing)  # fmt: skip
         return self._register(session)
 
     def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
@@ -441,7 +441,7 @@ class Dispatcher:
             return runner.exec(info.name, cmd, ctl.stdout, ctl.stderr, on_start=started)
 
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
-                          kind="resume", claude_session=session_uuid)  # fmt: skip
+                          kind=SessionKind.RESUME, claude_session=session_uuid)  # fmt: skip
         return self._register(session)
 
     def attach_session(self, pod_name: str) -> Session:
@@ -490,7 +490,7 @@ class Dispatcher:
                 self._remove_if_ended(name)
 
         return self._register(Session(pod_name, name, job, self.transcript_dir, secrets,
-                                      kind="attach"))  # fmt: skip
+                                      kind=SessionKind.ATTACH))  # fmt: skip
 
     def stop(self, pod_name: str, timeout: float = 10.0) -> bool:
         """Stop a pod gracefully: its sessions in this process, then its container.
@@ -513,7 +513,7 @@ class Dispatcher:
         info = self.runner.inspect(name)
         active = self.local_sessions(pod_name, active=True)
         for session in reversed(active):
-            if session.kind == "resume":
+            if session.kind is SessionKind.RESUME:
                 session.stop(timeout)
         self.runner.stop(name, timeout)
         for session in self.local_sessions(pod_name, active=True):
@@ -526,17 +526,10 @@ class Dispatcher:
         if info is not None and not info.running and LABEL_POD in info.labels:
             self.runner.remove(name)
 
-    def _blocking(self, session: Session, stdout: Writer | None, check: bool) -> int:
-        out: Writer = stdout if stdout is not None else sys.stdout
-        err: TextIO = sys.stderr
+    def _blocking(self, session: Session, stdout: Writer | None, check: bool, raw: bool) -> int:
+        out = stdout if stdout is not None else sys.stdout
         try:
-            for batch in session.event_batches():
-                lines = [e.data for e in batch if e.type is EventType.OUTPUT]
-                if lines:
-                    out.write("\n".join(lines) + "\n")
-                errors = [e.data for e in batch if e.type is EventType.STDERR]
-                if errors:
-                    err.write("\n".join(errors) + "\n")
+            TextFeed(session, out, sys.stderr, raw=raw, notes=False).follow()
             code = session.wait()
         except KeyboardInterrupt:
             session.stop()
@@ -548,15 +541,25 @@ class Dispatcher:
         return code
 
     def start(
-        self, pod_name: str, issue_url: str, stdout: Writer | None = None, *, check: bool = True
+        self,
+        pod_name: str,
+        issue_url: str,
+        stdout: Writer | None = None,
+        *,
+        check: bool = True,
+        raw: bool = False,
     ) -> int:
         """Build and run the pod's agent on an issue, streaming its output; block until it ends.
 
         Args:
             pod_name: The pod.
             issue_url: The GitHub issue's http(s) URL.
-            stdout: Receives the agent's output lines; ``sys.stdout`` when None.
+            stdout: Receives the agent's output, rendered as text (tool calls, answers,
+                the result line; secrets masked, terminal escapes dropped); ``sys.stdout``
+                when None. Its stderr goes to ``sys.stderr``.
             check: Raise ContainerFailedError on a non-zero exit code.
+            raw: Write the agent's stdout lines verbatim (stream-json as it came, masked
+                as raw text) instead of rendered.
 
         Returns:
             The agent's exit code.
@@ -566,18 +569,26 @@ class Dispatcher:
             BuildFailedError: The image did not build.
             CldpdError: As :meth:`start_session`.
         """
-        return self._blocking(self.start_session(pod_name, issue_url), stdout, check)
+        return self._blocking(self.start_session(pod_name, issue_url), stdout, check, raw)
 
     def resume(
-        self, pod_name: str, prompt: str, stdout: Writer | None = None, *, check: bool = True
+        self,
+        pod_name: str,
+        prompt: str,
+        stdout: Writer | None = None,
+        *,
+        check: bool = True,
+        raw: bool = False,
     ) -> int:
         """Send a follow-up prompt to the running pod and block until the agent answers.
 
         Args:
             pod_name: The pod.
             prompt: The follow-up prompt.
-            stdout: Receives the output lines; ``sys.stdout`` when None.
+            stdout: Receives the agent's output, rendered as text; ``sys.stdout`` when
+                None (see :meth:`start`).
             check: Raise ContainerFailedError on a non-zero exit code.
+            raw: Write the agent's stdout lines verbatim instead of rendered.
 
         Returns:
             The exit code.
@@ -586,7 +597,7 @@ class Dispatcher:
             SessionNotFoundError: Nothing runs for the pod.
             ContainerFailedError: Non-zero exit and ``check``.
         """
-        return self._blocking(self.resume_session(pod_name, prompt), stdout, check)
+        return self._blocking(self.resume_session(pod_name, prompt), stdout, check, raw)
 
 
 __all__ = [

@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from typing import Any
 from markdown_it import MarkdownIt
 
 from .logs import log_swallowed
-from .session import MASK, Event, EventType, Masker, Session
+from .protocol import Writer
+from .session import MASK, Event, EventType, Masker, RunState, RunStatus, Session
 
 DEFAULT_MAX_LINES = 200
 DEFAULT_FLUSH_INTERVAL = 0.25
@@ -596,14 +596,84 @@ _CSS = (
 )
 
 
+#: Line kinds a running text shows but a view does not: it has its status line instead.
+_STATUS_KINDS = frozenset({"status", "build_log"})
+#: Line kinds a running text writes to stderr; the rest go to stdout.
+_NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
+
+
+class RunLines:
+    """Turns one run's events into :class:`Line`: what the HTML view and the text are made of.
+
+    Output lines are rendered by one :class:`StreamRenderer` (so the final answer shows
+    once); everything is masked after decoding and free of terminal escapes. Build steps
+    (``Step N/M``) are counted for progress bars.
+
+    Args:
+        mask: Masks secret values (a session's ``Masker``).
+        kind: What the run does (``start``, ``resume``, ``attach``), for its status lines.
+
+    Attributes:
+        build_step: The last build step seen.
+        build_total: How many steps the build has.
+    """
+
+    def __init__(self, mask: Masker, kind: str = "") -> None:
+        self.mask = mask
+        self.kind = str(kind)
+        self.renderer = StreamRenderer(mask)
+        self.build_step = 0
+        self.build_total = 0
+
+    def _clean(self, text: str) -> str:
+        return self.mask(clean_text(text))
+
+    def lines(self, event: Event) -> list[Line]:
+        """The lines one event shows as; never raises, whatever the agent printed."""
+        try:
+            return self._lines(event)
+        except Exception:
+            log_swallowed(log, "a session event could not be rendered; shown as text", self.mask)
+            return [Line("text", self._clean(_clip(str(event.data))))]
+
+    def _lines(self, event: Event) -> list[Line]:
+        etype, data = event.type, event.data
+        if etype is EventType.OUTPUT:
+            return self.renderer.render(data)
+        if etype is EventType.STDERR:
+            return [Line("stderr", self._clean(_clip(data)))]
+        if etype is EventType.BUILD_OUTPUT:
+            step = _STEP_RE.match(data)
+            if step:
+                self.build_step, self.build_total = int(step.group(1)), int(step.group(2))
+            return [Line("build" if data.startswith("cldpd:") else "build_log", self._clean(data))]
+        if etype is EventType.BUILD_STARTED:
+            return [Line("status", self._clean(f"cldpd: building image {data}"))]
+        if etype is EventType.BUILD_COMPLETE:
+            self.build_step = self.build_total = max(self.build_total, 1)
+            return []
+        if etype is EventType.CONTAINER_STARTED:
+            what = f"{self.kind} running" if self.kind else "running"
+            return [Line("status", self._clean(f"cldpd: {what} in container {data}"))]
+        if etype is EventType.ERROR:
+            return [Line("error", self._clean(data))]
+        return []
+
+
 class SessionView:
-    """The readable state of one session: status, build progress and a bounded tail.
+    """What a cell or a widget shows of one run: a status line, build progress and a tail.
+
+    The state comes from the run's :class:`~cldpd_magic.session.RunStatus`: the
+    session's own once the view is bound to it (``session=`` or :meth:`bind`, as
+    :class:`LiveFeed` does), so the view never re-derives it. A view fed events without
+    a session follows them with a status of its own (the same state machine).
 
     Args:
         title: What the status line names (usually the pod).
         max_lines: How many lines the tail keeps; older lines are elided with a count.
         masker: Masks secret values in anything added that did not come from a session.
         transcript: The transcript path to show.
+        session: The session whose state the view shows.
     """
 
     def __init__(
@@ -612,25 +682,61 @@ class SessionView:
         max_lines: int = DEFAULT_MAX_LINES,
         masker: Masker | None = None,
         transcript: str = "",
+        *,
+        session: Session | None = None,
     ) -> None:
         self.title = clean_text(title)
         self.max_lines = max(1, int(max_lines))
+        if session is not None:
+            masker = masker or session.mask
+            transcript = transcript or str(session.transcript)
         self.mask = masker or Masker()
         self.transcript = clean_text(str(transcript))
-        self.renderer = StreamRenderer(self.mask)
+        self.model = RunLines(self.mask)
+        self.status = RunStatus()
+        self._bound = False
+        self._failure = ""
         self.tail: deque[Line] = deque()
         self.tail_lines = 0
         self.elided = 0
         self.total_lines = 0
-        self.state = "starting"
-        self.detail = ""
-        self.exit_code: int | None = None
-        self.build_step = 0
-        self.build_total = 0
-        self.started = time.monotonic()
-        self.ended: float | None = None
         self.version = 0
         self.lock = threading.Lock()
+        if session is not None:
+            self.bind(session)
+
+    def bind(self, session: Session) -> None:
+        """Show the session's state from now on (its events still come through :meth:`add`)."""
+        with self.lock:
+            self.status = session.status
+            self.model.kind = str(session.kind)
+            self._bound = True
+            self.version += 1
+
+    @property
+    def renderer(self) -> StreamRenderer:
+        """The stream-json renderer of this run's output."""
+        return self.model.renderer
+
+    @property
+    def state(self) -> RunState:
+        """The run's state (FAILED also when the view could not read the events)."""
+        return RunState.FAILED if self._failure else self.status.state
+
+    @property
+    def exit_code(self) -> int | None:
+        """The agent's exit code, once known."""
+        return self.status.exit_code
+
+    @property
+    def build_step(self) -> int:
+        """The last build step seen."""
+        return self.model.build_step
+
+    @property
+    def build_total(self) -> int:
+        """How many steps the build has (0 until known)."""
+        return self.model.build_total
 
     def _push(self, line: Line) -> None:
         self.tail.append(line)
@@ -641,94 +747,63 @@ class SessionView:
             self.tail_lines -= dropped.lines
             self.elided += dropped.lines
 
-    def _clean(self, text: str) -> str:
-        return self.mask(clean_text(text))
-
     def add(self, event: Event, stopped: bool = False) -> None:
         """Take one session event into the view; never raises, whatever the agent printed.
 
-        Output lines are rendered (stream-json events) or shown as text; everything is
-        masked after decoding and free of terminal escapes.
+        Args:
+            event: The event.
+            stopped: For a view without a session: a stop was asked for.
         """
         with self.lock:
             self.version += 1
-            try:
-                self._add(event, stopped)
-            except Exception:
-                what = "a session event could not be rendered; shown as text"
-                log_swallowed(log, what, self.mask)
-                self._push(Line("text", self._clean(_clip(str(event.data)))))
-
-    def _add(self, event: Event, stopped: bool) -> None:
-        etype = event.type
-        if etype is EventType.OUTPUT:
-            for line in self.renderer.render(event.data):
+            if not self._bound:
+                self.status.on_event(event, stopped)
+            for line in self.model.lines(event):
+                if line.kind in _STATUS_KINDS:
+                    continue
+                if line.kind == "error" and self.status.state is RunState.STOPPED:
+                    continue  # a stop is not an error
                 self._push(line)
-        elif etype is EventType.STDERR:
-            self._push(Line("stderr", self._clean(_clip(event.data))))
-        elif etype is EventType.BUILD_OUTPUT:
-            step = _STEP_RE.match(event.data)
-            if step:
-                self.build_step, self.build_total = int(step.group(1)), int(step.group(2))
-            if event.data.startswith("cldpd:"):
-                self._push(Line("build", self._clean(event.data)))
-        elif etype is EventType.BUILD_STARTED:
-            self.state = "building"
-            self.detail = self._clean(event.data)
-        elif etype is EventType.BUILD_COMPLETE:
-            self.build_step = self.build_total = max(self.build_total, 1)
-        elif etype is EventType.CONTAINER_STARTED:
-            self.state = "running"
-            self.detail = self._clean(event.data)
-            self.started = time.monotonic()
-        elif etype is EventType.CONTAINER_EXITED:
-            self.state = "stopped" if stopped else "exited"
-            self.exit_code = event.code
-            self.ended = time.monotonic()
-        elif etype is EventType.ERROR:
-            self.state = "stopped" if stopped else "failed"
-            self.detail = self._clean(event.data)
-            self.ended = time.monotonic()
-            if not stopped:
-                self._push(Line("error", self.detail))
 
     def note(self, text: str, kind: str = "system") -> None:
         """Add a line of our own (masked) to the tail."""
         with self.lock:
             self.version += 1
-            self._push(Line(kind, self._clean(text)))
+            self._push(Line(kind, self.mask(clean_text(text))))
 
     def fail(self, message: str) -> None:
-        """Mark the view failed with a one-sentence reason."""
+        """Show the view failed with a one-sentence reason (the session is not touched)."""
         with self.lock:
             self.version += 1
-            self.state = "failed"
-            self.detail = self._clean(message)
-            self.ended = time.monotonic()
+            self._failure = self.mask(clean_text(message))
 
     @property
     def finished(self) -> bool:
-        """Whether the session has ended (exited, failed or stopped)."""
-        return self.state in ("exited", "failed", "stopped")
+        """Whether the run has ended (exited, failed or stopped)."""
+        return self.state.finished
 
     def elapsed(self) -> float:
         """Seconds the agent has been running (or ran)."""
-        return (self.ended or time.monotonic()) - self.started
+        return self.status.snapshot().elapsed
 
     def status_text(self) -> str:
         """The one-line status: building / running / exited N / failed: reason / stopped."""
-        state = self.state
-        if state == "building":
+        snap = self.status.snapshot()
+        detail = self.mask(clean_text(snap.detail))
+        state = snap.state
+        if self._failure:
+            return f"{self.title}: failed: {self._failure}"
+        if state is RunState.BUILDING:
             progress = f" step {self.build_step}/{self.build_total}" if self.build_total else ""
-            return f"{self.title}: building {self.detail}{progress}"
-        if state == "running":
-            return f"{self.title}: running {self.elapsed():.0f}s"
-        if state == "exited":
-            return f"{self.title}: exited {self.exit_code} after {self.elapsed():.1f}s"
-        if state == "failed":
-            return f"{self.title}: failed: {self.detail}"
-        if state == "stopped":
-            code = f" (exit {self.exit_code})" if self.exit_code is not None else ""
+            return f"{self.title}: building {detail}{progress}"
+        if state is RunState.RUNNING:
+            return f"{self.title}: running {snap.elapsed:.0f}s"
+        if state is RunState.EXITED:
+            return f"{self.title}: exited {snap.exit_code} after {snap.elapsed:.1f}s"
+        if state is RunState.FAILED:
+            return f"{self.title}: failed: {detail}"
+        if state is RunState.STOPPED:
+            code = f" (exit {snap.exit_code})" if snap.exit_code is not None else ""
             return f"{self.title}: stopped{code}"
         return f"{self.title}: {state}"
 
@@ -799,6 +874,7 @@ class LiveFeed:
     ) -> None:
         self.session = session
         self.view = view
+        view.bind(session)
         self.publish = publish
         self.interval = max(0.02, float(interval))
         self.publications = 0
@@ -819,9 +895,7 @@ class LiveFeed:
     def _read(self) -> None:
         try:
             for event in self.session.events():
-                self.view.add(event, stopped=self.session.stopped)
-                if event.type in (EventType.CONTAINER_EXITED, EventType.ERROR):
-                    self.view.exit_code = self.session.exit_code
+                self.view.add(event)
         except BaseException as exc:  # the feed must end even if a transcript read fails
             log_swallowed(log, "reading the session's events failed", self.session.mask)
             self.error = exc
@@ -860,6 +934,78 @@ class LiveFeed:
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the final view is published; True if it was."""
         return self._done.wait(timeout)
+
+
+class TextFeed:
+    """Writes a session's events as lines of text: the one text consumer of a run.
+
+    It serves the ``cldpd`` command and the blocking :meth:`Dispatcher.start` /
+    :meth:`Dispatcher.resume`. Its lines are those of :class:`SessionView` (one
+    :class:`RunLines`): the agent's output, rendered, goes to ``out``; its stderr and
+    cldpd's own notes (building, running in container ...) go to ``err``. The final
+    answer shows once, and secrets are masked after JSON decoding, so a secret written
+    with ``\\uXXXX`` escapes is masked too. The run's error is not written: ``wait()``
+    raises it.
+
+    Args:
+        session: The session to write.
+        out: Receives the agent's output lines (anything with ``write(str)``).
+        err: Receives stderr and notes; ``out`` when None.
+        raw: Write the agent's stdout and stderr lines verbatim (masked as raw text,
+            terminal escapes kept) instead of rendered.
+        verbose: Also write the image build log.
+        notes: Write cldpd's notes (building image ..., running in container ...).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        out: Writer,
+        err: Writer | None = None,
+        *,
+        raw: bool = False,
+        verbose: bool = False,
+        notes: bool = True,
+    ) -> None:
+        self.session = session
+        self.out = out
+        self.err = err if err is not None else out
+        self.raw = raw
+        self.verbose = verbose
+        self.notes = notes
+        self.model = RunLines(session.mask, session.kind)
+
+    def write(self, events: Iterable[Event]) -> None:
+        """Write a batch of events (one write per stream)."""
+        shown: list[str] = []
+        noted: list[str] = []
+        for event in events:
+            if self.raw and event.type is EventType.OUTPUT:
+                shown.append(event.data)
+                continue
+            if self.raw and event.type is EventType.STDERR:
+                noted.append(event.data)
+                continue
+            for line in self.model.lines(event):
+                if not self._wanted(line.kind):
+                    continue
+                (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
+        if shown:
+            self.out.write("\n".join(shown) + "\n")
+        if noted:
+            self.err.write("\n".join(noted) + "\n")
+
+    def _wanted(self, kind: str) -> bool:
+        if kind == "error":
+            return False
+        if kind in ("status", "build"):
+            return self.notes
+        return kind != "build_log" or (self.verbose and self.notes)
+
+    def follow(self) -> None:
+        """Write every event of the session, from the first, until it ends."""
+        for batch in self.session.event_batches():
+            self.write(batch)
 
 
 _TABLE_CSS = (

@@ -112,6 +112,23 @@ def test_stream_json_is_rendered_unless_raw(docker_client, pods_dir, make_pod):
     assert line in raw.stdout
 
 
+def test_the_final_answer_shows_once_and_an_escaped_secret_is_masked(
+    docker_client, pods_dir, make_pod
+):
+    secret = "s3cr3t-cli-value"
+    hidden = "".join(f"\\u{ord(c):04x}" for c in secret)
+    answer = '{"type":"assistant","message":{"content":[{"type":"text","text":"Fixed it."}]}}'
+    leak = answer.replace("Fixed it.", f"key {hidden}")
+    result = '{"type":"result","subtype":"success","is_error":false,"result":"Fixed it."}'
+    script = "\n".join(f"printf '%s\\n' '{line}'" for line in (leak, answer, result))
+    name = make_pod(script, pod_json={"env": {"API_TOKEN": secret}})
+    run = cldpd(pods_dir, "start", name, "--issue", URL)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("Fixed it.") == 1
+    assert "key ********" in run.stdout
+    assert secret not in run.stdout + run.stderr and hidden not in run.stdout
+
+
 GRACEFUL = """
 trap 'echo got INT; exit 130' INT
 trap 'echo got TERM; exit 143' TERM

@@ -408,6 +408,28 @@ def test_blocking_start_checks_the_exit_code(dispatcher, runner, pods_dir, capsy
     assert capsys.readouterr().out == "hello\nworld\n"
 
 
+STREAM = [
+    '{"type":"assistant","message":{"content":[{"type":"text","text":"All fixed."},'
+    '{"type":"tool_use","name":"Bash","input":{"command":"make test"}}]}}',
+    '{"type":"result","subtype":"success","is_error":false,"num_turns":2,'
+    '"duration_ms":1500,"result":"All fixed.","total_cost_usd":0.5}',
+]
+
+
+def test_blocking_start_writes_rendered_text_or_raw_lines(dispatcher, runner, pods_dir, capsys):
+    runner.agent = lambda call: call.out(*STREAM) or 0
+    write_pod(pods_dir, "p")
+    out = io.StringIO()
+    assert dispatcher.start("p", URL, out) == 0
+    assert out.getvalue() == (
+        "All fixed.\n▸ Bash: make test\n✓ done · 2 turns · 1.5 s · $0.5000\n"
+    )  # the final answer once, no notes of cldpd's own
+    assert capsys.readouterr().err == ""
+    raw = io.StringIO()
+    assert dispatcher.start("p", URL, raw, raw=True) == 0
+    assert raw.getvalue() == "\n".join(STREAM) + "\n"
+
+
 def test_blocking_resume_checks_the_exit_code(dispatcher, runner, pods_dir):
     runner.agent = exit_three
     write_pod(pods_dir, "p")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import re
 import threading
@@ -17,10 +18,11 @@ from cldpd_magic.render import (
     SessionView,
     StreamRenderer,
     Table,
+    TextFeed,
     markdown_to_html,
     render_output_line,
 )
-from cldpd_magic.session import Event, EventType, Masker, Session
+from cldpd_magic.session import Event, EventType, Masker, RunState, Session
 
 
 def rendered(obj: dict) -> list[tuple[str, str]]:
@@ -475,3 +477,94 @@ def test_real_api_retries_denials_and_tool_errors_are_shown():
 def test_real_runs_have_no_unknown_events():
     for path in sorted(FIXTURES.glob("*.jsonl")):
         assert "event" not in kinds(fixture_view(path.stem)), path.name
+
+
+# -- one model of a run: the view reads the session's state; the text consumer --------------
+
+SECRET = "s3cr3t-value-77"
+ANSWER = {"type": "assistant", "message": {"content": [{"type": "text", "text": "Fixed it."}]}}
+RESULT_LINE = {"type": "result", "subtype": "success", "is_error": False, "num_turns": 1,
+               "duration_ms": 1000, "result": "Fixed it."}  # fmt: skip
+
+
+def escaped(secret: str) -> str:
+    """A stream-json line whose text holds the secret written with \\u escapes only."""
+    hidden = "".join(f"\\u{ord(c):04x}" for c in secret)
+    return (
+        '{"type":"assistant","message":{"content":[{"type":"text","text":"key ' + hidden + '"}]}}'
+    )
+
+
+def gated_session(tmp_path, lines: list[str], secret: str = "") -> tuple[Session, threading.Event]:
+    """A session that starts, prints lines, then waits for the returned event to exit 0."""
+    release = threading.Event()
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "cldpd-pod")
+        for line in lines:
+            ctl.stdout.write(line + "\n")
+        release.wait(30)
+        return 0
+
+    session = Session("pod", "c", job, tmp_path, secrets=[secret] if secret else [], kind="resume")
+    return session, release
+
+
+def test_a_view_bound_to_a_session_shows_its_state_not_one_rebuilt_from_events(tmp_path):
+    session, release = gated_session(tmp_path, [])
+    next(e for e in session.events() if e.type is EventType.CONTAINER_STARTED)
+    view = SessionView("pod", session=session)
+    assert view.status is session.status and view.state is RunState.RUNNING
+    view.add(Event(EventType.CONTAINER_EXITED, "9", 9))  # events no longer decide the state
+    assert view.state is RunState.RUNNING and view.exit_code is None
+    assert view.transcript == str(session.transcript)
+    release.set()
+    session.wait(10)
+    assert view.state is RunState.EXITED and view.status_text().startswith("pod: exited 0 after")
+
+
+def test_a_feed_binds_its_view_so_a_stopped_run_shows_stopped(tmp_path):
+    session, release = gated_session(tmp_path, ["working"])
+    session._control.set_stopper(lambda _t: release.set())
+    view = SessionView("pod")
+    feed = LiveFeed(session, view, lambda v: None, 0.02)
+    next(e for e in session.events() if e.type is EventType.OUTPUT)
+    session.stop(1)
+    assert feed.join(30)
+    assert view.state is RunState.STOPPED and view.status_text() == "pod: stopped (exit 0)"
+
+
+def test_text_consumer_shows_the_final_answer_once_and_notes_on_stderr(tmp_path):
+    session, release = gated_session(tmp_path, [json.dumps(ANSWER), json.dumps(RESULT_LINE)])
+    release.set()
+    out, err = io.StringIO(), io.StringIO()
+    TextFeed(session, out, err).follow()
+    assert out.getvalue().count("Fixed it.") == 1
+    assert out.getvalue().splitlines()[-1].startswith("✓ done · 1 turns")
+    assert err.getvalue() == "cldpd: resume running in container cldpd-pod\n"
+
+
+def test_text_consumer_masks_a_json_escaped_secret_unless_raw(tmp_path):
+    for raw in (False, True):
+        session, release = gated_session(tmp_path, [escaped(SECRET)], secret=SECRET)
+        release.set()
+        out = io.StringIO()
+        TextFeed(session, out, raw=raw, notes=False).follow()
+        assert SECRET not in out.getvalue()
+        if raw:  # the line as it came, its escaped secret masked by the session
+            assert out.getvalue().startswith('{"type":"assistant"')
+            assert escaped(SECRET)[-60:] not in out.getvalue()
+        else:
+            assert out.getvalue() == "key ********\n"
+
+
+def test_text_and_html_views_are_made_of_the_same_lines(tmp_path):
+    lines = [json.dumps(ANSWER), "\x1b[31mplain\x1b[0m", json.dumps(RESULT_LINE)]
+    session, release = gated_session(tmp_path, lines)
+    release.set()
+    out = io.StringIO()
+    TextFeed(session, out, notes=False).follow()
+    view = SessionView("pod", session=session)
+    for event in session.events():
+        view.add(event)
+    assert [line.text for line in view.tail] == out.getvalue().splitlines()
