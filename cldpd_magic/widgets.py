@@ -25,6 +25,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from .logs import log_swallowed
 from .pods import Pod, scan_pods
 from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView, clean_text
 from .secrets import MASK, Masker, looks_secret
-from .session import Session
+from .session import RunState, Session, SessionKind
 
 #: How many lines of a pod's template the details pane shows.
 TEMPLATE_PREVIEW_LINES = 6
@@ -71,56 +72,133 @@ class _Run:
         self.entry: dict[str, Any] | None = None
         self.ended = False
 
+    @property
+    def follows_container(self) -> bool:
+        """Whether the run follows the pod's container (a start or an attach, not a resume)."""
+        return self.session.kind is not SessionKind.RESUME
 
-class _PodState:
-    """What the picker knows of one pod, with the widgets that show it."""
 
-    def __init__(self, name: str, pod: Pod | None, error: Exception | None) -> None:
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """Which of a pod's controls are enabled.
+
+    Attributes:
+        start: Start the pod on an issue.
+        resume: Send a follow-up prompt.
+        stop: Stop the pod.
+        attach: Follow a pod started outside the picker.
+    """
+
+    start: bool
+    resume: bool
+    stop: bool
+    attach: bool
+
+
+class PodControl:
+    """What the picker knows of one pod: its runs, read through their sessions' state.
+
+    A run's state is its session's (:class:`~cldpd_magic.session.RunState`); the
+    controller keeps of its own only what no session knows, all changed under
+    :attr:`lock` through the methods below:
+
+    - ``launching``: the verb of a run being made (``starting``, ``resuming``,
+      ``attaching``) before its session exists, else "";
+    - ``stopping``: a stop is under way; a run whose session comes meanwhile is stopped
+      at once;
+    - ``note``: the last failure (or "stopped" for a pod no run showed), one sentence;
+    - ``outside``: the pod's container, found running with no run of ours following it;
+    - ``gone``: the container is known to be gone (stopped, or found not running) since
+      the last run that followed it; else a kept-alive pod whose start exited idles.
+
+    Args:
+        name: The pod's name.
+        pod: The pod, None when it is broken.
+        error: Why it is broken.
+        max_runs: How many runs its Output keeps.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pod: Pod | None,
+        error: Exception | None,
+        max_runs: int = DEFAULT_MAX_RUNS,
+    ) -> None:
         self.name = name
         self.pod = pod
         self.error = error
-        self.output = widgets.Output(
-            layout=widgets.Layout(border="1px solid #e0e0e0", min_height="2em")
-        )
-        self.status = widgets.Label(value="")
-        self.progress = widgets.IntProgress(
-            value=0, min=0, max=1, description="build", layout=widgets.Layout(display="none")
-        )
+        self.max_runs = max(1, int(max_runs))
         self.runs: list[_Run] = []
         self.dropped_runs = 0
-        self.container_up = False
-        self.remote: RunningPod | None = None
-        self.message: str | None = None
-        self.pending = False
+        self.launching = ""
         self.stopping = False
-        self.stop_requested = False
+        self.note = ""
+        self.outside: RunningPod | None = None
+        self.gone = False
+        self._follower: Session | None = None
         self.workers: list[threading.Thread] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
-    def all_widgets(self) -> list[widgets.Widget]:
-        return [self.output, self.status, self.progress]
+    @property
+    def mask(self) -> Masker:
+        """Masks the pod's secret values."""
+        return _pod_masker(self.pod)
+
+    # -- reading ------------------------------------------------------------------------
 
     def active_runs(self) -> list[_Run]:
+        """Runs still followed."""
         return [r for r in self.runs if not r.ended]
 
     def current(self) -> _Run | None:
+        """The run the pane shows: the newest active one, else the newest."""
         active = self.active_runs()
         if active:
             return active[-1]
         return self.runs[-1] if self.runs else None
 
     @property
+    def idle(self) -> bool:
+        """Whether our kept-alive container idles: its start exited and it is not gone."""
+        if self.gone or self.pod is None or not self.pod.config.keep_alive:
+            return False
+        last = self._follower  # kept when its run leaves the Output
+        return last is not None and last.kind is SessionKind.START and last.state is RunState.EXITED
+
+    @property
     def alive(self) -> bool:
         """Whether the pod's container runs (as far as the picker knows)."""
-        return self.container_up or any(
-            r.session.kind != "resume" and r.view.state == "running" for r in self.active_runs()
+        return (
+            self.idle
+            or self.outside is not None
+            or any(
+                r.follows_container and r.session.state is RunState.RUNNING
+                for r in self.active_runs()
+            )
         )
 
     @property
     def busy(self) -> bool:
-        return self.pending or self.stopping
+        """Whether a run is being made or a stop is under way."""
+        return bool(self.launching) or self.stopping
+
+    def controls(self, url_ok: bool) -> Controls:
+        """Which controls are enabled, given whether the issue URL is acceptable."""
+        with self.lock:
+            active = self.active_runs()
+            following = any(r.follows_container for r in active)
+            resuming = any(not r.follows_container for r in active)
+            alive, busy = self.alive, self.busy
+            return Controls(
+                start=self.pod is not None and url_ok and not (alive or active or busy),
+                resume=alive and not resuming and not busy,
+                stop=(alive or bool(active) or bool(self.launching)) and not self.stopping,
+                attach=alive and self.outside is not None and not following and not busy,
+            )
 
     def entries(self) -> tuple[dict[str, Any], ...]:
+        """The Output's entries: one per kept run, after a note of the dropped ones."""
         shown = [r.entry for r in self.runs if r.entry is not None]
         if self.dropped_runs:
             note = (
@@ -132,25 +210,124 @@ class _PodState:
         return tuple(shown)
 
     def status_text(self) -> str:
-        if self.message:
-            return self.message
-        run = self.current()
-        if self.remote is not None and self.container_up and (run is None or run.ended):
-            started = f" since {self.remote.started_at[:19]}" if self.remote.started_at else ""
-            return (
-                f"{self.name}: running in container {self.remote.container}{started}, "
-                "started outside this picker; attach to follow it"
-            )
-        if run is not None:
-            text = run.view.status_text()
-            if run.ended and self.container_up:
-                text += " · container idle: resume or stop"
-            return text
-        if self.error is not None:
-            return f"{self.name}: broken: {_sentence(self.error)}"
-        if not self.name:
-            return "no pod selected"
-        return f"{self.name}: not running"
+        """The pod's one-line status."""
+        with self.lock:
+            if self.stopping:
+                return f"{self.name}: stopping…"
+            if self.launching:
+                return f"{self.name}: {self.launching}…"
+            if self.note:
+                return self.note
+            run = self.current()
+            if self.outside is not None and (run is None or run.ended):
+                since = self.outside.started_at[:19]
+                return (
+                    f"{self.name}: running in container {self.outside.container}"
+                    f"{f' since {since}' if since else ''}, "
+                    "started outside this picker; attach to follow it"
+                )
+            if run is not None:
+                text = run.view.status_text()
+                if run.view.finished and self.idle:
+                    text += " · container idle: resume or stop"
+                return text
+            if self.error is not None:
+                return f"{self.name}: broken: {_sentence(self.error)}"
+            if not self.name:
+                return "no pod selected"
+            return f"{self.name}: not running"
+
+    # -- changing -----------------------------------------------------------------------
+
+    def begin_launch(self, verb: str) -> None:
+        """A run is being made (``verb``: starting, resuming, attaching)."""
+        with self.lock:
+            self.launching = verb
+            self.note = ""
+
+    def launch_failed(self, exc: BaseException) -> None:
+        """The run could not be made; a pod found not running is not running."""
+        with self.lock:
+            if isinstance(exc, SessionNotFoundError):
+                self.gone = True
+                self.outside = None
+            self.launching = ""
+            self.note = f"{self.name}: failed: {self.mask(_sentence(exc))}"
+
+    def add_run(self, run: _Run) -> bool:
+        """Follow a new run; returns whether to stop it at once (a stop came first)."""
+        with self.lock:
+            self.runs.append(run)
+            while len(self.runs) > self.max_runs and self.runs[0].ended:
+                self.runs.pop(0)
+                self.dropped_runs += 1
+            if run.follows_container:
+                self.outside = None
+                self.gone = False
+                self._follower = run.session
+            self.launching = ""
+            return self.stopping
+
+    def run_ended(self, run: _Run) -> None:
+        """A run's session and feed have ended: a resume that found no container says so."""
+        with self.lock:
+            if isinstance(run.session.error, SessionNotFoundError):
+                self.gone = True
+                self.outside = None
+            run.ended = True
+
+    def begin_stop(self) -> None:
+        """A stop is asked for."""
+        with self.lock:
+            self.stopping = True
+            self.note = ""
+
+    def stop_failed(self, exc: BaseException) -> None:
+        """The stop failed."""
+        with self.lock:
+            self.stopping = False
+            self.note = f"{self.name}: failed: {self.mask(_sentence(exc))}"
+
+    def stop_done(self) -> None:
+        """The stop is done: nothing runs; say so unless the last run shows it."""
+        with self.lock:
+            self.gone = True
+            self.outside = None
+            self.stopping = False
+            run = self.current()
+            shown = run is not None and run.session.state is RunState.STOPPED
+            self.note = "" if shown else f"{self.name}: stopped"
+
+    def seen(self, container: RunningPod | None) -> bool:
+        """What a look-up of running containers found; False when it was ignored.
+
+        A pod being launched, stopped or followed knows better than a look-up.
+        """
+        with self.lock:
+            if self.busy or self.active_runs():
+                return False
+            if container is None:
+                self.gone = True
+                self.outside = None
+            elif not self.idle and self.outside is None:
+                self.outside = container
+            return True
+
+
+class _PodPane:
+    """The widgets that show one pod: its Output, status line and build progress bar."""
+
+    def __init__(self) -> None:
+        self.output = widgets.Output(
+            layout=widgets.Layout(border="1px solid #e0e0e0", min_height="2em")
+        )
+        self.status = widgets.Label(value="")
+        self.progress = widgets.IntProgress(
+            value=0, min=0, max=1, description="build", layout=widgets.Layout(display="none")
+        )
+
+    def all_widgets(self) -> list[widgets.Widget]:
+        return [self.output, self.status, self.progress]
 
 
 class PodPicker:
@@ -159,6 +336,9 @@ class PodPicker:
     Display it (it is the last expression of a cell, or ``display(picker)``); in a plain
     text frontend it shows as a list of pods and their states. Several pods can run at
     once; the pane shows the selected pod's output, status and build progress.
+
+    The picker is the layout and the workers; what it knows of each pod is a
+    :class:`PodControl` over the pod's sessions.
 
     Args:
         pods_dir: The pods directory; the dispatcher's (or the default) when None.
@@ -203,8 +383,10 @@ class PodPicker:
         self.max_runs = max(1, int(max_runs))
         self.interval = interval
         self.stop_timeout = stop_timeout
-        self._states: dict[str, _PodState] = {}
-        self._blank = _PodState("", None, None)
+        self._controls: dict[str, PodControl] = {}
+        self._panes: dict[str, _PodPane] = {}
+        self._blank = PodControl("", None, None)
+        self._blank_pane = _PodPane()
         self._lock = threading.RLock()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -262,26 +444,33 @@ class PodPicker:
         self.attach_button.on_click(self._on_attach)
         self.refresh()
 
-    # -- the selected pod's widgets -------------------------------------------------
+    # -- the selected pod -----------------------------------------------------------------
 
-    def _selected(self) -> _PodState:
+    def _selected(self) -> PodControl:
         name = self.pod_select.value
-        return self._states.get(name, self._blank) if name else self._blank
+        return self._controls.get(name, self._blank) if name else self._blank
+
+    def _pane_of(self, control: PodControl) -> _PodPane:
+        return self._panes.get(control.name, self._blank_pane)
+
+    def control(self, name: str) -> PodControl:
+        """The controller of a pod (KeyError for a pod the picker does not list)."""
+        return self._controls[name]
 
     @property
     def output(self) -> widgets.Output:
         """The selected pod's Output."""
-        return self._selected().output
+        return self._pane_of(self._selected()).output
 
     @property
     def status(self) -> widgets.Label:
         """The selected pod's status line (``<pod>: building|running|exited N|...``)."""
-        return self._selected().status
+        return self._pane_of(self._selected()).status
 
     @property
     def progress(self) -> widgets.IntProgress:
         """The selected pod's build progress bar."""
-        return self._selected().progress
+        return self._pane_of(self._selected()).progress
 
     @property
     def closed(self) -> bool:
@@ -297,11 +486,12 @@ class PodPicker:
         found = scan_pods(self.pods_dir)
         with self._lock:
             for name, pod, error in found:
-                state = self._states.get(name)
-                if state is None:
-                    self._states[name] = _PodState(name, pod, error)
+                control = self._controls.get(name)
+                if control is None:
+                    self._controls[name] = PodControl(name, pod, error, self.max_runs)
+                    self._panes[name] = _PodPane()
                 else:
-                    state.pod, state.error = pod, error
+                    control.pod, control.error = pod, error
             names = [name for name, _pod, _error in found]
             keep = self.pod_select.value
             self._updating = True
@@ -317,24 +507,16 @@ class PodPicker:
         try:
             found = self.dispatcher.running()
         except Exception as exc:
-            pods = [s.pod for s in list(self._states.values()) if s.pod is not None]
+            pods = [c.pod for c in list(self._controls.values()) if c.pod is not None]
             mask = Masker([value for pod in pods for value in pod.secret_values()])
             log_swallowed(logger, "the picker could not look up running pods", mask)
             self._set_notice(f"Cannot tell which pods are running: {_sentence(exc)}")
             return
         self._set_notice("")
         up = {rp.pod: rp for rp in found if rp.status == "running"}
-        for state in list(self._states.values()):
-            if state.busy or state.active_runs():
-                continue
-            running = up.get(state.name)
-            if running is None:
-                state.container_up = False
-                state.remote = None
-            elif not state.container_up:
-                state.container_up = True
-                state.remote = running
-            self._show(state)
+        for control in list(self._controls.values()):
+            if control.seen(up.get(control.name)):
+                self._show(control)
 
     def _set_notice(self, text: str) -> None:
         if not self._closed:
@@ -348,10 +530,11 @@ class PodPicker:
                 self._show_selected()
 
     def _show_selected(self) -> None:
-        state = self._selected()
-        self.details.value = self._details_html(state)
-        self._pane.children = (state.status, state.progress, state.output)
-        self._show(state)
+        control = self._selected()
+        pane = self._pane_of(control)
+        self.details.value = pod_details_html(control, self.pods_dir)
+        self._pane.children = (pane.status, pane.progress, pane.output)
+        self._show(control)
 
     def _on_url(self, change: dict[str, Any]) -> None:
         value = change["new"]
@@ -372,139 +555,112 @@ class PodPicker:
         return True
 
     def _on_start(self, _button: Any = None) -> None:
-        state, url = self._selected(), self.issue_url.value
-        if self.start_button.disabled or state.pod is None:
+        control, url = self._selected(), self.issue_url.value
+        if self.start_button.disabled or control.pod is None:
             return
-        self._launch(state, "starting", lambda: self.dispatcher.start_session(state.name, url))
+        self._launch(control, "starting", lambda: self.dispatcher.start_session(control.name, url))
 
     def _on_resume(self, _button: Any = None) -> None:
-        state, prompt = self._selected(), self.prompt.value
-        if self.resume_button.disabled or not state.name:
+        control, prompt = self._selected(), self.prompt.value
+        if self.resume_button.disabled or not control.name:
             return
         lines = prompt.strip().splitlines() or [""]
         more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
         self._launch(
-            state,
+            control,
             "resuming",
-            lambda: self.dispatcher.resume_session(state.name, prompt),
+            lambda: self.dispatcher.resume_session(control.name, prompt),
             note=f"» {lines[0]}{more}",
             sent=prompt,
         )
 
     def _on_attach(self, _button: Any = None) -> None:
-        state = self._selected()
-        if self.attach_button.disabled or not state.name:
+        control = self._selected()
+        if self.attach_button.disabled or not control.name:
             return
-        self._launch(state, "attaching", lambda: self._attach_session(state))
+        self._launch(control, "attaching", lambda: self._attach_session(control))
 
     def _on_stop(self, _button: Any = None) -> None:
-        state = self._selected()
-        if self.stop_button.disabled or not state.name:
+        control = self._selected()
+        if self.stop_button.disabled or not control.name:
             return
-        state.stopping = state.stop_requested = True
-        state.message = f"{state.name}: stopping…"
-        self._show(state)
-        self._spawn(self._stop_worker, state)
+        control.begin_stop()
+        self._show(control)
+        self._spawn(self._stop_worker, control)
 
     # -- workers ------------------------------------------------------------------------
 
     def _launch(
         self,
-        state: _PodState,
+        control: PodControl,
         verb: str,
         make: Callable[[], Session],
         note: str = "",
         sent: str | None = None,
     ) -> None:
-        state.pending = True
-        state.stop_requested = False
-        state.message = f"{state.name}: {verb}…"
-        self._show(state)
-        thread = self._spawn(self._run_worker, state, make, note, sent)
-        state.workers = [t for t in state.workers if t.is_alive()] + [thread]
+        control.begin_launch(verb)
+        self._show(control)
+        thread = self._spawn(self._run_worker, control, make, note, sent)
+        with control.lock:
+            control.workers = [t for t in control.workers if t.is_alive()] + [thread]
 
-    def _attach_session(self, state: _PodState) -> Session:
-        followed = {id(r.session) for r in state.runs}
+    def _attach_session(self, control: PodControl) -> Session:
+        followed = {id(r.session) for r in control.runs}
         local = [
             s
-            for s in self.dispatcher.local_sessions(state.name, active=True)
-            if s.kind != "resume" and id(s) not in followed
+            for s in self.dispatcher.local_sessions(control.name, active=True)
+            if s.kind is not SessionKind.RESUME and id(s) not in followed
         ]
-        return local[-1] if local else self.dispatcher.attach_session(state.name)
+        return local[-1] if local else self.dispatcher.attach_session(control.name)
 
     def _run_worker(
-        self, state: _PodState, make: Callable[[], Session], note: str, sent: str | None
+        self, control: PodControl, make: Callable[[], Session], note: str, sent: str | None
     ) -> None:
         try:
             session = make()
         except Exception as exc:
-            log_swallowed(logger, f"pod {state.name}: no run started", _pod_masker(state.pod))
-            if isinstance(exc, SessionNotFoundError):
-                state.container_up = False
-                state.remote = None
-            state.pending = False
-            state.message = f"{state.name}: failed: {_pod_masker(state.pod)(_sentence(exc))}"
-            self._show(state)
+            log_swallowed(logger, f"pod {control.name}: no run started", control.mask)
+            control.launch_failed(exc)
+            self._show(control)
             return
         if sent is not None and self.prompt.value == sent and not self._closed:
             self.prompt.value = ""
-        view = SessionView(state.name, self.max_lines, session.mask, str(session.transcript))
+        view = SessionView(control.name, self.max_lines, session=session)
         if note:
             view.note(note)
         run = _Run(session, view)
-        with state.lock:
-            state.runs.append(run)
-            while len(state.runs) > self.max_runs and state.runs[0].ended:
-                state.runs.pop(0)
-                state.dropped_runs += 1
-        if session.kind != "resume":
-            state.remote = None
-        state.pending = False
-        if not state.stopping:
-            state.message = None
-        run.feed = LiveFeed(session, view, lambda _v: self._publish(state, run), self.interval)
-        self._show(state)
-        if state.stop_requested:
+        stop_now = control.add_run(run)
+        run.feed = LiveFeed(session, view, lambda _v: self._publish(control, run), self.interval)
+        self._show(control)
+        if stop_now:
             session.stop(self.stop_timeout)
         run.feed.join()
-        if session.kind == "resume":
-            if isinstance(session.error, SessionNotFoundError):
-                state.container_up = False
-        else:
-            keep_alive = state.pod is not None and state.pod.config.keep_alive
-            state.container_up = session.kind == "start" and keep_alive and view.state == "exited"
-        run.ended = True
-        self._publish(state, run, final=True)
+        control.run_ended(run)
+        self._publish(control, run, final=True)
 
-    def _stop_worker(self, state: _PodState) -> None:
+    def _stop_worker(self, control: PodControl) -> None:
         try:
-            self.dispatcher.stop(state.name, self.stop_timeout)
+            self.dispatcher.stop(control.name, self.stop_timeout)
         except Exception as exc:
-            log_swallowed(logger, f"pod {state.name}: the stop failed", _pod_masker(state.pod))
-            state.stopping = False
-            state.message = f"{state.name}: failed: {_pod_masker(state.pod)(_sentence(exc))}"
-            self._show(state)
+            log_swallowed(logger, f"pod {control.name}: the stop failed", control.mask)
+            control.stop_failed(exc)
+            self._show(control)
             return
-        for thread in list(state.workers):
+        for thread in list(control.workers):
             thread.join(self.stop_timeout + 30)
-        state.container_up = False
-        state.remote = None
-        state.stopping = False
-        run = state.current()
-        stopped = run is not None and run.view.state == "stopped"
-        state.message = None if stopped else f"{state.name}: stopped"
-        self._show(state)
+        control.stop_done()
+        self._show(control)
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> threading.Thread:
         name = f"cldpd-picker-{target.__name__.strip('_').removesuffix('_worker')}"
-        if args and isinstance(args[0], _PodState):
+        if args and isinstance(args[0], PodControl):
             name += f"-{args[0].name}"
 
         def guarded() -> None:
             try:
                 target(*args)
             except Exception as exc:  # a worker must never print a traceback into a cell
-                pod = args[0].pod if args and isinstance(args[0], _PodState) else None
+                pod = args[0].pod if args and isinstance(args[0], PodControl) else None
                 log_swallowed(logger, f"the picker's {name} worker failed", _pod_masker(pod))
                 self._set_notice(f"The pod picker hit an unexpected error: {_sentence(exc)}")
 
@@ -537,114 +693,33 @@ class PodPicker:
 
     # -- showing state (any thread, trait writes only) ----------------------------------
 
-    def _publish(self, state: _PodState, run: _Run, final: bool = False) -> None:
+    def _publish(self, control: PodControl, run: _Run, final: bool = False) -> None:
         entry = {"output_type": "display_data", "data": run.view.bundle(), "metadata": {}}
-        with state.lock:
+        pane = self._pane_of(control)
+        with control.lock:
             if self._closed:
                 return
             run.entry = entry
-            state.output.outputs = state.entries()
-            if run is state.current():
-                self._show_progress(state.progress, run)
+            pane.output.outputs = control.entries()
+            if run is control.current():
+                _show_progress(pane.progress, run)
         if final or not run.view.finished:
-            self._show(state)
+            self._show(control)
 
-    @staticmethod
-    def _show_progress(bar: widgets.IntProgress, run: _Run) -> None:
-        view = run.view
-        if run.session.kind == "start":
-            total = max(view.build_total, 1)
-            step = min(view.build_step, total)
-        else:
-            total = step = 1
-        if not view.finished:
-            style = ""
-        elif view.state == "exited" and view.exit_code == 0:
-            style = "success"
-        elif view.state == "stopped":
-            style = "warning"
-        else:
-            style = "danger"
-        with bar.hold_sync():
-            bar.max = total
-            bar.value = step
-            bar.bar_style = style
-            bar.layout.display = None
-
-    def _show(self, state: _PodState) -> None:
+    def _show(self, control: PodControl) -> None:
         with self._lock:
             if self._closed:
                 return
             self._sync_controls()
-            state.status.value = state.status_text()
+            self._pane_of(control).status.value = control.status_text()
 
     def _sync_controls(self) -> None:
-        state = self._selected()
-        active = state.active_runs()
-        following = any(r.session.kind != "resume" for r in active)
-        resuming = any(r.session.kind == "resume" for r in active)
-        alive, busy = state.alive, state.busy
-        can_start = state.pod is not None and self._url_ok() and not (alive or active or busy)
-        can_resume = alive and not resuming and not busy
-        self.start_button.disabled = not can_start
-        self.resume_button.disabled = not can_resume
-        self.prompt.disabled = not can_resume
-        self.stop_button.disabled = not (alive or active or state.pending) or state.stopping
-        self.attach_button.disabled = not (
-            alive and state.remote is not None and not following and not busy
-        )
-
-    def _details_html(self, state: _PodState) -> str:
-        if not state.name:
-            where = html.escape(display_path(self.pods_dir))
-            return (
-                f"<i>No pods in {where}. A pod is a directory there with a Dockerfile, "
-                "and optionally pod.json and template.md.</i>"
-            )
-        name = html.escape(state.name)
-        if state.pod is None:
-            error = (
-                html.escape(clean_text(_sentence(state.error))) if state.error else "unknown error"
-            )
-            return f"<b>{name}</b> is broken: {error}"
-        pod, config = state.pod, state.pod.config
-        env = ", ".join(
-            f"{k}={MASK if looks_secret(k) else v}" for k, v in sorted(config.env.items())
-        )
-        missing = [n for n in config.inherit_env if n not in os.environ]
-        forwarded = ", ".join(
-            n + (" (not set on this host)" if n in missing else "") for n in config.inherit_env
-        )
-        mounts = "; ".join(
-            f"{m.source} → {m.target}" + (" (read-only)" if m.read_only else "")
-            for m in config.mounts
-        )
-        template = pod.template.splitlines()
-        preview = "\n".join(template[:TEMPLATE_PREVIEW_LINES])
-        if len(template) > TEMPLATE_PREVIEW_LINES:
-            preview += f"\n… (+{len(template) - TEMPLATE_PREVIEW_LINES} more lines)"
-        rows = [
-            ("image", pod.image),
-            ("directory", display_path(pod.dir)),
-            ("workdir", config.workdir or "(image default)"),
-            ("env", env or "none"),
-            ("inheritEnv", forwarded or "none"),
-            ("mounts", mounts or "none"),
-            ("args", shlex.join(config.args) or "none"),
-            ("keepAlive", "yes" if config.keep_alive else "no"),
-        ]
-        mask = _pod_masker(pod)
-        cells = "".join(
-            f'<tr><th style="text-align:left;padding-right:1em">{key}</th>'
-            f"<td>{html.escape(mask(clean_text(value)))}</td></tr>"
-            for key, value in rows
-        )
-        template_html = (
-            f'<pre style="margin:2px 0">{html.escape(mask(clean_text(preview)))}</pre>'
-            if preview
-            else "<i>none</i>"
-        )
-        return f"<b>{name}</b><table>{cells}</table><div><b>template.md</b>{template_html}</div>"
+        can = self._selected().controls(self._url_ok())
+        self.start_button.disabled = not can.start
+        self.resume_button.disabled = not can.resume
+        self.prompt.disabled = not can.resume
+        self.stop_button.disabled = not can.stop
+        self.attach_button.disabled = not can.attach
 
     # -- presentation -------------------------------------------------------------------
 
@@ -657,7 +732,7 @@ class PodPicker:
         selected = self.pod_select.value
         for name in names:
             marker = "*" if name == selected else " "
-            lines.append(f"{marker} {self._states[name].status_text()}")
+            lines.append(f"{marker} {self._controls[name].status_text()}")
         return "\n".join(lines)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
@@ -676,11 +751,94 @@ class PodPicker:
             return
         with self._lock:
             self._closed = True
-            for state in [self._blank, *self._states.values()]:
-                with state.lock:  # waits for a publication in flight
-                    for widget in state.all_widgets():
+            for control in [self._blank, *self._controls.values()]:
+                with control.lock:  # waits for a publication in flight
+                    for widget in self._pane_of(control).all_widgets():
                         widget.close()
             _close_tree(self.widget)
+
+
+def _show_progress(bar: widgets.IntProgress, run: _Run) -> None:
+    """Show a run's build progress; the bar's colour says how it ended."""
+    view = run.view
+    if run.session.kind is SessionKind.START:
+        total = max(view.build_total, 1)
+        step = min(view.build_step, total)
+    else:
+        total = step = 1
+    state = view.state
+    if not state.finished:
+        style = ""
+    elif state is RunState.EXITED and view.exit_code == 0:
+        style = "success"
+    elif state is RunState.STOPPED:
+        style = "warning"
+    else:
+        style = "danger"
+    with bar.hold_sync():
+        bar.max = total
+        bar.value = step
+        bar.bar_style = style
+        bar.layout.display = None
+
+
+def pod_details_html(control: PodControl, pods_dir: str | os.PathLike[str]) -> str:
+    """HTML describing a pod for the details pane: its configuration, secrets masked.
+
+    Args:
+        control: The pod's controller (a blank one when no pod is selected).
+        pods_dir: The pods directory, named when there are no pods.
+
+    Returns:
+        The HTML; every value escaped and free of terminal escapes.
+    """
+    if not control.name:
+        where = html.escape(display_path(pods_dir))
+        return (
+            f"<i>No pods in {where}. A pod is a directory there with a Dockerfile, "
+            "and optionally pod.json and template.md.</i>"
+        )
+    name = html.escape(control.name)
+    if control.pod is None:
+        error = (
+            html.escape(clean_text(_sentence(control.error))) if control.error else "unknown error"
+        )
+        return f"<b>{name}</b> is broken: {error}"
+    pod, config = control.pod, control.pod.config
+    env = ", ".join(f"{k}={MASK if looks_secret(k) else v}" for k, v in sorted(config.env.items()))
+    missing = [n for n in config.inherit_env if n not in os.environ]
+    forwarded = ", ".join(
+        n + (" (not set on this host)" if n in missing else "") for n in config.inherit_env
+    )
+    mounts = "; ".join(
+        f"{m.source} → {m.target}" + (" (read-only)" if m.read_only else "") for m in config.mounts
+    )
+    template = pod.template.splitlines()
+    preview = "\n".join(template[:TEMPLATE_PREVIEW_LINES])
+    if len(template) > TEMPLATE_PREVIEW_LINES:
+        preview += f"\n… (+{len(template) - TEMPLATE_PREVIEW_LINES} more lines)"
+    rows = [
+        ("image", pod.image),
+        ("directory", display_path(pod.dir)),
+        ("workdir", config.workdir or "(image default)"),
+        ("env", env or "none"),
+        ("inheritEnv", forwarded or "none"),
+        ("mounts", mounts or "none"),
+        ("args", shlex.join(config.args) or "none"),
+        ("keepAlive", "yes" if config.keep_alive else "no"),
+    ]
+    mask = _pod_masker(pod)
+    cells = "".join(
+        f'<tr><th style="text-align:left;padding-right:1em">{key}</th>'
+        f"<td>{html.escape(mask(clean_text(value)))}</td></tr>"
+        for key, value in rows
+    )
+    template_html = (
+        f'<pre style="margin:2px 0">{html.escape(mask(clean_text(preview)))}</pre>'
+        if preview
+        else "<i>none</i>"
+    )
+    return f"<b>{name}</b><table>{cells}</table><div><b>template.md</b>{template_html}</div>"
 
 
 def _close_tree(widget: widgets.Widget) -> None:
@@ -703,4 +861,4 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
     return Path(path).expanduser().resolve()
 
 
-__all__ = ["PodPicker"]
+__all__ = ["Controls", "PodControl", "PodPicker", "pod_details_html"]

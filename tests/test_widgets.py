@@ -13,8 +13,11 @@ from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
 
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
-from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD
-from cldpd_magic.session import MASK
+from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD, RunningPod
+from cldpd_magic.errors import SessionNotFoundError
+from cldpd_magic.render import SessionView
+from cldpd_magic.session import MASK, EventType, RunState, Session
+from cldpd_magic.widgets import Controls, PodControl, _Run
 
 SECRET = "s3cr3t-t0ken-value"
 
@@ -524,3 +527,81 @@ def test_paths_show_as_a_person_writes_them(tmp_path, monkeypatch):
     assert display_path(tmp_path / "pods" / "demo") == "pods/demo"
     assert display_path(Path.home() / ".cldpd" / "pods") == "~/.cldpd/pods"
     assert display_path("/elsewhere/pods") == "/elsewhere/pods"
+
+
+# -- the controller alone: what the picker knows of a pod, read through its sessions ---------
+
+
+def held_session(transcript_dir: Path, kind: str = "start") -> tuple[Session, threading.Event]:
+    """A session that runs (CONTAINER_STARTED) until the returned event is set, then exits 0."""
+    release = threading.Event()
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "cldpd-p")
+        ctl.set_stopper(lambda _t: release.set())
+        release.wait(30)
+        return 0
+
+    session = Session("p", "cldpd-p", job, transcript_dir, kind=kind)
+    next(e for e in session.events() if e.type is EventType.CONTAINER_STARTED)
+    return session, release
+
+
+def followed(session: Session) -> _Run:
+    return _Run(session, SessionView("p", session=session))
+
+
+def test_controls_follow_the_sessions_state(transcript_dir):
+    control = PodControl("p", None, None)
+    assert control.controls(url_ok=True) == Controls(False, False, False, False)  # broken pod
+    session, release = held_session(transcript_dir)
+    control.begin_launch("starting")
+    assert control.status_text() == "p: starting…"
+    assert control.controls(True) == Controls(start=False, resume=False, stop=True, attach=False)
+    run = followed(session)
+    assert control.add_run(run) is False
+    assert control.alive and control.controls(True) == Controls(False, True, True, False)
+    assert control.status_text() == "p: running 0s"
+    release.set()
+    session.wait(10)
+    assert not control.alive  # read from the session: no flag of the controller's changed
+    control.run_ended(run)
+    assert not control.idle and control.controls(True).stop is False
+    assert control.status_text().startswith("p: exited 0 after ")
+
+
+def test_a_stop_asked_before_the_session_exists_stops_it_when_it_comes(transcript_dir):
+    control = PodControl("p", None, None)
+    control.begin_launch("starting")
+    control.begin_stop()
+    assert control.status_text() == "p: stopping…" and control.busy
+    assert not control.controls(True).stop  # one stop at a time
+    session, _release = held_session(transcript_dir)
+    run = followed(session)
+    assert control.add_run(run) is True
+    session.stop(1)
+    control.run_ended(run)
+    control.stop_done()
+    assert session.state is RunState.STOPPED
+    assert control.note == "" and control.status_text() == "p: stopped (exit 0)"
+    assert not control.busy and not control.alive
+
+
+def test_a_look_up_shows_a_pod_started_elsewhere_unless_the_picker_knows_better(
+    transcript_dir,
+):
+    elsewhere = RunningPod("p", "cldpd-p", "running", "p-1", "", False, "2026-01-01T10:00:00", "")
+    control = PodControl("p", None, None)
+    control.begin_launch("attaching")
+    assert control.seen(elsewhere) is False and control.outside is None
+    control.launch_failed(SessionNotFoundError("Pod p is not running; nothing to attach to."))
+    assert control.status_text() == "p: failed: Pod p is not running; nothing to attach to."
+    assert control.seen(elsewhere) is True and control.alive
+    assert control.controls(False) == Controls(start=False, resume=True, stop=True, attach=True)
+    control.begin_launch("resuming")
+    control.launch_failed(SessionNotFoundError("Pod p is not running; start it first."))
+    assert control.outside is None and not control.alive  # it was gone after all
+    control.seen(elsewhere)
+    control.begin_stop()
+    control.stop_done()
+    assert control.status_text() == "p: stopped" and control.outside is None
