@@ -53,11 +53,14 @@ class Mount:
         target: Absolute path in the container.
         read_only: Mount read-only.
     """
+        remote: The source exists on the engine's host, so the mount may go to a remote
+            engine (``"remote": true`` in pod.json).
 
     source: str
     target: str
     read_only: bool = False
 
+    remote: bool = False
 
 #: The capabilities of Linux 6.x (capability.h) that ``capAdd`` may name, without ``CAP_``.
 CAPABILITIES = frozenset(
@@ -144,6 +147,7 @@ class PodConfig:
     resources: Resources = field(default_factory=Resources)
     cap_add: tuple[str, ...] = ()
     read_only_root: bool = False
+    engine: str = ""
 
 
 #: Docker's own network modes a pod may name; any other value names a network.
@@ -319,11 +323,11 @@ def _mounts(path: Path, value: Any) -> tuple[Mount, ...]:
     for i, item in enumerate(value):
         where = f"mounts[{i}]"
         _expect(path, where, item, dict, "an object with source and target")
-        unknown = set(item) - {"source", "target", "readOnly"}
+        unknown = set(item) - {"source", "target", "readOnly", "remote"}
         if unknown:
             raise PodConfigError(
                 f"{path}: unknown key {sorted(unknown)[0]!r} in {where}; "
-                "expected source, target, readOnly."
+                "expected source, target, readOnly, remote."
             )
         for key in ("source", "target"):
             if key not in item:
@@ -336,7 +340,9 @@ def _mounts(path: Path, value: Any) -> tuple[Mount, ...]:
             raise PodConfigError(
                 f"{path}: {where}.target must be an absolute path in the container."
             )
-        mounts.append(Mount(_expand_source(path, where, item["source"]), item["target"], read_only))
+        remote = _expect(path, f"{where}.remote", item.get("remote", False), bool, "a boolean")
+        source = _expand_source(path, where, item["source"])
+        mounts.append(Mount(source, item["target"], read_only, remote))
     return tuple(mounts)
 
 
@@ -353,6 +359,7 @@ _CONFIG_KEYS = {
     "resources": "resources",
     "capAdd": "cap_add",
     "readOnlyRoot": "read_only_root",
+    "engine": "engine",
 }
 
 
@@ -537,6 +544,8 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
                 "image history; forward it at run time with inheritEnv instead."
             )
     return PodConfig(**values)
+        elif key == "engine":
+            values["engine"] = _engine(path, _expect(path, key, value, str, "a string"))
 
 
 def _workdir(path: Path, workdir: str) -> str:
@@ -552,6 +561,15 @@ MAX_POD_FILE_BYTES = 1 << 20
 
 
 def _read_pod_file(path: Path, error: type[Exception]) -> str:
+def _engine(path: Path, engine: str) -> str:
+    if not engine.strip() or any(c in engine for c in "\0\n\r"):
+        raise PodConfigError(
+            f"{path}: 'engine' must name a configured engine (its name or endpoint), "
+            f"got {engine!r}."
+        )
+    return engine
+
+
     """A pod file's text ("" when absent): regular files only, up to MAX_POD_FILE_BYTES.
 
     A FIFO, a device or a link to one would block or never end: such a file makes this

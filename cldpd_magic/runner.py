@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import docker
 import docker.errors
+import docker.tls
 import docker.types
 import requests
 import requests.exceptions
@@ -204,14 +205,16 @@ _UNREACHABLE_CAUSES = (
 )
 
 
-def _unreachable(exc: Exception) -> DockerUnavailableError:
+def _unreachable(exc: Exception, where: str = "") -> DockerUnavailableError:
     """One sentence for an engine that cannot be reached: where, and the likely cause."""
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if where:
+        advice = "start that engine or change the engines setting"
+    else:
+        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        advice = "start the Docker engine or set DOCKER_HOST"
     text = _explain(exc)
     cause = next((c for key, c in _UNREACHABLE_CAUSES if key in text), one_line(text)[:200])
-    return DockerUnavailableError(
-        f"Docker is not reachable at {where} ({cause}); start the Docker engine or set DOCKER_HOST."
-    )
+    return DockerUnavailableError(f"Docker is not reachable at {where} ({cause}); {advice}.")
 
 
 def _explain(exc: Exception) -> str:
@@ -311,15 +314,32 @@ class DockerRunner:
         client: A ``docker.DockerClient``; ``docker.from_env()`` when None, which honours
             DOCKER_HOST. Without a client, each streaming operation gets a client of its
             own, since docker-py clients are not documented as thread-safe.
+        base_url: Connect to this endpoint (``unix://``, ``tcp://``, ``ssh://``) instead.
+        tls: ``(ca, cert, key)`` file paths: verify the engine with ``ca`` and present
+            the client certificate ``cert`` with its key ``key``.
+        use_ssh_client: Reach ``ssh://`` endpoints through the system's ``ssh`` command.
+        timeout: Seconds any call but a stream may take (docker-py's default when None).
     """
 
     #: Shares of the stop timeout given to SIGINT and SIGTERM before SIGKILL.
     STOP_SHARES = (0.6, 0.3)
 
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        base_url: str | None = None,
+        tls: tuple[str, str, str] | None = None,
+        use_ssh_client: bool = False,
+        timeout: float | None = None,
+    ) -> None:
         self._client = client
         self._shared: docker.DockerClient | None = client
         self._lock = threading.Lock()
+        self._base_url = base_url
+        self._tls = tls
+        self._use_ssh_client = use_ssh_client
+        self._timeout = timeout
 
     def _control(self) -> docker.APIClient:
         with self._lock:
@@ -327,12 +347,23 @@ class DockerRunner:
                 self._shared = self._connect()
             return self._shared.api
 
-    @staticmethod
-    def _connect() -> docker.DockerClient:
+    def _connect(self) -> docker.DockerClient:
+        timeout = {} if self._timeout is None else {"timeout": self._timeout}
         try:
-            return docker.from_env()
-        except docker.errors.DockerException as exc:
-            raise _unreachable(exc) from None
+            if self._base_url is None:
+                return docker.from_env(**timeout)
+            tls: docker.tls.TLSConfig | bool = False
+            if self._tls is not None:
+                ca, cert, key = self._tls
+                tls = docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
+            return docker.DockerClient(
+                base_url=self._base_url,
+                tls=tls,
+                use_ssh_client=self._use_ssh_client,
+                **timeout,
+            )
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _unreachable(exc, self._base_url or "") from None
 
     @contextlib.contextmanager
     def _streaming(self) -> Iterator[docker.APIClient]:
@@ -354,7 +385,7 @@ class DockerRunner:
         try:
             self._control().ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise _unreachable(exc) from None
+            raise _unreachable(exc, self._base_url or "") from None
 
     def build(
         self,
@@ -363,6 +394,7 @@ class DockerRunner:
         build_args: dict[str, str] | None = None,
         on_output: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        engine: str = "",
     ) -> None:
         """Build an image from a directory, streaming the log as it comes.
 
@@ -375,6 +407,7 @@ class DockerRunner:
             build_args: Docker build args.
             on_output: Called with each line of the build log.
             cancel: When set from another thread, the build is abandoned.
+            engine: Ignored: this runner is one engine.
 
         Raises:
             BuildFailedError: The build failed or was cancelled; carries the log tail.
