@@ -52,15 +52,15 @@ class Mount:
         source: Absolute host path (``~`` already expanded).
         target: Absolute path in the container.
         read_only: Mount read-only.
-    """
         remote: The source exists on the engine's host, so the mount may go to a remote
             engine (``"remote": true`` in pod.json).
+    """
 
     source: str
     target: str
     read_only: bool = False
-
     remote: bool = False
+
 
 #: The capabilities of Linux 6.x (capability.h) that ``capAdd`` may name, without ``CAP_``.
 CAPABILITIES = frozenset(
@@ -336,11 +336,11 @@ def _mounts(path: Path, value: Any) -> tuple[Mount, ...]:
         read_only = _expect(
             path, f"{where}.readOnly", item.get("readOnly", False), bool, "a boolean"
         )
+        remote = _expect(path, f"{where}.remote", item.get("remote", False), bool, "a boolean")
         if not item["target"].startswith("/"):
             raise PodConfigError(
                 f"{path}: {where}.target must be an absolute path in the container."
             )
-        remote = _expect(path, f"{where}.remote", item.get("remote", False), bool, "a boolean")
         source = _expand_source(path, where, item["source"])
         mounts.append(Mount(source, item["target"], read_only, remote))
     return tuple(mounts)
@@ -535,6 +535,8 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
             values["resources"] = _resources(path, value)
         elif key == "capAdd":
             values["cap_add"] = _capabilities(path, value)
+        elif key == "engine":
+            values["engine"] = _engine(path, _expect(path, key, value, str, "a string"))
         else:
             values[_CONFIG_KEYS[key]] = _expect(path, key, value, bool, "true or false")
     for name in values.get("build_args", {}):
@@ -544,8 +546,15 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
                 "image history; forward it at run time with inheritEnv instead."
             )
     return PodConfig(**values)
-        elif key == "engine":
-            values["engine"] = _engine(path, _expect(path, key, value, str, "a string"))
+
+
+def _engine(path: Path, engine: str) -> str:
+    if not engine.strip() or any(c in engine for c in "\0\n\r"):
+        raise PodConfigError(
+            f"{path}: 'engine' must name a configured engine (its name or endpoint), "
+            f"got {engine!r}."
+        )
+    return engine
 
 
 def _workdir(path: Path, workdir: str) -> str:
@@ -561,15 +570,6 @@ MAX_POD_FILE_BYTES = 1 << 20
 
 
 def _read_pod_file(path: Path, error: type[Exception]) -> str:
-def _engine(path: Path, engine: str) -> str:
-    if not engine.strip() or any(c in engine for c in "\0\n\r"):
-        raise PodConfigError(
-            f"{path}: 'engine' must name a configured engine (its name or endpoint), "
-            f"got {engine!r}."
-        )
-    return engine
-
-
     """A pod file's text ("" when absent): regular files only, up to MAX_POD_FILE_BYTES.
 
     A FIFO, a device or a link to one would block or never end: such a file makes this

@@ -41,6 +41,7 @@ class RunOptions:
         cap_add: Capabilities kept (all others are dropped), without ``CAP_``.
         read_only_root: Make the root filesystem read-only; /tmp, the working directory
             and the home directory stay writable.
+        engine: The configured engine to run on ("" is the default, the first one).
     """
 
     image: str
@@ -56,6 +57,7 @@ class RunOptions:
     resources: Resources = field(default_factory=Resources)
     cap_add: list[str] = field(default_factory=list)
     read_only_root: bool = False
+    engine: str = ""
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""
@@ -79,6 +81,7 @@ class ContainerInfo:
         image: Image tag it was created from.
         started_at: Start time as the engine reports it (ISO 8601).
         env: Its environment.
+        engine: The configured engine that holds it ("" when only one is configured).
     """
 
     name: str
@@ -88,6 +91,7 @@ class ContainerInfo:
     image: str = ""
     started_at: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    engine: str = ""
 
     @property
     def running(self) -> bool:
@@ -118,8 +122,9 @@ class Runner(Protocol):
         build_args: dict[str, str] | None = None,
         on_output: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        engine: str = "",
     ) -> None:
-        """Build an image, passing each log line to on_output."""
+        """Build an image on an engine ("" the default), passing each log line to on_output."""
 
     def run(
         self,

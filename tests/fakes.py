@@ -176,6 +176,7 @@ class FakeRunner:
         build_args: dict[str, str] | None = None,
         on_output: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
+        engine: str = "",
     ) -> None:
         """Print build_lines, then fail, wait for a cancel or succeed."""
         self.calls.append(("build", (tag, context_dir, dict(build_args or {}))))

@@ -1,0 +1,263 @@
+"""Several engines: the setting, probing with timeouts, routing, one inventory (no Docker)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+
+import pytest
+from fakes import FakeRunner, lines_agent
+
+from cldpd_magic.engines import (
+    UNREACHABLE,
+    Engine,
+    MultiEngineRunner,
+    parse_engine,
+    parse_engines,
+)
+from cldpd_magic.errors import DockerUnavailableError, PodConfigError, SessionNotFoundError
+from cldpd_magic.pods import Mount, parse_pod_config
+from cldpd_magic.protocol import Runner, RunOptions
+
+LOCAL = Engine("local", "unix:///var/run/docker.sock")
+REMOTE = Engine("far", "tcp://10.1.2.3:2376")
+
+
+def tls_dir(tmp_path):
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("x")
+    return tmp_path
+
+
+# -- the setting ------------------------------------------------------------------
+
+
+def test_endpoints_parse_with_names_and_tls(tmp_path):
+    certs = tls_dir(tmp_path)
+    engines = parse_engines(
+        f"unix:///var/run/docker.sock, tcp://10.0.0.5:2376?tls={certs}&name=gpu,ssh://me@box"
+    )
+    assert [e.name for e in engines] == ["unix:///var/run/docker.sock", "gpu", "ssh://me@box"]
+    assert engines[1].url == "tcp://10.0.0.5:2376"
+    assert engines[1].tls == tuple(str(certs / f) for f in ("ca.pem", "cert.pem", "key.pem"))
+    assert [e.remote for e in engines] == [False, True, True]
+    assert not parse_engine("tcp://127.0.0.1:2376").remote
+
+
+def test_the_environment_variable_is_the_fallback(monkeypatch):
+    monkeypatch.setenv("CLDPD_ENGINES", "unix:///a.sock,unix:///b.sock")
+    assert [e.url for e in parse_engines(None)] == ["unix:///a.sock", "unix:///b.sock"]
+    assert [e.url for e in parse_engines(["unix:///c.sock"])] == ["unix:///c.sock"]
+    monkeypatch.delenv("CLDPD_ENGINES")
+    assert parse_engines(None) == []
+
+
+def test_a_dict_entry_names_tls_files(tmp_path):
+    engine = parse_engine(
+        {"url": "tcp://h:1", "name": "h", "tls": {"ca": "/c", "cert": "/d", "key": "/k"}}
+    )
+    assert (engine.name, engine.tls) == ("h", ("/c", "/d", "/k"))
+
+
+def test_a_docker_context_is_read_with_its_tls_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    digest = hashlib.sha256(b"build-box").hexdigest()
+    meta = tmp_path / "contexts" / "meta" / digest
+    meta.mkdir(parents=True)
+    meta.joinpath("meta.json").write_text(
+        json.dumps({"Name": "build-box", "Endpoints": {"docker": {"Host": "tcp://b:2376"}}})
+    )
+    assert parse_engine("build-box").tls is None
+    certs = tmp_path / "contexts" / "tls" / digest / "docker"
+    certs.mkdir(parents=True)
+    tls_dir(certs)
+    engine = parse_engine("build-box")
+    assert engine.name == "build-box" and engine.url == "tcp://b:2376"
+    assert engine.tls == tuple(str(certs / f) for f in ("ca.pem", "cert.pem", "key.pem"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("nosuchcontext", "neither an endpoint"),
+        ("http://x", "unknown scheme"),
+        ("tcp://h:1?tls=/nonexistent", "lacks ca.pem"),
+        ("tcp://h:1?verify=0", "unknown option"),
+        ("unix:///s?tls=/x", "tcp:// endpoints only"),
+        ("swarm://tcp://h:1", "not supported yet"),
+    ],
+)
+def test_bad_entries_are_one_sentence(entry, says, tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    with pytest.raises(PodConfigError, match=says) as info:
+        parse_engine(entry)
+    assert "\n" not in str(info.value)
+
+
+def test_two_engines_may_not_share_a_name():
+    with pytest.raises(PodConfigError, match="Two engines are named"):
+        parse_engines(["unix:///a?name=x", "unix:///b?name=x"])
+
+
+# -- routing ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two():
+    near, far = FakeRunner(lines_agent("hi")), FakeRunner(lines_agent("far away"))
+    multi = MultiEngineRunner([(LOCAL, near), (REMOTE, far)], probe_timeout=0.5, list_timeout=1)
+    yield multi, near, far
+    near.release()
+    far.release()
+
+
+def test_the_multi_engine_runner_is_a_runner(two):
+    assert isinstance(two[0], Runner)
+
+
+def test_runs_go_to_the_pinned_engine_and_carry_its_name(two):
+    multi, near, far = two
+    out, started = io.StringIO(), []
+    assert multi.run(RunOptions("img", "c1", [], engine="far"), out, on_start=started.append) == 0
+    assert out.getvalue() == "far away\n"
+    assert [r.name for r in far.runs] == ["c1"] and near.runs == []
+    assert started[0].engine == "far"
+    multi.run(RunOptions("img", "c2", []), io.StringIO())
+    assert [r.name for r in near.runs] == ["c2"]
+
+
+def test_an_unknown_pin_is_one_sentence(two):
+    with pytest.raises(PodConfigError, match="Engine 'nope' is not configured"):
+        two[0].run(RunOptions("img", "c", [], engine="nope"), io.StringIO())
+
+
+def test_builds_go_to_the_named_engine(two, tmp_path):
+    multi, near, far = two
+    multi.build("t:1", str(tmp_path), engine="tcp://10.1.2.3:2376")
+    assert far.built == ["t:1"] and near.built == []
+
+
+def test_local_mounts_are_refused_on_a_remote_engine(two):
+    multi, _, far = two
+    mount = Mount("/home/me/src", "/src")
+    with pytest.raises(PodConfigError, match='add "remote": true') as info:
+        multi.start(RunOptions("img", "c", [], mounts=[mount], engine="far"))
+    assert "far" in str(info.value) and far.runs == []
+    there = Mount("/srv/src", "/src", remote=True)
+    assert multi.start(RunOptions("img", "c", [], mounts=[there], engine="far")).engine == "far"
+    multi.start(RunOptions("img", "d", [], mounts=[mount]))  # the local engine takes it
+
+
+def test_inventory_spans_engines_and_calls_follow_the_container(two):
+    multi, near, far = two
+    near.add_container("cldpd-a", {"cldpd.pod": "a"})
+    far.add_container("cldpd-b", {"cldpd.pod": "b"})
+    far.add_container("other", {"x": "1"})
+    listed = multi.list("cldpd.pod")
+    assert [(i.name, i.engine) for i in listed] == [("cldpd-a", "local"), ("cldpd-b", "far")]
+    assert multi.inspect("cldpd-b").engine == "far"
+    assert multi.inspect("missing") is None
+    multi.stop("cldpd-b")
+    assert far.stops == ["cldpd-b"] and near.stops == []
+    multi.stop("missing")  # fine, as on one engine
+    far._set_status("cldpd-b", "running")
+    multi.exec("cldpd-b", ["ls"], io.StringIO())
+    assert far.execs == [("cldpd-b", ["ls"])]
+    multi.remove("cldpd-b")
+    assert far.removed == ["cldpd-b"]
+    with pytest.raises(SessionNotFoundError):
+        multi.exec("cldpd-b", ["ls"], io.StringIO())
+
+
+class HangingRunner(FakeRunner):
+    """An engine that stopped answering: every call blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.hang = False
+
+    def preflight(self) -> None:
+        if self.hang:
+            self.gate.wait(30)
+        super().preflight()
+
+    def list(self, label):
+        if self.hang:
+            self.gate.wait(30)
+        return super().list(label)
+
+    def inspect(self, container):
+        if self.hang:
+            self.gate.wait(30)
+        return super().inspect(container)
+
+
+def test_an_engine_that_hangs_is_one_sentence_and_its_runs_show_unreachable():
+    near, far = FakeRunner(), HangingRunner()
+    multi = MultiEngineRunner(
+        [(LOCAL, near), (REMOTE, far)], probe_timeout=0.2, list_timeout=0.3, retry_after=60
+    )
+    try:
+        near.add_container("cldpd-a", {"cldpd.pod": "a"})
+        far.add_container("cldpd-b", {"cldpd.pod": "b"})
+        assert [i.status for i in multi.list("cldpd.pod")] == ["running", "running"]
+        far.hang = True
+        listed = multi.list("cldpd.pod")
+        assert [(i.name, i.status) for i in listed] == [
+            ("cldpd-a", "running"),
+            ("cldpd-b", UNREACHABLE),
+        ]
+        with pytest.raises(DockerUnavailableError, match="ran on engine far, which does not"):
+            multi.inspect("cldpd-b")
+        with pytest.raises(DockerUnavailableError, match=r"^Engine far did not answer within"):
+            multi.run(RunOptions("img", "c", [], engine="far"), io.StringIO())
+        assert multi.inspect("cldpd-a").engine == "local"  # the other engine goes on
+        assert multi.unreachable() == ["far"]
+    finally:
+        far.gate.set()
+        far.release()
+
+
+def test_an_engine_that_refuses_is_named():
+    near = FakeRunner()
+    near.unavailable = DockerUnavailableError("Docker is not reachable at unix:///x (no socket).")
+    multi = MultiEngineRunner([(LOCAL, near)], probe_timeout=1)
+    with pytest.raises(DockerUnavailableError, match=r"^Engine local does not answer: Docker is"):
+        multi.preflight()
+    assert multi.list("cldpd.pod") == []
+    with pytest.raises(DockerUnavailableError, match=r"^Engine local"):
+        multi.inspect("x")
+
+
+# -- pod.json ---------------------------------------------------------------------
+
+
+def test_pod_json_pins_an_engine_and_marks_remote_mounts(tmp_path):
+    text = json.dumps(
+        {
+            "engine": "far",
+            "mounts": [{"source": "/srv/src", "target": "/src", "remote": True}],
+        }
+    )
+    config = parse_pod_config(tmp_path / "pod.json", text)
+    assert config.engine == "far"
+    assert config.mounts == (Mount("/srv/src", "/src", remote=True),)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"engine": 3}, "'engine' must be a string"),
+        ({"engine": " "}, "'engine' must name a configured engine"),
+        (
+            {"mounts": [{"source": "/a", "target": "/b", "remote": "yes"}]},
+            r"'mounts\[0\]\.remote' must be a boolean",
+        ),
+    ],
+)
+def test_bad_engine_keys_are_one_sentence(tmp_path, data, says):
+    with pytest.raises(PodConfigError, match=says):
+        parse_pod_config(tmp_path / "pod.json", json.dumps(data))
