@@ -83,7 +83,7 @@ def test_next_steps_come_from_the_pod_json_and_dockerfile(pods_dir, monkeypatch)
     assert "(not set here: GH_TOKEN)" in steps
     assert "~/.ssh -> /home/agent/.ssh (read-only" in steps
     assert "AGENT_UID=1000 (your uid here is 4242" in steps
-    assert "the Dockerfile also takes CLAUDE_CODE_VERSION" in steps
+    assert "the Dockerfile also takes BASE_IMAGE, CLAUDE_CODE_VERSION" in steps
     assert "--permission-mode acceptEdits" in steps
     assert "template.md" in steps
     assert "sk-not-shown" not in steps
