@@ -566,7 +566,7 @@ def _workdir(path: Path, workdir: str) -> str:
 
 
 #: The largest pod.json or template.md read; anything larger is no pod file.
-MAX_POD_FILE_BYTES = 1 << 20
+MAX_POD_FILE_BYTES = 8 << 20
 
 
 def _read_pod_file(path: Path, error: type[Exception]) -> str:
@@ -584,7 +584,7 @@ def _read_pod_file(path: Path, error: type[Exception]) -> str:
     if not stat.S_ISREG(info.st_mode):
         raise error(f"{path} is not a regular file; make it one.")
     if info.st_size > MAX_POD_FILE_BYTES:
-        raise error(f"{path} has {info.st_size:,} bytes; a pod file may have at most 1 MiB.")
+        raise error(f"{path} has {info.st_size:,} bytes; a pod file may have at most 8 MiB.")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read(MAX_POD_FILE_BYTES + 1)

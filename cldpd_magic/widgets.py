@@ -330,6 +330,53 @@ class _PodPane:
         return [self.output, self.status, self.progress]
 
 
+class _Workers:
+    """The picker's worker threads: each guarded (no traceback reaches a cell), all joinable.
+
+    Args:
+        notice: Shows a one-sentence message about the picker as a whole.
+    """
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self._notice = notice
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def spawn(self, target: Callable[..., None], *args: Any) -> threading.Thread:
+        """Run ``target(*args)`` on a new daemon thread, named after it and its pod."""
+        name = f"cldpd-picker-{target.__name__.strip('_').removesuffix('_worker')}"
+        if args and isinstance(args[0], PodControl):
+            name += f"-{args[0].name}"
+
+        def guarded() -> None:
+            try:
+                target(*args)
+            except Exception as exc:  # a worker must never print a traceback into a cell
+                pod = args[0].pod if args and isinstance(args[0], PodControl) else None
+                log_swallowed(logger, f"the picker's {name} worker failed", _pod_masker(pod))
+                self._notice(f"The pod picker hit an unexpected error: {_sentence(exc)}")
+
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every thread; True if all finished within ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                alive = [t for t in self._threads if t.is_alive()]
+            if not alive:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            alive[0].join(left)
+
+
 class PodPicker:
     """An ipywidgets app over the discovered pods: start, follow, resume and stop agents.
 
@@ -388,7 +435,7 @@ class PodPicker:
         self._blank = PodControl("", None, None)
         self._blank_pane = _PodPane()
         self._lock = threading.RLock()
-        self._threads: list[threading.Thread] = []
+        self._workers = _Workers(self._set_notice)
         self._closed = False
         self._updating = False
 
@@ -652,24 +699,7 @@ class PodPicker:
         self._show(control)
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> threading.Thread:
-        name = f"cldpd-picker-{target.__name__.strip('_').removesuffix('_worker')}"
-        if args and isinstance(args[0], PodControl):
-            name += f"-{args[0].name}"
-
-        def guarded() -> None:
-            try:
-                target(*args)
-            except Exception as exc:  # a worker must never print a traceback into a cell
-                pod = args[0].pod if args and isinstance(args[0], PodControl) else None
-                log_swallowed(logger, f"the picker's {name} worker failed", _pod_masker(pod))
-                self._set_notice(f"The pod picker hit an unexpected error: {_sentence(exc)}")
-
-        thread = threading.Thread(target=guarded, name=name, daemon=True)
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads.append(thread)
-        thread.start()
-        return thread
+        return self._workers.spawn(target, *args)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the picker's background work (runs, stops, look-ups) to finish.
@@ -680,16 +710,7 @@ class PodPicker:
         Returns:
             True if everything finished in time.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                alive = [t for t in self._threads if t.is_alive()]
-            if not alive:
-                return True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            alive[0].join(left)
+        return self._workers.join(timeout)
 
     # -- showing state (any thread, trait writes only) ----------------------------------
 

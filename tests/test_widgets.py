@@ -398,7 +398,7 @@ def test_repr_and_mimebundle(make_pod, fake):
     assert head == f"PodPicker: 2 pods in {picker.pods_dir}"
     assert first == f"* a{uid}: not running"
     assert second.startswith(f"  b{uid}: broken: ")
-    assert second.endswith("pod.json: 'pod.json' must be a JSON object, got list.")
+    assert second.endswith("pod.json: 'pod.json' must be a JSON object, got an array.")
     bundle = picker._repr_mimebundle_()
     assert bundle["text/plain"] == text
     assert "application/vnd.jupyter.widget-view+json" in bundle
