@@ -521,7 +521,7 @@ def test_pod_files_that_would_block_or_never_end_break_only_their_pod(pods_dir, 
     elif kind == "device-link":
         bad.symlink_to("/dev/zero")
     else:
-        bad.write_bytes(b" " * (2 << 20))
+        bad.write_bytes(b" " * (9 << 20))
     scanned = {name: (pod, error) for name, pod, error in scan_pods(pods_dir)}
     assert scanned["good"][0] is not None
     pod, error = scanned["bad"]
