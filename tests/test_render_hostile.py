@@ -117,7 +117,7 @@ def test_the_picker_shows_hostile_pods_and_runs_inert(pods_dir: Path, transcript
         pod_json={
             "env": {"NOTE": payload[:500], "COLOUR": terminal},
             "args": PAYLOADS[:5],
-            "workdir": PAYLOADS[0] + terminal,
+            "workdir": "/" + PAYLOADS[0] + terminal,  # absolute, else refused up front
             "mounts": [{"source": "/tmp", "target": "/x" + PAYLOADS[1].replace(" ", "")}],
         },
         template=payload,
