@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -1119,3 +1120,276 @@ class Report:
 
     def __repr__(self) -> str:
         return self.text()
+
+#: Columns of a batch's live table.
+BATCH_COLUMNS = ("run", "pod", "state", "elapsed", "turns", "cost", "last tool call")
+
+
+def run_name(session: Session) -> str:
+    """A session's run name (its pod's name for a session made before runs had names)."""
+    return str(getattr(session, "run", "") or session.pod_name)
+
+
+def _usage_cells(session: Session) -> tuple[str, str]:
+    """The turns and cost of a run so far, as table cells ("-" while unknown)."""
+    usage = getattr(session, "usage", None)
+    turns = _number(getattr(usage, "turns", None))
+    cost = _number(getattr(usage, "cost_usd", None))
+    return (
+        "-" if not turns else f"{turns:,.0f}",
+        "-" if cost is None or (not cost and not turns) else f"${cost:.4f}",
+    )
+
+
+class _BatchRunView(SessionView):
+    """One run's view in a batch: a :class:`SessionView` that remembers the last tool call."""
+
+    def __init__(self, session: Session, max_lines: int) -> None:
+        self.last_tool = ""
+        super().__init__(run_name(session), max_lines, session=session)
+        self.session = session
+
+    def _push(self, line: Line) -> None:
+        if line.kind == "tool":
+            self.last_tool = _first_line(line.text.removeprefix("▸ "), 80)
+        super()._push(line)
+
+    def state_text(self) -> str:
+        """The state, with why a run was stopped or failed (e.g. ``stopped: over budget``)."""
+        snap = self.status.snapshot()
+        why = ""
+        if snap.state in (RunState.STOPPED, RunState.FAILED) and snap.detail:
+            why = f": {_first_line(self.mask(clean_text(snap.detail)), 60)}"
+        elif snap.state is RunState.EXITED and snap.exit_code:
+            why = f" {snap.exit_code}"
+        return f"{snap.state}{why}"
+
+    def cells(self, selected: bool) -> tuple[str, ...]:
+        """The run's row: run, pod, state, elapsed, turns, cost, last tool call."""
+        turns, cost = _usage_cells(self.session)
+        started = self.state not in (RunState.STARTING, RunState.BUILDING)
+        elapsed = f"{self.elapsed():.0f}s" if started else "-"
+        marker = "▶ " if selected else ""
+        pod = clean_text(self.session.pod_name)
+        return (marker + self.title, pod, self.state_text(), elapsed, turns, cost, self.last_tool)
+
+
+class BatchView:
+    """What a cell, the picker or a terminal shows of a batch: a row per run and one run's tail.
+
+    Each run has its own :class:`SessionView` (bounded tail, masked, free of terminal
+    escapes); the table shows each run's state, elapsed time, turns, cost and last tool
+    call, and under it the selected run's status line and tail. Rows come in the order
+    the runs were added.
+
+    Args:
+        title: What the summary line names.
+        max_lines: How many lines each run's tail keeps.
+
+    Attributes:
+        selected: The run name whose output shows under the table ("" for none).
+        version: Changes whenever anything shown may have changed.
+    """
+
+    def __init__(self, title: str = "batch", max_lines: int = DEFAULT_MAX_LINES) -> None:
+        self.title = clean_text(title)
+        self.max_lines = max(1, int(max_lines))
+        self.selected = ""
+        self._rows: dict[int, _BatchRunView] = {}
+        self._own_version = 0
+        self.lock = threading.Lock()
+
+    def track(self, session: Session) -> bool:
+        """Add a row for a run (once); True when the run is new."""
+        with self.lock:
+            if id(session) in self._rows:
+                return False
+            self._rows[id(session)] = _BatchRunView(session, self.max_lines)
+            self._own_version += 1
+            if not self.selected:
+                self.selected = run_name(session)
+            return True
+
+    def add(self, session: Session, event: Event) -> None:
+        """Take one event of a tracked run into its row; never raises."""
+        self.row(session).add(event)
+
+    def row(self, session: Session) -> SessionView:
+        """The view of a tracked run (KeyError for a run not tracked)."""
+        return self._rows[id(session)]
+
+    def rows(self) -> list[SessionView]:
+        """The run views, in the order the runs were tracked."""
+        with self.lock:
+            return list(self._rows.values())
+
+    def run_names(self) -> list[str]:
+        """The run names, in row order."""
+        return [row.title for row in self.rows()]
+
+    def select(self, run: str) -> None:
+        """Show this run's output under the table ("" for none)."""
+        with self.lock:
+            self.selected = clean_text(run)
+            self._own_version += 1
+
+    def _selected_row(self) -> _BatchRunView | None:
+        return next((r for r in self._rows.values() if r.title == self.selected), None)
+
+    @property
+    def version(self) -> int:
+        """A number that changes whenever a row or the selection changes."""
+        with self.lock:
+            return self._own_version + sum(row.version for row in self._rows.values())
+
+    @property
+    def finished(self) -> bool:
+        """Whether every tracked run has ended."""
+        return all(row.finished for row in self.rows())
+
+    def elapsed_second(self) -> int:
+        """Seconds of the longest unfinished run, to know when elapsed times change."""
+        running = [int(row.elapsed()) for row in self.rows() if not row.finished]
+        return max(running, default=-1)
+
+    def summary(self) -> str:
+        """One line: how many runs are in each state, turns and cost in all."""
+        counts: dict[str, int] = {}
+        turns = cost = 0.0
+        for row in self.rows():
+            counts[str(row.state)] = counts.get(str(row.state), 0) + 1
+            usage = getattr(row.session, "usage", None)
+            turns += _number(getattr(usage, "turns", None)) or 0
+            cost += _number(getattr(usage, "cost_usd", None)) or 0
+        states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no runs yet"
+        return f"{self.title}: {states} · {turns:,.0f} turns · ${cost:.4f}"
+
+    def table(self) -> Table:
+        """The rows as a :class:`Table` (the selected run marked ``▶``)."""
+        with self.lock:
+            rows = [row.cells(row.title == self.selected) for row in self._rows.values()]
+        return Table(BATCH_COLUMNS, rows, title=self.summary())
+
+    def text(self) -> str:
+        """Plain text: the table, then the selected run's status, tail and transcript."""
+        parts = [self.table().text()]
+        with self.lock:
+            row = self._selected_row()
+        if row is not None:
+            parts.append(f"── {row.title} ──\n{row.text()}")
+        return "\n".join(parts)
+
+    def html(self) -> str:
+        """HTML: the table, then the selected run's status, tail and transcript."""
+        with self.lock:
+            row = self._selected_row()
+        selected = row.html() if row is not None else ""
+        return f'<div class="cldpd-batch">{self.table()._repr_html_()}{selected}</div>'
+
+    def bundle(self) -> dict[str, str]:
+        """A MIME bundle with text/html and text/plain."""
+        return {"text/html": self.html(), "text/plain": self.text()}
+
+
+class RunSource:
+    """What :class:`BatchFeed` follows: a batch's runs, which may grow, and whether it is done.
+
+    A :class:`~cldpd_magic.batch.Batch` is one; so is any object with ``runs`` (a list of
+    sessions) and ``done``.
+    """
+
+    runs: list[Session]
+    done: bool
+
+
+class BatchFeed:
+    """Follows every run of a batch in worker threads and publishes its view, batched.
+
+    One reader thread per run takes its events into the :class:`BatchView`; one writer
+    thread publishes the whole view at most once per ``interval`` while output flows and
+    about once a second while the runs are quiet, and once more at the end. So a batch of
+    fifty runs sends no more frontend messages per second than one :class:`LiveFeed`.
+    Like LiveFeed, the writer runs in a copy of the context the feed was created in, so
+    in a kernel its messages stay tied to the cell that created the feed.
+
+    Args:
+        batch: The batch to follow (``runs`` and ``done``; runs may be added while it runs).
+        view: The view to fill.
+        publish: Called with the view when it should be shown again.
+        interval: Seconds between publications while output flows.
+    """
+
+    def __init__(
+        self,
+        batch: RunSource,
+        view: BatchView,
+        publish: Callable[[BatchView], None],
+        interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        self.batch = batch
+        self.view = view
+        self.publish = publish
+        self.interval = max(0.02, float(interval))
+        self.publications = 0
+        self.error: BaseException | None = None
+        self._readers: list[threading.Thread] = []
+        self._done = threading.Event()
+        context = contextvars.copy_context()  # see LiveFeed: updates stay in their cell
+        self._writer = threading.Thread(
+            target=context.run, args=(self._write,), daemon=True, name="cldpd-batch-pub"
+        )
+        self._writer.start()
+
+    def _follow_new_runs(self) -> bool:
+        """Start a reader for each run not followed yet; True when the batch is complete."""
+        done = bool(self.batch.done)  # read first: the runs of a done batch are final
+        for session in list(self.batch.runs):
+            if self.view.track(session):
+                reader = threading.Thread(
+                    target=self._read, args=(session,), daemon=True, name="cldpd-batch-read"
+                )
+                self._readers.append(reader)
+                reader.start()
+        return done
+
+    def _read(self, session: Session) -> None:
+        row = self.view.row(session)
+        try:
+            for events in session.event_batches():
+                for event in events:
+                    row.add(event)
+        except BaseException as exc:  # the feed must end even if a transcript read fails
+            log_swallowed(log, "reading a batch run's events failed", session.mask)
+            self.error = exc
+            row.fail(f"could not read the session's events: {exc}")
+
+    def _publish(self) -> None:
+        try:
+            self.publish(self.view)
+            self.publications += 1
+        except Exception as exc:  # a frontend going away must not kill the feed
+            log_swallowed(log, "publishing the batch view failed")
+            self.error = exc
+
+    def _write(self) -> None:
+        shown: tuple[int, int] = (-1, -1)
+        while True:
+            complete = self._follow_new_runs()
+            if complete and not any(r.is_alive() for r in self._readers):
+                break
+            state = (self.view.version, self.view.elapsed_second())
+            if state != shown:
+                shown = state
+                self._publish()
+            time.sleep(self.interval)  # one publication per interval, however many runs
+        self._publish()
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the final view has been published."""
+        return self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the final view is published; True if it was."""
+        return self._done.wait(timeout)

@@ -1,0 +1,168 @@
+"""A batch as a live table: a row per run, the selected run's tail, updates batched."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import threading
+import time
+from typing import Any, NamedTuple
+
+from html_safety import PAYLOADS, html_problems
+
+from cldpd_magic.render import _CSS, _TABLE_CSS, BatchFeed, BatchView
+from cldpd_magic.session import EventType, Session
+
+
+class _Usage(NamedTuple):
+    turns: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_creation_tokens: int
+    cost_usd: float
+
+
+class _CostedSession(Session):
+    """A session whose usage is given (the renderer only reads ``run`` and ``usage``)."""
+
+    given_usage: _Usage | None = None
+
+    @property
+    def usage(self) -> _Usage | None:  # type: ignore[override]
+        return self.given_usage
+
+
+class FakeBatch:
+    """What a BatchFeed follows: runs (added while it runs) and done."""
+
+    def __init__(self, runs: list[Session] | None = None) -> None:
+        self.runs = list(runs or [])
+        self.closed = True
+
+    @property
+    def done(self) -> bool:
+        return self.closed and all(s.done for s in self.runs)
+
+
+def _tool(name: str, **args: Any) -> str:
+    block = {"type": "tool_use", "name": name, "input": args}
+    return json.dumps({"type": "assistant", "message": {"content": [block]}})
+
+
+def _session(tmp_path, pod: str, lines: list[str], code: int = 0, **kwargs: Any) -> Session:
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, f"cldpd-{pod}")
+        ctl.stdout.write("".join(line + "\n" for line in lines))
+        return code
+
+    return _CostedSession(pod, f"cldpd-{pod}", job, tmp_path, **kwargs)
+
+
+def _fed(tmp_path, sessions: list[Session], interval: float = 0.02) -> tuple[BatchView, list]:
+    view = BatchView("batch")
+    published: list[str] = []
+    feed = BatchFeed(FakeBatch(sessions), view, lambda v: published.append(v.text()), interval)
+    assert feed.join(60)
+    assert feed.error is None
+    return view, published
+
+
+def test_a_row_per_run_with_state_elapsed_turns_cost_and_last_tool_call(tmp_path):
+    ok = _session(tmp_path, "ok", [_tool("Read", file_path="a.py"), _tool("Bash", command="ls")])
+    ok.given_usage = _Usage(3, 100, 20, 0, 0, 0.0123)
+    bad = _session(tmp_path, "bad", ["plain text only"], code=2)
+    view, published = _fed(tmp_path, [ok, bad])
+    table = view.table()
+    assert table.columns == ("run", "pod", "state", "elapsed", "turns", "cost", "last tool call")
+    (first, second) = table.records()
+    assert first["run"] == "▶ ok" and first["state"] == "exited" and first["turns"] == "3"
+    assert first["cost"] == "$0.0123" and first["last tool call"] == "Bash: ls"
+    assert first["elapsed"].endswith("s")
+    assert second["run"] == "bad" and second["state"] == "exited 2"
+    assert second["turns"] == second["cost"] == "-" and second["last tool call"] == ""
+    assert table.title == "batch: 2 exited · 3 turns · $0.0123"
+    assert view.run_names() == ["ok", "bad"]
+    assert published[-1] == view.text()
+
+
+def test_the_selected_runs_output_shows_under_the_table_and_no_other(tmp_path):
+    runs = [_session(tmp_path, f"r{i}", [f"only-in-r{i}"]) for i in range(3)]
+    view, _ = _fed(tmp_path, runs)
+    assert "only-in-r0" in view.text() and "only-in-r1" not in view.text()
+    view.select("r1")
+    text, markup = view.text(), view.html()
+    assert "── r1 ──" in text and "only-in-r1" in text
+    assert "only-in-r0" not in text + markup and "only-in-r2" not in text + markup
+    assert "▶ r1" in text
+    view.select("")
+    assert "only-in-r" not in view.text()
+
+
+def test_fifty_runs_publish_no_more_often_than_one_and_keep_their_own_lines(tmp_path):
+    runs = [
+        _session(tmp_path, f"run{i}", [f"run{i} line {n}" for n in range(2000)]) for i in range(50)
+    ]
+    began = time.monotonic()
+    view, published = _fed(tmp_path, runs, interval=0.05)
+    wall = time.monotonic() - began
+    assert len(published) <= wall / 0.05 + 3
+    for i, row in enumerate(view.rows()):
+        assert row.total_lines == 2000
+        shown = [line.text for line in row.tail]
+        assert shown[-1] == f"run{i} line 1999"
+        assert all(text.startswith(f"run{i} ") for text in shown)
+    assert view.summary().startswith("batch: 50 exited")
+
+
+def test_runs_that_join_a_running_batch_are_followed(tmp_path):
+    release = threading.Event()
+
+    def slow(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        release.wait(30)
+        ctl.stdout.write("first done\n")
+        return 0
+
+    batch = FakeBatch([Session("first", "c", slow, tmp_path)])
+    batch.closed = False
+    view = BatchView("batch")
+    feed = BatchFeed(batch, view, lambda v: None, 0.02)
+    while not view.rows():
+        time.sleep(0.01)
+    batch.runs.append(_session(tmp_path, "queued", ["queued ran"]))
+    batch.closed = True
+    release.set()
+    assert feed.join(30)
+    assert view.run_names() == ["first", "queued"]
+    assert [str(row.state) for row in view.rows()] == ["exited", "exited"]
+    view.select("queued")
+    assert "queued ran" in view.text()
+
+
+def test_publications_stay_in_the_creating_context_and_survive_a_failing_frontend(tmp_path):
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("cell", default="none")
+    var.set("cell-1")
+    seen = set()
+
+    def publish(_view: BatchView) -> None:
+        seen.add(var.get())
+        raise RuntimeError("frontend gone")
+
+    feed = BatchFeed(FakeBatch([_session(tmp_path, "a", ["x"])]), BatchView(), publish, 0.02)
+    var.set("cell-2")
+    assert feed.join(30)
+    assert seen == {"cell-1"}
+    assert isinstance(feed.error, RuntimeError) and feed.publications == 0
+
+
+def test_hostile_output_and_secrets_never_reach_the_table_or_the_tail(tmp_path):
+    secret = "s3cr3t-batch-value"
+    for payload in PAYLOADS[:12]:
+        lines = [_tool("Bash", command=f"{payload} {secret}"), f"{payload} \x1b[2J{secret}"]
+        session = _session(tmp_path, "evil", lines, secrets=[secret])
+        view, _ = _fed(tmp_path, [session])
+        markup, text = view.html(), view.text()
+        assert html_problems(markup, (_CSS, _TABLE_CSS)) == []
+        assert secret not in markup + text and "\x1b" not in text
+        assert view.table().records()[0]["last tool call"].startswith("Bash: ")
