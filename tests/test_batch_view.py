@@ -166,3 +166,99 @@ def test_hostile_output_and_secrets_never_reach_the_table_or_the_tail(tmp_path):
         assert html_problems(markup, (_CSS, _TABLE_CSS)) == []
         assert secret not in markup + text and "\x1b" not in text
         assert view.table().records()[0]["last tool call"].startswith("Bash: ")
+
+
+# -- the batch in widgets ------------------------------------------------------------------
+
+
+class StoppableBatch(FakeBatch):
+    """A fake batch whose stop() stops every run, as Batch.stop does."""
+
+    def __init__(self, runs: list[Session]) -> None:
+        super().__init__(runs)
+        self.stops = 0
+
+    def stop(self) -> None:
+        self.stops += 1
+        for session in self.runs:
+            session.stop(1.0)
+
+
+def _idle(tmp_path, pod: str) -> Session:
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, f"cldpd-{pod}")
+        ctl.stdout.write(f"{pod} is working\n")
+        stopped = threading.Event()
+        ctl.set_stopper(lambda _timeout: stopped.set())
+        stopped.wait(30)
+        return 130
+
+    return Session(pod, f"cldpd-{pod}", job, tmp_path)
+
+
+def _shown(panel) -> str:
+    (entry,) = panel.output.outputs
+    return entry["data"]["text/plain"]
+
+
+def _until(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_panel_shows_the_table_and_the_chosen_runs_output_in_one_entry(tmp_path):
+    from cldpd_magic.widgets import BatchPanel
+
+    runs = [_session(tmp_path, f"p{i}", [f"out-of-p{i}"]) for i in range(3)]
+    panel = BatchPanel(FakeBatch(runs), interval=0.02)
+    try:
+        assert panel.join(30)
+        assert panel.run_select.options == ("p0", "p1", "p2")
+        assert panel.run_select.value == "p0" and "out-of-p0" in _shown(panel)
+        panel.run_select.value = "p2"
+        assert "out-of-p2" in _shown(panel) and "out-of-p0" not in _shown(panel)
+        assert panel.stop_button.disabled and panel.stop_all_button.disabled
+        assert repr(panel) == panel.view.text()
+    finally:
+        panel.close()
+
+
+def test_a_panel_stops_one_run_while_its_siblings_go_on_then_all(tmp_path):
+    from cldpd_magic.widgets import BatchPanel
+
+    runs = [_idle(tmp_path, "one"), _idle(tmp_path, "two")]
+    batch = StoppableBatch(runs)
+    panel = BatchPanel(batch, interval=0.02, stop_timeout=1.0)
+    try:
+        _until(lambda: len(panel.run_select.options) == 2)
+        _until(lambda: all(s.state == "running" for s in runs))
+        panel.run_select.value = "two"
+        panel.stop_button.click()
+        _until(lambda: runs[1].done)
+        assert runs[1].state == "stopped" and runs[0].state == "running"
+        panel.stop_all_button.click()
+        assert panel.join(30)
+        assert batch.stops == 1 and runs[0].state == "stopped"
+        assert "2 stopped" in _shown(panel)
+    finally:
+        panel.close()
+
+
+def test_the_picker_shows_a_batch_below_its_pods(tmp_path, pods_dir, transcript_dir):
+    from fakes import FakeRunner
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.widgets import PodPicker
+
+    picker = PodPicker(pods_dir, Dispatcher(pods_dir, FakeRunner(), transcript_dir))
+    try:
+        panel = picker.show_batch(FakeBatch([_session(tmp_path, "b1", ["hello"])]), "fleet")
+        assert panel.join(30)
+        assert picker.widget.children[-1] is panel.widget
+        assert picker.batch_panels == [panel]
+        assert _shown(panel).startswith("fleet: 1 exited")
+    finally:
+        picker.close()
+    assert panel._closed
