@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import docker
+import docker.constants
 import docker.errors
 import docker.tls
 import docker.types
@@ -110,6 +111,20 @@ def _read_exactly(raw: Any, size: int) -> bytes:
     return b"".join(parts)
 
 
+class _SocketReader:
+    """``read(n)`` over a socket's ``recv``, for :func:`_read_exactly`."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+
+def _is_tls(api: docker.APIClient) -> bool:
+    return str(api.base_url).startswith("https://")
+
+
 class _PrivateAPI:
     """The few private ``APIClient`` calls the runner needs, in one place.
 
@@ -121,6 +136,56 @@ class _PrivateAPI:
     response is plain HTTP whose body urllib3 may already have buffered, so its frames
     are read from the response as docker-py's own multiplexed-stream helper does.
     """
+
+    @staticmethod
+    def attach(
+        api: docker.APIClient, container: str
+    ) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """Attach to a container's output (and what it printed so far) as ``(stdout, stderr)``."""
+        if not _is_tls(api):
+            return api.attach(
+                container, stdout=True, stderr=True, stream=True, logs=True, demux=True
+            )
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1}
+        return _PrivateAPI.blocking_frames(api, api.attach_socket(container, params=params))
+
+    @staticmethod
+    def exec_start(
+        api: docker.APIClient, exec_id: str
+    ) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """Start an exec and stream its output as ``(stdout, stderr)``."""
+        if not _is_tls(api):
+            return api.exec_start(exec_id, stream=True, demux=True)
+        return _PrivateAPI.blocking_frames(api, api.exec_start(exec_id, socket=True))
+
+    @staticmethod
+    def blocking_frames(
+        api: docker.APIClient, sock: Any
+    ) -> Iterator[tuple[bytes | None, bytes | None]]:
+        """Read a hijacked TLS socket's frames with blocking reads.
+
+        docker-py polls the socket before each read: on TLS, bytes already decrypted
+        wait in the SSL buffer while the poll blocks, so a line stays unseen until the
+        engine sends more.
+        """
+        api._disable_socket_timeout(sock)
+        try:
+            while True:
+                header = _read_exactly(_SocketReader(sock), 8)
+                if len(header) < 8:
+                    return
+                kind, size = struct.unpack(">BxxxL", header)
+                data = _read_exactly(_SocketReader(sock), size)
+                yield (None, data) if kind == 2 else (data, None)
+                if len(data) < size:
+                    return
+        finally:
+            sock.close()
+
+    @staticmethod
+    def use_server_version(api: docker.APIClient) -> None:
+        """Talk the engine's API version, as ``version="auto"`` does when connecting."""
+        api._version = api._retrieve_server_version()
 
     @staticmethod
     def post_build(
@@ -356,12 +421,19 @@ class DockerRunner:
             if self._tls is not None:
                 ca, cert, key = self._tls
                 tls = docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
-            return docker.DockerClient(
+            client = docker.DockerClient(
                 base_url=self._base_url,
                 tls=tls,
                 use_ssh_client=self._use_ssh_client,
+                # Asked once the client trusts the engine's CA alone (below).
+                version=docker.constants.DEFAULT_DOCKER_API_VERSION if tls else None,
                 **timeout,
             )
+            if tls:
+                # requests lets $REQUESTS_CA_BUNDLE replace the engine's CA (requests #3829).
+                client.api.trust_env = False
+                _PrivateAPI.use_server_version(client.api)
+            return client
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise _unreachable(exc, self._base_url or "") from None
 
@@ -674,9 +746,7 @@ class DockerRunner:
             cid = self._create(api, opts)
             try:
                 try:
-                    stream = api.attach(
-                        cid, stdout=True, stderr=True, stream=True, logs=True, demux=True
-                    )
+                    stream = _PrivateAPI.attach(api, cid)
                 except docker.errors.APIError as exc:
                     raise ContainerFailedError(
                         f"Could not attach to container {opts.name}: {_explain(exc)}"
@@ -749,7 +819,7 @@ class DockerRunner:
         with self._streaming() as api:
             try:
                 exec_id = api.exec_create(container, wrapped, stdout=True, stderr=True)["Id"]
-                stream = api.exec_start(exec_id, stream=True, demux=True)
+                stream = _PrivateAPI.exec_start(api, exec_id)
             except docker.errors.NotFound:
                 raise SessionNotFoundError(f"No running container named {container}.") from None
             except docker.errors.APIError as exc:

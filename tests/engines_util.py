@@ -1,0 +1,187 @@
+"""A second Docker engine for tests: its own dockerd on a loopback TCP port with TLS.
+
+The engine keeps apart from the one other tests use: its own data root, exec root and
+pid file, no iptables rules, and a bridge of its own (``--bridge=none`` is no way to
+keep apart: a dockerd started so deletes the host's ``docker0``, the main engine's).
+Its certificates (a CA, a server certificate for 127.0.0.1 and a client certificate)
+are made here with openssl. The base image comes from the main engine
+(``docker save | load``), since nothing can be pulled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Label on what the tests put on an extra engine, to find leftovers.
+TEST_LABEL = "cldpd.test"
+
+
+@dataclass
+class ExtraEngine:
+    """A running extra dockerd.
+
+    Attributes:
+        url: Its endpoint, ``tcp://127.0.0.1:PORT``.
+        certs: Directory with the client's ca.pem, cert.pem and key.pem.
+        root: Directory holding its data root, exec root, pid file and log.
+        process: The dockerd process.
+        bridge: Its bridge interface, made for it and removed with it.
+    """
+
+    url: str
+    certs: Path
+    root: Path
+    process: subprocess.Popen[bytes]
+    bridge: str
+
+    @property
+    def entry(self) -> str:
+        """Its entry for the engines setting."""
+        return f"{self.url}?tls={self.certs}&name=tls"
+
+    def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess[bytes]:
+        """Run the docker CLI against this engine."""
+        return subprocess.run(
+            ["docker", *self.cli_args(), *args], check=True, capture_output=True, **kwargs
+        )
+
+    def cli_args(self) -> list[str]:
+        """The docker CLI options that reach this engine."""
+        return [
+            "-H",
+            self.url,
+            "--tlsverify",
+            f"--tlscacert={self.certs / 'ca.pem'}",
+            f"--tlscert={self.certs / 'cert.pem'}",
+            f"--tlskey={self.certs / 'key.pem'}",
+        ]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certificates(where: Path) -> tuple[Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate.
+
+    Returns:
+        The server's directory and the client's (each with ca.pem, cert.pem, key.pem).
+    """
+    server, client = where / "server", where / "client"
+    server.mkdir()
+    client.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+             "/CN=cldpd test CA", "-keyout", "ca-key.pem", "-out", "ca.pem", cwd=where)  # fmt: skip
+    for directory, cn, ext in (
+        (server, "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        (client, "client", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (directory / "ext.cnf").write_text(ext)
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                 "-keyout", "key.pem", "-out", "req.csr", cwd=directory)  # fmt: skip
+        _openssl("x509", "-req", "-in", "req.csr", "-CA", "../ca.pem", "-CAkey",
+                 "../ca-key.pem", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf",
+                 "-out", "cert.pem", cwd=directory)  # fmt: skip
+        shutil.copy(where / "ca.pem", directory / "ca.pem")
+    return server, client
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_extra_engine(image: str = "busybox:latest", timeout: float = 60) -> ExtraEngine:
+    """Start a second dockerd with TLS on a loopback port and give it ``image``.
+
+    Raises:
+        RuntimeError: It did not come up in time; the message holds its log's tail.
+    """
+    root = Path(tempfile.mkdtemp(prefix="cldpd-engine-"))
+    server, client = make_certificates(root)
+    port = free_port()
+    bridge = f"cldpdbr{port}"
+    _ip("link", "add", bridge, "type", "bridge")
+    _ip("addr", "add", f"10.213.{port % 250}.1/24", "dev", bridge)
+    _ip("link", "set", bridge, "up")
+    log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as the engine
+    process = subprocess.Popen(
+        [
+            "dockerd",
+            f"--data-root={root / 'data'}",
+            f"--exec-root={root / 'exec'}",
+            f"--pidfile={root / 'dockerd.pid'}",
+            "--host",
+            f"tcp://127.0.0.1:{port}",
+            "--tlsverify",
+            f"--tlscacert={server / 'ca.pem'}",
+            f"--tlscert={server / 'cert.pem'}",
+            f"--tlskey={server / 'key.pem'}",
+            f"--bridge={bridge}",
+            "--iptables=false",
+            "--ip6tables=false",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    engine = ExtraEngine(f"tcp://127.0.0.1:{port}", client, root, process, bridge)
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = subprocess.run(
+            ["docker", *engine.cli_args(), "version"], capture_output=True, timeout=30
+        )
+        if probe.returncode == 0:
+            break
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_extra_engine(engine)
+            tail = (root / "dockerd.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the extra dockerd did not start: {tail}")
+        time.sleep(0.3)
+    saved = subprocess.run(["docker", "save", image], check=True, capture_output=True).stdout
+    engine.docker("load", input=saved)
+    return engine
+
+
+def stop_extra_engine(engine: ExtraEngine) -> None:
+    """Remove the engine's containers, stop it, and remove its directories."""
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        ids = engine.docker("ps", "-aq", timeout=30).stdout.split()
+        if ids:
+            engine.docker("rm", "-f", *[i.decode() for i in ids], timeout=60)
+    if engine.process.poll() is None:
+        engine.process.send_signal(signal.SIGTERM)
+        try:
+            engine.process.wait(30)
+        except subprocess.TimeoutExpired:
+            engine.process.kill()
+            engine.process.wait(10)
+    # dockerd's own containerd leaves mounts under the exec and data roots when killed.
+    for sub in ("exec", "data"):
+        path = engine.root / sub
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            mounts = Path("/proc/mounts").read_text().split("\n")
+            for line in reversed(mounts):
+                parts = line.split()
+                if len(parts) > 1 and parts[1].startswith(str(path)):
+                    subprocess.run(["umount", "-l", parts[1]], capture_output=True)
+    with contextlib.suppress(subprocess.CalledProcessError):
+        _ip("link", "delete", engine.bridge)
+    shutil.rmtree(engine.root, ignore_errors=True)
+    if os.path.exists(engine.root):
+        raise RuntimeError(f"could not remove {engine.root}")

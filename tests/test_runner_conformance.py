@@ -1,0 +1,368 @@
+"""The Runner contract: one module every Runner must pass, on every kind of engine reached.
+
+Targets: the local engine through DockerRunner, a second dockerd on a loopback TCP port
+with TLS (certificates made here) through DockerRunner, and the same TLS engine reached
+through a MultiEngineRunner whose default is the local engine (so routing is exercised).
+Not reached here yet: an ``ssh://`` engine and the Swarm runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import docker
+import docker.errors
+import docker.tls
+import pytest
+from engines_util import TEST_LABEL, ExtraEngine, start_extra_engine, stop_extra_engine
+
+from cldpd_magic.engines import Engine, MultiEngineRunner, docker_runner_for, parse_engine
+from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
+from cldpd_magic.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
+from cldpd_magic.runner import DockerRunner, _PrivateAPI
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+
+AGENT = """#!/bin/sh
+# The stand-in agent: what it does is chosen by its first argument.
+case "$1" in
+  exit) echo "leaving with $2"; exit "$2" ;;
+  split) echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2 ;;
+  lines) i=1; while [ "$i" -le "$2" ]; do echo "line $i"; i=$((i + 1)); done ;;
+  long) head -c "$2" /dev/zero | tr '\\0' x; echo; echo after ;;
+  trap) trap 'echo got INT; exit 130' INT; echo ready; while :; do sleep 1 & wait; done ;;
+  deaf) trap '' INT TERM; echo ready; while :; do sleep 1; done ;;
+  idle) trap 'exit 0' INT TERM; while :; do sleep 1 & wait; done ;;
+  *) echo "$@" ;;
+esac
+"""
+
+
+class Text:
+    """A Writer that keeps what it gets and lets a test wait for a piece of it."""
+
+    def __init__(self) -> None:
+        self._chunks: list[str] = []
+        self._cond = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self._cond:
+            self._chunks.append(text)
+            self._cond.notify_all()
+        return len(text)
+
+    @property
+    def value(self) -> str:
+        with self._cond:
+            return "".join(self._chunks)
+
+    def wait_for(self, piece: str, timeout: float = 60) -> None:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: piece in "".join(self._chunks), timeout)
+        assert ok, f"{piece!r} never came; got {self.value[-300:]!r}"
+
+
+@dataclass
+class Target:
+    """A Runner under test, the engine it reaches, and a client to check and clean up."""
+
+    kind: str
+    runner: Runner
+    client: docker.DockerClient
+    engine: str = ""
+    image: str = ""
+    made: list[str] = field(default_factory=list)
+
+    def opts(self, *args: str, **kwargs) -> RunOptions:
+        name = f"cldpd-conf-{uuid.uuid4().hex[:10]}"
+        self.made.append(name)
+        labels = {TEST_LABEL: "conformance", "cldpd.run": name, **kwargs.pop("labels", {})}
+        return RunOptions(
+            self.image, name, ["agent", *args], labels=labels, engine=self.engine, **kwargs
+        )
+
+    def cleanup(self) -> list[str]:
+        leaked = []
+        for name in self.made:
+            try:
+                self.client.api.remove_container(name, force=True, v=True)
+                leaked.append(name)
+            except docker.errors.NotFound:
+                pass
+        self.made.clear()
+        return leaked
+
+
+@pytest.fixture(scope="session")
+def extra_engine(docker_client) -> Iterator[ExtraEngine]:
+    engine = start_extra_engine()
+    yield engine
+    stop_extra_engine(engine)
+
+
+def _client(engine: Engine) -> docker.DockerClient:
+    tls: docker.tls.TLSConfig | bool = False
+    if engine.tls:
+        ca, cert, key = engine.tls
+        tls = docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
+    client = docker.DockerClient(base_url=engine.url, tls=tls, version="1.24")
+    client.api.trust_env = False  # $REQUESTS_CA_BUNDLE would replace the engine's CA
+    _PrivateAPI.use_server_version(client.api)
+    return client
+
+
+@pytest.fixture(scope="module", params=["local", "tls", "engines"])
+def target(request, docker_client, tmp_path_factory) -> Iterator[Target]:
+    if request.param == "local":
+        t = Target("local", DockerRunner(), docker.from_env())
+    else:
+        tls = parse_engine(request.getfixturevalue("extra_engine").entry)
+        if request.param == "tls":
+            t = Target("tls", docker_runner_for(tls), _client(tls))
+        else:
+            local = Engine("local", "unix:///var/run/docker.sock")
+            multi = MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))])
+            t = Target("engines", multi, _client(tls), engine=tls.name)
+    context = tmp_path_factory.mktemp(f"agent-{t.kind}")
+    (context / "agent").write_text(AGENT)
+    (context / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\nRUN chmod +x /usr/local/bin/agent\n"
+    )
+    t.image = f"cldpd-conformance-{t.kind}:{uuid.uuid4().hex[:8]}"
+    lines: list[str] = []
+    t.runner.build(t.image, str(context), on_output=lines.append, engine=t.engine)
+    assert any(line.startswith("Step 1/") for line in lines)
+    yield t
+    t.cleanup()
+    t.client.images.remove(t.image, force=True)
+    t.client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(request) -> Iterator[None]:
+    yield
+    if "target" in request.fixturenames:
+        t = request.getfixturevalue("target")
+        leaked = t.cleanup()
+        assert not leaked, f"left behind on {t.kind}: {leaked}"
+
+
+def run(t: Target, *args: str, **kwargs) -> tuple[int, str, str, RunOptions]:
+    out, err = Text(), Text()
+    opts = t.opts(*args, **kwargs)
+    return t.runner.run(opts, out, err), out.value, err.value, opts
+
+
+def test_build_puts_the_image_on_the_engine(target):
+    assert target.client.images.get(target.image).tags == [target.image]
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 130])
+def test_exit_codes_are_returned(target, code):
+    got, out, _, _ = run(target, "exit", str(code))
+    assert (got, out) == (code, f"leaving with {code}\n")
+
+
+def test_stdout_and_stderr_are_kept_apart(target):
+    _, out, err, _ = run(target, "split")
+    assert (out, err) == ("out-1\nout-2\n", "err-1\nerr-2\n")
+
+
+def test_every_line_comes_in_order(target):
+    _, out, _, _ = run(target, "lines", "20000")
+    assert out.splitlines() == [f"line {i}" for i in range(1, 20001)]
+
+
+def test_a_long_line_comes_whole(target):
+    _, out, _, _ = run(target, "long", str(3 << 20))
+    assert out == "x" * (3 << 20) + "\nafter\n"
+
+
+def test_run_removes_its_container_and_reports_its_start(target):
+    started: list[ContainerInfo] = []
+    code, _, _, opts = run(target, "hi")
+    assert code == 0 and target.runner.inspect(opts.name) is None
+    opts = target.opts("hi")
+    target.runner.run(opts, Text(), Text(), on_start=started.append)
+    assert [i.name for i in started] == [opts.name]
+    assert started[0].engine == target.engine
+
+
+def test_labels_inspect_and_list(target):
+    opts = target.opts("idle", labels={"cldpd.pod": "conf"})
+    info = target.runner.start(opts)
+    assert info.name == opts.name and info.engine == target.engine
+    seen = target.runner.inspect(opts.name)
+    assert seen is not None and seen.running and seen.labels["cldpd.pod"] == "conf"
+    assert seen.engine == target.engine
+    listed = target.runner.list(f"cldpd.run={opts.name}")
+    assert [(i.name, i.engine) for i in listed] == [(opts.name, target.engine)]
+    target.runner.stop(opts.name, timeout=5)
+    assert target.runner.inspect(opts.name).status == "exited"
+    target.runner.remove(opts.name)
+    assert target.runner.inspect(opts.name) is None
+    assert target.runner.list(f"cldpd.run={opts.name}") == []
+
+
+def test_a_taken_name_is_refused(target):
+    opts = target.opts("idle")
+    target.runner.start(opts)
+    with pytest.raises(PodRunningError):
+        target.runner.start(opts)
+    target.runner.stop(opts.name, timeout=5)
+    target.runner.remove(opts.name)
+
+
+def test_exec_streams_and_returns_its_code(target):
+    opts = target.opts("idle")
+    target.runner.start(opts)
+    out, err, handles = Text(), Text(), []
+    code = target.runner.exec(opts.name, ["agent", "split"], out, err, on_start=handles.append)
+    assert (code, out.value, err.value) == (0, "out-1\nout-2\n", "err-1\nerr-2\n")
+    assert target.runner.exec(opts.name, ["agent", "exit", "4"], Text()) == 4
+    assert isinstance(handles[0], ExecHandle)
+    target.runner.stop(opts.name, timeout=5)
+    with pytest.raises(SessionNotFoundError):
+        target.runner.exec(opts.name, ["true"], Text())
+    target.runner.remove(opts.name)
+
+
+def test_stop_exec_ends_the_exec_gracefully_and_the_container_stays(target):
+    opts = target.opts("idle")
+    target.runner.start(opts)
+    out, handles, result = Text(), [], {}
+
+    def work():
+        result["code"] = target.runner.exec(
+            opts.name, ["agent", "trap"], out, on_start=handles.append
+        )
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    out.wait_for("ready")
+    target.runner.stop_exec(handles[0], timeout=10)
+    thread.join(30)
+    assert result["code"] == 130 and "got INT" in out.value
+    assert target.runner.inspect(opts.name).running
+    target.runner.stop(opts.name, timeout=5)
+    target.runner.remove(opts.name)
+
+
+def test_stop_is_graceful_first(target):
+    out, result = Text(), {}
+    opts = target.opts("trap")
+
+    def work():
+        result["code"] = target.runner.run(opts, out, Text())
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    out.wait_for("ready")
+    target.runner.stop(opts.name, timeout=10)
+    thread.join(30)
+    assert result["code"] == 130 and "got INT" in out.value
+
+
+def test_stop_escalates_to_kill(target):
+    opts = target.opts("deaf")
+    target.runner.start(opts)
+    logs = Text()
+    follower = threading.Thread(
+        target=lambda: target.runner.logs(opts.name, logs, Text()), daemon=True
+    )
+    follower.start()
+    logs.wait_for("ready")
+    target.runner.stop(opts.name, timeout=2)
+    info = target.runner.inspect(opts.name)
+    assert info is not None and info.status == "exited"
+    assert target.client.api.inspect_container(opts.name)["State"]["ExitCode"] == 137
+    follower.join(30)
+    target.runner.remove(opts.name)
+
+
+def test_logs_follow_from_the_start_to_the_exit_code(target):
+    opts = target.opts("exit", "5")
+    opts.remove = False
+    target.runner.run(opts, Text(), Text())
+    out = Text()
+    assert target.runner.logs(opts.name, out, Text()) == 5
+    assert out.value == "leaving with 5\n"
+    target.runner.remove(opts.name)
+    with pytest.raises(SessionNotFoundError):
+        target.runner.logs(opts.name, Text())
+
+
+def test_missing_containers(target):
+    name = f"cldpd-conf-missing-{uuid.uuid4().hex[:8]}"
+    assert target.runner.inspect(name) is None
+    target.runner.stop(name)
+    target.runner.remove(name)
+    with pytest.raises(SessionNotFoundError):
+        target.runner.exec(name, ["true"], Text())
+
+
+def test_preflight(target):
+    target.runner.preflight()
+
+
+# -- an engine that goes away -------------------------------------------------------
+
+
+def test_an_engine_stopped_under_running_runs(docker_client):
+    """Its runs fail with one sentence, the inventory marks them, the local runs go on."""
+    extra = start_extra_engine()
+    made: dict[str, RunOptions] = {}
+    try:
+        far = parse_engine(extra.entry)
+        local = Engine("local", "unix:///var/run/docker.sock")
+        multi = MultiEngineRunner(
+            [(local, DockerRunner()), (far, docker_runner_for(far, timeout=5))],
+            probe_timeout=3,
+            list_timeout=5,
+        )
+        label = f"{TEST_LABEL}=gone-{uuid.uuid4().hex[:6]}"
+        key, _, value = label.partition("=")
+        for where in ("local", "tls"):
+            name = f"cldpd-conf-{where}-{uuid.uuid4().hex[:8]}"
+            opts = RunOptions(
+                "busybox:latest",
+                name,
+                ["sh", "-c", "echo ready; while :; do sleep 1; done"],
+                labels={key: value},
+                engine=where,
+            )
+            made[where] = opts
+        multi.start(made["local"])
+        out, result = Text(), {}
+
+        def far_run():
+            try:
+                result["code"] = multi.run(made["tls"], out, Text())
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=far_run, daemon=True)
+        thread.start()
+        out.wait_for("ready")
+        assert {i.engine for i in multi.list(key)} == {"local", "tls"}
+        extra.process.kill()
+        extra.process.wait(30)
+        thread.join(60)
+        assert not thread.is_alive()
+        error = result.get("error")
+        assert isinstance(error, DockerUnavailableError), result
+        assert str(error).startswith("Engine tls") and "\n" not in str(error)
+        listed = {i.engine: i.status for i in multi.list(key)}
+        assert listed == {"local": "running", "tls": "unreachable"}
+        multi.stop(made["local"].name, timeout=3)
+        multi.remove(made["local"].name)
+        assert multi.inspect(made["local"].name) is None
+    finally:
+        if "local" in made:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.api.remove_container(made["local"].name, force=True)
+        stop_extra_engine(extra)
