@@ -23,14 +23,14 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__
-from .dispatcher import Dispatcher
-from .errors import CldpdError, one_line
+from .dispatcher import Dispatcher, validate_issue_url
+from .errors import CldpdError, InvalidRequestError, one_line
 from .logs import disable_logging, enable_logging, log_swallowed, parse_level
 from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
-from .render import TextFeed, clean_text
+from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import Event, Session, SessionKind
 
@@ -40,6 +40,7 @@ EPILOG = """examples:
   cldpd resume myrepo --prompt "Focus on error handling"
   cldpd stop myrepo
   cldpd list
+  cldpd batch myrepo --issue URL1 --issue URL2 --variant opus="--model opus" --budget 5
 
 Ctrl+C, SIGTERM or SIGHUP during start or resume stops the pod gracefully (the agent's
 turn ends first); a second Ctrl+C during that stop kills it.
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pods_dir_help = "the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
     parser.add_argument("--pods-dir", help=pods_dir_help)
+    parser.add_argument(
+        "--engine",
+        action="append",
+        metavar="ENDPOINT",
+        help="a Docker engine to use: unix://, tcp://HOST:PORT?tls=DIR, ssh://USER@HOST or a "
+        "context name; repeat for more, the first is the default (default: $CLDPD_ENGINES, "
+        "else DOCKER_HOST)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--debug",
@@ -106,7 +115,58 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("pod")
     stop.add_argument("--timeout", type=float, default=10.0, help="seconds before a kill")
     sub.add_parser("list", help="list pods and which of them are running")
+    batch = sub.add_parser(
+        "batch",
+        help="run pods on several issues at once: a line per run's change, results at the end",
+    )
+    batch.add_argument("pods", nargs="+", metavar="POD", help="the pods to run")
+    batch.add_argument(
+        "--issue", action="append", required=True, dest="issues", metavar="URL",
+        help="a GitHub issue URL (repeat for several)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--variant", action="append", default=[], metavar="NAME[=ARGS]",
+        help="a variant: a name and extra agent arguments, e.g. opus='--model opus' "
+        "(repeat for several; each run of every pod and issue is made once per variant)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--repeats", type=int, default=1, metavar="N",
+        help="runs of each pod, issue and variant (default 1)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--max-parallel", type=int, default=4, metavar="N",
+        help="runs at once; the others wait their turn (default 4)",
+    )  # fmt: skip
+    batch.add_argument(
+        "--budget", type=float, metavar="USD",
+        help="the batch's budget in US dollars: past it no run starts and running ones stop",
+    )  # fmt: skip
     return parser
+
+
+def parse_variant(spec: str) -> dict[str, object]:
+    """Read a variant given as ``NAME`` or ``NAME=ARGS`` (ARGS split as a shell would).
+
+    Args:
+        spec: The variant, e.g. ``opus=--model opus``.
+
+    Returns:
+        ``{"name": NAME, "args": [ARG, ...]}``, as ``Dispatcher.dispatch`` takes it.
+
+    Raises:
+        InvalidRequestError: No name, or unbalanced quotes in ARGS.
+    """
+    name, _, args = spec.partition("=")
+    name = name.strip()
+    if not name:
+        raise InvalidRequestError(
+            f"The variant {spec!r} has no name; write NAME or NAME=ARGS, e.g. opus='--model opus'."
+        )
+    try:
+        words = shlex.split(args)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Cannot read the variant {name}'s arguments ({exc}).") from None
+    return {"name": name, "args": words}
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -296,6 +356,108 @@ def _run(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: Tex
         return _follow(dispatcher, session, signals, args, out, err)
 
 
+class _BatchProgress:
+    """Writes a line whenever a run of a batch changes state (the live form of a batch)."""
+
+    def __init__(self, err: TextIO) -> None:
+        self._err = err
+        self._seen: dict[str, str] = {}
+
+    def publish(self, view: BatchView) -> None:
+        lines = []
+        for row in view.table().records():
+            run, state = row["run"].removeprefix(SELECTED_MARK), row["state"]
+            if self._seen.get(run) != state:
+                self._seen[run] = state
+                usage = " · ".join(
+                    v for v in (row["elapsed"], row["turns"], row["cost"]) if v != "-"
+                )
+                lines.append(
+                    f"cldpd: {run} ({row['pod']}): {state}" + (f" · {usage}" if usage else "")
+                )
+        if lines:
+            _say(self._err, "\n".join(lines) + "\n")
+
+
+class _BatchStopper:
+    """Stops a batch: gracefully on a first signal, by killing its runs on a second."""
+
+    def __init__(self, batch: Any, err: TextIO) -> None:
+        self._batch = batch
+        self._err = err
+        self.first: tuple[int, float] | None = None
+        self.killing = False
+
+    def on_signal(self, signum: int, when: float) -> None:
+        if self.first is None:
+            self.first = (signum, when)
+            _say(self._err, "\ncldpd: stopping the batch: no new run starts, running ones "
+                 "stop gracefully (interrupt again to kill them)\n")  # fmt: skip
+            threading.Thread(target=self._batch.stop, daemon=True, name="cldpd-stop").start()
+        elif self.killing or (signum == self.first[0] and when - self.first[1] < _REPEAT_WINDOW):
+            return
+        else:
+            self.killing = True
+            _say(self._err, "cldpd: killing the batch's runs\n")
+            for session in list(self._batch.runs):
+                threading.Thread(target=session.stop, args=(0.0,), daemon=True).start()
+
+
+def results_table(records: list[dict]) -> Table:
+    """A batch's results (``Batch.results()``) as a table: one row per run."""
+    rows = [
+        (r.get("run"), r.get("pod"), r.get("issue"), r.get("variant") or "-", r.get("state"),
+         "-" if r.get("exit_code") is None else r["exit_code"], r.get("turns") or 0,
+         f"{r.get('input_tokens') or 0:,}/{r.get('output_tokens') or 0:,}",
+         f"${r.get('cost_usd') or 0:.4f}", f"{r.get('seconds') or 0:.1f}s",
+         " ".join(str(link) for link in r.get("links") or []))
+        for r in records
+    ]  # fmt: skip
+    columns = ("RUN", "POD", "ISSUE", "VARIANT", "STATE", "EXIT", "TURNS", "TOKENS IN/OUT",
+               "COST", "TIME", "LINKS")  # fmt: skip
+    return Table(columns, rows)
+
+
+def run_failed(record: dict) -> bool:
+    """Whether a batch run did not end well (any state but exited 0)."""
+    return record.get("state") != "exited" or record.get("exit_code") != 0
+
+
+def _batch(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    variants = [parse_variant(v) for v in args.variant] or None
+    issues = [validate_issue_url(url) for url in args.issues]
+    for pod in args.pods:
+        validate_pod_name(pod)
+    signals = _Signals()
+    with signals.installed():
+        try:
+            batch = dispatcher.dispatch(
+                args.pods, issues, variants=variants, repeats=args.repeats,
+                max_parallel=args.max_parallel, budget_usd=args.budget,
+            )  # fmt: skip
+            signals.raising = False
+        except _Interrupted as exc:
+            for started in dispatcher.local_sessions(active=True):
+                started.stop(0.0)
+            _say(err, f"\ncldpd: got {_signal_name(exc.signum)} before the batch started\n")
+            return 128 + exc.signum
+        feed = BatchFeed(batch, BatchView("batch", max_lines=1), _BatchProgress(err).publish, 0.5)
+        stopper = _BatchStopper(batch, err)
+        while not feed.join(0.1):
+            for signum, when in signals.take():
+                stopper.on_signal(signum, when)
+    records = batch.results()
+    table = results_table(records)
+    _say(out, table.text() + "\n")
+    failed = [r for r in records if run_failed(r)]
+    summary = f"cldpd: {len(records) - len(failed)} of {len(records)} runs exited 0"
+    cost = sum(float(r.get("cost_usd") or 0) for r in records)
+    _say(err, f"{summary}; ${cost:.4f} in all; transcripts in {dispatcher.transcript_dir}\n")
+    if stopper.first is not None:
+        return 128 + stopper.first[0]
+    return 1 if failed or not records else 0
+
+
 def _stop(dispatcher: Dispatcher, args: argparse.Namespace, err: TextIO) -> int:
     validate_pod_name(args.pod)
     dispatcher.runner.preflight()
@@ -359,8 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: the agent's for start and resume, 128 + the signal's number when
-        a signal stopped the run (130 for Ctrl+C), 1 for an error and for stopping a pod
-        that does not run, 2 for a bad command line or ``CLDPD_LOG`` value.
+        a signal stopped the run or batch (130 for Ctrl+C), 1 for an error, for stopping
+        a pod that does not run and for a batch with any run that did not exit 0, 2 for
+        a bad command line or ``CLDPD_LOG`` value.
     """
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
@@ -380,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    dispatcher = Dispatcher(args.pods_dir)
+    dispatcher = Dispatcher(args.pods_dir, engines=args.engine)
     try:
         if args.command == "init":
             return _init(args, out)
@@ -388,6 +551,8 @@ def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return _run(dispatcher, args, out, err)
         if args.command == "stop":
             return _stop(dispatcher, args, err)
+        if args.command == "batch":
+            return _batch(dispatcher, args, out, err)
         return _list(dispatcher, out)
     except CldpdError as exc:
         log_swallowed(logger, f"cldpd {args.command} failed")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .egress import EgressAttempt, EgressGuard, brokered_credentials, remove_egress_of
 from .errors import (
     CldpdError,
     ContainerFailedError,
@@ -214,6 +215,7 @@ class Dispatcher:
         )
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
+        self._egress: dict[str, EgressGuard] = {}
 
     def pods(self) -> list[Pod]:
         """Every valid pod in the pods directory, sorted by name."""
@@ -290,6 +292,8 @@ class Dispatcher:
         # Resolved once, here: the values masked are the values forwarded.
         env = {**pod.config.env, **forwarded}
         secrets = config_secrets(pod.config.env, forwarded, forwarded)
+        brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
+        secrets += [value for _kind, value, _upstream in brokered]
         cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
                             resume=False)  # fmt: skip
         check_command_line(
@@ -337,16 +341,38 @@ class Dispatcher:
                 on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
                 cancel=ctl.cancelled,
             )
+            guard = None
+            if pod.config.egress is not None:
+
+                def on_attempt(attempt: EgressAttempt) -> None:
+                    if not attempt.allowed:
+                        ctl.emit(EventType.EGRESS_BLOCKED, attempt.target)
+
+                guard = EgressGuard(
+                    runner, opts.name, pod.config.egress, brokered, on_attempt=on_attempt,
+                    on_build_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
+                )  # fmt: skip
+                guard.ensure_image()
             ctl.check_cancelled()
             ctl.emit(EventType.BUILD_COMPLETE, pod.image)
-            if pod.config.keep_alive:
-                return self._run_kept_alive(ctl, opts)
+            try:
+                run_opts = opts
+                if guard is not None:
+                    self._egress[opts.name] = guard
+                    run_opts = guard.setup(opts)
+                    ctl.check_cancelled()
+                if pod.config.keep_alive:
+                    return self._run_kept_alive(ctl, run_opts)
 
-            def started(info: ContainerInfo) -> None:
-                ctl.emit(EventType.CONTAINER_STARTED, info.name)
-                ctl.set_stopper(lambda t: runner.stop(info.name, t))
+                def started(info: ContainerInfo) -> None:
+                    ctl.emit(EventType.CONTAINER_STARTED, info.name)
+                    ctl.set_stopper(lambda t: runner.stop(info.name, t))
 
-            return runner.run(opts, ctl.stdout, ctl.stderr, on_start=started)
+                return runner.run(run_opts, ctl.stdout, ctl.stderr, on_start=started)
+            finally:
+                # A kept-alive pod keeps its egress until it is stopped (_remove_if_ended).
+                if guard is not None and not (pod.config.keep_alive and runner.inspect(opts.name)):
+                    guard.remove()
 
         session = Session(pod.name, pod.container_name, job, self.transcript_dir, secrets,
                           kind=SessionKind.START, session_id=session_id,
@@ -525,6 +551,20 @@ class Dispatcher:
         info = self.runner.inspect(name)
         if info is not None and not info.running and LABEL_POD in info.labels:
             self.runner.remove(name)
+            remove_egress_of(self.runner, name)
+
+    def egress_attempts(self, run: str) -> list[EgressAttempt] | None:
+        """The connections the egress proxy of a run (its last, in this process) saw.
+
+        Args:
+            run: The run's name (a pod's name while runs are named after their pods).
+
+        Returns:
+            Allowed and refused attempts in order; None when no such run in this process
+            had an allowlist.
+        """
+        guard = self._egress.get(container_name(run))
+        return None if guard is None else list(guard.attempts)
 
     def _blocking(self, session: Session, stdout: Writer | None, check: bool, raw: bool) -> int:
         out = stdout if stdout is not None else sys.stdout

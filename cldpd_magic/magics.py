@@ -2,7 +2,8 @@
 
 ``%load_ext cldpd_magic`` registers ``%cldpd_start``, ``%cldpd_resume`` (and
 ``%%cldpd_resume``), ``%cldpd_stop``, ``%cldpd_pods``, ``%cldpd_sessions``,
-``%cldpd_attach``, ``%cldpd_picker`` and ``%cldpd_new``, and completes pod names
+``%cldpd_attach``, ``%cldpd_picker``, ``%cldpd_new`` and ``%cldpd_batch`` (and
+``%%cldpd_batch``, one issue URL a line), and completes pod names
 after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g.
 ``%config CldpdMagics.pods_dir = "~/pods"``.
 
@@ -50,21 +51,32 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.process import arg_split
-from traitlets import CaselessStrEnum, Float, Integer, Unicode, observe
+from traitlets import CaselessStrEnum, Float, Integer, List, Unicode, observe
 
+from .cli import parse_variant
 from .dispatcher import Dispatcher, validate_issue_url
+from .engines import MultiEngineRunner
 from .errors import CldpdError, one_line
 from .logs import LEVELS, disable_logging, enable_logging, log_swallowed
 from .pods import scan_pods, validate_pod_name
 from .protocol import Runner
-from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, Report, SessionView, Table
+from .render import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_LINES,
+    BatchFeed,
+    BatchView,
+    LiveFeed,
+    Report,
+    SessionView,
+    Table,
+)
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import Session
 
 #: Magics that follow a run in their cell; a bare blocking call leaves no result under it.
-FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach"})
-#: Sessions that a blocking magic followed in its cell to their end.
-_FOLLOWED_LIVE: weakref.WeakSet[Session] = weakref.WeakSet()
+FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach", "cldpd_batch"})
+#: Sessions and batches that a blocking magic followed in its cell to their end.
+_FOLLOWED_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 #: Magics whose first positional argument is a pod name (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
 _QUOTES = ("'", '"')
@@ -240,6 +252,7 @@ class CldpdMagics(Magics):
 
     Attributes:
         feeds: The live feed of every session shown in a cell, by session id.
+        batch_feeds: The live feed of every batch shown in a cell, oldest first.
     """
 
     pods_dir = Unicode(
@@ -247,6 +260,11 @@ class CldpdMagics(Magics):
     ).tag(config=True)
     transcript_dir = Unicode(
         "", help="Where transcripts go; $CLDPD_SESSIONS_DIR or ~/.cldpd/sessions when empty."
+    ).tag(config=True)
+    engines = List(
+        Unicode(),
+        help="Docker engines (unix://, tcp://HOST:PORT?tls=DIR, ssh://USER@HOST, context "
+        "names), the first the default; $CLDPD_ENGINES, else DOCKER_HOST, when empty.",
     ).tag(config=True)
     max_output_lines = Integer(
         DEFAULT_MAX_LINES, min=1, help="How many output lines a cell keeps (a rolling tail)."
@@ -272,6 +290,7 @@ class CldpdMagics(Magics):
         self._runner = runner
         self._dispatchers: dict[tuple[str, str, int], Dispatcher] = {}
         self.feeds: dict[str, LiveFeed] = {}
+        self.batch_feeds: list[BatchFeed] = []
         self._apply_log_level()
 
     @observe("log_level")
@@ -292,10 +311,16 @@ class CldpdMagics(Magics):
     def runner(self) -> Runner:
         """The Docker operations, shared by every dispatcher of this instance."""
         if self._runner is None:
+            self._runner = MultiEngineRunner.from_settings(list(self.engines))
+        if self._runner is None:
             from .runner import DockerRunner  # docker-py loads only when it is used
 
             self._runner = DockerRunner()
         return self._runner
+
+    @observe("engines")
+    def _engines_changed(self, _change: dict[str, Any]) -> None:
+        self._runner = None  # the next magic uses the new engines
 
     @runner.setter
     def runner(self, runner: Runner) -> None:
@@ -532,6 +557,97 @@ class CldpdMagics(Magics):
         print(f"Pod {args.pod} stopped.")
 
     @magic_arguments()
+    @_BACKGROUND
+    @argument(
+        "-p", "--pod", action="append", default=[], metavar="POD",
+        help="a pod to run (repeat for several, or POD,POD)",
+    )  # fmt: skip
+    @argument(
+        "--variant", action="append", default=[], metavar="NAME[=ARGS]",
+        help="a variant: a name and extra agent arguments, e.g. \"opus=--model opus\" (repeat "
+        "for several)",
+    )  # fmt: skip
+    @argument("--repeats", type=int, default=1, help="runs of each pod, issue and variant")
+    @argument("--max-parallel", type=int, default=4, help="runs at once; the rest wait")
+    @argument(
+        "--budget", type=float, metavar="USD",
+        help="the batch's budget: past it no run starts and running ones stop",
+    )  # fmt: skip
+    @argument(
+        "issues", nargs="*", metavar="ISSUE_URL",
+        help="GitHub issue URLs; with %%%%cldpd_batch, one a line in the cell body",
+    )  # fmt: skip
+    @line_cell_magic
+    def cldpd_batch(self, line: str, cell: str | None = None) -> Any:
+        """Run pods on many issues at once, as a live table in this cell; returns the Batch.
+
+        ``%cldpd_batch -p POD [options] URL...`` or ``%%cldpd_batch -p POD [options]`` with
+        one issue URL a line in the cell body (blank lines and ``#`` comments skipped).
+        Every pod runs on every issue, once per variant and repeat, at most
+        --max-parallel at once. The table has a row per run (state, elapsed, turns,
+        cost, last tool call); choose a run to see its output, stop one or all. Blocks
+        until the batch ends unless -b is given; interrupting the kernel stops the batch.
+        ``batch.to_dataframe()`` gives the results.
+        """
+        args = _parse(self.cldpd_batch, line)
+        urls = list(args.issues)
+        if cell is not None:
+            body = [text.strip() for text in cell.splitlines()]
+            urls += [text for text in body if text and not text.startswith("#")]
+        pods = [name for spec in args.pod for name in unquote(spec).split(",") if name]
+        if not pods:
+            raise UsageError("Name the pods to run with -p POD (repeat it for several).")
+        if not urls:
+            raise UsageError(
+                "Give the issues: URLs after the options, or one a line in a %%cldpd_batch cell."
+            )
+        with user_errors():
+            issues = [validate_issue_url(unquote(url)) for url in urls]
+            for pod in pods:
+                validate_pod_name(pod)
+            variants = [parse_variant(unquote(v)) for v in args.variant] or None
+            batch = self.dispatcher.dispatch(
+                pods, issues, variants=variants, repeats=args.repeats,
+                max_parallel=args.max_parallel, budget_usd=args.budget,
+            )  # fmt: skip
+        return self._follow_batch(batch, args.background)
+
+    def _follow_batch(self, batch: Any, background: bool) -> Any:
+        """Show a batch in this cell (widgets in a live frontend); block unless ``background``."""
+        try:
+            if self._live():
+                from .widgets import BatchPanel  # ipywidgets loads only when it is used
+
+                panel = BatchPanel(
+                    batch, max_lines=self.max_output_lines, interval=self.flush_interval,
+                    stop_timeout=self.stop_timeout,
+                )  # fmt: skip
+                display(panel)
+                feed = panel.feed
+            else:  # a terminal prints every update: there, show the end only
+                view = BatchView(max_lines=self.max_output_lines)
+                handle = display(view.bundle(), raw=True, display_id=True)
+                feed = BatchFeed(batch, view, lambda _view: None)
+            self.batch_feeds.append(feed)
+        except KeyboardInterrupt:
+            batch.stop()
+            raise
+        if background:
+            return batch
+        _FOLLOWED_LIVE.add(batch)
+        try:
+            while not feed.join(0.25):
+                pass
+        except KeyboardInterrupt:
+            batch.stop()
+            feed.join(30)
+            raise UsageError("Interrupted: the batch stopped.") from None
+        finally:
+            if not self._live():
+                handle.update(feed.view.bundle(), raw=True)
+        return batch
+
+    @magic_arguments()
     @argument("pod", help="the new pod's name")
     @argument(
         "--template", default=DEFAULT_TEMPLATE,
@@ -695,7 +811,7 @@ def shown_result(value: Any) -> Any:
     The cell already shows that run live, so the Session (kept for ``s = %cldpd_start
     ...`` and ``-b``) would only repeat a stale status under it.
     """
-    return None if isinstance(value, Session) and value in _FOLLOWED_LIVE else value
+    return None if value in _FOLLOWED_LIVE else value
 
 
 class HideFollowedResult(ast.NodeTransformer):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .egress import EgressPolicy, check_credentials, parse_credentials, parse_network_allow
 from .errors import InvalidPodError, PodConfigError, PodNotFoundError
 from .secrets import config_secrets, looks_secret
 
@@ -147,6 +148,8 @@ class PodConfig:
     resources: Resources = field(default_factory=Resources)
     cap_add: tuple[str, ...] = ()
     read_only_root: bool = False
+    egress: EgressPolicy | None = None
+    credentials: tuple[tuple[str, str], ...] = ()
     engine: str = ""
 
 
@@ -359,6 +362,7 @@ _CONFIG_KEYS = {
     "resources": "resources",
     "capAdd": "cap_add",
     "readOnlyRoot": "read_only_root",
+    "credentials": "credentials",
     "engine": "engine",
 }
 
@@ -450,13 +454,13 @@ def _resources(path: Path, value: Any) -> Resources:
     )
 
 
-def _network(path: Path, value: Any) -> str:
+def _network(path: Path, value: Any) -> str | EgressPolicy:
     if isinstance(value, dict):
-        raise PodConfigError(
-            f"{path}: 'network' as an allowlist object is not supported by this version; "
-            f"use one of {', '.join(NETWORK_MODES)} or the name of a Docker network."
-        )
-    _expect(path, "network", value, str, "a string: none, host, bridge or a network name")
+        return parse_network_allow(path, value)
+    _expect(
+        path, "network", value, str,
+        'a string (none, host, bridge or a network name) or {"allow": [hosts]}',
+    )  # fmt: skip
     if not POD_NAME_RE.fullmatch(value):
         raise PodConfigError(
             f"{path}: 'network' must be none, host, bridge or the name of a Docker "
@@ -530,7 +534,10 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
         elif key == "mounts":
             values["mounts"] = _mounts(path, value)
         elif key == "network":
-            values["network"] = _network(path, value)
+            network = _network(path, value)
+            values["egress" if isinstance(network, EgressPolicy) else "network"] = network
+        elif key == "credentials":
+            values["credentials"] = parse_credentials(path, value)
         elif key == "resources":
             values["resources"] = _resources(path, value)
         elif key == "capAdd":
@@ -545,6 +552,10 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
                 f"{path}: buildArgs.{name} looks like a secret, and build args stay in the "
                 "image history; forward it at run time with inheritEnv instead."
             )
+    check_credentials(
+        path, values.get("credentials", ()), values.get("egress"),
+        values.get("env", {}), values.get("inherit_env", ()),
+    )  # fmt: skip
     return PodConfig(**values)
 
 

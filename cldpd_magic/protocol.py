@@ -42,6 +42,7 @@ class RunOptions:
         read_only_root: Make the root filesystem read-only; /tmp, the working directory
             and the home directory stay writable.
         engine: The configured engine to run on ("" is the default, the first one).
+        dns: DNS servers the engine's resolver forwards to (empty: the engine's default).
     """
 
     image: str
@@ -58,6 +59,7 @@ class RunOptions:
     cap_add: list[str] = field(default_factory=list)
     read_only_root: bool = False
     engine: str = ""
+    dns: list[str] = field(default_factory=list)
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""

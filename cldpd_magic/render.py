@@ -658,6 +658,8 @@ class RunLines:
             return [Line("status", self._clean(f"cldpd: {what} in container {data}"))]
         if etype is EventType.ERROR:
             return [Line("error", self._clean(data))]
+        if etype is EventType.EGRESS_BLOCKED:
+            return [Line("stderr", self._clean(f"⛔ egress blocked: {_clip(data)}"))]
         return []
 
 

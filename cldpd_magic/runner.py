@@ -615,7 +615,7 @@ class DockerRunner:
                 chosen.append(path)
         return chosen
 
-    def _create(self, api: docker.APIClient, opts: RunOptions) -> str:
+    def _create(self, api: docker.APIClient, opts: RunOptions, stdin_open: bool = False) -> str:
         mounts = [
             docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
             for m in opts.mounts
@@ -645,6 +645,7 @@ class DockerRunner:
             mem_limit=limits.memory,
             memswap_limit=limits.memory,
             pids_limit=limits.pids,
+            dns=opts.dns or None,
         )
         try:
             created = api.create_container(
@@ -655,7 +656,7 @@ class DockerRunner:
                 working_dir=opts.workdir or None,
                 labels=opts.labels,
                 host_config=host_config,
-                stdin_open=False,
+                stdin_open=stdin_open,
                 tty=False,
             )
         except docker.errors.APIError as exc:
@@ -941,6 +942,86 @@ class DockerRunner:
     def remove(self, container: str) -> None:
         """Force-remove a container; a missing one is fine."""
         self._force_remove(self._control(), container)
+
+    @_engine_errors
+    def image_exists(self, tag: str) -> bool:
+        """Whether the engine has an image of this tag."""
+        try:
+            self._control().inspect_image(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    @_engine_errors
+    def create_network(self, name: str, labels: dict[str, str], internal: bool = True) -> str:
+        """Create a bridge network; an internal one has no way out but through its containers.
+
+        Returns:
+            Its subnet, such as ``172.30.0.0/16``.
+        """
+        api = self._control()
+        api.create_network(name, driver="bridge", internal=internal, labels=labels)
+        config = (api.inspect_network(name).get("IPAM") or {}).get("Config") or [{}]
+        return config[0].get("Subnet", "")
+
+    @_engine_errors
+    def remove_network(self, name: str) -> None:
+        """Remove a network, disconnecting what is still on it; a missing one is fine."""
+        api = self._control()
+        try:
+            attached = api.inspect_network(name).get("Containers") or {}
+        except docker.errors.NotFound:
+            return
+        for cid in attached:
+            with contextlib.suppress(docker.errors.APIError):
+                api.disconnect_container_from_network(cid, name, force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            api.remove_network(name)
+
+    @_engine_errors
+    def list_networks(self, label: str) -> list[str]:
+        """Names of the networks that carry a label (``key`` or ``key=value``)."""
+        return sorted(n["Name"] for n in self._control().networks(filters={"label": label}))
+
+    @_engine_errors
+    def start_service(self, opts: RunOptions, networks: list[str], stdin: bytes) -> ContainerInfo:
+        """Start a detached container on ``opts.network`` and more networks, fed on stdin.
+
+        Whatever ``stdin`` holds reaches the process through the engine's attach stream
+        only: it is in no environment, label, file or ``docker inspect`` output.
+
+        Args:
+            opts: What to run.
+            networks: Further networks the container joins before it starts.
+            stdin: Bytes written to its stdin, which is then closed.
+
+        Raises:
+            PodRunningError: The container name is taken.
+            ContainerFailedError: It could not be created, connected or started.
+        """
+        api = self._control()
+        cid = self._create(api, opts, stdin_open=True)
+        try:
+            for network in networks:
+                api.connect_container_to_network(cid, network)
+            sock = api.attach_socket(cid, params={"stdin": 1, "stream": 1})
+        except docker.errors.APIError as exc:
+            self._force_remove(api, cid)
+            raise _container_error(opts, "connect", exc) from None
+        raw = getattr(sock, "_sock", sock)
+        try:
+            self._start_or_remove(api, opts, cid)
+            raw.sendall(stdin)
+        finally:
+            raw.close()
+        return ContainerInfo(opts.name, cid, "running", opts.labels, opts.image)
+
+    @_engine_errors
+    def address(self, container: str, network: str) -> str:
+        """A container's IP address on a network ("" when it is not on it)."""
+        attrs = self._control().inspect_container(container)
+        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        return (networks.get(network) or {}).get("IPAddress") or ""
 
     @staticmethod
     def _info(attrs: dict[str, Any]) -> ContainerInfo:

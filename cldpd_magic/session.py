@@ -49,6 +49,8 @@ class EventType(enum.Enum):
     STDERR = "stderr"
     CONTAINER_EXITED = "container_exited"
     ERROR = "error"
+    #: The egress proxy refused a connection; data is ``host:port``.
+    EGRESS_BLOCKED = "egress_blocked"
 
 
 TERMINAL = frozenset({EventType.CONTAINER_EXITED, EventType.ERROR})

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any, NamedTuple
 
+import pytest
 from html_safety import PAYLOADS, html_problems
 
 from cldpd_magic.render import _CSS, _TABLE_CSS, BatchFeed, BatchView
@@ -262,3 +263,143 @@ def test_the_picker_shows_a_batch_below_its_pods(tmp_path, pods_dir, transcript_
     finally:
         picker.close()
     assert panel._closed
+
+
+# -- %cldpd_batch and cldpd batch (the Dispatcher's dispatch replaced by a recorder) -------
+
+
+class ResultBatch(StoppableBatch):
+    """A fake batch with results, as Batch.results() gives them."""
+
+    def results(self) -> list[dict]:
+        return [
+            {"pod": s.pod_name, "issue": URL, "variant": "", "run": s.pod_name,
+             "state": str(s.state), "exit_code": s.exit_code, "turns": 1, "input_tokens": 10,
+             "output_tokens": 5, "cost_usd": 0.01, "seconds": 0.5,
+             "transcript": str(s.transcript), "links": ["https://github.com/o/r/pull/7"]}
+            for s in self.runs
+        ]  # fmt: skip
+
+
+URL = "https://github.com/octocat/Hello-World/issues/1"
+URL2 = "https://github.com/octocat/Hello-World/issues/2"
+
+
+@pytest.fixture
+def dispatched(monkeypatch, tmp_path) -> list[dict]:
+    """Replace Dispatcher.dispatch: record each call, run one session per pod and issue."""
+    from cldpd_magic.dispatcher import Dispatcher
+
+    calls: list[dict] = []
+
+    def dispatch(self, pods, issues, **kwargs) -> ResultBatch:
+        calls.append({"pods": pods, "issues": issues, **kwargs})
+        runs = [
+            _session(tmp_path, f"{pod}-{n}", [f"{pod} on {issue}"], code=1 if "bad" in pod else 0)
+            for pod in pods
+            for n, issue in enumerate(issues)
+        ]
+        return ResultBatch(runs)
+
+    monkeypatch.setattr(Dispatcher, "dispatch", dispatch, raising=False)
+    return calls
+
+
+@pytest.fixture
+def ip(pods_dir, transcript_dir):
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.config.CldpdMagics.pods_dir = str(pods_dir)
+    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
+    shell.config.CldpdMagics.flush_interval = 0.05
+    shell.extension_manager.load_extension("cldpd_magic")
+    yield shell
+    shell.extension_manager.unload_extension("cldpd_magic")
+    del shell.config["CldpdMagics"]
+
+
+def test_the_batch_magic_dispatches_and_shows_the_final_table(ip, dispatched):
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        batch = ip.run_line_magic(
+            "cldpd_batch",
+            f'-p demo,other --variant "opus=--model opus" --variant plain --repeats 2 '
+            f"--max-parallel 3 --budget 1.5 {URL} {URL2}",
+        )
+    assert dispatched == [{
+        "pods": ["demo", "other"], "issues": [URL, URL2], "repeats": 2, "max_parallel": 3,
+        "budget_usd": 1.5,
+        "variants": [{"name": "opus", "args": ["--model", "opus"]}, {"name": "plain", "args": []}],
+    }]  # fmt: skip
+    assert batch.done and len(batch.runs) == 4
+    (shown,) = captured.outputs
+    assert "application/vnd.jupyter.widget-view+json" in shown.data
+    magics = ip.magics_manager.registry["CldpdMagics"]
+    final = magics.batch_feeds[-1].view.text()
+    assert final.startswith("batch: 4 exited")
+    assert "demo-0" in final and "other-1" in final
+
+
+def test_a_terminal_shows_the_batch_table_at_the_end(ip, dispatched, capsys):
+    ip.run_line_magic("cldpd_batch", f"-p demo {URL} {URL2}")
+    printed = capsys.readouterr().out
+    assert printed.count("batch: 2 exited") == 1 and "demo-1" in printed
+
+
+def test_the_batch_cell_magic_takes_one_issue_a_line(ip, dispatched):
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        ip.run_cell_magic("cldpd_batch", "-p demo -b", f"\n{URL}\n# not this one\n  {URL2}  \n")
+    assert dispatched[0]["issues"] == [URL, URL2] and dispatched[0]["variants"] is None
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        (URL, "Name the pods to run with -p POD"),
+        ("-p demo", "Give the issues"),
+        ("-p demo ftp://example.com/x", "http"),
+        ("-p ../x " + URL, "pod name"),
+        ("-p demo --variant =x " + URL, "has no name"),
+    ],
+)
+def test_the_batch_magic_says_what_is_wrong_in_one_sentence(ip, dispatched, line, match):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=match) as info:
+        ip.run_line_magic("cldpd_batch", line)
+    assert "\n" not in str(info.value) and dispatched == []
+
+
+def test_cldpd_batch_prints_progress_and_results_and_fails_if_a_run_failed(
+    pods_dir, dispatched, capsys
+):
+    from cldpd_magic.cli import main
+
+    args = ["--pods-dir", str(pods_dir), "batch", "good", "--issue", URL, "--issue", URL2]
+    assert main([*args, "--variant", "opus=--model opus", "--max-parallel", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert dispatched[-1]["variants"] == [{"name": "opus", "args": ["--model", "opus"]}]
+    assert dispatched[-1]["max_parallel"] == 2 and dispatched[-1]["budget_usd"] is None
+    assert out.splitlines()[0].split() == [
+        "RUN", "POD", "ISSUE", "VARIANT", "STATE", "EXIT", "TURNS", "TOKENS", "IN/OUT", "COST",
+        "TIME", "LINKS",
+    ]  # fmt: skip
+    assert "https://github.com/o/r/pull/7" in out and "exited" in out
+    assert "cldpd: good-0 (good-0): exited" in err
+    assert "2 of 2 runs exited 0" in err
+    assert main([*args[:3], "good", "bad", "--issue", URL]) == 1
+    assert "1 of 2 runs exited 0" in capsys.readouterr().err
+
+
+def test_cldpd_batch_refuses_a_bad_issue_before_dispatching(pods_dir, dispatched, capsys):
+    from cldpd_magic.cli import main
+
+    assert main(["--pods-dir", str(pods_dir), "batch", "p", "--issue", "nope"]) == 1
+    assert dispatched == [] and capsys.readouterr().err.startswith("cldpd: ")

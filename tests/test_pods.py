@@ -237,7 +237,7 @@ def test_network_modes_and_names_are_accepted(pods_dir, network):
         ("-net", "Docker network"),
         ("a b", "Docker network"),
         (3, "network"),
-        ({"allow": ["github.com"]}, "allowlist"),
+        ({"deny": ["github.com"]}, "allow"),
     ],
 )
 def test_bad_network_values_are_one_sentence(pods_dir, network, expected):

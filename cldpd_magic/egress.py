@@ -1,0 +1,530 @@
+"""Egress allowlists and brokered credentials, enforced outside the pod.
+
+A pod whose pod.json says ``"network": {"allow": [...]}`` runs on an internal Docker
+network of its own: no route out, no resolver out. Its only way out is its egress
+container (Squid from Debian, built from the Dockerfile in ``data/egress``), which sits
+on that network and on the engine's default bridge and lets CONNECT and plain HTTP
+through only to the allowlist. Each refused attempt becomes an ``EGRESS_BLOCKED`` event.
+
+A pod that names ``credentials`` (``{"anthropic": "ANTHROPIC_API_KEY"}``) gets a
+placeholder key and a base URL pointing at the same egress container, which adds the
+real key and forwards upstream. The real key reaches that container on its stdin after
+start: it is in no container's environment, file, label or ``docker inspect`` output.
+
+One egress container and network per run, not per policy: a blocked attempt belongs to
+exactly one run, two agents never share a network (one could not reach the other), and
+the run's end removes both without counting users across kernels.
+
+This module imports neither docker nor the protocol at load time (pods.py parses the
+policy with it); the engine is reached through the runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import CldpdError, ContainerFailedError, InvalidRequestError, PodConfigError
+
+if TYPE_CHECKING:
+    from .protocol import RunOptions
+
+logger = logging.getLogger(__name__)
+
+#: Where the egress image's Dockerfile and entrypoint are, inside the package.
+DATA_DIR = Path(__file__).resolve().parent / "data" / "egress"
+#: The egress image's repository; its tag is a digest of DATA_DIR and the base image.
+IMAGE_REPOSITORY = "cldpd-egress"
+#: The egress image's base; ``$CLDPD_EGRESS_BASE`` overrides it (CI: cldpd-debian:bookworm).
+DEFAULT_BASE = "debian:bookworm-slim"
+#: Label on an egress network and container: the digest of the run's policy.
+LABEL_EGRESS = "cldpd.egress"
+#: Label on an egress network and container: the container of the run it serves.
+LABEL_EGRESS_OF = "cldpd.egress-of"
+PROXY_PORT = 3128
+BROKER_PORT = 8080
+#: What a pod sees in place of a brokered key.
+PLACEHOLDER = "cldpd-brokered-placeholder"
+#: The line the egress container prints once Squid listens.
+READY_LINE = "cldpd-egress ready"
+#: Seconds to wait for that line.
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class CredentialKind:
+    """A kind of credential cldpd can broker.
+
+    Attributes:
+        key_env: The variable the agent reads the key from (it gets the placeholder).
+        url_env: The variable the agent reads the API's base URL from (it gets the broker).
+        header: The request header the broker sets to the real key.
+        upstream: Where the broker forwards, unless the pod's env sets ``url_env``.
+    """
+
+    key_env: str
+    url_env: str
+    header: str
+    upstream: str
+
+
+CREDENTIAL_KINDS = {
+    "anthropic": CredentialKind(
+        "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "x-api-key", "https://api.anthropic.com"
+    ),
+}
+
+_HOST_RE = re.compile(
+    r"(?:\*\.)?(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+_VARIABLE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One allowlist entry: a host, or every host under a suffix, and a port.
+
+    Attributes:
+        host: ``example.com``, or ``*.example.com`` for it and every name under it.
+        port: The one port allowed; None allows 80 and 443.
+    """
+
+    host: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+    def squid(self) -> list[Any]:
+        """The rule as the egress container reads it: ``[dstdomain, port or None]``."""
+        host = "." + self.host[2:] if self.host.startswith("*.") else self.host
+        return [host, self.port]
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """A pod's egress allowlist (the allow form of pod.json's ``network``).
+
+    Attributes:
+        allow: The rules, in pod.json's order; empty allows nothing.
+    """
+
+    allow: tuple[AllowRule, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        """A short digest of the rules, the value of the ``cldpd.egress`` label."""
+        canonical = json.dumps(sorted(str(rule) for rule in self.allow))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def parse_allow_rule(path: Path, index: int, entry: Any) -> AllowRule:
+    """Parse one allowlist entry: ``host``, ``*.suffix`` or either with ``:port``.
+
+    Raises:
+        PodConfigError: The entry is no host name (with an optional port).
+    """
+    where = f"{path}: network.allow[{index}]"
+    if not isinstance(entry, str):
+        raise PodConfigError(f"{where} must be a host name string such as 'github.com'.")
+    no_host = PodConfigError(
+        f"{where}: {entry[:80]!r} is no host name; write 'example.com', "
+        "'*.example.com' (it and every name under it) or 'example.com:8443'."
+    )
+    if "/" in entry or "@" in entry:
+        raise no_host
+    host, colon, port_text = entry.strip().lower().rpartition(":")
+    if not colon:
+        host, port_text = port_text, ""
+    port: int | None = None
+    if colon:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise PodConfigError(
+                f"{where}: {entry[:80]!r} has no valid port after ':'; give 1 to 65535, "
+                "or no port for 80 and 443."
+            )
+        port = int(port_text)
+    if not _is_ip(host) and (len(host) > 253 or not _HOST_RE.fullmatch(host)):
+        raise no_host
+    if host.startswith("*.") and "." not in host[2:]:
+        raise PodConfigError(
+            f"{where}: {entry[:80]!r} would allow a whole top-level domain; "
+            "name a domain such as '*.example.com'."
+        )
+    return AllowRule(host, port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_network_allow(path: Path, value: dict[str, Any]) -> EgressPolicy:
+    """Parse the allow form of pod.json's ``network``: ``{"allow": [host, ...]}``.
+
+    Raises:
+        PodConfigError: Another key, no list, or an entry that is no host.
+    """
+    unknown = sorted(set(value) - {"allow"})
+    if unknown or "allow" not in value:
+        raise PodConfigError(
+            f"{path}: 'network' as an object takes one key, 'allow', a list of hosts such "
+            'as {"allow": ["github.com", "*.githubusercontent.com"]}.'
+        )
+    entries = value["allow"]
+    if not isinstance(entries, list):
+        raise PodConfigError(
+            f"{path}: network.allow must be a list of host names, such as "
+            '["api.anthropic.com", "*.githubusercontent.com"].'
+        )
+    rules = tuple(parse_allow_rule(path, i, entry) for i, entry in enumerate(entries))
+    return EgressPolicy(tuple(dict.fromkeys(rules)))
+
+
+def parse_credentials(path: Path, value: Any) -> tuple[tuple[str, str], ...]:
+    """Parse pod.json's ``credentials``: ``{kind: host variable}``.
+
+    Returns:
+        ``(kind, variable)`` pairs in pod.json's order.
+
+    Raises:
+        PodConfigError: No object, an unknown kind, or no variable name.
+    """
+    if not isinstance(value, dict):
+        raise PodConfigError(
+            f"{path}: 'credentials' must be an object such as "
+            '{"anthropic": "ANTHROPIC_API_KEY"}.'
+        )
+    pairs = []
+    for kind, variable in value.items():
+        if kind not in CREDENTIAL_KINDS:
+            raise PodConfigError(
+                f"{path}: credentials.{kind[:40]} is no kind cldpd can broker; "
+                f"use one of {', '.join(CREDENTIAL_KINDS)}."
+            )
+        if not isinstance(variable, str) or not _VARIABLE_RE.fullmatch(variable):
+            raise PodConfigError(
+                f"{path}: credentials.{kind} must name a host environment variable, "
+                "such as 'ANTHROPIC_API_KEY'."
+            )
+        pairs.append((kind, variable))
+    return tuple(pairs)
+
+
+def check_credentials(
+    path: Path,
+    credentials: tuple[tuple[str, str], ...],
+    policy: EgressPolicy | None,
+    env: dict[str, str],
+    inherit_env: tuple[str, ...],
+) -> None:
+    """Refuse a pod.json whose credentials would still reach the container.
+
+    Raises:
+        PodConfigError: Credentials without an allowlist, or the key also forwarded.
+    """
+    if credentials and policy is None:
+        raise PodConfigError(
+            f"{path}: 'credentials' needs 'network' as an allowlist such as "
+            '{"allow": []}, so that the forwarding endpoint is on the pod\'s own network.'
+        )
+    for kind, variable in credentials:
+        key_env = CREDENTIAL_KINDS[kind].key_env
+        if variable in inherit_env or key_env in env:
+            raise PodConfigError(
+                f"{path}: credentials.{kind} is brokered, so remove {variable} from "
+                f"inheritEnv and {key_env} from env: the key must not enter the container."
+            )
+
+
+def brokered_credentials(
+    pod_name: str, credentials: tuple[tuple[str, str], ...], env: dict[str, str]
+) -> list[tuple[str, str, str]]:
+    """Read a pod's brokered keys from the host: ``(kind, value, upstream)`` triples.
+
+    The upstream is the pod's own ``env`` value of the kind's URL variable (a test
+    server, a gateway), else the kind's public API.
+
+    Raises:
+        InvalidRequestError: A named host variable is not set.
+    """
+    brokered = []
+    for kind, variable in credentials:
+        value = os.environ.get(variable)
+        if not value:
+            raise InvalidRequestError(
+                f"{variable} is not set on this host, and pod {pod_name} brokers it as its "
+                f"{kind} credential; set it, then start the pod again."
+            )
+        spec = CREDENTIAL_KINDS[kind]
+        brokered.append((kind, value, env.get(spec.url_env) or spec.upstream))
+    return brokered
+
+
+@dataclass(frozen=True)
+class EgressAttempt:
+    """One connection the egress proxy saw.
+
+    Attributes:
+        time: When (UTC).
+        host: The host asked for.
+        port: The port asked for.
+        method: CONNECT for HTTPS, else the HTTP method.
+        allowed: Whether the proxy let it through.
+    """
+
+    time: datetime
+    host: str
+    port: int
+    method: str
+    allowed: bool
+
+    @property
+    def target(self) -> str:
+        """``host:port``, the data of an EGRESS_BLOCKED event."""
+        return f"{self.host}:{self.port}"
+
+
+_ACCESS_RE = re.compile(
+    r"CLDPD-ACCESS (?P<ts>\d+(?:\.\d+)?) \S+ (?P<code>[A-Z_]+) (?P<status>\d+) "
+    r"(?P<method>[A-Z]+) (?P<host>[A-Za-z0-9.:\[\]_-]+) (?P<port>\d+)$"
+)
+
+
+def parse_access_line(line: str) -> EgressAttempt | None:
+    """An attempt from one access-log line of the egress container; None for anything else."""
+    match = _ACCESS_RE.fullmatch(line.strip())
+    if match is None:
+        return None
+    denied = "DENIED" in match["code"] or match["status"] == "403"
+    return EgressAttempt(
+        datetime.fromtimestamp(float(match["ts"]), UTC),
+        match["host"][:253],
+        int(match["port"]),
+        match["method"],
+        not denied,
+    )
+
+
+def egress_image_tag(base: str) -> str:
+    """The egress image's tag: a digest of the shipped Dockerfile, entrypoint and base."""
+    digest = hashlib.sha256(base.encode())
+    for name in sorted(p.name for p in DATA_DIR.iterdir() if p.is_file()):
+        digest.update(name.encode() + b"\0" + (DATA_DIR / name).read_bytes())
+    return f"{IMAGE_REPOSITORY}:{digest.hexdigest()[:12]}"
+
+
+def egress_base() -> str:
+    """The egress image's base: ``$CLDPD_EGRESS_BASE``, else Debian bookworm slim."""
+    return os.environ.get("CLDPD_EGRESS_BASE") or DEFAULT_BASE
+
+
+class _Lines:
+    """A writer that hands complete lines to a callback."""
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self.on_line = on_line
+        self._pending = ""
+
+    def write(self, text: str) -> None:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self.on_line(line)
+
+
+#: Runner ids whose engine was seen to isolate internal networks.
+_ISOLATING_ENGINES: set[int] = set()
+
+
+@dataclass
+class EgressGuard:
+    """The egress network and container of one run.
+
+    Args:
+        runner: The runner of the run's engine (a DockerRunner).
+        container: The run's container name; the egress names derive from it.
+        policy: Its allowlist.
+        credentials: ``(kind, real value, upstream)`` triples to broker.
+        on_attempt: Called, from a worker thread, with each attempt the proxy logs.
+        on_build_output: Called with each line of the egress image's build log.
+    """
+
+    runner: Any
+    container: str
+    policy: EgressPolicy
+    credentials: list[tuple[str, str, str]] = field(default_factory=list)
+    on_attempt: Callable[[EgressAttempt], None] | None = None
+    on_build_output: Callable[[str], None] | None = None
+    attempts: list[EgressAttempt] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # "cldpd_": no pod's container (always "cldpd-<pod>") can take these names.
+        self.network = self.proxy = egress_name(self.container)
+        self._ready = threading.Event()
+        self._came_up = False
+        self._follower: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels of the network and the egress container."""
+        return {LABEL_EGRESS: self.policy.digest, LABEL_EGRESS_OF: self.container}
+
+    def ensure_image(self) -> str:
+        """Build the egress image unless the engine has it; return its tag."""
+        base = egress_base()
+        tag = egress_image_tag(base)
+        if not self.runner.image_exists(tag):
+            self.runner.build(tag, str(DATA_DIR), {"BASE": base}, on_output=self.on_build_output)
+        return tag
+
+    def setup(self, opts: RunOptions) -> RunOptions:
+        """Create the network and the egress container; return ``opts`` moved behind them.
+
+        Raises:
+            ContainerFailedError: The engine cannot isolate an internal network, or the
+                egress container did not come up.
+            BuildFailedError: The egress image did not build.
+        """
+        from .protocol import RunOptions  # here: protocol imports pods, which imports us
+
+        image = self.ensure_image()
+        self.remove()  # what a killed kernel may have left of an earlier run
+        subnet = self.runner.create_network(self.network, self.labels, internal=True)
+        try:
+            config = {
+                "subnet": subnet,
+                "proxy_port": PROXY_PORT,
+                "broker_port": BROKER_PORT,
+                "allow": [rule.squid() for rule in self.policy.allow],
+                "credentials": {
+                    kind: {
+                        "upstream": upstream,
+                        "header": CREDENTIAL_KINDS[kind].header,
+                        "value": value,
+                    }
+                    for kind, value, upstream in self.credentials
+                },
+            }
+            service = RunOptions(
+                image=image,
+                name=self.proxy,
+                cmd=[],
+                network=self.network,
+                labels=self.labels,
+                remove=False,
+            )
+            self.runner.start_service(service, ["bridge"], (json.dumps(config) + "\n").encode())
+            self._follower = threading.Thread(
+                target=self._follow, name=f"cldpd-egress-{self.container}", daemon=True
+            )
+            self._follower.start()
+            if not (self._ready.wait(READY_TIMEOUT) and self._came_up):
+                raise ContainerFailedError(
+                    f"The egress proxy of {self.container} did not start within "
+                    f"{READY_TIMEOUT:g} s; see docker logs {self.proxy}."
+                )
+            address = self.runner.address(self.proxy, self.network)
+            self._check_isolation(image)
+        except BaseException:
+            self.remove()
+            raise
+        proxy_url = f"http://{address}:{PROXY_PORT}"
+        env = dict(opts.env)
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env[name] = proxy_url
+        env["NO_PROXY"] = env["no_proxy"] = f"localhost,127.0.0.1,{address}"
+        for kind, _value, _upstream in self.credentials:
+            credential = CREDENTIAL_KINDS[kind]
+            env[credential.key_env] = PLACEHOLDER
+            env[credential.url_env] = f"http://{address}:{BROKER_PORT}"
+        # Docker's embedded resolver forwards what it cannot answer to the container's
+        # DNS servers, even from an internal network, and the host's addresses are
+        # reachable from there: point it at the egress container, which serves no DNS.
+        return replace(opts, env=env, network=self.network, dns=[address])
+
+    def _check_isolation(self, image: str) -> None:
+        """Refuse to go on when a container on the internal network reaches the bridge."""
+        if id(self.runner) in _ISOLATING_ENGINES:
+            return
+        from .protocol import RunOptions
+
+        outside = self.runner.address(self.proxy, "bridge")
+        probe = RunOptions(
+            image=image,
+            name=f"{self.proxy}-probe",
+            cmd=["probe", outside, str(PROXY_PORT)],
+            network=self.network,
+            labels=self.labels,
+        )
+        if outside and self.runner.run(probe, _Lines(lambda _line: None)) == 0:
+            raise ContainerFailedError(
+                "This Docker engine does not isolate internal networks (it runs with "
+                "--iptables=false), so a network allowlist cannot be enforced; restart "
+                "dockerd with iptables on, or drop 'network.allow' from pod.json."
+            )
+        _ISOLATING_ENGINES.add(id(self.runner))
+
+    def _follow(self) -> None:
+        def on_line(line: str) -> None:
+            if line.strip() == READY_LINE:
+                self._came_up = True
+                self._ready.set()
+                return
+            attempt = parse_access_line(line)
+            if attempt is None:
+                return
+            with self._lock:
+                self.attempts.append(attempt)
+            if self.on_attempt is not None:
+                try:
+                    self.on_attempt(attempt)
+                except Exception:
+                    logger.debug("egress attempt callback failed", exc_info=True)
+
+        try:
+            self.runner.logs(self.proxy, _Lines(on_line), None)
+        except Exception:
+            logger.debug("following the egress log of %s failed", self.container, exc_info=True)
+        finally:
+            self._ready.set()  # a proxy that died is no longer awaited
+
+    def remove(self) -> None:
+        """Remove the egress container and network; what is missing is fine."""
+        self.runner.remove(self.proxy)
+        self.runner.remove_network(self.network)
+        if self._follower is not None:
+            self._follower.join(timeout=10)
+
+    def blocked(self) -> list[EgressAttempt]:
+        """The attempts refused so far."""
+        with self._lock:
+            return [a for a in self.attempts if not a.allowed]
+
+
+def egress_name(container: str) -> str:
+    """The name of a run's egress network and container."""
+    return "cldpd_egress-" + container.removeprefix("cldpd-")
+
+
+def remove_egress_of(runner: Any, container: str) -> None:
+    """Remove what egress a run's container had (after a stop, or a crash); none is fine."""
+    if not hasattr(runner, "remove_network"):
+        return  # a runner without networks never made any egress
+    with contextlib.suppress(CldpdError):
+        runner.remove(egress_name(container))
+        runner.remove_network(egress_name(container))

@@ -1,0 +1,474 @@
+"""Egress allowlists and brokered credentials: pod.json parsing, and the real engine.
+
+Every host these tests reach is a container they started (busybox httpd on the default
+bridge) or a server on the gateway of a Docker network they created; everything they
+make carries the label ``cldpd.test=egress`` and is removed. The egress image is built
+once from ``$CLDPD_EGRESS_BASE`` (``cldpd-debian:bookworm``, made offline by
+scripts/setup) and kept, as the product keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cldpd_magic import Dispatcher
+from cldpd_magic.egress import (
+    LABEL_EGRESS_OF,
+    PLACEHOLDER,
+    AllowRule,
+    EgressGuard,
+    EgressPolicy,
+    parse_access_line,
+    parse_network_allow,
+)
+from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
+from cldpd_magic.pods import parse_pod_config
+from cldpd_magic.protocol import RunOptions
+from cldpd_magic.render import RunLines
+from cldpd_magic.session import Event, EventType, read_transcript
+
+TEST_LABEL = {"cldpd.test": "egress"}
+EGRESS_BASE = "cldpd-debian:bookworm"
+POD_JSON = Path("pods/p/pod.json")
+
+
+def config_error(data: dict) -> str:
+    with pytest.raises(PodConfigError) as info:
+        parse_pod_config(POD_JSON, json.dumps(data))
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+# --- pod.json ---------------------------------------------------------------------------
+
+
+def test_allow_form_parses_hosts_suffixes_and_ports():
+    config = parse_pod_config(
+        POD_JSON,
+        json.dumps(
+            {"network": {"allow": ["API.anthropic.com", "*.githubusercontent.com", "h.io:8443"]}}
+        ),
+    )
+    assert config.network == ""
+    assert config.egress == EgressPolicy(
+        (
+            AllowRule("api.anthropic.com"),
+            AllowRule("*.githubusercontent.com"),
+            AllowRule("h.io", 8443),
+        )
+    )
+    assert [rule.squid() for rule in config.egress.allow] == [
+        ["api.anthropic.com", None],
+        [".githubusercontent.com", None],
+        ["h.io", 8443],
+    ]
+
+
+def test_policy_digest_ignores_order_and_duplicates():
+    one = parse_network_allow(POD_JSON, {"allow": ["a.io", "b.io:81", "a.io"]})
+    two = parse_network_allow(POD_JSON, {"allow": ["b.io:81", "a.io"]})
+    other = parse_network_allow(POD_JSON, {"allow": ["b.io:82", "a.io"]})
+    assert one.digest == two.digest != other.digest
+    assert len(one.allow) == 2
+
+
+@pytest.mark.parametrize(
+    ("network", "expected"),
+    [
+        ({"allow": "github.com"}, "must be a list"),
+        ({"allow": ["github.com"], "deny": []}, "one key, 'allow'"),
+        ({}, "one key, 'allow'"),
+        ({"allow": [3]}, "network.allow[0] must be a host name"),
+        ({"allow": ["ok.io", "bad host"]}, "network.allow[1]: 'bad host' is no host name"),
+        ({"allow": ["http://github.com"]}, "is no host name"),
+        ({"allow": ["github.com:0"]}, "no valid port"),
+        ({"allow": ["github.com:http"]}, "no valid port"),
+        ({"allow": ["*.com"]}, "whole top-level domain"),
+        ({"allow": ["a.*.com"]}, "is no host name"),
+    ],
+)
+def test_policy_errors_are_one_sentence(network, expected):
+    assert expected in config_error({"network": network})
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"credentials": ["ANTHROPIC_API_KEY"]}, "must be an object"),
+        ({"credentials": {"github": "GH_TOKEN"}}, "no kind cldpd can broker"),
+        ({"credentials": {"anthropic": "NOT A NAME"}}, "must name a host environment variable"),
+        ({"credentials": {"anthropic": "ANTHROPIC_API_KEY"}}, "needs 'network' as an allowlist"),
+        (
+            {
+                "network": {"allow": []},
+                "credentials": {"anthropic": "MY_KEY"},
+                "inheritEnv": ["MY_KEY"],
+            },
+            "remove MY_KEY from inheritEnv",
+        ),
+        (
+            {
+                "network": {"allow": []},
+                "credentials": {"anthropic": "MY_KEY"},
+                "env": {"ANTHROPIC_API_KEY": "x"},
+            },
+            "must not enter the container",
+        ),
+    ],
+)
+def test_credential_errors_are_one_sentence(config, expected):
+    assert expected in config_error(config)
+
+
+# --- the proxy's log ----------------------------------------------------------------------
+
+
+def test_access_lines_become_attempts():
+    allowed = parse_access_line(
+        "CLDPD-ACCESS 1796286244.027 172.30.0.3 TCP_TUNNEL 200 CONNECT a.io 443"
+    )
+    denied = parse_access_line(
+        "CLDPD-ACCESS 1796286249.513 172.30.0.3 TCP_DENIED 403 GET b.io 80\n"
+    )
+    assert allowed is not None and allowed.allowed and allowed.target == "a.io:443"
+    assert denied is not None and not denied.allowed and denied.target == "b.io:80"
+    assert denied.method == "GET"
+    assert denied.time == datetime.fromtimestamp(1796286249.513, UTC)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "CLDPD-ACCESS 1796286244.027 127.0.0.1 NONE_NONE 0 - - -",  # the readiness probe
+        "cldpd-egress ready",
+        "2026/12/03 08:24:03| Starting Squid Cache version 5.7",
+        "CLDPD-ACCESS 1 1.2.3.4 TCP_DENIED 403 GET evil\x1b[2J.io 80",
+        "CLDPD-ACCESS 1 1.2.3.4 TCP_DENIED 403 GET a.io 80 extra",
+        "",
+    ],
+)
+def test_other_log_lines_are_no_attempts(line):
+    assert parse_access_line(line) is None
+
+
+def test_a_blocked_event_renders_as_one_line():
+    lines = RunLines(lambda text: text).lines(Event(EventType.EGRESS_BLOCKED, "evil.io:443"))
+    assert [(line.kind, line.text) for line in lines] == [
+        ("stderr", "⛔ egress blocked: evil.io:443")
+    ]
+
+
+def test_a_brokered_key_missing_on_the_host_is_one_sentence(pods_dir, monkeypatch):
+    monkeypatch.delenv("CLDPD_TEST_ABSENT_KEY", raising=False)
+    pod = pods_dir / "p"
+    pod.mkdir()
+    (pod / "Dockerfile").write_text("FROM busybox\n")
+    (pod / "pod.json").write_text(
+        json.dumps(
+            {"network": {"allow": []}, "credentials": {"anthropic": "CLDPD_TEST_ABSENT_KEY"}}
+        )
+    )
+    with pytest.raises(InvalidRequestError, match="CLDPD_TEST_ABSENT_KEY is not set on this host"):
+        Dispatcher(pods_dir, runner=object()).start_session(  # type: ignore[arg-type]
+            "p", "https://github.com/o/r/issues/1"
+        )
+
+
+# --- the real engine ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def egress_base() -> Iterator[str]:
+    """Builds the egress image from cldpd-debian:bookworm; fails in CI when that is missing."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.images.get(EGRESS_BASE)
+    except Exception as exc:
+        message = f"no Docker engine with {EGRESS_BASE} ({type(exc).__name__}); run scripts/setup"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    old = os.environ.get("CLDPD_EGRESS_BASE")
+    os.environ["CLDPD_EGRESS_BASE"] = EGRESS_BASE
+    yield EGRESS_BASE
+    if old is None:
+        os.environ.pop("CLDPD_EGRESS_BASE", None)
+    else:
+        os.environ["CLDPD_EGRESS_BASE"] = old
+    client.close()
+
+
+@pytest.fixture
+def made(docker_client) -> Iterator[list]:
+    """Containers and networks a test made; removed after it."""
+    things: list = []
+    yield things
+    for thing in reversed(things):
+        with contextlib.suppress(Exception):
+            thing.remove(force=True) if hasattr(thing, "kill") else thing.remove()
+
+
+@pytest.fixture
+def web_hosts(docker_client, made) -> list[str]:
+    """Two busybox web servers on the default bridge; their addresses."""
+    addresses = []
+    for index in range(2):
+        container = docker_client.containers.run(
+            "busybox:latest",
+            [
+                "sh",
+                "-c",
+                f"mkdir /www && echo content-of-host-{index} > /www/index.html "
+                "&& exec httpd -f -p 8080 -h /www",
+            ],
+            detach=True,
+            labels=TEST_LABEL,
+        )
+        made.append(container)
+        container.reload()
+        addresses.append(container.attrs["NetworkSettings"]["IPAddress"])
+    return addresses
+
+
+def egress_leftovers(docker_client, container: str) -> list[str]:
+    label = f"{LABEL_EGRESS_OF}={container}"
+    found = [c.name for c in docker_client.containers.list(all=True, filters={"label": label})]
+    found += [n.name for n in docker_client.networks.list(filters={"label": label})]
+    return found
+
+
+def run_session(dispatcher: Dispatcher, pod: str) -> tuple[int, list[Event]]:
+    session = dispatcher.start_session(pod, "https://github.com/o/r/issues/1")
+    code = session.wait(timeout=300)
+    return code, list(session.events())
+
+
+@pytest.mark.docker
+def test_allowlist_lets_allowed_hosts_through_and_reports_the_rest(
+    egress_base, web_hosts, make_pod, pods_dir, transcript_dir, docker_client
+):
+    allowed, denied = web_hosts
+    pod = make_pod(
+        f"""
+        wget -q -O - http://{allowed}:8080/ && echo via-proxy-ok
+        wget -q -O - http://{denied}:8080/ || echo denied-refused
+        unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY
+        printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {allowed} 8080 || echo direct-failed
+        printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {denied} 8080 || echo direct-failed
+        """,
+        pod_json={"network": {"allow": [f"{allowed}:8080"]}},
+    )
+    dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+    code, events = run_session(dispatcher, pod)
+    out = "\n".join(e.data for e in events if e.type is EventType.OUTPUT)
+    assert code == 0, out
+    assert "content-of-host-0" in out and "via-proxy-ok" in out
+    assert "content-of-host-1" not in out and "denied-refused" in out
+    assert out.count("content-of-host-0") == 1  # the direct connection got nothing
+    assert out.count("direct-failed") == 2
+    blocked = [e.data for e in events if e.type is EventType.EGRESS_BLOCKED]
+    assert blocked == [f"{denied}:8080"]
+    session_events = read_transcript(next(transcript_dir.glob(f"{pod}-*.jsonl")))
+    assert [e.data for e in session_events if e.type is EventType.EGRESS_BLOCKED] == blocked
+    attempts = dispatcher.egress_attempts(pod)
+    assert [(a.target, a.allowed) for a in attempts] == [
+        (f"{allowed}:8080", True),
+        (f"{denied}:8080", False),
+    ]
+    assert egress_leftovers(docker_client, f"cldpd-{pod}") == []
+
+
+@pytest.mark.docker
+def test_https_goes_through_connect_only_to_allowed_hosts(
+    egress_base, web_hosts, make_pod, pods_dir, transcript_dir, docker_client
+):
+    allowed, _ = web_hosts
+    # CONNECT is allowed to the allowlist's port only: 8080 here, 443 refused.
+    pod = make_pod(
+        f"""
+        printf 'CONNECT {allowed}:8080 HTTP/1.1\\r\\nHost: {allowed}:8080\\r\\n\\r\\n'\\
+'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 ${{HTTPS_PROXY#http://}} | grep -c content-of-host-0
+        printf 'CONNECT {allowed}:443 HTTP/1.1\\r\\n\\r\\n' | nc -w 5 ${{HTTPS_PROXY#http://}} \\
+            | head -1
+        """.replace(":3128", " 3128"),
+        pod_json={"network": {"allow": [f"{allowed}:8080"]}},
+    )
+    code, events = run_session(Dispatcher(pods_dir, transcript_dir=transcript_dir), pod)
+    out = "\n".join(e.data for e in events if e.type is EventType.OUTPUT)
+    assert code == 0, out
+    assert [e.data for e in events if e.type is EventType.EGRESS_BLOCKED] == [f"{allowed}:443"]
+    assert "403" in out
+
+
+@pytest.mark.docker
+def test_setup_failure_and_the_run_end_leave_no_egress_behind(
+    egress_base, make_pod, pods_dir, transcript_dir, docker_client
+):
+    pod = make_pod("exit 3", pod_json={"network": {"allow": ["example.com"]}})
+    code, _ = run_session(Dispatcher(pods_dir, transcript_dir=transcript_dir), pod)
+    assert code == 3
+    assert egress_leftovers(docker_client, f"cldpd-{pod}") == []
+
+
+@pytest.mark.docker
+def test_an_engine_that_does_not_isolate_is_refused_in_one_sentence(egress_base, docker_client):
+    from cldpd_magic.runner import DockerRunner
+
+    class LeakyEngine(DockerRunner):
+        """The real engine, whose isolation probe is made to succeed (as on --iptables=false)."""
+
+        def run(self, opts, stdout, stderr=None, on_start=None):
+            return 0 if opts.cmd[:1] == ["probe"] else super().run(opts, stdout, stderr, on_start)
+
+    container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    guard = EgressGuard(LeakyEngine(), container, EgressPolicy())
+    with pytest.raises(ContainerFailedError) as info:
+        guard.setup(RunOptions(image="busybox:latest", name=container, cmd=["true"]))
+    assert "does not isolate internal networks" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert egress_leftovers(docker_client, container) == []
+
+
+class _DnsSink:
+    """A UDP socket on a Docker network's gateway (the host) that records DNS queries."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 53))
+        self.sock.settimeout(0.2)
+
+    def received(self, marker: str) -> bool:
+        seen = False
+        with contextlib.suppress(TimeoutError):
+            while True:
+                data, _ = self.sock.recvfrom(4096)
+                seen = seen or marker.encode() in data
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.docker
+def test_dns_of_arbitrary_names_does_not_leave_the_internal_network(
+    egress_base, docker_client, made
+):
+    """Docker's embedded resolver forwards an internal network's queries to the host.
+
+    The control shows it: a container on that network whose DNS server is the host
+    (the network's gateway) gets its query there. A pod behind the egress proxy has
+    the egress container as its DNS server, which serves none: the same query reaches
+    nothing outside.
+    """
+    from cldpd_magic.runner import DockerRunner
+
+    runner = DockerRunner()
+    container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    guard = EgressGuard(runner, container, EgressPolicy())
+    opts = guard.setup(RunOptions(image="busybox:latest", name=container, cmd=[]))
+    try:
+        gateway = docker_client.api.inspect_network(guard.network)["IPAM"]["Config"][0]["Gateway"]
+        sink = _DnsSink(gateway)
+        try:
+            results = {}
+            for case, dns in (("control", [gateway]), ("pod", opts.dns)):
+                marker = f"leak{uuid.uuid4().hex[:10]}"
+                run = RunOptions(
+                    **{
+                        **opts.__dict__,
+                        "name": f"{container}-{case}",
+                        "cmd": ["sh", "-c", f"nslookup {marker}.example.com; true"],
+                        "dns": dns,
+                        "labels": TEST_LABEL,
+                    }
+                )
+                runner.run(run, io.StringIO())
+                results[case] = sink.received(marker)
+        finally:
+            sink.close()
+    finally:
+        guard.remove()
+    assert results == {"control": True, "pod": False}
+    assert opts.dns and opts.dns[0] != gateway
+
+
+@pytest.fixture
+def upstream_network(docker_client, made) -> str:
+    """A Docker network this test made; its gateway is a host address containers reach."""
+    network = docker_client.networks.create(
+        f"cldpd-test-up-{uuid.uuid4().hex[:8]}", labels=TEST_LABEL
+    )
+    made.append(network)
+    return docker_client.api.inspect_network(network.id)["IPAM"]["Config"][0]["Gateway"]
+
+
+@pytest.mark.docker
+def test_the_brokered_key_reaches_upstream_and_no_container_holds_it(
+    egress_base, upstream_network, make_pod, pods_dir, transcript_dir, docker_client, monkeypatch
+):
+    from cldpd_magic.testing import ScriptedModelServer
+
+    real_key = f"sk-ant-real-{uuid.uuid4().hex}"
+    monkeypatch.setenv("CLDPD_TEST_BROKERED_KEY", real_key)
+    with ScriptedModelServer(host=upstream_network, api_key=real_key) as model:
+        pod = make_pod(
+            """
+            body='{"model":"m","max_tokens":9,"messages":[{"role":"user","content":"hi"}]}'
+            wget -Y off -q -O - --header "x-api-key: $ANTHROPIC_API_KEY" \\
+                --header 'anthropic-version: 2023-06-01' \\
+                --header 'content-type: application/json' \\
+                --post-data "$body" "$ANTHROPIC_BASE_URL/v1/messages" && echo
+            echo "key=$ANTHROPIC_API_KEY"
+            environ() { tr '\\0' '\\n' </proc/1/environ | grep -c "$1"; }
+            echo "environ-holds-real=$(environ sk-ant-real)"
+            echo "environ-holds-placeholder=$(environ cldpd-brokered-placeholder)"
+            sleep 2
+            """,
+            pod_json={
+                "network": {"allow": []},
+                "credentials": {"anthropic": "CLDPD_TEST_BROKERED_KEY"},
+                "env": {"ANTHROPIC_BASE_URL": model.url},
+                "keepAlive": False,
+            },
+        )
+        dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+        session = dispatcher.start_session(pod, "https://github.com/o/r/issues/1")
+        inspected = []
+        for event in session.events():
+            if event.type is EventType.CONTAINER_STARTED:
+                label = f"{LABEL_EGRESS_OF}=cldpd-{pod}"
+                egress = docker_client.containers.list(filters={"label": label})
+                for container in [docker_client.containers.get(f"cldpd-{pod}"), *egress]:
+                    inspected.append(json.dumps(docker_client.api.inspect_container(container.id)))
+                for container in egress:
+                    result = container.exec_run(
+                        ["sh", "-c", "cat /proc/*/environ; grep -rl sk-ant-real /tmp /etc"]
+                    )
+                    inspected.append(result.output.decode(errors="replace"))
+                break
+        code = session.wait(timeout=300)
+        out = "\n".join(e.data for e in session.events() if e.type is EventType.OUTPUT)
+        err = "\n".join(e.data for e in session.events() if e.type is EventType.STDERR)
+        requests = model.requests
+    assert code == 0, out
+    assert len(inspected) == 3  # the pod, its egress container, what that one holds
+    assert all(real_key not in text for text in inspected)
+    assert f"key={PLACEHOLDER}" in out
+    assert "environ-holds-real=0" in out and "environ-holds-placeholder=1" in out
+    assert '"type":"message"' in out.replace(" ", ""), err
+    assert [r.headers.get("x-api-key") for r in requests] == [real_key]
+    assert real_key not in out  # and a leak would be masked anyway
+    assert egress_leftovers(docker_client, f"cldpd-{pod}") == []
