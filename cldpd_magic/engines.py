@@ -37,6 +37,9 @@ TLS_FILES = ("ca.pem", "cert.pem", "key.pem")
 
 _T = TypeVar("_T")
 
+#: The engines setting: entries (strings or dicts), one comma-separated string, or None.
+EngineSetting = str | Sequence[str | Mapping[str, Any]] | None
+
 
 @dataclass(frozen=True)
 class Engine:
@@ -184,7 +187,7 @@ def _engine_from_mapping(entry: Mapping[str, Any]) -> Engine:
     return dataclasses.replace(base, name=name)
 
 
-def parse_engines(value: str | Sequence[str | Mapping[str, Any]] | None) -> list[Engine]:
+def parse_engines(value: EngineSetting) -> list[Engine]:
     """Read the engines setting: a list of entries, or one string of comma-separated entries.
 
     Args:
@@ -304,7 +307,7 @@ class MultiEngineRunner:
     @classmethod
     def from_settings(
         cls,
-        value: str | Sequence[str | Mapping[str, Any]] | None,
+        value: EngineSetting,
         *,
         timeout: float = 30.0,
         **kwargs: float,
@@ -608,6 +611,7 @@ __all__ = [
     "ENGINES_ENV",
     "UNREACHABLE",
     "Engine",
+    "EngineSetting",
     "MultiEngineRunner",
     "check_mounts",
     "docker_runner_for",

@@ -261,3 +261,81 @@ def test_pod_json_pins_an_engine_and_marks_remote_mounts(tmp_path):
 def test_bad_engine_keys_are_one_sentence(tmp_path, data, says):
     with pytest.raises(PodConfigError, match=says):
         parse_pod_config(tmp_path / "pod.json", json.dumps(data))
+
+
+# -- wired in: Dispatcher, cldpd --engine, %config CldpdMagics.engines ------------------
+
+
+def test_the_dispatcher_builds_its_runner_from_the_setting(pods_dir, monkeypatch):
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runner import DockerRunner
+
+    monkeypatch.delenv("CLDPD_ENGINES", raising=False)
+    assert isinstance(Dispatcher(pods_dir).runner, DockerRunner)
+    runner = Dispatcher(pods_dir, engines=["unix:///a.sock?name=a", "unix:///b.sock"]).runner
+    assert isinstance(runner, MultiEngineRunner)
+    assert [e.name for e in runner.engines] == ["a", "unix:///b.sock"]
+    monkeypatch.setenv("CLDPD_ENGINES", "unix:///c.sock")
+    assert [e.url for e in Dispatcher(pods_dir).runner.engines] == ["unix:///c.sock"]
+    with pytest.raises(PodConfigError, match="unknown scheme"):
+        Dispatcher(pods_dir, engines="http://x")
+
+
+def test_a_pinned_pod_builds_and_runs_on_its_engine(pods_dir, transcript_dir, two):
+    from fakes import ISSUE_URL, write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+
+    multi, near, far = two
+    write_pod(pods_dir, "pinned", {"engine": "far"})
+    write_pod(pods_dir, "plain")
+    dispatcher = Dispatcher(pods_dir, multi, transcript_dir)
+    assert dispatcher.start_session("pinned", ISSUE_URL).wait(30) == 0
+    assert dispatcher.start_session("plain", ISSUE_URL).wait(30) == 0
+    assert far.built == ["cldpd-pinned"] and [r.name for r in far.runs] == ["cldpd-pinned"]
+    assert near.built == ["cldpd-plain"] and [r.name for r in near.runs] == ["cldpd-plain"]
+
+
+def test_a_pod_with_local_mounts_on_a_remote_engine_fails_with_one_sentence(
+    pods_dir, transcript_dir, two
+):
+    from fakes import ISSUE_URL, write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+
+    multi, _, far = two
+    mounts = [{"source": str(pods_dir), "target": "/src"}]
+    write_pod(pods_dir, "mounted", {"engine": "far", "mounts": mounts})
+    session = Dispatcher(pods_dir, multi, transcript_dir).start_session("mounted", ISSUE_URL)
+    with pytest.raises(PodConfigError, match='add "remote": true to that mount'):
+        session.wait(30)
+    assert far.runs == []
+
+
+def test_the_inventory_finds_runs_on_every_engine(pods_dir, transcript_dir, two):
+    from cldpd_magic.dispatcher import Dispatcher
+
+    multi, near, far = two
+    near.add_container("cldpd-a", {"cldpd.pod": "a"})
+    far.add_container("cldpd-b", {"cldpd.pod": "b"})
+    running = Dispatcher(pods_dir, multi, transcript_dir).running()
+    assert [(r.pod, r.container) for r in running] == [("a", "cldpd-a"), ("b", "cldpd-b")]
+
+
+def test_cldpd_takes_engines():
+    from cldpd_magic.cli import build_parser
+
+    args = build_parser().parse_args(["--engine", "unix:///a", "--engine", "ctx", "list"])
+    assert args.engine == ["unix:///a", "ctx"]
+    assert build_parser().parse_args(["list"]).engine is None
+
+
+def test_the_magics_take_engines_from_config(monkeypatch):
+    from cldpd_magic.magics import CldpdMagics
+
+    monkeypatch.delenv("CLDPD_ENGINES", raising=False)
+    magics = CldpdMagics(shell=None)
+    magics.engines = ["unix:///a.sock?name=a"]
+    assert [e.name for e in magics.runner.engines] == ["a"]
+    magics.engines = ["unix:///b.sock?name=b"]
+    assert [e.name for e in magics.runner.engines] == ["b"]
