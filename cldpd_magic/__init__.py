@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .batch import Batch, RunSpec, Variant
 from .dispatcher import Dispatcher, RunningPod
 from .errors import (
     BuildFailedError,
@@ -26,7 +27,8 @@ from .errors import (
 from .pods import Mount, Pod, PodConfig, default_pods_dir, discover_all, discover_pod
 from .protocol import Runner, RunOptions
 from .scaffold import Scaffold, Template, create_pod, list_templates
-from .session import Event, EventType, Session
+from .session import Event, EventType, RunState, Session, StopReason
+from .usage import Limits, Usage
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
+    "Batch",
     "BuildFailedError",
     "CldpdError",
     "ContainerFailedError",
@@ -44,6 +47,7 @@ __all__ = [
     "EventType",
     "InvalidPodError",
     "InvalidRequestError",
+    "Limits",
     "Mount",
     "Pod",
     "PodConfig",
@@ -52,13 +56,18 @@ __all__ = [
     "PodPicker",
     "PodRunningError",
     "RunOptions",
+    "RunSpec",
+    "RunState",
     "Runner",
     "RunningPod",
     "Scaffold",
     "Session",
     "SessionNotFoundError",
     "StopFailedError",
+    "StopReason",
     "Template",
+    "Usage",
+    "Variant",
     "create_pod",
     "default_pods_dir",
     "discover_all",

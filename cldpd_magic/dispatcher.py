@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .batch import Batch, Variant, plan_batch
 from .egress import EgressAttempt, EgressGuard, brokered_credentials, remove_egress_of
 from .errors import (
     CldpdError,
@@ -27,12 +30,14 @@ from .pods import (
     default_pods_dir,
     discover_all,
     discover_pod,
+    is_valid_pod_name,
     validate_pod_name,
 )
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
 from .render import TextFeed
 from .secrets import config_secrets, container_secrets, forwarded_env
 from .session import EventType, Session, SessionControl, SessionKind, new_session_id
+from .usage import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,10 @@ LABEL_KEEP_ALIVE = "cldpd.keep-alive"
 LABEL_TRANSCRIPT = "cldpd.transcript"
 LABEL_PODS_DIR = "cldpd.pods-dir"
 LABEL_INHERIT_ENV = "cldpd.inherit-env"
+LABEL_RUN = "cldpd.run"
+
+#: A session's job; a batch wraps it to queue the run until a slot is free.
+Job = Callable[[SessionControl], int]
 
 #: The command a keepAlive container idles on; the agent then runs through exec.
 IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
@@ -89,20 +98,48 @@ GREEDY_OPTIONS = frozenset({
 })  # fmt: skip
 
 
-def agent_command(pod: Pod, prompt: str, *, session_uuid: str, resume: bool) -> list[str]:
+def issue_number(url: str) -> str:
+    """The issue or pull request number at the end of a URL's path, "" when there is none."""
+    found = re.search(r"/(\d+)/*$", urlparse(url).path)
+    return found.group(1) if found else ""
+
+
+def cap_args(pod: Pod, args: Sequence[str] = ()) -> list[str]:
+    """The CLI's own caps from pod.json (``--max-budget-usd``, ``--max-turns``), unless given."""
+    given = {*pod.config.args, *args}
+    caps = []
+    if pod.config.max_cost_usd is not None and "--max-budget-usd" not in given:
+        caps += ["--max-budget-usd", f"{pod.config.max_cost_usd:g}"]
+    if pod.config.max_turns is not None and "--max-turns" not in given:
+        caps += ["--max-turns", str(pod.config.max_turns)]
+    return caps
+
+
+def pod_limits(pod: Pod, timeout: float | None = None) -> Limits:
+    """What cldpd enforces on a run of the pod: pod.json's caps; ``timeout`` overrides its own."""
+    config = pod.config
+    seconds = timeout if timeout is not None else config.timeout_seconds
+    return Limits(config.max_cost_usd, config.max_turns, seconds)
+
+
+def agent_command(
+    pod: Pod, prompt: str, *, session_uuid: str, resume: bool, args: Sequence[str] = ()
+) -> list[str]:
     """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
 
-    A prompt that starts with ``-`` (a Markdown list, YAML front matter, pasted text), or
-    that follows pod args holding an option that takes several values or an optional one
-    (``--allowedTools Bash``), is put after ``--``, so the CLI never reads it as an option
-    or an option's value.
+    pod.json's caps come first (``--max-budget-usd``, ``--max-turns``), then its args,
+    then ``args`` (a batch variant's). A prompt that starts with ``-`` (a Markdown list,
+    YAML front matter, pasted text), or that follows args holding an option that takes
+    several values or an optional one (``--allowedTools Bash``), is put after ``--``, so
+    the CLI never reads it as an option or an option's value.
     """
     flag = "--resume" if resume else "--session-id"
-    greedy = any(arg in GREEDY_OPTIONS for arg in pod.config.args)
+    all_args = [*cap_args(pod, args), *pod.config.args, *args]
+    greedy = any(arg in GREEDY_OPTIONS for arg in all_args)
     end_of_options = ["--"] if prompt.startswith("-") or greedy else []
     return [
         "claude", "-p", "--output-format", "stream-json", "--verbose",
-        flag, session_uuid, *pod.config.args, *end_of_options, prompt,
+        flag, session_uuid, *all_args, *end_of_options, prompt,
     ]  # fmt: skip
 
 
@@ -158,6 +195,7 @@ class RunningPod:
         keep_alive: Whether it idles between agent runs.
         started_at: When it started (ISO 8601).
         transcript: The transcript path of the session that started it.
+        run: The run's name (the container's name without ``cldpd-``).
     """
 
     pod: str
@@ -168,6 +206,7 @@ class RunningPod:
     keep_alive: bool
     started_at: str
     transcript: str
+    run: str = ""
 
     @classmethod
     def from_info(cls, info: ContainerInfo) -> RunningPod:
@@ -182,7 +221,13 @@ class RunningPod:
             keep_alive=labels.get(LABEL_KEEP_ALIVE) == "true",
             started_at=info.started_at,
             transcript=labels.get(LABEL_TRANSCRIPT, ""),
+            run=run_of(info),
         )
+
+
+def run_of(info: ContainerInfo) -> str:
+    """A cldpd container's run name: its ``cldpd.run`` label, else its name without ``cldpd-``."""
+    return info.labels.get(LABEL_RUN) or info.name.removeprefix("cldpd-")
 
 
 class Dispatcher:
@@ -215,6 +260,9 @@ class Dispatcher:
         )
         self.sessions: list[Session] = []
         self._lock = threading.Lock()
+        self._reserved: set[str] = set()  # run names being started, under _names_lock
+        self._names_lock = threading.Lock()
+        self._build_locks: dict[str, threading.Lock] = {}
         self._egress: dict[str, EgressGuard] = {}
 
     def pods(self) -> list[Pod]:
@@ -229,33 +277,82 @@ class Dispatcher:
         """Containers with a ``cldpd.pod`` label, from any process, sorted by name."""
         return [RunningPod.from_info(i) for i in self.runner.list(LABEL_POD)]
 
-    def local_sessions(self, pod_name: str | None = None, *, active: bool = False) -> list[Session]:
-        """This dispatcher's sessions, optionally for one pod and only those not done."""
+    def local_sessions(
+        self, pod_name: str | None = None, *, active: bool = False, run: str | None = None
+    ) -> list[Session]:
+        """This dispatcher's sessions, optionally of one pod or one run, and only those not done."""
         with self._lock:
             found = list(self.sessions)
         return [
             s
             for s in found
-            if (pod_name is None or s.pod_name == pod_name) and not (active and s.done)
+            if (pod_name is None or s.pod_name == pod_name)
+            and (run is None or s.run == run)
+            and not (active and s.done)
         ]
+
+    def runs(self, pod_name: str) -> list[str]:
+        """The names of a pod's runs: its running containers and this process's active sessions."""
+        names = {s.run for s in self.local_sessions(pod_name, active=True)}
+        names.update(
+            run_of(i)
+            for i in self.runner.list(LABEL_POD)
+            if i.running and i.labels.get(LABEL_POD) == pod_name
+        )
+        return sorted(names)
 
     def _register(self, session: Session) -> Session:
         with self._lock:
             self.sessions.append(session)
+        with self._names_lock:
+            self._reserved.discard(session.run)
         return session
 
-    def _ensure_free(self, pod: Pod) -> None:
-        if self.local_sessions(pod.name, active=True):
+    def _run_taken(self, run: str) -> bool:
+        if run in self._reserved or self.local_sessions(active=True, run=run):
+            return True
+        info = self.runner.inspect(container_name(run))
+        return info is not None and (info.running or LABEL_POD not in info.labels)
+
+    def _name_run(self, pod: Pod, url: str, run: str | None, *, alone: bool = True) -> str:
+        """Choose and reserve a run's name: given, the pod's own, or ``<pod>-<issue>[-N]``."""
+        if run is not None:
+            if not is_valid_pod_name(run) or len(container_name(run)) > 128:
+                raise InvalidRequestError(
+                    f"{run!r} cannot name a run; use letters, digits, '_', '.' and '-', "
+                    "starting with a letter or digit."
+                )
+            with self._names_lock:
+                if run in self._reserved:
+                    raise PodRunningError(f"Run {run} is being started; choose another name.")
+                self._reserved.add(run)
+            return run
+        others = self.runs(pod.name)
+        with self._names_lock:
+            # The pod's own container, when taken by something else, is _ensure_free's to say.
+            if alone and not others and pod.name not in self._reserved:
+                self._reserved.add(pod.name)
+                return pod.name
+            base = f"{pod.name}-{issue_number(url) or 'run'}"
+            name, n = base, 1
+            while self._run_taken(name):
+                n += 1
+                name = f"{base}-{n}"
+            self._reserved.add(name)
+            return name
+
+    def _ensure_free(self, pod: Pod, run: str) -> None:
+        what = f"Pod {pod.name}" if run == pod.name else f"Run {run} of pod {pod.name}"
+        if self.local_sessions(active=True, run=run):
             raise PodRunningError(
-                f"Pod {pod.name} is already running in this kernel; resume it or stop it first."
+                f"{what} is already running in this kernel; resume it or stop it first."
             )
-        info = self.runner.inspect(pod.container_name)
+        info = self.runner.inspect(container_name(run))
         if info is None:
             return
         if info.running:
             raise PodRunningError(
-                f"Pod {pod.name} is already running (container {info.name}); "
-                "resume it or stop it first."
+                f"{what} is already running (container {info.name}); resume it or stop it first."
             )
         if LABEL_POD in info.labels:
             self.runner.remove(info.name)
@@ -264,12 +361,50 @@ class Dispatcher:
                 f"A container named {info.name} exists and is not a cldpd pod; remove it first."
             )
 
-    def start_session(self, pod_name: str, issue_url: str) -> Session:
+    def _build(self, pod: Pod, ctl: SessionControl) -> None:
+        """Build the pod's image; runs of one image build one at a time (the rest hit the cache)."""
+        with self._lock:
+            lock = self._build_locks.setdefault(pod.image, threading.Lock())
+        with lock:
+            ctl.check_cancelled()
+            self.runner.build(
+                pod.image,
+                str(pod.dir),
+                pod.config.build_args,
+                on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
+                cancel=ctl.cancelled,
+            )
+
+    def start_session(
+        self,
+        pod_name: str,
+        issue_url: str,
+        *,
+        run: str | None = None,
+        args: Sequence[str] = (),
+        prompt: str = "",
+        timeout: float | None = None,
+        _wrap_job: Callable[[Job], Job] | None = None,
+        _alone: bool = True,
+    ) -> Session:
         """Build the pod's image and run its agent on an issue, returning at once.
+
+        Each run is its own container, ``cldpd-<run>``: a pod may run on several issues
+        at once. The run is named ``run`` when given; else the pod's name when the pod
+        has no other run, else ``<pod>-<issue number>`` (then ``-2``, ``-3``, ...).
+
+        pod.json's ``maxCostUsd``, ``maxTurns`` and ``timeoutSeconds`` cap the run: the
+        first two are passed to the CLI as well; passing any stops the run gracefully,
+        and it ends ``stopped`` with the reason in :attr:`Session.stop_reason`.
 
         Args:
             pod_name: The pod.
             issue_url: The GitHub issue's http(s) URL.
+            run: The run's name (a container-name-safe word); made up when None.
+            args: CLI arguments after the pod's own (a batch variant's, e.g. ``--model``).
+            prompt: Text added after the start prompt, after a blank line.
+            timeout: Seconds the agent may run before it is stopped; pod.json's
+                ``timeoutSeconds`` when None.
 
         Returns:
             The running Session; its events are BUILD_STARTED, BUILD_OUTPUT*,
@@ -281,10 +416,14 @@ class Dispatcher:
                 environment entry holds a NUL or is over the kernel's limits.
             PodNotFoundError, InvalidPodError, PodConfigError: The pod is unusable.
             DockerUnavailableError: Docker does not answer.
-            PodRunningError: The pod's container already runs.
+            PodRunningError: The named run already runs.
         """
         url = validate_issue_url(issue_url)
         pod = self.pod(pod_name)
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(
+                f"The timeout {timeout!r} is not a positive number of seconds."
+            )
         session_uuid = str(uuid.uuid4())
         session_id = new_session_id(pod.name)
         forwarded = forwarded_env(pod.config.inherit_env)
@@ -294,18 +433,24 @@ class Dispatcher:
         secrets = config_secrets(pod.config.env, forwarded, forwarded)
         brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
         secrets += [value for _kind, value, _upstream in brokered]
-        cmd = agent_command(pod, build_prompt(pod.template, url), session_uuid=session_uuid,
-                            resume=False)  # fmt: skip
+        start_prompt = build_prompt(pod.template, url) + (f"\n\n{prompt}" if prompt else "")
+        cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=False,
+                            args=list(args))  # fmt: skip
         check_command_line(
             cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
             f"shorten {pod.dir / 'template.md'}",
         )  # fmt: skip
         self.runner.preflight()
-        self._ensure_free(pod)
+        run = self._name_run(pod, url, run, alone=_alone)
+        try:
+            self._ensure_free(pod, run)
+        except BaseException:
+            self._unreserve(run)
+            raise
         transcript = self.transcript_dir / f"{session_id}.jsonl"
         opts = RunOptions(
             image=pod.image,
-            name=pod.container_name,
+            name=container_name(run),
             cmd=cmd,
             env=env,
             workdir=pod.config.workdir,
@@ -323,6 +468,7 @@ class Dispatcher:
                 LABEL_TRANSCRIPT: str(transcript),
                 LABEL_PODS_DIR: str(pod.dir.parent),
                 LABEL_INHERIT_ENV: ",".join(pod.config.inherit_env),
+                LABEL_RUN: run,
             },
         )
         runner = self.runner
@@ -334,13 +480,7 @@ class Dispatcher:
                     EventType.BUILD_OUTPUT,
                     "cldpd: not set on this host, so not forwarded: " + ", ".join(missing),
                 )
-            runner.build(
-                pod.image,
-                str(pod.dir),
-                pod.config.build_args,
-                on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
-                cancel=ctl.cancelled,
-            )
+            self._build(pod, ctl)
             guard = None
             if pod.config.egress is not None:
 
@@ -374,10 +514,20 @@ class Dispatcher:
                 if guard is not None and not (pod.config.keep_alive and runner.inspect(opts.name)):
                     guard.remove()
 
-        session = Session(pod.name, pod.container_name, job, self.transcript_dir, secrets,
-                          kind=SessionKind.START, session_id=session_id,
-                          claude_session=session_uuid, missing_env=missing)  # fmt: skip
+        try:
+            session = Session(pod.name, opts.name, _wrap_job(job) if _wrap_job else job,
+                              self.transcript_dir, secrets, kind=SessionKind.START,
+                              session_id=session_id, claude_session=session_uuid,
+                              missing_env=missing, run=run,
+                              limits=pod_limits(pod, timeout))  # fmt: skip
+        except BaseException:
+            self._unreserve(run)
+            raise
         return self._register(session)
+
+    def _unreserve(self, run: str) -> None:
+        with self._names_lock:
+            self._reserved.discard(run)
 
     def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
         agent_cmd = opts.cmd
@@ -402,13 +552,39 @@ class Dispatcher:
         """
         return container_secrets(info.env, info.labels.get(LABEL_INHERIT_ENV, "").split(","))
 
+    def resolve_run(self, name: str, doing: str = "use") -> str:
+        """The run a name means: a run of that name, else the one run of a pod of that name.
+
+        A name that matches nothing is returned as it is (the caller says it is not running).
+
+        Args:
+            name: A run name, or a pod name.
+            doing: What the caller does, for the message (``stop``, ``resume``, ...).
+
+        Raises:
+            InvalidPodError: The name cannot name a pod or a run.
+            InvalidRequestError: The name is a pod with several runs (they are listed).
+        """
+        validate_pod_name(name)
+        if self.local_sessions(active=True, run=name):
+            return name
+        info = self.runner.inspect(container_name(name))
+        if info is not None and LABEL_POD in info.labels:
+            return name
+        runs = self.runs(name)
+        if len(runs) > 1:
+            raise InvalidRequestError(
+                f"Pod {name} has {len(runs)} runs ({', '.join(runs)}); name the run to {doing}."
+            )
+        return runs[0] if runs else name
+
     def _running_container(
-        self, pod_name: str, not_running: str, *, known: bool = False
+        self, pod_name: str, not_running: str, *, known: bool = False, doing: str = "use"
     ) -> ContainerInfo:
-        """The pod's running container, else SessionNotFoundError with ``not_running``."""
+        """The running container of a run (or of a pod's one run), else SessionNotFoundError."""
         validate_pod_name(pod_name)
         self.runner.preflight()
-        info = self.runner.inspect(container_name(pod_name))
+        info = self.runner.inspect(container_name(self.resolve_run(pod_name, doing)))
         if info is None or not info.running:
             if known:
                 self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
@@ -426,7 +602,10 @@ class Dispatcher:
             return discover_pod(started_from, pod_name)
 
     def resume_session(self, pod_name: str, prompt: str) -> Session:
-        """Send a follow-up prompt to the pod's running container, returning at once.
+        """Send a follow-up prompt to a run's running container, returning at once.
+
+        ``pod_name`` is a run, or a pod with one run (several are an InvalidRequestError
+        listing them).
 
         The agent resumes its Claude Code session (``--resume``, the uuid read from the
         container's label), through exec. Stopping this session ends that exec only.
@@ -450,8 +629,9 @@ class Dispatcher:
             pod_name,
             f"Pod {pod_name} is not running; start it first with an issue URL.",
             known=True,
+            doing="resume",
         )
-        pod = self._pod_of(pod_name, info)
+        pod = self._pod_of(info.labels.get(LABEL_POD) or pod_name, info)
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
         secrets = self.secrets(pod) + self.container_secrets(info)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
@@ -467,11 +647,15 @@ class Dispatcher:
             return runner.exec(info.name, cmd, ctl.stdout, ctl.stderr, on_start=started)
 
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
-                          kind=SessionKind.RESUME, claude_session=session_uuid)  # fmt: skip
+                          kind=SessionKind.RESUME, claude_session=session_uuid,
+                          run=run_of(info), limits=pod_limits(pod))  # fmt: skip
         return self._register(session)
 
     def attach_session(self, pod_name: str) -> Session:
-        """Follow the output of a pod's container started elsewhere (another kernel).
+        """Follow the output of a run's container started elsewhere (another kernel).
+
+        ``pod_name`` is a run, or a pod with one run (several are an InvalidRequestError
+        listing them); a new Dispatcher finds the run by its container's labels.
 
         The output is replayed from the container's start, then followed to its end.
 
@@ -486,11 +670,12 @@ class Dispatcher:
             SessionNotFoundError: Nothing runs for the pod.
         """
         info = self._running_container(
-            pod_name, f"Pod {pod_name} is not running; nothing to attach to."
+            pod_name, f"Pod {pod_name} is not running; nothing to attach to.", doing="attach to"
         )
         name = info.name
+        pod_of_run = info.labels.get(LABEL_POD) or pod_name
         try:
-            secrets = self.secrets(self._pod_of(pod_name, info))
+            secrets = self.secrets(self._pod_of(pod_of_run, info))
         except CldpdError:  # the pod's directory may be gone; the container still runs
             log_swallowed(logger, f"pod {pod_name}: its directory is not readable; attaching")
             secrets = []
@@ -515,16 +700,16 @@ class Dispatcher:
             finally:
                 self._remove_if_ended(name)
 
-        return self._register(Session(pod_name, name, job, self.transcript_dir, secrets,
-                                      kind=SessionKind.ATTACH))  # fmt: skip
+        return self._register(Session(pod_of_run, name, job, self.transcript_dir, secrets,
+                                      kind=SessionKind.ATTACH, run=run_of(info)))  # fmt: skip
 
     def stop(self, pod_name: str, timeout: float = 10.0) -> bool:
-        """Stop a pod gracefully: its sessions in this process, then its container.
+        """Stop a run gracefully: its sessions in this process, then its container.
 
-        Stopping a pod that is not running is fine.
+        Stopping a pod that is not running is fine; the other runs of its pod go on.
 
         Args:
-            pod_name: The pod.
+            pod_name: A run, or a pod with one run.
             timeout: Seconds before the container is killed.
 
         Returns:
@@ -532,17 +717,18 @@ class Dispatcher:
 
         Raises:
             InvalidPodError: The name is not a pod name.
+            InvalidRequestError: The name is a pod with several runs (they are listed).
             StopFailedError: Docker refused to stop the container.
         """
-        validate_pod_name(pod_name)
-        name = container_name(pod_name)
+        run = self.resolve_run(pod_name, "stop")
+        name = container_name(run)
         info = self.runner.inspect(name)
-        active = self.local_sessions(pod_name, active=True)
+        active = self.local_sessions(active=True, run=run)
         for session in reversed(active):
             if session.kind is SessionKind.RESUME:
                 session.stop(timeout)
         self.runner.stop(name, timeout)
-        for session in self.local_sessions(pod_name, active=True):
+        for session in self.local_sessions(active=True, run=run):
             session.stop(timeout)
         self._remove_if_ended(name)
         return bool(active) or (info is not None and info.running)
@@ -565,6 +751,63 @@ class Dispatcher:
         """
         guard = self._egress.get(container_name(run))
         return None if guard is None else list(guard.attempts)
+
+    def dispatch(
+        self,
+        pods: str | Sequence[str],
+        issues: str | Sequence[str],
+        *,
+        variants: Sequence[Variant] | None = None,
+        repeats: int = 1,
+        max_parallel: int = 4,
+        budget_usd: float | None = None,
+        timeout: float | None = None,
+    ) -> Batch:
+        """Run pods x issues x variants x repeats, at most ``max_parallel`` at once.
+
+        Every run is made at once, as a session that waits its turn (``starting``, queued)
+        in order; its run name is ``<pod>-<issue number>`` (``-2``, ... for repeats and
+        variants), or the pod's own when the batch has one run and the pod no other.
+
+        Args:
+            pods: A pod name or a list of them.
+            issues: An issue URL or a list of them.
+            variants: Ways to run each: ``{"name": str, "args": [str], "prompt": str}``
+                (all optional): CLI arguments after the pod's, text after the prompt.
+            repeats: How many runs of each pod, issue and variant.
+            max_parallel: How many runs go at once; the rest wait.
+            budget_usd: The batch's budget: once its runs together cost this much, no run
+                starts and the running ones stop gracefully (``batch over budget``).
+            timeout: Seconds each run's agent may run (over pod.json's
+                ``timeoutSeconds``); a run past it stops gracefully (``timed out``).
+
+        Returns:
+            The :class:`Batch`, running.
+
+        Raises:
+            InvalidRequestError: No pod or issue, a bad URL, variant, count or budget.
+            PodNotFoundError, InvalidPodError, PodConfigError: A pod is unusable.
+            DockerUnavailableError: Docker does not answer.
+        """
+        plan = plan_batch(pods, issues, variants, repeats, max_parallel, budget_usd)
+        for spec in plan:
+            spec.issue = validate_issue_url(spec.issue)
+            self.pod(spec.pod)
+        self.runner.preflight()
+        batch = Batch(max_parallel=max_parallel, budget_usd=budget_usd)
+        alone = len(plan) == 1
+        try:
+            for index, spec in enumerate(plan):
+                session = self.start_session(
+                    spec.pod, spec.issue, args=spec.args, prompt=spec.prompt, timeout=timeout,
+                    _wrap_job=batch.queue(index), _alone=alone,
+                )  # fmt: skip
+                batch.add(spec, session)
+        except BaseException:
+            batch.stop()
+            raise
+        batch.open()
+        return batch
 
     def _blocking(self, session: Session, stdout: Writer | None, check: bool, raw: bool) -> int:
         out = stdout if stdout is not None else sys.stdout

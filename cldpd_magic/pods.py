@@ -151,6 +151,9 @@ class PodConfig:
     egress: EgressPolicy | None = None
     credentials: tuple[tuple[str, str], ...] = ()
     engine: str = ""
+    max_cost_usd: float | None = None
+    max_turns: int | None = None
+    timeout_seconds: float | None = None
 
 
 #: Docker's own network modes a pod may name; any other value names a network.
@@ -364,7 +367,26 @@ _CONFIG_KEYS = {
     "readOnlyRoot": "read_only_root",
     "credentials": "credentials",
     "engine": "engine",
+    "maxCostUsd": "max_cost_usd",
+    "maxTurns": "max_turns",
+    "timeoutSeconds": "timeout_seconds",
 }
+
+
+def _positive(path: Path, key: str, value: Any, *, whole: bool, example: str) -> Any:
+    """A pod.json cap: a positive number (a whole one when ``whole``)."""
+    kind = int if whole else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        what = "a whole number above 0" if whole else "a number above 0"
+        raise PodConfigError(
+            f"{path}: {key!r} must be {what}, such as {example}, got {str(value)[:40]!r}."
+        )
+    return value if whole else float(value)
 
 
 def _capabilities(path: Path, value: Any) -> tuple[str, ...]:
@@ -544,6 +566,11 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
             values["cap_add"] = _capabilities(path, value)
         elif key == "engine":
             values["engine"] = _engine(path, _expect(path, key, value, str, "a string"))
+        elif key in ("maxCostUsd", "timeoutSeconds"):
+            example = "2.5" if key == "maxCostUsd" else "1800"
+            values[_CONFIG_KEYS[key]] = _positive(path, key, value, whole=False, example=example)
+        elif key == "maxTurns":
+            values["max_turns"] = _positive(path, key, value, whole=True, example="30")
         else:
             values[_CONFIG_KEYS[key]] = _expect(path, key, value, bool, "true or false")
     for name in values.get("build_args", {}):

@@ -19,6 +19,7 @@ from typing import IO, Any, NamedTuple
 from .errors import CldpdError
 from .logs import log_swallowed
 from .secrets import MASK, Masker
+from .usage import Limits, Usage, UsageMeter
 
 __all__ = [
     "MASK",
@@ -32,6 +33,7 @@ __all__ = [
     "Session",
     "SessionControl",
     "SessionKind",
+    "StopReason",
     "read_transcript",
 ]
 
@@ -133,6 +135,15 @@ class RunState(enum.StrEnum):
         return not TRANSITIONS[self]
 
 
+class StopReason(enum.StrEnum):
+    """Why cldpd stopped a run by itself; a stopped run's reason is "" when a person did."""
+
+    OVER_BUDGET = "over budget"
+    MAX_TURNS = "max turns"
+    TIMED_OUT = "timed out"
+    BATCH_BUDGET = "batch over budget"
+
+
 class SessionKind(enum.StrEnum):
     """What a session does; a ``str`` so that ``session.kind == "resume"`` keeps working."""
 
@@ -168,12 +179,15 @@ class RunSnapshot:
             (masked, not yet cleaned of terminal escapes).
         elapsed: Seconds the agent has been running (or ran); from the run's creation
             until its container starts.
+        reason: Why cldpd stopped the run by itself (a :class:`StopReason` value), ""
+            otherwise.
     """
 
     state: RunState
     exit_code: int | None
     detail: str
     elapsed: float
+    reason: str = ""
 
     @property
     def finished(self) -> bool:
@@ -196,6 +210,7 @@ class RunStatus:
         self._detail = ""
         self._since = time.monotonic()
         self._ended: float | None = None
+        self._reason = ""
 
     @property
     def state(self) -> RunState:
@@ -211,7 +226,14 @@ class RunStatus:
         """The state, exit code, detail and elapsed time, read together."""
         with self._lock:
             end = self._ended if self._ended is not None else time.monotonic()
-            return RunSnapshot(self._state, self._exit_code, self._detail, end - self._since)
+            return RunSnapshot(
+                self._state, self._exit_code, self._detail, end - self._since, self._reason
+            )
+
+    @property
+    def reason(self) -> str:
+        """Why cldpd stopped the run by itself ("" when it did not)."""
+        return self._reason
 
     def move(
         self, to: RunState, *, detail: str | None = None, exit_code: int | None = None
@@ -243,9 +265,17 @@ class RunStatus:
             self._ended = time.monotonic()
         return True
 
-    def request_stop(self) -> bool:
-        """Move an unfinished run to STOPPING; False when it has ended or is stopping."""
-        return self.move(RunState.STOPPING)
+    def request_stop(self, reason: str = "") -> bool:
+        """Move an unfinished run to STOPPING; False when it has ended or is stopping.
+
+        Args:
+            reason: Why cldpd stops it by itself (a :class:`StopReason`), "" for a person.
+        """
+        with self._lock:
+            moved = self._move(RunState.STOPPING, None, None)
+            if moved and reason:
+                self._reason = str(reason)
+            return moved
 
     def finish(self, exit_code: int | None = None, error: str | None = None) -> RunState:
         """End the run: STOPPED if a stop was asked for, else FAILED on an error, else EXITED.
@@ -431,10 +461,15 @@ class Session:
         session_id: The id; a fresh ``<pod>-<8 hex>`` when None.
         claude_session: Claude Code's session uuid.
         missing_env: inheritEnv names that were not set on the host.
+        run: The run's name (the pod's name when None).
+        limits: Caps on the run's cost, turns and time; passing one stops the run
+            gracefully, and it ends STOPPED with that reason.
 
     Attributes:
         id: ``<pod>-<8 hex>``.
         pod_name: The pod.
+        run: The run: one container of the pod on one issue (``cldpd-<run>``).
+        limits: The run's caps.
         container: The container name.
         kind: What the session does (:class:`SessionKind`).
         status: The run's state machine (:class:`RunStatus`); :attr:`state` reads it.
@@ -461,9 +496,17 @@ class Session:
         session_id: str | None = None,
         claude_session: str = "",
         missing_env: Iterable[str] = (),
+        *,
+        run: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.id = session_id or new_session_id(pod_name)
         self.pod_name = pod_name
+        self.run = run or pod_name
+        self.limits = limits or Limits()
+        self.meter = UsageMeter()
+        self._usage_listeners: list[Callable[[Session], None]] = []
+        self._timer: threading.Timer | None = None
         self.container = container
         self.kind = SessionKind(kind)
         self.claude_session = claude_session
@@ -519,6 +562,28 @@ class Session:
         return self.status.exit_code
 
     @property
+    def usage(self) -> Usage:
+        """Turns, tokens and cost so far, live from the agent's stream-json output."""
+        return self.meter.usage
+
+    @property
+    def links(self) -> list[str]:
+        """Pull request, branch and commit links the agent printed, in order."""
+        return list(self.meter.links)
+
+    @property
+    def stop_reason(self) -> str:
+        """Why cldpd stopped the run by itself (``over budget``, ...), "" otherwise."""
+        return self.status.reason
+
+    def add_usage_listener(self, listener: Callable[[Session], None]) -> None:
+        """Call ``listener(session)`` on the worker thread whenever the usage changes.
+
+        A listener must not block; it gets every change from the next output line on.
+        """
+        self._usage_listeners.append(listener)
+
+    @property
     def held_in_memory(self) -> tuple[int, int]:
         """How many events, and characters of their data, memory holds now (the rest is on disk)."""
         with self._cond:
@@ -537,9 +602,11 @@ class Session:
             finally:
                 control.stdout.close()
                 control.stderr.close()
+            self._mark_limit_passed()
             self.status.finish(exit_code=code)
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
         except BaseException as exc:
+            self._mark_limit_passed()
             log_swallowed(logger, f"session {self.id} ended by an error", self.mask)
             try:
                 message = self.mask(str(exc)) or type(exc).__name__
@@ -549,10 +616,55 @@ class Session:
                 self.error = _masked_error(exc, self.mask)
             self._append([Event(EventType.ERROR, message)], final=True)
 
+    def _mark_limit_passed(self) -> None:
+        """A run the CLI ended at a cap, or that passed one, ends STOPPED with that reason."""
+        if self._timer is not None:
+            self._timer.cancel()
+        subtype = self.meter.result_subtype
+        reason = self.limits.passed(self.usage) or _CLI_CAPS.get(subtype, "")
+        if reason:
+            self.status.request_stop(reason)
+
+    def _on_usage(self) -> None:
+        reason = self.limits.passed(self.usage)
+        if reason:
+            self.stop_for(reason)
+        for listener in self._usage_listeners:
+            try:
+                listener(self)
+            except Exception:
+                log_swallowed(logger, f"session {self.id}: a usage listener failed", self.mask)
+
+    def stop_for(self, reason: str, timeout: float = 10.0) -> None:
+        """Stop the run gracefully because of a cap, without waiting; it ends STOPPED.
+
+        Args:
+            reason: Why (a :class:`StopReason`).
+            timeout: Seconds before the container or exec is killed.
+        """
+        if self.done or not self.status.request_stop(reason):
+            return
+        self.stopped = True
+        # Not on the worker's thread: it must go on reading the output meanwhile.
+        threading.Thread(
+            target=self._control._stop, args=(timeout,), daemon=True, name=f"cldpd-cap-{self.id}"
+        ).start()
+
+    def _start_timer(self) -> None:
+        seconds = self.limits.timeout_seconds
+        if seconds is not None and self._timer is None:
+            self._timer = threading.Timer(seconds, self.stop_for, args=(StopReason.TIMED_OUT,))
+            self._timer.daemon = True
+            self._timer.start()
+
     def _append_lines(self, etype: EventType, lines: list[str]) -> None:
         now = _now()
         if self.mask:
             lines = [self.mask(line) for line in lines]
+        if etype is EventType.OUTPUT:
+            feed = self.meter.feed
+            if any([feed(line) for line in lines]):
+                self._on_usage()
         tail = f',"code":null,"time":"{now.isoformat()}"}}\n'
         head = f'{{"type":"{etype.value}","data":'
         enc = _encode_str
@@ -563,6 +675,8 @@ class Session:
         for e in events:
             if e.type not in TERMINAL:  # the terminal state is set by _work, knowing why
                 self.status.on_event(e)
+            if e.type is EventType.CONTAINER_STARTED:
+                self._start_timer()
         text = "".join(e.to_json() + "\n" for e in events)
         self._store(_Chunk(events), text, sum(len(e.data) for e in events), final)
 
@@ -739,6 +853,13 @@ class Session:
             self.status.request_stop()
             self._control._stop(timeout)
         self._thread.join(timeout + 30)
+
+
+#: Result subtypes of a CLI that ended itself at a cap, and the reason a run is marked with.
+_CLI_CAPS = {
+    "error_max_budget_usd": StopReason.OVER_BUDGET,
+    "error_max_turns": StopReason.MAX_TURNS,
+}
 
 
 def _reason(exc: BaseException) -> str:

@@ -352,12 +352,17 @@ def test_unknown_pod_and_unavailable_docker(dispatcher, runner, pods_dir):
     assert runner.built == [] and dispatcher.sessions == []
 
 
-def test_pod_running_in_docker_is_refused(dispatcher, runner, pods_dir):
+def test_a_run_running_in_docker_is_refused_and_a_new_start_is_another_run(
+    dispatcher, runner, pods_dir
+):
     write_pod(pods_dir, "p")
     runner.add_container("cldpd-p", {LABEL_POD: "p"})
     with pytest.raises(PodRunningError, match="already running"):
-        dispatcher.start_session("p", URL)
+        dispatcher.start_session("p", URL, run="p")
     assert runner.built == [] and "cldpd-p" in runner.containers
+    second = dispatcher.start_session("p", URL)
+    assert second.wait(10) == 0
+    assert second.run == "p-1" and second.container == "cldpd-p-1"
 
 
 def test_pod_running_in_this_process_is_refused(dispatcher, runner, pods_dir):
@@ -367,7 +372,7 @@ def test_pod_running_in_this_process_is_refused(dispatcher, runner, pods_dir):
     session = dispatcher.start_session("p", URL)
     runner.build_started.wait(10)
     with pytest.raises(PodRunningError):
-        dispatcher.start_session("p", URL)
+        dispatcher.start_session("p", URL, run="p")
     session.stop(1)
     assert session.wait(0) == -1
 
