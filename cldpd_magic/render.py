@@ -1123,8 +1123,11 @@ class Report:
     def __repr__(self) -> str:
         return self.text()
 
+
 #: Columns of a batch's live table.
 BATCH_COLUMNS = ("run", "pod", "state", "elapsed", "turns", "cost", "last tool call")
+#: What marks the selected run's name in a batch's table.
+SELECTED_MARK = "▶ "
 
 
 def run_name(session: Session) -> str:
@@ -1156,24 +1159,34 @@ class _BatchRunView(SessionView):
             self.last_tool = _first_line(line.text.removeprefix("▸ "), 80)
         super()._push(line)
 
-    def state_text(self) -> str:
-        """The state, with why a run was stopped or failed (e.g. ``stopped: over budget``)."""
+    def state_text(self, queued: bool = False) -> str:
+        """The state, with why a run was stopped or failed (e.g. ``stopped: over budget``).
+
+        Args:
+            queued: The run waits for its turn in the batch (shown as ``queued``).
+        """
         snap = self.status.snapshot()
+        if queued and not snap.finished:
+            return "queued"
         why = ""
-        if snap.state in (RunState.STOPPED, RunState.FAILED) and snap.detail:
+        reason = getattr(snap, "reason", "")  # why cldpd stopped it by itself
+        if snap.state is RunState.STOPPED and reason:
+            why = f": {reason}"
+        elif snap.state is RunState.FAILED and snap.detail:
             why = f": {_first_line(self.mask(clean_text(snap.detail)), 60)}"
         elif snap.state is RunState.EXITED and snap.exit_code:
             why = f" {snap.exit_code}"
         return f"{snap.state}{why}"
 
-    def cells(self, selected: bool) -> tuple[str, ...]:
+    def cells(self, selected: bool, queued: bool = False) -> tuple[str, ...]:
         """The run's row: run, pod, state, elapsed, turns, cost, last tool call."""
         turns, cost = _usage_cells(self.session)
-        started = self.state not in (RunState.STARTING, RunState.BUILDING)
+        started = self.state not in (RunState.STARTING, RunState.BUILDING) and not queued
         elapsed = f"{self.elapsed():.0f}s" if started else "-"
-        marker = "▶ " if selected else ""
+        marker = SELECTED_MARK if selected else ""
         pod = clean_text(self.session.pod_name)
-        return (marker + self.title, pod, self.state_text(), elapsed, turns, cost, self.last_tool)
+        state = self.state_text(queued)
+        return (marker + self.title, pod, state, elapsed, turns, cost, self.last_tool)
 
 
 class BatchView:
@@ -1191,6 +1204,8 @@ class BatchView:
     Attributes:
         selected: The run name whose output shows under the table ("" for none).
         version: Changes whenever anything shown may have changed.
+        is_queued: Tells whether a run still waits for its turn (set by :class:`BatchFeed`
+            from the batch); None: no run is shown as queued.
     """
 
     def __init__(self, title: str = "batch", max_lines: int = DEFAULT_MAX_LINES) -> None:
@@ -1200,6 +1215,14 @@ class BatchView:
         self._rows: dict[int, _BatchRunView] = {}
         self._own_version = 0
         self.lock = threading.Lock()
+        self.is_queued: Callable[[Session], bool] | None = None
+
+    def _queued(self, session: Session) -> bool:
+        try:
+            return bool(self.is_queued and self.is_queued(session))
+        except Exception:  # a view never fails for want of a queue state
+            log_swallowed(log, "reading whether a run is queued failed", session.mask)
+            return False
 
     def track(self, session: Session) -> bool:
         """Add a row for a run (once); True when the run is new."""
@@ -1259,7 +1282,8 @@ class BatchView:
         counts: dict[str, int] = {}
         turns = cost = 0.0
         for row in self.rows():
-            counts[str(row.state)] = counts.get(str(row.state), 0) + 1
+            state = "queued" if self._queued(row.session) else str(row.state)
+            counts[state] = counts.get(state, 0) + 1
             usage = getattr(row.session, "usage", None)
             turns += _number(getattr(usage, "turns", None)) or 0
             cost += _number(getattr(usage, "cost_usd", None)) or 0
@@ -1269,7 +1293,10 @@ class BatchView:
     def table(self) -> Table:
         """The rows as a :class:`Table` (the selected run marked ``▶``)."""
         with self.lock:
-            rows = [row.cells(row.title == self.selected) for row in self._rows.values()]
+            rows = [
+                row.cells(row.title == self.selected, self._queued(row.session))
+                for row in self._rows.values()
+            ]
         return Table(BATCH_COLUMNS, rows, title=self.summary())
 
     def text(self) -> str:
@@ -1330,6 +1357,9 @@ class BatchFeed:
     ) -> None:
         self.batch = batch
         self.view = view
+        state_of = getattr(batch, "state_of", None)
+        if callable(state_of) and view.is_queued is None:
+            view.is_queued = lambda session: state_of(batch.runs.index(session)) == "queued"
         self.publish = publish
         self.interval = max(0.02, float(interval))
         self.publications = 0

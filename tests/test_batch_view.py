@@ -403,3 +403,58 @@ def test_cldpd_batch_refuses_a_bad_issue_before_dispatching(pods_dir, dispatched
 
     assert main(["--pods-dir", str(pods_dir), "batch", "p", "--issue", "nope"]) == 1
     assert dispatched == [] and capsys.readouterr().err.startswith("cldpd: ")
+
+
+def test_queued_runs_show_as_queued_until_their_turn(tmp_path):
+    release = threading.Event()
+
+    def waiting(ctl) -> int:
+        release.wait(30)
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        return 0
+
+    batch = FakeBatch([Session("first", "c", waiting, tmp_path), _session(tmp_path, "next", [])])
+    batch.state_of = lambda index: "queued" if index == 0 and not release.is_set() else "x"
+    view = BatchView("batch")
+    feed = BatchFeed(batch, view, lambda v: None, 0.02)
+    _until(lambda: len(view.rows()) == 2 and view.rows()[1].finished)
+    first = view.table().records()[0]
+    assert (first["state"], first["elapsed"]) == ("queued", "-")
+    assert view.summary().startswith("batch: 1 queued, 1 exited")
+    release.set()
+    assert feed.join(30)
+    assert view.table().records()[0]["state"] == "exited"
+
+
+# -- the real engine ------------------------------------------------------------------------
+
+
+def _no_containers_of(docker_client, pod: str) -> list[str]:
+    found = docker_client.containers.list(all=True, filters={"label": f"cldpd.pod={pod}"})
+    for container in found:
+        container.remove(force=True)
+    return [c.name for c in found]
+
+
+@pytest.mark.docker
+def test_cldpd_batch_runs_a_pod_on_several_issues_at_once(
+    docker_client, make_pod, pods_dir, transcript_dir, monkeypatch, capsys
+):
+    from cldpd_magic.cli import main
+
+    monkeypatch.setenv("CLDPD_SESSIONS_DIR", str(transcript_dir))
+    name = make_pod('echo "run on $CLDPD_RUN_ISSUE ${*##*/}"; [ "${*##*/}" != 2 ] || exit 3')
+    code = main([
+        "--pods-dir", str(pods_dir), "batch", name, "--issue", URL, "--issue", URL2,
+        "--repeats", "2", "--max-parallel", "2",
+    ])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert sorted((r[0], r[4], r[5]) for r in rows) == [
+        (f"{name}-1", "exited", "0"), (f"{name}-1-2", "exited", "0"),
+        (f"{name}-2", "exited", "3"), (f"{name}-2-2", "exited", "3"),
+    ]  # fmt: skip
+    assert f"cldpd: {name}-2-2 ({name}): exited 3" in err
+    assert "2 of 4 runs exited 0" in err
+    assert _no_containers_of(docker_client, name) == []
