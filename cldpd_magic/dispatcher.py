@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from .batch import Batch, Variant, plan_batch
 from .egress import EgressAttempt, EgressGuard, brokered_credentials, remove_egress_of
+from .engines import EngineSetting, MultiEngineRunner
 from .errors import (
     CldpdError,
     ContainerFailedError,
@@ -236,6 +237,9 @@ class Dispatcher:
     Args:
         pods_dir: The pods directory; :func:`default_pods_dir` when None.
         runner: The Docker operations; a :class:`DockerRunner` when None.
+        engines: The engines setting (see :func:`~cldpd_magic.engines.parse_engines`),
+            used when ``runner`` is None; $CLDPD_ENGINES when None; one Docker engine
+            (DOCKER_HOST) when neither names any.
         transcript_dir: Where session transcripts go; :func:`default_transcript_dir`
             when None.
 
@@ -248,8 +252,12 @@ class Dispatcher:
         pods_dir: str | os.PathLike[str] | None = None,
         runner: Runner | None = None,
         transcript_dir: str | os.PathLike[str] | None = None,
+        *,
+        engines: EngineSetting = None,
     ) -> None:
         self.pods_dir = Path(pods_dir).expanduser() if pods_dir else default_pods_dir()
+        if runner is None:
+            runner = MultiEngineRunner.from_settings(engines)
         if runner is None:
             from .runner import DockerRunner  # docker-py loads only when it is used
 
@@ -373,6 +381,7 @@ class Dispatcher:
                 pod.config.build_args,
                 on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
                 cancel=ctl.cancelled,
+                engine=pod.config.engine,
             )
 
     def start_session(
@@ -460,6 +469,7 @@ class Dispatcher:
             resources=pod.config.resources,
             cap_add=list(pod.config.cap_add),
             read_only_root=pod.config.read_only_root,
+            engine=pod.config.engine,
             labels={
                 LABEL_POD: pod.name,
                 LABEL_SESSION: session_id,
