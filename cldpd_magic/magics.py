@@ -2,7 +2,7 @@
 
 ``%load_ext cldpd_magic`` registers ``%cldpd_start``, ``%cldpd_resume`` (and
 ``%%cldpd_resume``), ``%cldpd_stop``, ``%cldpd_pods``, ``%cldpd_sessions``,
-``%cldpd_attach``, ``%cldpd_picker``, ``%cldpd_new`` and ``%cldpd_batch`` (and
+``%cldpd_attach``, ``%cldpd_picker``, ``%cldpd_new``, ``%cldpd_egress`` and ``%cldpd_batch`` (and
 ``%%cldpd_batch``, one issue URL a line), and completes pod names
 after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g.
 ``%config CldpdMagics.pods_dir = "~/pods"``.
@@ -515,6 +515,37 @@ class CldpdMagics(Magics):
             session = self.dispatcher.resume_session(pod, prompt)
         first = prompt.strip().splitlines()[0]
         return self._follow(session, f"{pod} resume", background, note=f"prompt: {first}")
+
+    @magic_arguments()
+    @argument("run", help="a run (or pod) started in this kernel with a network allowlist")
+    @line_magic
+    def cldpd_egress(self, line: str) -> Table:
+        """List the connections a run's egress proxy saw: allowed and blocked, in order.
+
+        Only runs whose pod.json has ``"network": {"allow": [...]}`` have a proxy; blocked
+        attempts are also EGRESS_BLOCKED events in the run's cell and transcript.
+        """
+        args = _parse(self.cldpd_egress, line)
+        with user_errors():
+            validate_pod_name(args.run)
+        for dispatcher in list(self._dispatchers.values()):
+            attempts = dispatcher.egress_attempts(args.run)
+            if attempts is not None:
+                rows = [
+                    (a.time.strftime("%H:%M:%S"), a.target, a.method,
+                     "allowed" if a.allowed else "blocked")
+                    for a in attempts
+                ]  # fmt: skip
+                blocked = sum(not a.allowed for a in attempts)
+                return Table(
+                    ("time", "host:port", "method", "verdict"), rows,
+                    title=f"Egress of {args.run}: {len(rows) - blocked} allowed, {blocked} blocked",
+                    notes=[] if rows else ["No connection was attempted yet."],
+                )  # fmt: skip
+        raise UsageError(
+            f"No run {args.run!r} with a network allowlist was started in this kernel; "
+            "%cldpd_egress lists the proxy of runs whose pod.json has network.allow."
+        )
 
     @magic_arguments()
     @_BACKGROUND

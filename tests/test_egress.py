@@ -472,3 +472,123 @@ def test_the_brokered_key_reaches_upstream_and_no_container_holds_it(
     assert [r.headers.get("x-api-key") for r in requests] == [real_key]
     assert real_key not in out  # and a leak would be masked anyway
     assert egress_leftovers(docker_client, f"cldpd-{pod}") == []
+
+
+# --- the notebook --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ip(pods_dir: Path, transcript_dir: Path):
+    """The shell singleton with the extension loaded, pointed at tmp paths."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.config.CldpdMagics.pods_dir = str(pods_dir)
+    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
+    shell.config.CldpdMagics.flush_interval = 0.05
+    shell.extension_manager.load_extension("cldpd_magic")
+    yield shell
+    shell.extension_manager.unload_extension("cldpd_magic")
+    del shell.config["CldpdMagics"]
+
+
+def test_egress_of_a_run_without_a_proxy_is_one_sentence(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="No run 'ghost' with a network allowlist") as info:
+        ip.run_line_magic("cldpd_egress", "ghost")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.docker
+def test_the_cell_shows_blocked_attempts_and_cldpd_egress_lists_them(
+    egress_base, web_hosts, make_pod, ip, docker_client
+):
+    from IPython.utils.capture import capture_output
+
+    allowed, denied = web_hosts
+    pod = make_pod(
+        f"wget -q -O - http://{allowed}:8080/\nwget -q -O - http://{denied}:8080/\ntrue",
+        pod_json={"network": {"allow": [f"{allowed}:8080"]}},
+    )
+    with capture_output() as captured:
+        ip.run_line_magic("cldpd_start", f"{pod} https://github.com/o/r/issues/1")
+    shown = "\n".join(o.data.get("text/plain", "") for o in captured.outputs)
+    assert f"⛔ egress blocked: {denied}:8080" in shown
+    table = ip.run_line_magic("cldpd_egress", pod)
+    assert [(r["host:port"], r["verdict"]) for r in table.records()] == [
+        (f"{allowed}:8080", "allowed"),
+        (f"{denied}:8080", "blocked"),
+    ]
+    assert "1 allowed, 1 blocked" in table.title
+    assert egress_leftovers(docker_client, f"cldpd-{pod}") == []
+
+
+# --- the real Claude Code CLI ------------------------------------------------------------
+
+
+@pytest.mark.claude
+@pytest.mark.docker
+def test_the_real_cli_completes_a_turn_through_the_broker(
+    egress_base, upstream_network, pods_dir, transcript_dir, docker_client, monkeypatch
+):
+    import re
+    import shutil
+
+    from cldpd_magic.testing import ScriptedModelServer
+
+    repo = Path(__file__).resolve().parent.parent
+    setup = (repo / "scripts" / "setup").read_text(encoding="utf-8")
+    version = re.search(r"^claude_code_version=(\S+)$", setup, re.MULTILINE)
+    assert version, "no pinned Claude Code version in scripts/setup"
+    image = f"cldpd-claude-code:{version.group(1)}"
+    try:
+        docker_client.images.get(image)
+    except Exception:
+        if os.environ.get("CI"):
+            pytest.fail(f"no {image}; run scripts/setup")
+        pytest.skip(f"no {image}; run scripts/setup")
+
+    real_key = f"sk-ant-real-{uuid.uuid4().hex}"
+    monkeypatch.setenv("CLDPD_TEST_BROKERED_KEY", real_key)
+    name = f"claude{uuid.uuid4().hex[:8]}"
+    pod = pods_dir / name
+    shutil.copytree(repo / "cldpd_magic" / "templates" / "claude-offline", pod)
+    config = json.loads((pod / "pod.json").read_text())
+    tag = f"cldpd-test-egress-claude-{uuid.uuid4().hex[:8]}"
+    with ScriptedModelServer(host=upstream_network, api_key=real_key) as model:
+        config.update(
+            image=tag,
+            buildArgs={"BASE_IMAGE": image},
+            network={"allow": []},
+            credentials={"anthropic": "CLDPD_TEST_BROKERED_KEY"},
+            inheritEnv=[],
+            args=["--max-turns", "2"],
+        )
+        config["env"].update({"ANTHROPIC_BASE_URL": model.url, "CLAUDE_CODE_MAX_RETRIES": "0"})
+        (pod / "pod.json").write_text(json.dumps(config))
+        try:
+            dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+            session = dispatcher.start_session(name, "https://github.com/o/r/issues/1")
+            code = session.wait(timeout=300)
+            events = list(session.events())
+            requests = model.conversation_requests()
+        finally:
+            with contextlib.suppress(Exception):
+                docker_client.containers.get(f"cldpd-{name}").remove(force=True)
+            with contextlib.suppress(Exception):
+                docker_client.images.remove(tag, noprune=True)
+    lines = [e.data for e in events if e.type in (EventType.OUTPUT, EventType.STDERR)]
+    stream = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            stream.append(json.loads(line))
+    results = [e for e in stream if isinstance(e, dict) and e.get("type") == "result"]
+    assert code == 0, "\n".join(lines[-20:])
+    assert len(results) == 1 and not results[0].get("is_error"), "\n".join(lines[-20:])
+    assert requests and all(r.headers.get("x-api-key") == real_key for r in requests)
+    assert all(real_key not in line for line in lines)
+    assert egress_leftovers(docker_client, f"cldpd-{name}") == []
