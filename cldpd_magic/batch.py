@@ -170,7 +170,7 @@ class Batch:
         self._open = False
         self._closed = False
         self._over_budget = False
-        self._running = 0
+        self._running: set[int] = set()  # indices whose job runs
         self._left: set[int] = set()  # indices out of the queue: admitted or never to be
         self._next = 0
 
@@ -185,7 +185,7 @@ class Batch:
                 try:
                     return job(ctl)
                 finally:
-                    self._leave()
+                    self._leave(index)
 
             return queued
 
@@ -214,22 +214,28 @@ class Batch:
             while True:
                 if ctl.cancelled.is_set() or self._closed:
                     self._advance(index)
+                    self._mark_stopped(index, "")
                     raise SessionStopped("The run was stopped before its turn in the batch.")
                 if self._over_budget or self._spent_all():
                     self._advance(index)
-                    self.runs[index].stop_for(StopReason.BATCH_BUDGET)
+                    self._mark_stopped(index, StopReason.BATCH_BUDGET)
                     raise SessionStopped("The batch's budget was spent before this run's turn.")
-                if self._open and index == self._next and self._running < self.max_parallel:
-                    self._running += 1
+                if self._open and index == self._next and len(self._running) < self.max_parallel:
+                    self._running.add(index)
                     self._advance(index)
                     return
                 # Woken by every change of the queue; the timeout also catches a run
                 # stopped on its own (Session.stop does not know the queue).
                 self._cond.wait(0.25)
 
-    def _leave(self) -> None:
+    def _mark_stopped(self, index: int, reason: str) -> None:
+        """A run leaving the queue unstarted ends STOPPED (with ``reason``), not failed."""
+        if index < len(self.runs):
+            self.runs[index].stop_for(reason)
+
+    def _leave(self, index: int) -> None:
         with self._cond:
-            self._running -= 1
+            self._running.discard(index)
             self._cond.notify_all()
 
     def _spent_all(self) -> bool:
@@ -242,10 +248,11 @@ class Batch:
             if self._over_budget:
                 return
             self._over_budget = True
+            # Runs whose agent has ended are left to finish as they did.
+            going = [i for i in range(len(self.runs)) if i in self._running or i not in self._left]
             self._cond.notify_all()
-        for run in self.runs:
-            if not run.done:
-                run.stop_for(StopReason.BATCH_BUDGET)
+        for index in going:
+            self.runs[index].stop_for(StopReason.BATCH_BUDGET)
 
     # --- what users call -----------------------------------------------------------------
 
