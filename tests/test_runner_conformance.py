@@ -366,3 +366,49 @@ def test_an_engine_stopped_under_running_runs(docker_client):
             with contextlib.suppress(docker.errors.NotFound):
                 docker_client.api.remove_container(made["local"].name, force=True)
         stop_extra_engine(extra)
+
+
+# -- a run on the TLS engine, found again by a new dispatcher (a new kernel) ---------
+
+
+def test_resume_attach_and_stop_on_the_tls_engine_from_a_new_dispatcher(extra_engine, tmp_path):
+    from fakes import ISSUE_URL, write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.session import EventType
+
+    tls = parse_engine(extra_engine.entry)
+    local = Engine("local", "unix:///var/run/docker.sock")
+    pod = write_pod(tmp_path / "pods", "far", {"engine": "tls", "keepAlive": True})
+    (pod / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
+        "RUN chmod +x /usr/local/bin/claude\n"
+    )
+    (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
+
+    def new_dispatcher() -> Dispatcher:
+        runner = MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))])
+        return Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions")
+
+    def output(session) -> str:
+        return "".join(e.data for e in session.events() if e.type == EventType.OUTPUT)
+
+    client = _client(tls)
+    try:
+        first = new_dispatcher().start_session("far", ISSUE_URL)
+        assert first.wait(120) == 0
+        assert "agent ran with -p --session-id" in output(first)
+        later = new_dispatcher()
+        assert [(r.container, r.status) for r in later.running()] == [("cldpd-far", "running")]
+        assert client.containers.get("cldpd-far").status == "running"
+        resumed = later.resume_session("far", "go on")
+        assert resumed.wait(60) == 0
+        assert "agent ran with -p --resume" in output(resumed)
+        attached = later.attach_session("far")
+        later.stop("far", 10)
+        attached.wait(60)
+        assert later.running() == []  # a stopped keepAlive run is removed
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.api.remove_container("cldpd-far", force=True)
+        client.close()
