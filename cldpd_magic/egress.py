@@ -385,7 +385,17 @@ class EgressGuard:
         return {LABEL_EGRESS: self.policy.digest, LABEL_EGRESS_OF: self.container}
 
     def ensure_image(self) -> str:
-        """Build the egress image unless the engine has it; return its tag."""
+        """Build the egress image unless the engine has it; return its tag.
+
+        Raises:
+            ContainerFailedError: The runner cannot make networks (several engines).
+            BuildFailedError: The egress image did not build.
+        """
+        if not hasattr(self.runner, "create_network"):
+            raise ContainerFailedError(
+                f"{self.container} asks for a network allowlist, which cldpd enforces on a "
+                "single Docker engine only for now; drop the engines setting or 'network.allow'."
+            )
         base = egress_base()
         tag = egress_image_tag(base)
         if not self.runner.image_exists(tag):

@@ -592,3 +592,27 @@ def test_the_real_cli_completes_a_turn_through_the_broker(
     assert requests and all(r.headers.get("x-api-key") == real_key for r in requests)
     assert all(real_key not in line for line in lines)
     assert egress_leftovers(docker_client, f"cldpd-{name}") == []
+
+
+@pytest.mark.docker
+def test_a_kept_alive_pod_keeps_its_egress_until_it_is_stopped(
+    egress_base, make_pod, pods_dir, transcript_dir, docker_client
+):
+    pod = make_pod("echo agent-done", pod_json={"network": {"allow": []}, "keepAlive": True})
+    dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+    code, _ = run_session(dispatcher, pod)
+    assert code == 0
+    container = f"cldpd-{pod}"
+    try:
+        assert docker_client.containers.get(container).status == "running"
+        assert len(egress_leftovers(docker_client, container)) == 2  # container and network
+    finally:
+        dispatcher.stop(pod, timeout=5)
+    assert egress_leftovers(docker_client, container) == []
+
+
+def test_several_engines_refuse_an_allowlist_in_one_sentence():
+    guard = EgressGuard(object(), "cldpd-p", EgressPolicy())
+    with pytest.raises(ContainerFailedError, match="single Docker engine") as info:
+        guard.ensure_image()
+    assert "\n" not in str(info.value)
