@@ -360,7 +360,7 @@ def test_keep_alive(dispatcher, make_pod, docker_client):
     assert output(resume) == [f"resumed {start.claude_session}"]
     assert container(docker_client, name).status == "running"
     with pytest.raises(PodRunningError):
-        dispatcher.start_session(name, URL)
+        dispatcher.start_session(name, URL, run=name)
     dispatcher.stop(name, 10)
     assert container(docker_client, name) is None
 
@@ -423,10 +423,10 @@ def test_pod_already_running(dispatcher, make_pod, pods_dir, transcript_dir):
     session = dispatcher.start_session(name, URL)
     until(session.events(), "ready")
     with pytest.raises(PodRunningError, match=name):
-        dispatcher.start_session(name, URL)
+        dispatcher.start_session(name, URL, run=name)
     other = Dispatcher(pods_dir, DockerRunner(), transcript_dir)
     with pytest.raises(PodRunningError, match=f"cldpd-{name}"):
-        other.start_session(name, URL)
+        other.start_session(name, URL, run=name)
     assert other.sessions == []
     dispatcher.stop(name, 10)
 
