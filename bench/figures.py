@@ -106,7 +106,7 @@ def streaming(bench: Bench) -> list[Result]:
     return [
         Result("1", f"Dispatcher.start, {STREAM_LINES:,} lines to a null writer (cached build "
                "+ run) vs docker run --rm --init > /dev/null", total, base, "s",
-               "ratio <= 1.3", total / base <= 1.3,
+               "ratio <= 1.15", total / base <= 1.15,
                f"ours {_samples(totals, 's')}, docker run {_samples(theirs, 's')}; "
                f"of which build phase {fmt(median(builds), 's')}"),
         Result("1b", "its run phase (BUILD_COMPLETE event to start returning: create, "
@@ -317,8 +317,8 @@ def concurrency(bench: Bench) -> list[Result]:
     return [
         Result("6", f"{CONCURRENT_PODS} pods at once (threads calling Dispatcher.start, one "
                f"dispatcher), {CONCURRENT_LINES:,} lines each vs {CONCURRENT_PODS} parallel "
-               "docker run", mine, base, "s", "ratio <= 1.5, all lines in order",
-               mine / base <= 1.5 and not problems,
+               "docker run", mine, base, "s", "ratio <= 1.3, all lines in order",
+               mine / base <= 1.3 and not problems,
                f"{checked}; ours {_samples(ours, 's')}, docker run {_samples(theirs, 's')}; "
                f"events re-read from transcripts per run {replays[1:]} (-1: unknown)"),
     ]  # fmt: skip

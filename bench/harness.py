@@ -243,19 +243,22 @@ class Bench:
         """Prefix of this run's pod names."""
         return f"bench-{self.run_id}"
 
-    def make_pod(self, tag: str, lines: int | None = None, build: bool = True) -> Pod:
+    def make_pod(
+        self, tag: str, lines: int | None = None, build: bool = True, script: str = AGENT_SCRIPT
+    ) -> Pod:
         """Write a bench pod printing ``lines`` lines (pod.json env) and build its image.
 
         Args:
             tag: Distinguishes the pod within the run.
             lines: BENCH_LINES in pod.json; None writes no pod.json (one line).
             build: Build the image now, so that figures time cached builds only.
+            script: The pod's ``claude`` (a busybox sh script).
         """
         name = f"{self.prefix}-{tag}"
         directory = self.pods_dir / name
         directory.mkdir()
         (directory / "Dockerfile").write_text(DOCKERFILE)
-        (directory / "claude").write_text(AGENT_SCRIPT)
+        (directory / "claude").write_text(script)
         if lines is not None:
             (directory / "pod.json").write_text(json.dumps({"env": {"BENCH_LINES": str(lines)}}))
         pod = self.dispatcher.pod(name)

@@ -28,6 +28,18 @@ def _message_budget(bench: Bench) -> list[Result]:
     return message_budget(bench)
 
 
+def _fleet_kernel(bench: Bench) -> list[Result]:
+    from bench.batches import fleet_kernel
+
+    return fleet_kernel(bench)
+
+
+def _batch_wall(bench: Bench) -> list[Result]:
+    from bench.batches import batch_wall
+
+    return batch_wall(bench)
+
+
 FIGURES: dict[int, tuple[str, Figure]] = {
     1: ("streaming overhead", figures.streaming),
     2: ("time to first line", figures.first_line),
@@ -35,6 +47,8 @@ FIGURES: dict[int, tuple[str, Figure]] = {
     4: ("memory bound", figures.memory),
     5: ("rebuild cost", figures.rebuild),
     6: ("concurrency", figures.concurrency),
+    7: ("a batch in a kernel: messages and CPU for 1, 10, 50 runs", _fleet_kernel),
+    8: ("a batch's wall time", _batch_wall),
 }
 HEADER = ("figure", "measure", "ours", "baseline", "ratio", "target", "result")
 
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--reps", type=int, help="repetitions per figure (overrides --quick)")
-    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-6)")
+    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-8)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args(argv)
     chosen = _selection(args.only)
