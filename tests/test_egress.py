@@ -616,3 +616,30 @@ def test_several_engines_refuse_an_allowlist_in_one_sentence():
     with pytest.raises(ContainerFailedError, match="single Docker engine") as info:
         guard.ensure_image()
     assert "\n" not in str(info.value)
+
+
+def test_squid_allows_only_the_allowlist_and_only_from_the_pods_network():
+    import importlib.util
+
+    from cldpd_magic.egress import DATA_DIR
+
+    spec = importlib.util.spec_from_file_location("cldpd_egress", DATA_DIR / "cldpd_egress.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    policy = parse_network_allow(POD_JSON, {"allow": ["a.io", "*.b.io:8443"]})
+    conf = entry.squid_conf(
+        {"subnet": "172.30.0.0/16", "proxy_port": 3128, "allow": [r.squid() for r in policy.allow]}
+    )
+    access = [line for line in conf.splitlines() if line.startswith(("acl", "http_access"))]
+    assert access == [
+        "acl pods src 172.30.0.0/16",
+        "acl default_ports port 80 443",
+        "http_access deny !pods",
+        "acl allow0 dstdomain a.io",
+        "http_access allow allow0 default_ports",
+        "acl allow1 dstdomain .b.io",
+        "acl port1 port 8443",
+        "http_access allow allow1 port1",
+        "http_access deny all",
+    ]
+    assert "cache deny all" in conf.splitlines()
