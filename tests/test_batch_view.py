@@ -458,3 +458,35 @@ def test_cldpd_batch_runs_a_pod_on_several_issues_at_once(
     assert f"cldpd: {name}-2-2 ({name}): exited 3" in err
     assert "2 of 4 runs exited 0" in err
     assert _no_containers_of(docker_client, name) == []
+
+
+def test_a_run_cldpd_stopped_says_why_and_a_failed_one_says_what_failed(tmp_path):
+    from cldpd_magic.session import StopReason
+
+    capped = _idle(tmp_path, "capped")
+
+    def broken(ctl) -> int:
+        raise RuntimeError("no such image \x1b[31mcldpd-x\x1b[0m")
+
+    failed = Session("broken", "c", broken, tmp_path)
+    batch = FakeBatch([capped, failed])
+    view = BatchView("batch")
+    feed = BatchFeed(batch, view, lambda v: None, 0.02)
+    _until(lambda: capped.state == "running")
+    capped.stop_for(StopReason.OVER_BUDGET, 1.0)
+    assert feed.join(30)
+    states = [r["state"] for r in view.table().records()]
+    assert states == ["stopped: over budget", "failed: no such image cldpd-x"]
+
+
+@pytest.mark.docker
+def test_the_batch_cell_magic_on_the_real_engine(ip, docker_client, make_pod, capsys):
+    name = make_pod('echo "working on ${*##*/}"; sleep 0.2; echo done')
+    batch = ip.run_cell_magic("cldpd_batch", f"-p {name} --repeats 2", f"{URL}\n{URL2}\n")
+    printed = capsys.readouterr().out
+    assert printed.count("batch: 4 exited") == 1
+    assert sorted(r["run"] for r in batch.results()) == [
+        f"{name}-1", f"{name}-1-2", f"{name}-2", f"{name}-2-2",
+    ]  # fmt: skip
+    assert all(r["exit_code"] == 0 for r in batch.results())
+    assert _no_containers_of(docker_client, name) == []
