@@ -49,13 +49,14 @@ class Engine:
         name: What a pod's ``engine`` names and the inventory shows.
         url: The Docker endpoint (``unix://...``, ``tcp://host:port``, ``ssh://user@host``).
         tls: ``(ca, cert, key)`` file paths for a TLS endpoint, None without TLS.
-        use_ssh_client: Reach an ``ssh://`` endpoint through the system's ``ssh``.
+        use_ssh_client: Reach an ``ssh://`` endpoint through the system's ``ssh`` command
+            rather than paramiko (the ``ssh`` extra); both read ``~/.ssh``.
     """
 
     name: str
     url: str
     tls: tuple[str, str, str] | None = None
-    use_ssh_client: bool = True
+    use_ssh_client: bool = False
 
     @property
     def remote(self) -> bool:
@@ -118,9 +119,10 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
     """Read one engine entry.
 
     Forms: ``unix:///path``; ``tcp://host:port`` (plain) or ``tcp://host:port?tls=DIR``
-    with ``DIR`` holding ca.pem, cert.pem and key.pem; ``ssh://user@host[:port]``; a
-    Docker context name. ``?name=NAME`` names an endpoint (else its URL is its name). In
-    Python, a dict ``{"url": ..., "name": ..., "tls": DIR or {"ca", "cert", "key"}}``.
+    with ``DIR`` holding ca.pem, cert.pem and key.pem; ``ssh://user@host[:port]``
+    (through paramiko, or the ``ssh`` command with ``?ssh=system``); a Docker context
+    name. ``?name=NAME`` names an endpoint (else its URL is its name). In Python, a
+    dict ``{"url": ..., "name": ..., "tls": DIR or {"ca", "cert", "key"}}``.
 
     Args:
         entry: The entry.
@@ -150,10 +152,16 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
             "or a Docker context name."
         )
     query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"tls", "name"}
+    unknown = set(query) - {"tls", "name", "ssh"}
     if unknown:
         raise PodConfigError(
-            f"Engine {entry}: unknown option {sorted(unknown)[0]!r}; the options are tls and name."
+            f"Engine {entry}: unknown option {sorted(unknown)[0]!r}; "
+            "the options are tls, ssh and name."
+        )
+    use_ssh_client = query.get("ssh", ["paramiko"])[0] == "system"
+    if "ssh" in query and (parts.scheme != "ssh" or query["ssh"][0] not in ("system", "paramiko")):
+        raise PodConfigError(
+            f"Engine {entry}: ssh= goes with ssh:// endpoints and is system or paramiko."
         )
     url = entry.partition("?")[0]
     name = (query.get("name") or [url])[0] or url
@@ -162,7 +170,7 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
         if parts.scheme != "tcp":
             raise PodConfigError(f"Engine {entry}: tls= goes with tcp:// endpoints only.")
         tls = _tls_dir(name, query["tls"][0])
-    return Engine(name, url, tls)
+    return Engine(name, url, tls, use_ssh_client)
 
 
 def _engine_from_mapping(entry: Mapping[str, Any]) -> Engine:

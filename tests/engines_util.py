@@ -185,3 +185,77 @@ def stop_extra_engine(engine: ExtraEngine) -> None:
     shutil.rmtree(engine.root, ignore_errors=True)
     if os.path.exists(engine.root):
         raise RuntimeError(f"could not remove {engine.root}")
+
+
+@dataclass
+class SshEngine:
+    """An sshd on a loopback port in front of the main engine, as a remote host would be.
+
+    Attributes:
+        url: Its endpoint, ``ssh://root@127.0.0.1:PORT``.
+        home: A home directory whose ``.ssh`` holds the client key and the host's key:
+            point ``HOME`` at it (paramiko reads ``~/.ssh`` through ``HOME``).
+        root: Directory holding the server's keys, configuration and log.
+        process: The sshd process.
+    """
+
+    url: str
+    home: Path
+    root: Path
+    process: subprocess.Popen[bytes]
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def start_ssh_engine(timeout: float = 30) -> SshEngine:
+    """Start sshd on 127.0.0.1 with keys made here; its shell reaches the main engine.
+
+    Raises:
+        RuntimeError: It did not come up in time; the message holds its log's tail.
+    """
+    root = Path(tempfile.mkdtemp(prefix="cldpd-sshd-"))
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    host_key = _keygen(root / "host_key")
+    client_key = _keygen(home / ".ssh" / "id_ed25519")
+    (root / "authorized_keys").write_text(client_key + "\n")
+    port = free_port()
+    (home / ".ssh" / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key}\n")
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host_key'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\n"
+        "StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "UsePAM no\nPermitRootLogin prohibit-password\n"
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    process = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
+        stdout=open(root / "sshd.log", "wb"),  # noqa: SIM115 - lives as long as sshd
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    engine = SshEngine(f"ssh://root@127.0.0.1:{port}", home, root, process)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return engine
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_ssh_engine(engine)
+            tail = (root / "sshd.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"sshd did not start: {tail}")
+        time.sleep(0.1)
+
+
+def stop_ssh_engine(engine: SshEngine) -> None:
+    """Stop sshd and remove its directory."""
+    if engine.process.poll() is None:
+        engine.process.terminate()
+        engine.process.wait(30)
+    shutil.rmtree(engine.root, ignore_errors=True)
