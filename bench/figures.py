@@ -69,7 +69,7 @@ def _timed_start(bench: Bench, pod: Pod, lines: int | None) -> tuple[float, dict
     with ReplayCounter() as replayed:
         cpu = time.process_time()
         started = time.perf_counter()
-        bench.dispatcher.start(pod.name, ISSUE_URL, writer)
+        bench.dispatcher.start(pod.name, ISSUE_URL, writer, raw=True)
         total = time.perf_counter() - started
         cpu = time.process_time() - cpu
     ended = time.time()
@@ -259,7 +259,7 @@ def _concurrent_ours(
 
     def one(pod: Pod, writer: OrderedWriter) -> None:
         try:
-            bench.dispatcher.start(pod.name, ISSUE_URL, writer)
+            bench.dispatcher.start(pod.name, ISSUE_URL, writer, raw=True)
         except Exception as exc:
             failures.append(f"{pod.name}: {type(exc).__name__}: {exc}")
 

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     before = _status_kib("VmRSS")
     writer = NullWriter()
     started = time.perf_counter()
-    code = dispatcher.start(pod, url, writer, check=False)
+    code = dispatcher.start(pod, url, writer, check=False, raw=True)
     result = {
         "code": code,
         "lines": writer.lines,
