@@ -497,13 +497,15 @@ class MultiEngineRunner:
                 on_start(tagged)
 
         self._remember(opts.name, engine)
-        return self._on(engine, lambda r: r.run(opts, stdout, stderr, on_start=started))
+        here = dataclasses.replace(opts, engine="")
+        return self._on(engine, lambda r: r.run(here, stdout, stderr, on_start=started))
 
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Start a container detached on ``opts.engine``; see DockerRunner.start."""
         engine = self.engine(opts.engine)
         check_mounts(engine, opts.mounts, opts.name)
-        return self._tagged(self._on(engine, lambda r: r.start(opts)), engine)
+        here = dataclasses.replace(opts, engine="")
+        return self._tagged(self._on(engine, lambda r: r.start(here)), engine)
 
     def exec(
         self,

@@ -32,6 +32,7 @@ from .errors import (
     BuildFailedError,
     ContainerFailedError,
     DockerUnavailableError,
+    PodConfigError,
     PodRunningError,
     SessionNotFoundError,
     StopFailedError,
@@ -244,6 +245,16 @@ def _engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
 
     return wrapper
+
+
+def _refuse_engine_pin(engine: str, what: str) -> None:
+    """A pod pinned to an engine needs the engines setting; one engine alone is no match."""
+    if engine:
+        raise PodConfigError(
+            f"{what} is pinned to engine {engine!r}, but no engines are configured; name it "
+            "in CLDPD_ENGINES, %config CldpdMagics.engines or cldpd --engine, or drop "
+            "'engine' from pod.json."
+        )
 
 
 def _container_error(opts: RunOptions, action: str, exc: Exception) -> ContainerFailedError:
@@ -479,11 +490,13 @@ class DockerRunner:
             build_args: Docker build args.
             on_output: Called with each line of the build log.
             cancel: When set from another thread, the build is abandoned.
-            engine: Ignored: this runner is one engine.
+            engine: Must be "": this runner is one engine, not a configured engine.
 
         Raises:
+            PodConfigError: ``engine`` names an engine.
             BuildFailedError: The build failed or was cancelled; carries the log tail.
         """
+        _refuse_engine_pin(engine, tag)
         log = _BuildLog(on_output)
         context = _build_context(context_dir)
         try:
@@ -616,6 +629,7 @@ class DockerRunner:
         return chosen
 
     def _create(self, api: docker.APIClient, opts: RunOptions, stdin_open: bool = False) -> str:
+        _refuse_engine_pin(opts.engine, opts.name)
         mounts = [
             docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
             for m in opts.mounts

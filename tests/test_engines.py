@@ -339,3 +339,29 @@ def test_the_magics_take_engines_from_config(monkeypatch):
     assert [e.name for e in magics.runner.engines] == ["a"]
     magics.engines = ["unix:///b.sock?name=b"]
     assert [e.name for e in magics.runner.engines] == ["b"]
+
+
+def test_one_engine_alone_refuses_a_pinned_pod_without_touching_docker(tmp_path):
+    from cldpd_magic.runner import DockerRunner
+
+    runner = DockerRunner(base_url="unix:///nonexistent.sock")
+    with pytest.raises(PodConfigError, match="pinned to engine 'far', but no engines are"):
+        runner.build("t", str(tmp_path), engine="far")
+
+
+@pytest.mark.docker
+def test_a_pinned_pod_on_one_engine_fails_its_start_with_one_sentence(
+    docker_client, pods_dir, transcript_dir
+):
+    from fakes import ISSUE_URL, write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runner import DockerRunner
+
+    write_pod(pods_dir, "pinned", {"engine": "far"})
+    session = Dispatcher(pods_dir, DockerRunner(), transcript_dir).start_session(
+        "pinned", ISSUE_URL
+    )
+    with pytest.raises(PodConfigError, match="no engines are configured") as info:
+        session.wait(60)
+    assert "\n" not in str(info.value)
