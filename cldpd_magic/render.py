@@ -25,6 +25,7 @@ from markdown_it import MarkdownIt
 from .logs import log_swallowed
 from .protocol import Writer
 from .session import MASK, Event, EventType, Masker, RunState, RunStatus, Session
+from .usage import Usage
 
 DEFAULT_MAX_LINES = 200
 DEFAULT_FLUSH_INTERVAL = 0.25
@@ -426,7 +427,9 @@ class StreamRenderer:
             head = f"✗ {name or _first_line(str(subtype), 60)}"
             if reason:
                 head += f": {_first_line(reason, 300)}"
-        parts = [head, f"{_count(obj.get('num_turns'))} turns", _duration(obj.get("duration_ms"))]
+        turns = _count(obj.get("num_turns"))
+        turns += " turn" if turns == "1" else " turns"
+        parts = [head, turns, _duration(obj.get("duration_ms"))]
         cost = _number(obj.get("total_cost_usd", obj.get("cost_usd")))
         if cost is not None:
             parts.append(f"${cost:.4f}")
@@ -697,6 +700,7 @@ class SessionView:
         self.transcript = clean_text(str(transcript))
         self.model = RunLines(self.mask)
         self.status = RunStatus()
+        self._usage: Callable[[], Usage] | None = None
         self._bound = False
         self._failure = ""
         self.tail: deque[Line] = deque()
@@ -712,6 +716,7 @@ class SessionView:
         """Show the session's state from now on (its events still come through :meth:`add`)."""
         with self.lock:
             self.status = session.status
+            self._usage = lambda: session.usage
             self.model.kind = str(session.kind)
             self._bound = True
             self.version += 1
@@ -790,7 +795,17 @@ class SessionView:
         return self.status.snapshot().elapsed
 
     def status_text(self) -> str:
-        """The one-line status: building / running / exited N / failed: reason / stopped."""
+        """The one-line status: building / running / exited N / failed: reason / stopped.
+
+        Once the agent has reported usage, its turns, tokens and cost follow.
+        """
+        text = self._state_text()
+        usage = self._usage() if self._usage is not None else None
+        if isinstance(usage, Usage) and (usage.turns or usage.cost_usd):
+            text += f" · {usage.summary()}"
+        return text
+
+    def _state_text(self) -> str:
         snap = self.status.snapshot()
         detail = self.mask(clean_text(snap.detail))
         state = snap.state
@@ -807,7 +822,8 @@ class SessionView:
             return f"{self.title}: failed: {detail}"
         if state is RunState.STOPPED:
             code = f" (exit {snap.exit_code})" if snap.exit_code is not None else ""
-            return f"{self.title}: stopped{code}"
+            why = f": {snap.reason}" if snap.reason else ""
+            return f"{self.title}: stopped{why}{code}"
         return f"{self.title}: {state}"
 
     def _elision(self) -> str:

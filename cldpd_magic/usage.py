@@ -50,7 +50,8 @@ class Usage:
             + self.cache_read_tokens
             + self.cache_creation_tokens
         )
-        return f"{self.turns} turns · {tokens:,} tokens · ${self.cost_usd:.4f}"
+        turns = f"{self.turns} turn{'' if self.turns == 1 else 's'}"
+        return f"{turns} · {tokens:,} tokens · ${self.cost_usd:.4f}"
 
 
 def _fields(usage: Usage) -> tuple[float, ...]:

@@ -180,7 +180,7 @@ def test_a_failed_result_says_why_and_never_success():
     }  # fmt: skip
     lines = rendered(failed)
     assert lines == [
-        ("failed", '✗ failed: API Error: 401 {"error":"invalid x-api-key"} · 1 turns · 61.5 s'
+        ("failed", '✗ failed: API Error: 401 {"error":"invalid x-api-key"} · 1 turn · 61.5 s'
                    " · $0.0000 · session abc"),
     ]  # fmt: skip
     assert "success" not in lines[0][1]
@@ -540,7 +540,7 @@ def test_text_consumer_shows_the_final_answer_once_and_notes_on_stderr(tmp_path)
     out, err = io.StringIO(), io.StringIO()
     TextFeed(session, out, err).follow()
     assert out.getvalue().count("Fixed it.") == 1
-    assert out.getvalue().splitlines()[-1].startswith("✓ done · 1 turns")
+    assert out.getvalue().splitlines()[-1].startswith("✓ done · 1 turn ·")
     assert err.getvalue() == "cldpd: resume running in container cldpd-pod\n"
 
 
@@ -568,3 +568,23 @@ def test_text_and_html_views_are_made_of_the_same_lines(tmp_path):
     for event in session.events():
         view.add(event)
     assert [line.text for line in view.tail] == out.getvalue().splitlines()
+
+
+def test_the_status_line_shows_usage_and_why_cldpd_stopped_a_run(tmp_path):
+    result = {**RESULT_LINE, "num_turns": 2, "total_cost_usd": 0.25,
+              "usage": {"input_tokens": 100, "output_tokens": 20}}  # fmt: skip
+
+    def job(ctl):
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        ctl.stdout.write(json.dumps(result) + "\n")
+        return 0
+
+    session = Session("pod", "c", job, tmp_path)
+    session.wait(10)
+    view = SessionView("pod", session=session)
+    assert view.status_text().startswith("pod: exited 0 after ")
+    assert view.status_text().endswith(" · 2 turns · 120 tokens · $0.2500")
+    stopped = SessionView("pod")
+    stopped.status.request_stop("over budget")
+    stopped.status.finish(130)
+    assert stopped.status_text() == "pod: stopped: over budget (exit 130)"
