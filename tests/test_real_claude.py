@@ -95,7 +95,8 @@ def offline_pod(
 ) -> Iterator[OfflinePod]:
     """Copy the claude-offline template into pods_dir, pointed at a model server.
 
-    ``offline_pod(url, args=None, keep_alive=False, env=None)`` returns the pod name;
+    ``offline_pod(url, args=None, keep_alive=False, env=None, extra=None)`` returns the pod
+    name (``extra``: more pod.json keys);
     its workdir is the bind-mounted ``tmp_path / "work"``. After the test, a container
     left behind fails the test (and is removed).
     """
@@ -106,6 +107,7 @@ def offline_pod(
         args: list[str] | None = None,
         keep_alive: bool = False,
         env: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
         name = f"claude{uuid.uuid4().hex[:8]}"
         pod = pods_dir / name
@@ -122,6 +124,7 @@ def offline_pod(
         if args is not None:
             config["args"] = args
         config["keepAlive"] = keep_alive
+        config.update(extra or {})
         (pod / "pod.json").write_text(json.dumps(config, indent=2))
         made.append(name)
         return name
@@ -713,3 +716,39 @@ def test_prompts_that_look_like_options_reach_the_model_as_prompts(
     assert json.dumps(prompts[0])[1:-1] in sent[1]
     assert '"--version"' in sent[2] or "--version" in sent[2]
     assert container_gone(docker_client, name)
+
+
+#: A turn that costs about $0.60 at Sonnet's list prices (200,000 input tokens).
+COSTLY = {"input_tokens": 200_000, "output_tokens": 10}
+
+
+def test_a_run_over_its_cost_cap_is_stopped_and_marked(dispatcher, offline_pod):
+    loop = Turn(tool_calls=[ToolCall("Bash", {"command": "echo again"})], usage=COSTLY, repeat=10)
+    with ScriptedModelServer([loop], api_key=API_KEY) as server:
+        name = offline_pod(server.url, args=["--allowedTools=Bash"], extra={"maxCostUsd": 1.0})
+        session, events = run(dispatcher, name)
+        requests = len(server.conversation_requests())
+    assert session.stop_reason == "over budget", [e.get("subtype") for e in events]
+    assert session.state == "stopped"
+    # The cap stops the run within the turn in flight: never all ten turns.
+    assert 1 <= requests <= 3
+    # The CLI's own total, reported when the stop ended its turn (cldpd stopped the run on
+    # its live estimate, which counts every message's input tokens).
+    assert session.usage.cost_usd > 0
+
+
+def test_a_batch_budget_stops_the_batch_on_time(dispatcher, offline_pod):
+    with ScriptedModelServer([Turn(text="Done, expensively.", usage=COSTLY, repeat=10)],
+                             api_key=API_KEY) as server:  # fmt: skip
+        name = offline_pod(server.url)
+        issues = [f"https://github.com/octocat/Hello-World/issues/{n}" for n in (1, 2, 3)]
+        batch = dispatcher.dispatch(name, issues, max_parallel=1, budget_usd=0.5)
+        batch.wait(300)
+        requests = len(server.conversation_requests())
+    results = batch.results()
+    # The first run alone passes the budget (it may be stopped as it ends): no other
+    # run starts.
+    assert results[0]["state"] in ("exited", "batch over budget"), results
+    assert requests == 1
+    assert all(r["state"] != "exited" for r in results[1:]), results
+    assert batch.over_budget and batch.cost_usd >= 0.5
