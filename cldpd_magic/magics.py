@@ -26,16 +26,11 @@ Jupyter, never a cell.
 
 from __future__ import annotations
 
-import argparse
 import ast
-import contextlib
 import functools
 import logging
-import re
 import sys
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,170 +44,36 @@ from IPython.core.display_functions import DisplayHandle, display
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.utils.process import arg_split
+from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import CaselessStrEnum, Float, Integer, List, Unicode, observe
 
-from .cli import parse_variant
 from .dispatcher import Dispatcher, validate_issue_url
 from .engines import MultiEngineRunner
-from .errors import CldpdError, one_line
+from .errors import one_line
 from .logs import LEVELS, disable_logging, enable_logging, log_swallowed
+from .magic_support import (
+    BACKGROUND,
+    FOLLOWED_LIVE,
+    ArgumentScan,
+    parse_args,
+    parse_verbatim,
+    positional_names,
+    scan_arguments,
+    unquote,
+    user_errors,
+)
+from .magics_batch import BatchMagics
+from .magics_inventory import InventoryMagics
 from .pods import scan_pods, validate_pod_name
 from .protocol import Runner
-from .render import (
-    DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_MAX_LINES,
-    BatchFeed,
-    BatchView,
-    LiveFeed,
-    Report,
-    SessionView,
-    Table,
-)
-from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
+from .render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, BatchFeed, LiveFeed, SessionView
 from .session import Session
 
 #: Magics that follow a run in their cell; a bare blocking call leaves no result under it.
 FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach", "cldpd_batch"})
-#: Sessions and batches that a blocking magic followed in its cell to their end.
-_FOLLOWED_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 #: Magics whose first positional argument is a pod name (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
-_QUOTES = ("'", '"')
-_WORD = re.compile(r"\S+")
 logger = logging.getLogger(__name__)
-_BACKGROUND = argument(
-    "-b", "--background", action="store_true",
-    help="return at once with the Session; the cell keeps streaming",
-)  # fmt: skip
-
-
-def _is_docker_error(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return module.split(".", 1)[0] in ("docker", "requests", "urllib3")
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library and Docker errors into one-line UsageErrors (no traceback in a cell).
-
-    Raises:
-        UsageError: For every CldpdError, bad argument (ValueError from quoting) or
-            docker-py/requests error raised inside the block.
-    """
-    try:
-        yield
-    except UsageError:
-        raise
-    except CldpdError as exc:
-        log_swallowed(logger, "a magic failed")
-        raise UsageError(one_line(str(exc)) or type(exc).__name__) from None
-    except Exception as exc:
-        if _is_docker_error(exc):
-            log_swallowed(logger, "a magic failed in Docker")
-            raise UsageError(f"Docker error: {one_line(str(exc))}") from None
-        raise
-
-
-def _parser_of(magic: Any) -> argparse.ArgumentParser:
-    return magic.parser
-
-
-def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    # argparse offers no public listing of its options; this mapping has been stable
-    # since Python 2.7, and it is read here only.
-    return dict(parser._option_string_actions)
-
-
-def positional_names(parser: argparse.ArgumentParser) -> list[str]:
-    """The names (dests) of a parser's positional arguments, in order."""
-    return [action.dest for action in parser._actions if not action.option_strings]
-
-
-def _option_names(parser: argparse.ArgumentParser) -> str:
-    seen = {id(a): "/".join(a.option_strings) for a in _option_actions(parser).values()}
-    return ", ".join(seen.values()) or "none"
-
-
-@dataclass
-class ArgumentScan:
-    """How far a magic's words fill its parser (for the completer and verbatim prompts).
-
-    Attributes:
-        values: Raw option values by dest (``""`` for a flag that was given).
-        positionals: The positional words, in order.
-        pending: The dest of an option whose value has not come yet, else None.
-    """
-
-    values: dict[str, str]
-    positionals: list[str]
-    pending: str | None
-
-
-def scan_arguments(
-    parser: argparse.ArgumentParser, words: list[str], strict: bool = True
-) -> ArgumentScan:
-    """Sort a magic's words into options and positionals as its parser would.
-
-    Args:
-        parser: The magic's parser.
-        words: The words, already split.
-        strict: Raise on an option the parser does not know (else skip it).
-
-    Raises:
-        UsageError: An unknown option, when ``strict``.
-    """
-    options = _option_actions(parser)
-    values: dict[str, str] = {}
-    positionals: list[str] = []
-    pending: str | None = None
-    for word in words:
-        if pending is not None:
-            values[pending], pending = word, None
-        elif word.startswith("-") and word != "-":
-            name, has_value, value = word.partition("=")
-            action = options.get(name)
-            if action is None:
-                if strict:
-                    raise UsageError(
-                        f"Unknown option {name}; the options are {_option_names(parser)}."
-                    )
-            elif action.nargs == 0 or has_value:
-                values[action.dest] = value
-            else:
-                pending = action.dest
-        else:
-            positionals.append(word)
-    return ArgumentScan(values, positionals, pending)
-
-
-def parse_verbatim(magic: Any, line: str) -> argparse.Namespace:
-    """Parse ``[options] POD REST`` with the magic's own parser, REST kept verbatim.
-
-    The options and every positional but the last are parsed by the parser that the
-    magic's help shows; the last positional (the prompt) is the rest of the line as
-    written, with one pair of quotes around the whole of it removed and nothing else
-    touched (no quote processing, no ``$x`` or ``{x}`` expansion).
-
-    Raises:
-        UsageError: An unknown option, a bad option value or a missing pod.
-    """
-    parser = _parser_of(magic)
-    names = positional_names(parser)
-    for match in _WORD.finditer(line):
-        try:
-            words = arg_split(line[: match.end()])  # as parse_argstring splits
-        except ValueError:
-            continue  # inside a quoted option value
-        found = scan_arguments(parser, words)
-        if found.pending is None and len(found.positionals) == len(names) - 1:
-            args = parser.parse_args(words)
-            setattr(args, names[-1], unquote(line[match.end() :].strip()))
-            return args
-    scan_arguments(parser, arg_split(line, strict=False))  # an unknown option, said first
-    usage = one_line(parser.format_usage()).removeprefix("::").removeprefix("usage:").strip()
-    raise UsageError(f"Name the {names[0]}: {usage}.")
 
 
 def split_prompt(line: str) -> tuple[bool, str, str]:
@@ -227,23 +88,14 @@ def split_prompt(line: str) -> tuple[bool, str, str]:
     return args.background, args.pod, args.prompt
 
 
-def unquote(text: str) -> str:
-    """Remove one pair of quotes around the whole text (parse_argstring keeps them)."""
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == text[0]:
-        return text[1:-1]
-    return text
-
-
-def _parse(magic: Any, line: str) -> Any:
-    try:
-        return parse_argstring(magic, line)
-    except ValueError as exc:
-        raise UsageError(f"Cannot read the arguments ({exc}); check the quotes.") from None
-
-
 @magics_class
 class CldpdMagics(Magics):
-    """The ``%cldpd_*`` magics, with their settings as configurable traits.
+    """The run magics (start, resume, attach, stop), and the settings of all the magics.
+
+    Its traits configure every ``%cldpd_*`` magic (``%config CldpdMagics.pods_dir = ...``);
+    the inventory and batch magics (:class:`~cldpd_magic.magics_inventory.InventoryMagics`,
+    :class:`~cldpd_magic.magics_batch.BatchMagics`) read them, and its dispatchers, from
+    the instance that ``%load_ext cldpd_magic`` registers with them.
 
     Args:
         shell: The IPython shell.
@@ -345,12 +197,17 @@ class CldpdMagics(Magics):
     def sessions(self) -> list[Session]:
         """Every session this kernel started through the magics (or their dispatchers)."""
         seen: dict[str, Session] = {}
-        for dispatcher in list(self._dispatchers.values()):
+        for dispatcher in self.dispatchers():
             for session in dispatcher.local_sessions():
                 seen.setdefault(session.id, session)
         return sorted(seen.values(), key=lambda s: s.started_at)
 
-    def _live(self) -> bool:
+    def dispatchers(self) -> list[Dispatcher]:
+        """Every dispatcher made so far (one per pods directory, transcript dir and runner)."""
+        return list(self._dispatchers.values())
+
+    def live(self) -> bool:
+        """Whether the frontend shows display updates in place (not a plain terminal)."""
         # The plain terminal publisher prints every update: there, show the end only.
         return type(self.shell.display_pub) is not DisplayPublisher
 
@@ -363,7 +220,7 @@ class CldpdMagics(Magics):
         return view.bundle()
 
     def _publish(self, handle: DisplayHandle, session: Session, view: SessionView) -> None:
-        if self._live():
+        if self.live():
             handle.update(self._bundle(session, view), raw=True)
 
     def _follow(self, session: Session, title: str, background: bool, note: str = "") -> Session:
@@ -381,13 +238,13 @@ class CldpdMagics(Magics):
             raise
         if background:
             return session
-        _FOLLOWED_LIVE.add(session)
+        FOLLOWED_LIVE.add(session)
         try:
             while not feed.join(0.25):
                 pass
         except KeyboardInterrupt:
             self._interrupted(session, feed, handle)
-        if not self._live():
+        if not self.live():
             handle.update(self._bundle(session, view), raw=True)
         if session.error is not None:
             raise UsageError(one_line(f"{title} failed: {session.error}"))
@@ -399,7 +256,7 @@ class CldpdMagics(Magics):
         Returns:
             Whether anything was running.
         """
-        owners = [d for d in list(self._dispatchers.values()) if d.local_sessions(pod, active=True)]
+        owners = [d for d in self.dispatchers() if d.local_sessions(pod, active=True)]
         return any([dispatcher.stop(pod, timeout) for dispatcher in owners or [self.dispatcher]])
 
     def _interrupted(self, session: Session, feed: LiveFeed, handle: DisplayHandle) -> None:
@@ -448,7 +305,7 @@ class CldpdMagics(Magics):
         current = "" if at_space else words[-1]
         if current.startswith("-"):
             return nothing
-        parser = _parser_of(getattr(self, name))
+        parser = getattr(self, name).parser
         found = scan_arguments(parser, before, strict=False)
         pod_position = positional_names(parser).index("pod")
         if found.pending is not None or len(found.positionals) != pod_position:
@@ -465,7 +322,7 @@ class CldpdMagics(Magics):
     # -- magics ---------------------------------------------------------------------
 
     @magic_arguments()
-    @_BACKGROUND
+    @BACKGROUND
     @argument("--pods-dir", metavar="DIR", help="the pods directory for this run")
     @argument("pod", help="the pod to run")
     @argument("issue_url", help="the GitHub issue URL (http or https)")
@@ -476,7 +333,7 @@ class CldpdMagics(Magics):
         Blocks until the agent exits unless -b is given; interrupting the kernel stops
         the pod gracefully. Returns the Session, e.g. ``s = %cldpd_start -b pod URL``.
         """
-        args = _parse(self.cldpd_start, line)
+        args = parse_args(self.cldpd_start, line)
         with user_errors():
             url = validate_issue_url(args.issue_url)
             dispatcher = self.dispatcher_for(unquote(args.pods_dir or "") or None)
@@ -484,7 +341,7 @@ class CldpdMagics(Magics):
         return self._follow(session, args.pod, args.background, note=f"issue: {url}")
 
     @magic_arguments()
-    @_BACKGROUND
+    @BACKGROUND
     @argument("pod", help="the running pod")
     @argument(
         "prompt", nargs="*",
@@ -517,38 +374,7 @@ class CldpdMagics(Magics):
         return self._follow(session, f"{pod} resume", background, note=f"prompt: {first}")
 
     @magic_arguments()
-    @argument("run", help="a run (or pod) started in this kernel with a network allowlist")
-    @line_magic
-    def cldpd_egress(self, line: str) -> Table:
-        """List the connections a run's egress proxy saw: allowed and blocked, in order.
-
-        Only runs whose pod.json has ``"network": {"allow": [...]}`` have a proxy; blocked
-        attempts are also EGRESS_BLOCKED events in the run's cell and transcript.
-        """
-        args = _parse(self.cldpd_egress, line)
-        with user_errors():
-            validate_pod_name(args.run)
-        for dispatcher in list(self._dispatchers.values()):
-            attempts = dispatcher.egress_attempts(args.run)
-            if attempts is not None:
-                rows = [
-                    (a.time.strftime("%H:%M:%S"), a.target, a.method,
-                     "allowed" if a.allowed else "blocked")
-                    for a in attempts
-                ]  # fmt: skip
-                blocked = sum(not a.allowed for a in attempts)
-                return Table(
-                    ("time", "host:port", "method", "verdict"), rows,
-                    title=f"Egress of {args.run}: {len(rows) - blocked} allowed, {blocked} blocked",
-                    notes=[] if rows else ["No connection was attempted yet."],
-                )  # fmt: skip
-        raise UsageError(
-            f"No run {args.run!r} with a network allowlist was started in this kernel; "
-            "%cldpd_egress lists the proxy of runs whose pod.json has network.allow."
-        )
-
-    @magic_arguments()
-    @_BACKGROUND
+    @BACKGROUND
     @argument("pod", help="the running pod")
     @line_magic
     def cldpd_attach(self, line: str) -> Session:
@@ -558,7 +384,7 @@ class CldpdMagics(Magics):
         unless -b is given; interrupting the kernel stops the pod gracefully, as does
         %cldpd_stop. Returns the Session.
         """
-        args = _parse(self.cldpd_attach, line)
+        args = parse_args(self.cldpd_attach, line)
         with user_errors():
             validate_pod_name(args.pod)
             session = self.dispatcher.attach_session(args.pod)
@@ -573,7 +399,7 @@ class CldpdMagics(Magics):
 
         Its live cells show it stopped; its container is removed (unless keepAlive).
         """
-        args = _parse(self.cldpd_stop, line)
+        args = parse_args(self.cldpd_stop, line)
         timeout = self.stop_timeout if args.timeout is None else max(0.0, args.timeout)
         with user_errors():
             validate_pod_name(args.pod)
@@ -587,235 +413,9 @@ class CldpdMagics(Magics):
                 return
         print(f"Pod {args.pod} stopped.")
 
-    @magic_arguments()
-    @_BACKGROUND
-    @argument(
-        "-p", "--pod", action="append", default=[], metavar="POD",
-        help="a pod to run (repeat for several, or POD,POD)",
-    )  # fmt: skip
-    @argument(
-        "--variant", action="append", default=[], metavar="NAME[=ARGS]",
-        help="a variant: a name and extra agent arguments, e.g. \"opus=--model opus\" (repeat "
-        "for several)",
-    )  # fmt: skip
-    @argument("--repeats", type=int, default=1, help="runs of each pod, issue and variant")
-    @argument("--max-parallel", type=int, default=4, help="runs at once; the rest wait")
-    @argument(
-        "--budget", type=float, metavar="USD",
-        help="the batch's budget: past it no run starts and running ones stop",
-    )  # fmt: skip
-    @argument(
-        "issues", nargs="*", metavar="ISSUE_URL",
-        help="GitHub issue URLs; with %%%%cldpd_batch, one a line in the cell body",
-    )  # fmt: skip
-    @line_cell_magic
-    def cldpd_batch(self, line: str, cell: str | None = None) -> Any:
-        """Run pods on many issues at once, as a live table in this cell; returns the Batch.
 
-        ``%cldpd_batch -p POD [options] URL...`` or ``%%cldpd_batch -p POD [options]`` with
-        one issue URL a line in the cell body (blank lines and ``#`` comments skipped).
-        Every pod runs on every issue, once per variant and repeat, at most
-        --max-parallel at once. The table has a row per run (state, elapsed, turns,
-        cost, last tool call); choose a run to see its output, stop one or all. Blocks
-        until the batch ends unless -b is given; interrupting the kernel stops the batch.
-        ``batch.to_dataframe()`` gives the results.
-        """
-        args = _parse(self.cldpd_batch, line)
-        urls = list(args.issues)
-        if cell is not None:
-            body = [text.strip() for text in cell.splitlines()]
-            urls += [text for text in body if text and not text.startswith("#")]
-        pods = [name for spec in args.pod for name in unquote(spec).split(",") if name]
-        if not pods:
-            raise UsageError("Name the pods to run with -p POD (repeat it for several).")
-        if not urls:
-            raise UsageError(
-                "Give the issues: URLs after the options, or one a line in a %%cldpd_batch cell."
-            )
-        with user_errors():
-            issues = [validate_issue_url(unquote(url)) for url in urls]
-            for pod in pods:
-                validate_pod_name(pod)
-            variants = [parse_variant(unquote(v)) for v in args.variant] or None
-            batch = self.dispatcher.dispatch(
-                pods, issues, variants=variants, repeats=args.repeats,
-                max_parallel=args.max_parallel, budget_usd=args.budget,
-            )  # fmt: skip
-        return self._follow_batch(batch, args.background)
-
-    def _follow_batch(self, batch: Any, background: bool) -> Any:
-        """Show a batch in this cell (widgets in a live frontend); block unless ``background``."""
-        try:
-            if self._live():
-                from .widgets import BatchPanel  # ipywidgets loads only when it is used
-
-                panel = BatchPanel(
-                    batch, max_lines=self.max_output_lines, interval=self.flush_interval,
-                    stop_timeout=self.stop_timeout,
-                )  # fmt: skip
-                display(panel)
-                feed = panel.feed
-            else:  # a terminal prints every update: there, show the end only
-                view = BatchView(max_lines=self.max_output_lines)
-                handle = display(view.bundle(), raw=True, display_id=True)
-                feed = BatchFeed(batch, view, lambda _view: None)
-            self.batch_feeds.append(feed)
-        except KeyboardInterrupt:
-            batch.stop()
-            raise
-        if background:
-            return batch
-        _FOLLOWED_LIVE.add(batch)
-        try:
-            while not feed.join(0.25):
-                pass
-        except KeyboardInterrupt:
-            batch.stop()
-            feed.join(30)
-            raise UsageError("Interrupted: the batch stopped.") from None
-        finally:
-            if not self._live():
-                handle.update(feed.view.bundle(), raw=True)
-        return batch
-
-    @magic_arguments()
-    @argument("pod", help="the new pod's name")
-    @argument(
-        "--template", default=DEFAULT_TEMPLATE,
-        help=f"the template: {', '.join(template_names())} (default: {DEFAULT_TEMPLATE})",
-    )  # fmt: skip
-    @argument("--pods-dir", metavar="DIR", help="the pods directory to write it into")
-    @line_magic
-    def cldpd_new(self, line: str) -> None:
-        """Write a new pod from a template into the pods directory, and say what to edit next.
-
-        Refuses to overwrite an existing pod. The templates ship with the package
-        (``--template`` lists them); ``minimal`` is the one to start from.
-        """
-        args = _parse(self.cldpd_new, line)
-        with user_errors():
-            pods_dir = unquote(args.pods_dir or "") or self.pods_dir or None
-            scaffold = create_pod(unquote(args.pod), args.template, pods_dir)
-        option = f" --pods-dir {args.pods_dir}" if args.pods_dir else ""
-        print(scaffold.text(f"%cldpd_start{option} {args.pod} ISSUE_URL"))
-
-    @magic_arguments()
-    @line_magic
-    def cldpd_pods(self, line: str = "") -> Table:
-        """List the pods: image, workdir, mounts, forwarded variables, template, running.
-
-        Broken pods are listed with what is wrong with them. Returns the Table
-        (``.records()`` gives the rows as dictionaries).
-        """
-        _parse(self.cldpd_pods, line)
-        pods_dir = self.dispatcher.pods_dir
-        notes = []
-        try:
-            running: set[str] | None = {
-                r.pod for r in self.dispatcher.running() if r.status == "running"
-            }
-        except Exception as exc:
-            if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
-                raise
-            log_swallowed(logger, "listing running pods failed")
-            running = None
-            notes.append(f"Docker did not answer, so running is unknown: {one_line(str(exc))}")
-        rows = []
-        for name, pod, error in scan_pods(pods_dir):
-            state = "?" if running is None else ("running" if name in running else "no")
-            if pod is None:
-                rows.append((name, "", "", "", "", "", state, one_line(str(error))))
-                continue
-            config = pod.config
-            mounts = ", ".join(
-                f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in config.mounts
-            )
-            rows.append((
-                name, pod.image, config.workdir or "(image default)", mounts,
-                ", ".join(config.inherit_env), "yes" if pod.template else "no", state, "",
-            ))  # fmt: skip
-        if not rows:
-            notes.append(
-                f"No pods in {pods_dir}: make one with %cldpd_new NAME (templates: "
-                f"{', '.join(template_names())}); a pod is a directory with a Dockerfile."
-            )
-        columns = ("pod", "image", "workdir", "mounts", "forwards", "template", "running")
-        if any(row[-1] for row in rows):
-            columns += ("problem",)
-        else:
-            rows = [row[:-1] for row in rows]
-        return Table(columns, rows, title=f"Pods in {pods_dir}", notes=notes)
-
-    @magic_arguments()
-    @line_magic
-    def cldpd_sessions(self, line: str = "") -> Report:
-        """List running cldpd containers (from any kernel) and this kernel's sessions.
-
-        Containers are found through their Docker labels. Returns a Report of two
-        Tables, ``"containers"`` and ``"sessions"``.
-        """
-        _parse(self.cldpd_sessions, line)
-        notes = []
-        try:
-            found = self.dispatcher.running()
-        except Exception as exc:
-            if not isinstance(exc, CldpdError) and not _is_docker_error(exc):
-                raise
-            log_swallowed(logger, "listing cldpd containers failed")
-            found = []
-            notes.append(f"Docker did not answer: {one_line(str(exc))}")
-        mine = self.sessions()
-        here = {s.id for s in mine}
-        container_rows = [
-            (r.pod, r.container, r.status, r.session_id, r.started_at[:19],
-             "yes" if r.keep_alive else "no", "yes" if r.session_id in here else "no")
-            for r in found
-        ]  # fmt: skip
-        containers = Table(
-            ("pod", "container", "status", "session", "started", "keepAlive", "this kernel"),
-            container_rows,
-            title="containers",
-            notes=notes or ([] if found else ["No cldpd containers."]),
-        )
-        session_rows = [
-            (s.id, s.pod_name, s.kind, s.state, "" if s.exit_code is None else s.exit_code,
-             s.transcript_error or s.transcript)
-            for s in mine
-        ]  # fmt: skip
-        sessions = Table(
-            ("session", "pod", "kind", "state", "exit code", "transcript"),
-            session_rows,
-            title="sessions",
-            notes=[] if mine else ["No sessions in this kernel yet."],
-        )
-        return Report(containers, sessions)
-
-    @magic_arguments()
-    @line_magic
-    def cldpd_picker(self, line: str = "") -> None:
-        """Show the pod picker: choose a pod, give an issue URL or a prompt, watch it run."""
-        _parse(self.cldpd_picker, line)
-        try:
-            from .widgets import PodPicker
-        except Exception as exc:
-            log_swallowed(logger, "importing the pod picker failed")
-            raise UsageError(
-                f"The pod picker cannot be loaded ({one_line(str(exc))}); it needs "
-                "ipywidgets >= 8.1 in this kernel."
-            ) from None
-        dispatcher = self.dispatcher
-        with user_errors():
-            picker = PodPicker(
-                pods_dir=dispatcher.pods_dir,
-                dispatcher=dispatcher,
-                max_lines=self.max_output_lines,
-                interval=self.flush_interval,
-                stop_timeout=self.stop_timeout,
-            )
-        display(picker)
-
-
-_LOADED: weakref.WeakKeyDictionary[Any, tuple[CldpdMagics, Any, Any]] = weakref.WeakKeyDictionary()
+#: Per shell: the registered magics (settings first), the completer and the AST transformer.
+_LOADED: weakref.WeakKeyDictionary[Any, tuple[list[Magics], Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def keep_question_marks(lines: list[str]) -> list[str]:
@@ -842,7 +442,7 @@ def shown_result(value: Any) -> Any:
     The cell already shows that run live, so the Session (kept for ``s = %cldpd_start
     ...`` and ``-b``) would only repeat a stale status under it.
     """
-    return None if value in _FOLLOWED_LIVE else value
+    return None if value in FOLLOWED_LIVE else value
 
 
 class HideFollowedResult(ast.NodeTransformer):
@@ -878,12 +478,19 @@ class HideFollowedResult(ast.NodeTransformer):
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics and the pod-name completer (``%load_ext cldpd_magic``).
 
-    Loading again is harmless.
+    The run magics and settings (:class:`CldpdMagics`), the inventory magics and the
+    batch magics are three registered classes sharing one :class:`CldpdMagics`. Loading
+    again is harmless.
     """
     if ipython in _LOADED:
         return
     magics = CldpdMagics(shell=ipython)
-    ipython.register_magics(magics)
+    registered: list[Magics] = [
+        magics,
+        InventoryMagics(ipython, magics),
+        BatchMagics(ipython, magics),
+    ]
+    ipython.register_magics(*registered)
 
     @context_matcher()
     def cldpd_pod_matcher(context: CompletionContext) -> SimpleMatcherResult:
@@ -897,7 +504,20 @@ def load_ipython_extension(ipython: Any) -> None:
         cleanup.append(keep_question_marks)
     hider = HideFollowedResult()
     ipython.ast_transformers.append(hider)
-    _LOADED[ipython] = (magics, cldpd_pod_matcher, hider)
+    _LOADED[ipython] = (registered, cldpd_pod_matcher, hider)
+
+
+def _unregister(ipython: Any, magics: Magics) -> None:
+    """Remove one registered Magics instance: its magics, registry entry and configurable."""
+    manager = ipython.magics_manager
+    for kind, table in magics.magics.items():
+        for name in table:
+            if getattr(manager.magics[kind].get(name), "__self__", None) is magics:
+                del manager.magics[kind][name]
+    if manager.registry.get(type(magics).__name__) is magics:
+        del manager.registry[type(magics).__name__]
+    if magics in getattr(ipython, "configurables", []):
+        ipython.configurables.remove(magics)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
@@ -910,22 +530,15 @@ def unload_ipython_extension(ipython: Any) -> None:
     loaded = _LOADED.pop(ipython, None)
     if loaded is None:
         return
-    magics, matcher, hider = loaded
-    magics.log_level = ""  # its log handler goes with it
+    registered, matcher, hider = loaded
+    registered[0].log_level = ""  # its log handler goes with it
     if hider in ipython.ast_transformers:
         ipython.ast_transformers.remove(hider)
-    manager = ipython.magics_manager
-    for kind, table in magics.magics.items():
-        for name in table:
-            if getattr(manager.magics[kind].get(name), "__self__", None) is magics:
-                del manager.magics[kind][name]
-    if manager.registry.get(type(magics).__name__) is magics:
-        del manager.registry[type(magics).__name__]
+    for magics in registered:
+        _unregister(ipython, magics)
     completer = getattr(ipython, "Completer", None)
     if completer is not None and matcher in completer.custom_matchers:
         completer.custom_matchers.remove(matcher)
-    if magics in getattr(ipython, "configurables", []):
-        ipython.configurables.remove(magics)
     cleanup = getattr(ipython, "input_transformers_cleanup", None)
     if cleanup is not None and keep_question_marks in cleanup:
         cleanup.remove(keep_question_marks)
@@ -934,7 +547,9 @@ def unload_ipython_extension(ipython: Any) -> None:
 __all__ = [
     "POD_MAGICS",
     "ArgumentScan",
+    "BatchMagics",
     "CldpdMagics",
+    "InventoryMagics",
     "load_ipython_extension",
     "parse_verbatim",
     "positional_names",
