@@ -46,8 +46,10 @@ logger = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent / "data" / "egress"
 #: The egress image's repository; its tag is a digest of DATA_DIR and the base image.
 IMAGE_REPOSITORY = "cldpd-egress"
-#: The egress image's base; ``$CLDPD_EGRESS_BASE`` overrides it (CI: cldpd-debian:bookworm).
+#: The egress image's base where the engine has no LOCAL_BASE; ``$CLDPD_EGRESS_BASE`` overrides.
 DEFAULT_BASE = "debian:bookworm-slim"
+#: The Debian base scripts/setup makes offline; preferred when the engine has it.
+LOCAL_BASE = "cldpd-debian:bookworm"
 #: Label on an egress network and container: the digest of the run's policy.
 LABEL_EGRESS = "cldpd.egress"
 #: Label on an egress network and container: the container of the run it serves.
@@ -323,14 +325,28 @@ def parse_access_line(line: str) -> EgressAttempt | None:
 def egress_image_tag(base: str) -> str:
     """The egress image's tag: a digest of the shipped Dockerfile, entrypoint and base."""
     digest = hashlib.sha256(base.encode())
-    for name in sorted(p.name for p in DATA_DIR.iterdir() if p.is_file()):
-        digest.update(name.encode() + b"\0" + (DATA_DIR / name).read_bytes())
+    for path in sorted(
+        p for p in DATA_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    ):
+        digest.update(path.relative_to(DATA_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     return f"{IMAGE_REPOSITORY}:{digest.hexdigest()[:12]}"
 
 
-def egress_base() -> str:
-    """The egress image's base: ``$CLDPD_EGRESS_BASE``, else Debian bookworm slim."""
-    return os.environ.get("CLDPD_EGRESS_BASE") or DEFAULT_BASE
+def rules_image_tag(egress_tag: str) -> str:
+    """The tag of the firewall check's image: the egress image, run as root."""
+    return f"{egress_tag}-rules"
+
+
+def egress_base(runner: Any) -> str:
+    """The egress image's base on a runner's engine.
+
+    ``$CLDPD_EGRESS_BASE`` when set; else the Debian image scripts/setup made offline,
+    when the engine has it; else Debian bookworm slim, which the engine pulls.
+    """
+    chosen = os.environ.get("CLDPD_EGRESS_BASE")
+    if chosen:
+        return chosen
+    return LOCAL_BASE if runner.image_exists(LOCAL_BASE) else DEFAULT_BASE
 
 
 class _Lines:
@@ -396,10 +412,15 @@ class EgressGuard:
                 f"{self.container} asks for a network allowlist, which cldpd enforces on a "
                 "single Docker engine only for now; drop the engines setting or 'network.allow'."
             )
-        base = egress_base()
+        base = egress_base(self.runner)
         tag = egress_image_tag(base)
         if not self.runner.image_exists(tag):
             self.runner.build(tag, str(DATA_DIR), {"BASE": base}, on_output=self.on_build_output)
+        rules_tag = rules_image_tag(tag)
+        if not self.runner.image_exists(rules_tag):
+            self.runner.build(
+                rules_tag, str(DATA_DIR / "rules"), {"EGRESS": tag}, on_output=self.on_build_output
+            )
         return tag
 
     def setup(self, opts: RunOptions) -> RunOptions:
@@ -449,7 +470,7 @@ class EgressGuard:
                     f"{READY_TIMEOUT:g} s; see docker logs {self.proxy}."
                 )
             address = self.runner.address(self.proxy, self.network)
-            self._check_isolation(image)
+            self._check_isolation(image, subnet)
         except BaseException:
             self.remove()
             raise
@@ -467,12 +488,33 @@ class EgressGuard:
         # reachable from there: point it at the egress container, which serves no DNS.
         return replace(opts, env=env, network=self.network, dns=[address])
 
-    def _check_isolation(self, image: str) -> None:
-        """Refuse to go on when a container on the internal network reaches the bridge."""
+    def _check_isolation(self, image: str, subnet: str) -> None:
+        """Refuse to go on unless the engine's firewall isolates the internal network.
+
+        Two checks, both needed: the host's iptables rules must hold Docker's DROP rule
+        for the network (an engine with --iptables=false makes none, and its networks are
+        then isolated only while some other party's policy happens to drop the traffic),
+        and a container on the network must not reach the egress container's bridge side.
+        """
         if id(self.runner) in _ISOLATING_ENGINES:
             return
         from .protocol import RunOptions
 
+        not_enforced = ContainerFailedError(
+            "This Docker engine does not isolate internal networks (it runs with "
+            "--iptables=false), so a network allowlist cannot be enforced; restart "
+            "dockerd with iptables on, or drop 'network.allow' from pod.json."
+        )
+        firewall = RunOptions(
+            image=rules_image_tag(image),
+            name=f"{self.proxy}-rules",
+            cmd=["rules", subnet],
+            network="host",
+            cap_add=["NET_ADMIN", "NET_RAW"],
+            labels=self.labels,
+        )
+        if self.runner.run(firewall, _Lines(lambda _line: None)) == 1:
+            raise not_enforced
         outside = self.runner.address(self.proxy, "bridge")
         probe = RunOptions(
             image=image,
@@ -482,11 +524,7 @@ class EgressGuard:
             labels=self.labels,
         )
         if outside and self.runner.run(probe, _Lines(lambda _line: None)) == 0:
-            raise ContainerFailedError(
-                "This Docker engine does not isolate internal networks (it runs with "
-                "--iptables=false), so a network allowlist cannot be enforced; restart "
-                "dockerd with iptables on, or drop 'network.allow' from pod.json."
-            )
+            raise not_enforced
         _ISOLATING_ENGINES.add(id(self.runner))
 
     def _follow(self) -> None:

@@ -14,14 +14,16 @@ import io
 import json
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from engines_util import ExtraEngine, start_extra_engine, stop_extra_engine
 
-from cldpd_magic import Dispatcher
+from cldpd_magic import Dispatcher, egress
 from cldpd_magic.egress import (
     LABEL_EGRESS_OF,
     PLACEHOLDER,
@@ -30,7 +32,9 @@ from cldpd_magic.egress import (
     EgressPolicy,
     parse_access_line,
     parse_network_allow,
+    rules_image_tag,
 )
+from cldpd_magic.engines import docker_runner_for, parse_engine
 from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
 from cldpd_magic.pods import parse_pod_config
 from cldpd_magic.protocol import RunOptions
@@ -342,6 +346,49 @@ def test_an_engine_that_does_not_isolate_is_refused_in_one_sentence(egress_base,
     assert egress_leftovers(docker_client, container) == []
 
 
+@pytest.fixture
+def iptables_off_engine(egress_base) -> Iterator[ExtraEngine]:
+    """A second dockerd started with --iptables=false, holding the egress images."""
+    from cldpd_magic.runner import DockerRunner
+
+    tag = EgressGuard(DockerRunner(), "cldpd-egress-image", EgressPolicy()).ensure_image()
+    engine = start_extra_engine()
+    try:
+        saved = subprocess.run(
+            ["docker", "save", tag, rules_image_tag(tag)], check=True, capture_output=True
+        ).stdout
+        engine.docker("load", input=saved)
+        yield engine
+    finally:
+        stop_extra_engine(engine)
+
+
+@pytest.mark.docker
+def test_an_engine_with_iptables_off_refuses_an_allowlist_before_the_pod_runs(
+    iptables_off_engine, make_pod, pods_dir, transcript_dir
+):
+    """On this host the main engine's FORWARD policy drops what that engine lets through:
+
+    its internal networks are isolated by luck, not enforced, and the pod is refused."""
+    pod = make_pod("echo the-agent-ran", pod_json={"network": {"allow": ["example.com"]}})
+    runner = docker_runner_for(parse_engine(iptables_off_engine.entry))
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir=transcript_dir)
+    session = dispatcher.start_session(pod, "https://github.com/o/r/issues/1")
+    with pytest.raises(ContainerFailedError) as info:
+        session.wait(timeout=300)
+    message = str(info.value)
+    assert "does not isolate internal networks" in message and "--iptables=false" in message
+    assert "\n" not in message
+    events = list(session.events())
+    assert EventType.CONTAINER_STARTED not in [e.type for e in events]
+    assert not any("the-agent-ran" in e.data for e in events)
+    left = iptables_off_engine.docker("ps", "-aq", "--filter", f"label={LABEL_EGRESS_OF}")
+    networks = iptables_off_engine.docker(
+        "network", "ls", "-q", "--filter", f"label={LABEL_EGRESS_OF}"
+    )
+    assert left.stdout.split() == networks.stdout.split() == []
+
+
 class _DnsSink:
     """A UDP socket on a Docker network's gateway (the host) that records DNS queries."""
 
@@ -616,6 +663,49 @@ def test_several_engines_refuse_an_allowlist_in_one_sentence():
     with pytest.raises(ContainerFailedError, match="single Docker engine") as info:
         guard.ensure_image()
     assert "\n" not in str(info.value)
+
+
+class _Images:
+    """A runner stand-in that has some images."""
+
+    def __init__(self, *tags: str) -> None:
+        self.tags = set(tags)
+
+    def image_exists(self, tag: str) -> bool:
+        return tag in self.tags
+
+
+@pytest.mark.parametrize(
+    ("variable", "images", "expected"),
+    [
+        (None, ["cldpd-debian:bookworm"], "cldpd-debian:bookworm"),
+        (None, [], "debian:bookworm-slim"),
+        ("my-debian:12", ["cldpd-debian:bookworm"], "my-debian:12"),
+        ("", ["cldpd-debian:bookworm"], "cldpd-debian:bookworm"),
+    ],
+)
+def test_the_egress_base_is_the_offline_debian_when_the_engine_has_it(
+    monkeypatch, variable, images, expected
+):
+    if variable is None:
+        monkeypatch.delenv("CLDPD_EGRESS_BASE", raising=False)
+    else:
+        monkeypatch.setenv("CLDPD_EGRESS_BASE", variable)
+    assert egress.egress_base(_Images(*images)) == expected
+
+
+@pytest.mark.docker
+def test_without_the_variable_the_real_engine_builds_from_its_offline_debian(
+    egress_base, monkeypatch
+):
+    from cldpd_magic.runner import DockerRunner
+
+    monkeypatch.delenv("CLDPD_EGRESS_BASE")
+    runner = DockerRunner()
+    assert egress.egress_base(runner) == EGRESS_BASE
+    tag = EgressGuard(runner, "cldpd-egress-image", EgressPolicy()).ensure_image()
+    assert tag == egress.egress_image_tag(EGRESS_BASE)
+    assert runner.image_exists(tag)
 
 
 def test_squid_allows_only_the_allowlist_and_only_from_the_pods_network():

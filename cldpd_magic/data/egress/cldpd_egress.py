@@ -11,6 +11,9 @@ no environment, file, label or ``docker inspect`` output:
 A host beginning with "." is a suffix (``*.example.org``); a null port means 80 and 443.
 Squid's access log goes to stdout as ``CLDPD-ACCESS`` lines, which cldpd follows.
 ``cldpd-egress probe HOST PORT`` exits 0 when it can connect there (the isolation check).
+``cldpd-egress rules SUBNET`` (as root, in the host's network namespace) exits 0 when the
+host's firewall has Docker's DROP rule for that internal subnet, 1 when Docker's chains are
+there without it (the engine runs with --iptables=false), 2 when it cannot tell.
 """
 
 from __future__ import annotations
@@ -166,10 +169,29 @@ def probe(host: str, port: str) -> int:
     return 0
 
 
+def rules(subnet: str) -> int:
+    """Exit 0 when the host's firewall isolates ``subnet`` as Docker does, 1 if not, 2 unknown."""
+    seen_docker = False
+    for tool in ("iptables-nft", "iptables-legacy"):
+        try:
+            listing = subprocess.run(
+                [tool, "-w", "5", "-S"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in listing.splitlines():
+            seen_docker = seen_docker or "DOCKER-ISOLATION" in line
+            if subnet in line.split() and line.rstrip().endswith("-j DROP"):
+                return 0
+    return 1 if seen_docker else 2
+
+
 def main() -> int:
     """Read the configuration, start Squid and the broker, say ready, and run until stopped."""
     if sys.argv[1:2] == ["probe"]:
         return probe(*sys.argv[2:4])
+    if sys.argv[1:2] == ["rules"]:
+        return rules(sys.argv[2])
     config = json.loads(sys.stdin.readline())
     sys.stdin.close()
     with open(CONF, "w", encoding="utf-8") as f:
