@@ -439,12 +439,219 @@ class SessionControl:
             stopper(timeout)
 
 
+class EventLog:
+    """A session's events: written, masked, to its transcript as they come, and held in
+    memory up to a bound, so that every reader sees every event in order while memory
+    stays bounded (:meth:`batches` replays from the transcript what memory no longer holds).
+
+    A transcript that cannot be written (its directory is a file or read-only, the disk
+    fills up) does not end the log: it goes on with its latest events in memory and says
+    once, in a STDERR event and in :attr:`error`, that the transcript could not be written.
+
+    Args:
+        name: Whose events (the session id), for log messages.
+        transcript: Path of the JSON-lines transcript; its directory is made.
+        mask: Masks the secrets in what is logged.
+        max_events: Events memory holds (the newest chunk is always held).
+        max_bytes: Characters of event data memory holds.
+
+    Attributes:
+        transcript: Path of the transcript.
+        error: One sentence saying why the transcript is incomplete ("" when it is written).
+        finished: Set once the terminal event is stored.
+        ended_at: When that happened.
+    """
+
+    def __init__(
+        self, name: str, transcript: Path, mask: Masker, max_events: int, max_bytes: int
+    ) -> None:
+        self._name = name
+        self.transcript = transcript
+        self._mask = mask
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._buf: deque[_Chunk] = deque()
+        self._buf_events = 0
+        self._buf_bytes = 0
+        self._first = 0
+        self._count = 0
+        self._on_disk = 0
+        self._ended = False
+        self.finished = threading.Event()
+        self.ended_at: datetime | None = None
+        self.error = ""
+        self._lost_because = ""
+        self._file: IO[str] | None = None
+        try:
+            transcript.parent.mkdir(parents=True, exist_ok=True)
+            # backslashreplace: a lone surrogate is written as its JSON escape, and read back.
+            self._file = open(transcript, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            self._lose_transcript(exc)
+
+    @property
+    def held_in_memory(self) -> tuple[int, int]:
+        """How many events, and characters of their data, memory holds now."""
+        with self._cond:
+            return self._buf_events, self._buf_bytes
+
+    @property
+    def count(self) -> int:
+        """How many events the log has recorded so far."""
+        return self._count
+
+    def store(self, chunk: _Chunk, text: str, size: int, final: bool = False) -> None:
+        """Write a chunk's transcript text and hold the chunk; ``final`` ends the log.
+
+        Args:
+            chunk: The events (or output lines) to hold.
+            text: Their transcript lines.
+            size: Characters of their data.
+            final: Whether the chunk holds the terminal event.
+        """
+        with self._write_lock:
+            if self._ended:
+                return
+            failure: OSError | None = None
+            if self._file is not None:
+                try:
+                    self._file.write(text)
+                    self._file.flush()
+                except OSError as exc:
+                    failure = exc
+            self._buffer(chunk, size, on_disk=self._file is not None and failure is None)
+            if failure is not None:
+                self._lose_transcript(failure)
+            if final:
+                self._close_transcript()
+                self._end()
+
+    def _buffer(self, chunk: _Chunk, size: int, on_disk: bool) -> None:
+        """Hold a chunk in memory, dropping the oldest ones over the bounds."""
+        with self._cond:
+            buf = self._buf
+            chunk.start = self._count
+            chunk.size = size
+            buf.append(chunk)
+            count = len(chunk.items)
+            self._count += count
+            if on_disk:
+                self._on_disk = self._count
+            self._buf_events += count
+            self._buf_bytes += size
+            while len(buf) > 1 and (
+                self._buf_events > self._max_events or self._buf_bytes > self._max_bytes
+            ):
+                self._drop_oldest()
+            self._cond.notify_all()
+
+    def _drop_oldest(self) -> None:
+        old = self._buf.popleft()
+        self._buf_events -= len(old.items)
+        self._buf_bytes -= old.size
+        self._first = self._buf[0].start
+
+    def _end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self.ended_at = _now()
+            # An ended session keeps only what its transcript does not hold (its last
+            # chunk when it does): late readers replay the rest from the transcript.
+            while len(self._buf) > 1 and self._buf[1].start <= self._on_disk:
+                self._drop_oldest()
+            self.finished.set()
+            self._cond.notify_all()
+
+    def _close_transcript(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def _lose_transcript(self, exc: Exception) -> None:
+        """Go on without a transcript, saying so once (a STDERR event and :attr:`error`)."""
+        self._close_transcript()
+        if self.error:
+            return
+        log_swallowed(
+            logger, f"session {self._name}: writing its transcript failed", self._mask, exc
+        )
+        reason = self._lost_because = _reason(exc)
+        self.error = (
+            f"cldpd: the transcript could not be written to {self.transcript} ({reason}); "
+            f"the session goes on, keeping only its latest events in memory."
+        )
+        notice = [Event(EventType.STDERR, self.error)]
+        self._buffer(_Chunk(notice), len(self.error), on_disk=False)
+
+    def batches(self) -> Iterator[list[Event]]:
+        """Every event from the first, in order, in lists of those that came since the last.
+
+        A consumer that handles a batch at a time keeps up with millions of lines.
+        """
+        index = 0
+        reader: _TranscriptReader | None = None
+        unreadable = ""
+        try:
+            while True:
+                with self._cond:
+                    while index >= self._count and not self._ended:
+                        self._cond.wait()
+                    if index >= self._count:
+                        return
+                    first = self._first
+                    if index >= first:
+                        chunks = []
+                        for chunk in reversed(self._buf):
+                            chunks.append(chunk)
+                            if chunk.start <= index:
+                                break
+                    on_disk = self._on_disk if not unreadable else 0
+                if index >= first:
+                    batch = []
+                    for chunk in reversed(chunks):
+                        batch.extend(chunk.events(max(0, index - chunk.start)))
+                elif index < on_disk:
+                    try:
+                        if reader is None:
+                            reader = _TranscriptReader(self.transcript)
+                        batch = reader.read(index, min(first, on_disk, index + 2000))
+                    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                        log_swallowed(
+                            logger,
+                            f"session {self._name}: reading its transcript failed",
+                            self._mask,
+                        )
+                        unreadable = f"could not be read ({_reason(exc)})"
+                        continue
+                else:
+                    why = unreadable or f"could not be written ({self._lost_because})"
+                    batch = [
+                        Event(
+                            EventType.STDERR,
+                            f"cldpd: {first - index} earlier events are not shown: memory no "
+                            f"longer holds them and the transcript {self.transcript} {why}.",
+                        )
+                    ]
+                    index = first
+                    yield batch
+                    continue
+                index += len(batch)
+                yield batch
+        finally:
+            if reader is not None:
+                reader.close()
+
+
 class Session:
     """One agent run (a start, a resume or an attach) in a worker thread.
 
-    Events are kept in memory up to a bound and written, masked, to the transcript as
-    they come; :meth:`events` replays from the transcript what memory no longer holds,
-    so every consumer sees every event in order while memory stays bounded.
+    Its events go to an :class:`EventLog`: written, masked, to the transcript as they
+    come and kept in memory up to a bound; :meth:`events` replays from the transcript
+    what memory no longer holds, so every consumer sees every event in order while
+    memory stays bounded.
 
     A transcript that cannot be written (its directory is a file or read-only, the disk
     fills up) does not end the session: it goes on with its latest events in memory,
@@ -512,32 +719,13 @@ class Session:
         self.claude_session = claude_session
         self.missing_env = list(missing_env)
         self.mask = Masker(secrets)
-        self._cond = threading.Condition()
-        self._write_lock = threading.Lock()
-        self._buf: deque[_Chunk] = deque()
-        self._buf_events = 0
-        self._buf_bytes = 0
-        self._first = 0
-        self._count = 0
-        self._on_disk = 0
-        self._ended = False
-        self._finished = threading.Event()
         self.error: BaseException | None = None
         self.stopped = False
         self.status = RunStatus()
         self.started_at = _now()
-        self.ended_at: datetime | None = None
-        self.transcript_error = ""
-        self._lost_because = ""
-        directory = Path(transcript_dir).expanduser()
-        self.transcript = directory / f"{self.id}.jsonl"
-        self._file: IO[str] | None = None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            # backslashreplace: a lone surrogate is written as its JSON escape, and read back.
-            self._file = open(self.transcript, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-            self._lose_transcript(exc)
+        transcript = Path(transcript_dir).expanduser() / f"{self.id}.jsonl"
+        self._log = EventLog(self.id, transcript, self.mask, self.MAX_EVENTS, self.MAX_BYTES)
+        self.transcript = transcript
         self._control = SessionControl(self)
         self._job = job
         self._thread = threading.Thread(target=self._work, name=f"cldpd-{self.id}", daemon=True)
@@ -549,7 +737,7 @@ class Session:
     @property
     def done(self) -> bool:
         """Whether the session has ended."""
-        return self._finished.is_set()
+        return self._log.finished.is_set()
 
     @property
     def state(self) -> RunState:
@@ -584,15 +772,24 @@ class Session:
         self._usage_listeners.append(listener)
 
     @property
+    def transcript_error(self) -> str:
+        """One sentence saying why the transcript is incomplete ("" when it is written)."""
+        return self._log.error
+
+    @property
+    def ended_at(self) -> datetime | None:
+        """When the session ended (None while it runs)."""
+        return self._log.ended_at
+
+    @property
     def held_in_memory(self) -> tuple[int, int]:
         """How many events, and characters of their data, memory holds now (the rest is on disk)."""
-        with self._cond:
-            return self._buf_events, self._buf_bytes
+        return self._log.held_in_memory
 
     @property
     def event_count(self) -> int:
         """How many events the session has recorded so far."""
-        return self._count
+        return self._log.count
 
     def _work(self) -> None:
         control = self._control
@@ -669,7 +866,7 @@ class Session:
         head = f'{{"type":"{etype.value}","data":'
         enc = _encode_str
         text = "".join([head + enc(line) + tail for line in lines])
-        self._store(_LineChunk(etype, now, lines), text, sum(map(len, lines)))
+        self._log.store(_LineChunk(etype, now, lines), text, sum(map(len, lines)))
 
     def _append(self, events: list[Event], final: bool = False) -> None:
         for e in events:
@@ -678,81 +875,7 @@ class Session:
             if e.type is EventType.CONTAINER_STARTED:
                 self._start_timer()
         text = "".join(e.to_json() + "\n" for e in events)
-        self._store(_Chunk(events), text, sum(len(e.data) for e in events), final)
-
-    def _store(self, chunk: _Chunk, text: str, size: int, final: bool = False) -> None:
-        with self._write_lock:
-            if self._ended:
-                return
-            failure: OSError | None = None
-            if self._file is not None:
-                try:
-                    self._file.write(text)
-                    self._file.flush()
-                except OSError as exc:
-                    failure = exc
-            self._buffer(chunk, size, on_disk=self._file is not None and failure is None)
-            if failure is not None:
-                self._lose_transcript(failure)
-            if final:
-                self._close_transcript()
-                self._end()
-
-    def _buffer(self, chunk: _Chunk, size: int, on_disk: bool) -> None:
-        """Hold a chunk in memory, dropping the oldest ones over the bounds."""
-        with self._cond:
-            buf = self._buf
-            chunk.start = self._count
-            chunk.size = size
-            buf.append(chunk)
-            count = len(chunk.items)
-            self._count += count
-            if on_disk:
-                self._on_disk = self._count
-            self._buf_events += count
-            self._buf_bytes += size
-            while len(buf) > 1 and (
-                self._buf_events > self.MAX_EVENTS or self._buf_bytes > self.MAX_BYTES
-            ):
-                self._drop_oldest()
-            self._cond.notify_all()
-
-    def _drop_oldest(self) -> None:
-        old = self._buf.popleft()
-        self._buf_events -= len(old.items)
-        self._buf_bytes -= old.size
-        self._first = self._buf[0].start
-
-    def _end(self) -> None:
-        with self._cond:
-            self._ended = True
-            self.ended_at = _now()
-            # An ended session keeps only what its transcript does not hold (its last
-            # chunk when it does): late readers replay the rest from the transcript.
-            while len(self._buf) > 1 and self._buf[1].start <= self._on_disk:
-                self._drop_oldest()
-            self._finished.set()
-            self._cond.notify_all()
-
-    def _close_transcript(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f.close()
-
-    def _lose_transcript(self, exc: Exception) -> None:
-        """Go on without a transcript, saying so once (a STDERR event and transcript_error)."""
-        self._close_transcript()
-        if self.transcript_error:
-            return
-        log_swallowed(logger, f"session {self.id}: writing its transcript failed", self.mask, exc)
-        reason = self._lost_because = _reason(exc)
-        self.transcript_error = (
-            f"cldpd: the transcript could not be written to {self.transcript} ({reason}); "
-            f"the session goes on, keeping only its latest events in memory."
-        )
-        notice = [Event(EventType.STDERR, self.transcript_error)]
-        self._buffer(_Chunk(notice), len(self.transcript_error), on_disk=False)
+        self._log.store(_Chunk(events), text, sum(len(e.data) for e in events), final)
 
     def events(self) -> Iterator[Event]:
         """Iterate over every event from the first, in order, waiting for new ones.
@@ -769,56 +892,7 @@ class Session:
 
         A consumer that handles a batch at a time keeps up with millions of lines.
         """
-        index = 0
-        reader: _TranscriptReader | None = None
-        unreadable = ""
-        try:
-            while True:
-                with self._cond:
-                    while index >= self._count and not self._ended:
-                        self._cond.wait()
-                    if index >= self._count:
-                        return
-                    first = self._first
-                    if index >= first:
-                        chunks = []
-                        for chunk in reversed(self._buf):
-                            chunks.append(chunk)
-                            if chunk.start <= index:
-                                break
-                    on_disk = self._on_disk if not unreadable else 0
-                if index >= first:
-                    batch = []
-                    for chunk in reversed(chunks):
-                        batch.extend(chunk.events(max(0, index - chunk.start)))
-                elif index < on_disk:
-                    try:
-                        if reader is None:
-                            reader = _TranscriptReader(self.transcript)
-                        batch = reader.read(index, min(first, on_disk, index + 2000))
-                    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                        log_swallowed(
-                            logger, f"session {self.id}: reading its transcript failed", self.mask
-                        )
-                        unreadable = f"could not be read ({_reason(exc)})"
-                        continue
-                else:
-                    why = unreadable or f"could not be written ({self._lost_because})"
-                    batch = [
-                        Event(
-                            EventType.STDERR,
-                            f"cldpd: {first - index} earlier events are not shown: memory no "
-                            f"longer holds them and the transcript {self.transcript} {why}.",
-                        )
-                    ]
-                    index = first
-                    yield batch
-                    continue
-                index += len(batch)
-                yield batch
-        finally:
-            if reader is not None:
-                reader.close()
+        return self._log.batches()
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the session to end, whether or not anyone consumes its events.
@@ -833,7 +907,7 @@ class Session:
             TimeoutError: The session did not end in time.
             CldpdError: The error that ended the session (not raised after stop()).
         """
-        if not self._finished.wait(timeout):
+        if not self._log.finished.wait(timeout):
             raise TimeoutError(f"Session {self.id} is still running.")
         if self.error is not None:
             raise self.error
