@@ -385,6 +385,160 @@ class _Workers:
             alive[0].join(left)
 
 
+class PodActions:
+    """What the picker's buttons do: start, resume, attach and stop pods on worker threads,
+    and look up which pods run.
+
+    It knows nothing of the layout: what changes it reports through ``show`` (a pod's
+    status and controls), ``publish`` (a run's view) and ``notice`` (the picker as a
+    whole); what a pod is doing it keeps in the pod's :class:`PodControl`.
+
+    Args:
+        dispatcher: Runs the pods.
+        show: Called with a pod's controller when its status or controls change.
+        publish: Called with a controller, a run and whether it is the run's last view.
+        notice: Shows a one-sentence message about the picker as a whole.
+        sent: Called with a prompt once a resume with it has started.
+        max_lines: Lines each run keeps in its tail.
+        interval: Seconds between batched updates while output flows.
+        stop_timeout: Seconds a stop waits before killing the container.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        show: Callable[[PodControl], None],
+        publish: Callable[[PodControl, _Run, bool], None],
+        notice: Callable[[str], None],
+        sent: Callable[[str], None],
+        max_lines: int = DEFAULT_MAX_LINES,
+        interval: float = DEFAULT_FLUSH_INTERVAL,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.max_lines = max_lines
+        self.interval = interval
+        self.stop_timeout = stop_timeout
+        self._show = show
+        self._publish = publish
+        self._set_notice = notice
+        self._sent = sent
+        self._workers = _Workers(notice)
+
+    def start(self, control: PodControl, url: str) -> None:
+        """Start a pod on an issue."""
+        self._launch(control, "starting", lambda: self.dispatcher.start_session(control.name, url))
+
+    def resume(self, control: PodControl, prompt: str) -> None:
+        """Send a follow-up prompt to a running pod."""
+        lines = prompt.strip().splitlines() or [""]
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        self._launch(
+            control,
+            "resuming",
+            lambda: self.dispatcher.resume_session(control.name, prompt),
+            note=f"» {lines[0]}{more}",
+            sent=prompt,
+        )
+
+    def attach(self, control: PodControl) -> None:
+        """Follow a running pod: a session of this kernel if there is one, else its container."""
+        self._launch(control, "attaching", lambda: self._attach_session(control))
+
+    def stop(self, control: PodControl) -> None:
+        """Stop a pod."""
+        control.begin_stop()
+        self._show(control)
+        self._workers.spawn(self._stop_worker, control)
+
+    def look_up_running(self, controls: list[PodControl]) -> None:
+        """Find out, in the background, which of these pods run."""
+        self._workers.spawn(self._lookup_running, controls)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the work in flight; True if it all finished within ``timeout`` seconds."""
+        return self._workers.join(timeout)
+
+    def _launch(
+        self,
+        control: PodControl,
+        verb: str,
+        make: Callable[[], Session],
+        note: str = "",
+        sent: str | None = None,
+    ) -> None:
+        control.begin_launch(verb)
+        self._show(control)
+        thread = self._workers.spawn(self._run_worker, control, make, note, sent)
+        with control.lock:
+            control.workers = [t for t in control.workers if t.is_alive()] + [thread]
+
+    def _attach_session(self, control: PodControl) -> Session:
+        followed = {id(r.session) for r in control.runs}
+        local = [
+            s
+            for s in self.dispatcher.local_sessions(control.name, active=True)
+            if s.kind is not SessionKind.RESUME and id(s) not in followed
+        ]
+        return local[-1] if local else self.dispatcher.attach_session(control.name)
+
+    def _run_worker(
+        self, control: PodControl, make: Callable[[], Session], note: str, sent: str | None
+    ) -> None:
+        try:
+            session = make()
+        except Exception as exc:
+            log_swallowed(logger, f"pod {control.name}: no run started", control.mask)
+            control.launch_failed(exc)
+            self._show(control)
+            return
+        if sent is not None:
+            self._sent(sent)
+        view = SessionView(control.name, self.max_lines, session=session)
+        if note:
+            view.note(note)
+        run = _Run(session, view)
+        stop_now = control.add_run(run)
+        run.feed = LiveFeed(
+            session, view, lambda _v: self._publish(control, run, False), self.interval
+        )
+        self._show(control)
+        if stop_now:
+            session.stop(self.stop_timeout)
+        run.feed.join()
+        control.run_ended(run)
+        self._publish(control, run, True)
+
+    def _stop_worker(self, control: PodControl) -> None:
+        try:
+            self.dispatcher.stop(control.name, self.stop_timeout)
+        except Exception as exc:
+            log_swallowed(logger, f"pod {control.name}: the stop failed", control.mask)
+            control.stop_failed(exc)
+            self._show(control)
+            return
+        for thread in list(control.workers):
+            thread.join(self.stop_timeout + 30)
+        control.stop_done()
+        self._show(control)
+
+    def _lookup_running(self, controls: list[PodControl]) -> None:
+        try:
+            found = self.dispatcher.running()
+        except Exception as exc:
+            pods = [c.pod for c in controls if c.pod is not None]
+            mask = Masker([value for pod in pods for value in pod.secret_values()])
+            log_swallowed(logger, "the picker could not look up running pods", mask)
+            self._set_notice(f"Cannot tell which pods are running: {_sentence(exc)}")
+            return
+        self._set_notice("")
+        up = {rp.pod: rp for rp in found if rp.status == "running"}
+        for control in controls:
+            if control.seen(up.get(control.name)):
+                self._show(control)
+
+
 class PodPicker:
     """An ipywidgets app over the discovered pods: start, follow, resume and stop agents.
 
@@ -392,8 +546,9 @@ class PodPicker:
     text frontend it shows as a list of pods and their states. Several pods can run at
     once; the pane shows the selected pod's output, status and build progress.
 
-    The picker is the layout and the workers; what it knows of each pod is a
-    :class:`PodControl` over the pod's sessions.
+    The picker is the layout: what its buttons do runs in :attr:`actions` (a
+    :class:`PodActions`), and what it knows of each pod is a :class:`PodControl` over
+    the pod's sessions.
 
     Args:
         pods_dir: The pods directory; the dispatcher's (or the default) when None.
@@ -417,6 +572,7 @@ class PodPicker:
         notice: Messages about the picker as a whole (Docker unreachable, ...).
         widget: The top-level widget.
         batch_panels: The batches shown with :meth:`show_batch`, oldest first.
+        actions: Starts, resumes, attaches and stops pods on worker threads.
     """
 
     def __init__(
@@ -433,18 +589,23 @@ class PodPicker:
             dispatcher = Dispatcher(pods_dir)
         elif pods_dir is not None and _resolved(pods_dir) != _resolved(dispatcher.pods_dir):
             dispatcher = Dispatcher(pods_dir, dispatcher.runner, dispatcher.transcript_dir)
-        self.dispatcher = dispatcher
         self.pods_dir = dispatcher.pods_dir
-        self.max_lines = max_lines
         self.max_runs = max(1, int(max_runs))
-        self.interval = interval
-        self.stop_timeout = stop_timeout
+        self.actions = PodActions(
+            dispatcher,
+            show=self._show,
+            publish=self._publish,
+            notice=self._set_notice,
+            sent=self._clear_prompt,
+            max_lines=max_lines,
+            interval=interval,
+            stop_timeout=stop_timeout,
+        )
         self._controls: dict[str, PodControl] = {}
         self._panes: dict[str, _PodPane] = {}
         self._blank = PodControl("", None, None)
         self._blank_pane = _PodPane()
         self._lock = threading.RLock()
-        self._workers = _Workers(self._set_notice)
         self._closed = False
         self._updating = False
         self.batch_panels: list[BatchPanel] = []
@@ -510,6 +671,11 @@ class PodPicker:
     def _pane_of(self, control: PodControl) -> _PodPane:
         return self._panes.get(control.name, self._blank_pane)
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The dispatcher that runs the pods."""
+        return self.actions.dispatcher
+
     def control(self, name: str) -> PodControl:
         """The controller of a pod (KeyError for a pod the picker does not list)."""
         return self._controls[name]
@@ -558,22 +724,7 @@ class PodPicker:
             finally:
                 self._updating = False
             self._show_selected()
-        self._spawn(self._lookup_running)
-
-    def _lookup_running(self) -> None:
-        try:
-            found = self.dispatcher.running()
-        except Exception as exc:
-            pods = [c.pod for c in list(self._controls.values()) if c.pod is not None]
-            mask = Masker([value for pod in pods for value in pod.secret_values()])
-            log_swallowed(logger, "the picker could not look up running pods", mask)
-            self._set_notice(f"Cannot tell which pods are running: {_sentence(exc)}")
-            return
-        self._set_notice("")
-        up = {rp.pod: rp for rp in found if rp.status == "running"}
-        for control in list(self._controls.values()):
-            if control.seen(up.get(control.name)):
-                self._show(control)
+        self.actions.look_up_running(list(self._controls.values()))
 
     def _set_notice(self, text: str) -> None:
         if not self._closed:
@@ -612,104 +763,32 @@ class PodPicker:
         return True
 
     def _on_start(self, _button: Any = None) -> None:
-        control, url = self._selected(), self.issue_url.value
+        control = self._selected()
         if self.start_button.disabled or control.pod is None:
             return
-        self._launch(control, "starting", lambda: self.dispatcher.start_session(control.name, url))
+        self.actions.start(control, self.issue_url.value)
 
     def _on_resume(self, _button: Any = None) -> None:
-        control, prompt = self._selected(), self.prompt.value
+        control = self._selected()
         if self.resume_button.disabled or not control.name:
             return
-        lines = prompt.strip().splitlines() or [""]
-        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
-        self._launch(
-            control,
-            "resuming",
-            lambda: self.dispatcher.resume_session(control.name, prompt),
-            note=f"» {lines[0]}{more}",
-            sent=prompt,
-        )
+        self.actions.resume(control, self.prompt.value)
 
     def _on_attach(self, _button: Any = None) -> None:
         control = self._selected()
         if self.attach_button.disabled or not control.name:
             return
-        self._launch(control, "attaching", lambda: self._attach_session(control))
+        self.actions.attach(control)
 
     def _on_stop(self, _button: Any = None) -> None:
         control = self._selected()
         if self.stop_button.disabled or not control.name:
             return
-        control.begin_stop()
-        self._show(control)
-        self._spawn(self._stop_worker, control)
+        self.actions.stop(control)
 
-    # -- workers ------------------------------------------------------------------------
-
-    def _launch(
-        self,
-        control: PodControl,
-        verb: str,
-        make: Callable[[], Session],
-        note: str = "",
-        sent: str | None = None,
-    ) -> None:
-        control.begin_launch(verb)
-        self._show(control)
-        thread = self._spawn(self._run_worker, control, make, note, sent)
-        with control.lock:
-            control.workers = [t for t in control.workers if t.is_alive()] + [thread]
-
-    def _attach_session(self, control: PodControl) -> Session:
-        followed = {id(r.session) for r in control.runs}
-        local = [
-            s
-            for s in self.dispatcher.local_sessions(control.name, active=True)
-            if s.kind is not SessionKind.RESUME and id(s) not in followed
-        ]
-        return local[-1] if local else self.dispatcher.attach_session(control.name)
-
-    def _run_worker(
-        self, control: PodControl, make: Callable[[], Session], note: str, sent: str | None
-    ) -> None:
-        try:
-            session = make()
-        except Exception as exc:
-            log_swallowed(logger, f"pod {control.name}: no run started", control.mask)
-            control.launch_failed(exc)
-            self._show(control)
-            return
-        if sent is not None and self.prompt.value == sent and not self._closed:
+    def _clear_prompt(self, sent: str) -> None:
+        if self.prompt.value == sent and not self._closed:
             self.prompt.value = ""
-        view = SessionView(control.name, self.max_lines, session=session)
-        if note:
-            view.note(note)
-        run = _Run(session, view)
-        stop_now = control.add_run(run)
-        run.feed = LiveFeed(session, view, lambda _v: self._publish(control, run), self.interval)
-        self._show(control)
-        if stop_now:
-            session.stop(self.stop_timeout)
-        run.feed.join()
-        control.run_ended(run)
-        self._publish(control, run, final=True)
-
-    def _stop_worker(self, control: PodControl) -> None:
-        try:
-            self.dispatcher.stop(control.name, self.stop_timeout)
-        except Exception as exc:
-            log_swallowed(logger, f"pod {control.name}: the stop failed", control.mask)
-            control.stop_failed(exc)
-            self._show(control)
-            return
-        for thread in list(control.workers):
-            thread.join(self.stop_timeout + 30)
-        control.stop_done()
-        self._show(control)
-
-    def _spawn(self, target: Callable[..., None], *args: Any) -> threading.Thread:
-        return self._workers.spawn(target, *args)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the picker's background work (runs, stops, look-ups) to finish.
@@ -720,7 +799,7 @@ class PodPicker:
         Returns:
             True if everything finished in time.
         """
-        return self._workers.join(timeout)
+        return self.actions.join(timeout)
 
     def show_batch(self, batch: Any, title: str = "batch") -> BatchPanel:
         """Show a batch at the bottom of the picker: a row per run, the chosen run's output,
@@ -736,9 +815,9 @@ class PodPicker:
         panel = BatchPanel(
             batch,
             title=title,
-            max_lines=self.max_lines,
-            interval=self.interval,
-            stop_timeout=self.stop_timeout,
+            max_lines=self.actions.max_lines,
+            interval=self.actions.interval,
+            stop_timeout=self.actions.stop_timeout,
         )
         with self._lock:
             self.batch_panels.append(panel)
@@ -1056,4 +1135,4 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
     return Path(path).expanduser().resolve()
 
 
-__all__ = ["BatchPanel", "Controls", "PodControl", "PodPicker", "pod_details_html"]
+__all__ = ["BatchPanel", "Controls", "PodActions", "PodControl", "PodPicker", "pod_details_html"]
