@@ -285,3 +285,42 @@ def test_attach_from_a_fresh_kernel(ks, make_pod, docker_client, pods_dir, trans
     ks.execute(f"%cldpd_stop {name}")
     ks.wait_for(update_with(adid, f"{name} attach: stopped"), timeout=30, since=mark)
     assert gone(docker_client, name)
+
+
+def test_a_kernel_restart_then_attach_to_one_run_of_a_batch(
+    ks, make_pod, docker_client, pods_dir, transcript_dir
+):
+    name = make_pod(
+        """
+        trap 'echo bye; exit 0' INT TERM
+        i=0; while :; do echo "tick-$i"; i=$((i+1)); sleep 1 & wait $!; done
+        """
+    )
+    issues = [URL, URL.replace("/1", "/2")]
+    with KernelSession(env=_kernel_env(transcript_dir.parent)) as first:
+        _configure(first, pods_dir, transcript_dir)
+        first.execute(
+            "d = get_ipython().find_magic('cldpd_start').__self__.dispatcher\n"
+            f"batch = d.dispatch({name!r}, {issues!r}, max_parallel=2)\n"
+            "import time\n"
+            "while sum(r.state == 'running' for r in batch.runs) < 2: time.sleep(0.1)\n"
+            "runs = [r.run for r in batch.runs]\n"
+            "print(runs)"
+        )
+    # The first kernel is gone; its batch's containers run on.
+    runs = sorted(c.name for c in docker_client.containers.list(filters={"label": "cldpd.pod"})
+                  if c.labels.get("cldpd.pod") == name)  # fmt: skip
+    assert len(runs) == 2, runs
+    run = runs[1].removeprefix("cldpd-")
+    mark = len(ks.messages)
+    adid = first_display(ks.execute(f"%cldpd_attach -b {run}"))
+    ks.wait_for(update_with(adid, "tick-0"), timeout=30, since=mark)
+    ks.wait_for(update_with(adid, "tick-2"), timeout=30, since=mark)
+    ks.execute(f"%cldpd_stop {run}")
+    ks.wait_for(update_with(adid, f"{run} attach: stopped"), timeout=30, since=mark)
+    # Its sibling goes on until it is stopped too.
+    other = runs[0].removeprefix("cldpd-")
+    assert docker_client.containers.get(runs[0]).status == "running"
+    ks.execute(f"%cldpd_stop {other}")
+    for container in runs:
+        assert gone(docker_client, container.removeprefix("cldpd-"))
