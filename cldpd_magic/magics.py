@@ -7,6 +7,12 @@
 after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g.
 ``%config CldpdMagics.pods_dir = "~/pods"``.
 
+As IPython splits its own magics, these are three classes registered together:
+:class:`CldpdMagics` (the run magics and the settings of all),
+:class:`~cldpd_magic.magics_inventory.InventoryMagics` (pods, sessions, new, picker,
+egress) and :class:`~cldpd_magic.magics_batch.BatchMagics`; the last two read the
+settings and dispatchers of the first.
+
 A run shows in the cell that started it, through a display handle that a
 :class:`~cldpd_magic.render.LiveFeed` updates a few times a second, also with ``-b``
 while other cells run. A bare blocking ``%cldpd_start``, ``%cldpd_resume`` or
