@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +62,9 @@ PLACEHOLDER = "cldpd-brokered-placeholder"
 READY_LINE = "cldpd-egress ready"
 #: Seconds to wait for that line.
 READY_TIMEOUT = 60.0
+#: Seconds an egress container may exist without its run's container before a sweep
+#: removes it: a start (in any process) sets up the egress before the run's container.
+ORPHAN_GRACE = 600.0
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,7 @@ class EgressGuard:
         self._came_up = False
         self._follower: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._since: datetime | None = None  # attempts before it are another process's
 
     @property
     def labels(self) -> dict[str, str]:
@@ -434,7 +438,8 @@ class EgressGuard:
         from .protocol import RunOptions  # here: protocol imports pods, which imports us
 
         image = self.ensure_image()
-        self.remove()  # what a killed kernel may have left of an earlier run
+        sweep_orphans(self.runner)
+        self.remove()  # what a killed kernel may have left of an earlier run of this name
         subnet = self.runner.create_network(self.network, self.labels, internal=True)
         try:
             config = {
@@ -460,10 +465,7 @@ class EgressGuard:
                 remove=False,
             )
             self.runner.start_service(service, ["bridge"], (json.dumps(config) + "\n").encode())
-            self._follower = threading.Thread(
-                target=self._follow, name=f"cldpd-egress-{self.container}", daemon=True
-            )
-            self._follower.start()
+            self._start_following()
             if not (self._ready.wait(READY_TIMEOUT) and self._came_up):
                 raise ContainerFailedError(
                     f"The egress proxy of {self.container} did not start within "
@@ -527,6 +529,34 @@ class EgressGuard:
             raise not_enforced
         _ISOLATING_ENGINES.add(id(self.runner))
 
+    def _start_following(self) -> None:
+        self._follower = threading.Thread(
+            target=self._follow, name=f"cldpd-egress-{self.container}", daemon=True
+        )
+        self._follower.start()
+
+    @property
+    def following(self) -> bool:
+        """Whether the proxy's log is being followed (it ends when the proxy does)."""
+        return self._follower is not None and self._follower.is_alive()
+
+    def follow_existing(self) -> None:
+        """Follow a proxy another process set up; its attempts before now are not ours."""
+        self._since = datetime.now(UTC)
+        self._start_following()
+
+    @contextlib.contextmanager
+    def reporting_to(self, on_attempt: Callable[[EgressAttempt], None]) -> Iterator[None]:
+        """Send the attempts to ``on_attempt`` while the block runs (a resume's session)."""
+        with self._lock:
+            previous, self.on_attempt = self.on_attempt, on_attempt
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self.on_attempt is on_attempt:
+                    self.on_attempt = previous
+
     def _follow(self) -> None:
         def on_line(line: str) -> None:
             if line.strip() == READY_LINE:
@@ -536,11 +566,14 @@ class EgressGuard:
             attempt = parse_access_line(line)
             if attempt is None:
                 return
+            if self._since is not None and attempt.time < self._since:
+                return
             with self._lock:
                 self.attempts.append(attempt)
-            if self.on_attempt is not None:
+                on_attempt = self.on_attempt
+            if on_attempt is not None:
                 try:
-                    self.on_attempt(attempt)
+                    on_attempt(attempt)
                 except Exception:
                     logger.debug("egress attempt callback failed", exc_info=True)
 
@@ -576,3 +609,96 @@ def remove_egress_of(runner: Any, container: str) -> None:
     with contextlib.suppress(CldpdError):
         runner.remove(egress_name(container))
         runner.remove_network(egress_name(container))
+
+
+def _age_seconds(started_at: str, now: datetime) -> float:
+    """Seconds since an engine timestamp (nanoseconds and all); unreadable ones are old."""
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?", started_at)
+    if match is None:
+        return float("inf")
+    started = datetime.fromisoformat(match[1] + (match[2] or "")).replace(tzinfo=UTC)
+    return (now - started).total_seconds()
+
+
+def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
+    """Remove the egress containers and networks whose run's container is gone.
+
+    A killed kernel leaves them behind; this finds them from any process by their
+    labels. An egress container younger than ``grace`` is kept (its run may be starting);
+    a network goes with its container, or alone when it has none.
+
+    Args:
+        runner: The runner of one engine; a runner without networks has no egress.
+        grace: Seconds; None is :data:`ORPHAN_GRACE`.
+
+    Returns:
+        The names removed, containers and networks.
+    """
+    if not hasattr(runner, "list_networks"):
+        return []
+    grace = ORPHAN_GRACE if grace is None else grace
+    now = datetime.now(UTC)
+    removed: list[str] = []
+    try:
+        proxies = runner.list(LABEL_EGRESS_OF)
+        networks = runner.list_networks(LABEL_EGRESS_OF)
+        alive: dict[str, bool] = {}
+
+        def run_exists(container: str) -> bool:
+            if container not in alive:
+                alive[container] = runner.inspect(container) is not None
+            return alive[container]
+
+        kept = set()
+        for info in proxies:
+            run = info.labels.get(LABEL_EGRESS_OF, "")
+            if run_exists(run) or _age_seconds(info.started_at, now) < grace:
+                kept.add(egress_name(run))
+                continue
+            runner.remove(info.name)
+            removed.append(info.name)
+        for network in networks:
+            run = "cldpd-" + network.removeprefix("cldpd_egress-")
+            if network not in kept and not run_exists(run):
+                runner.remove_network(network)
+                removed.append(network)
+    except CldpdError:
+        logger.debug("sweeping orphaned egress failed", exc_info=True)
+    return removed
+
+
+@contextlib.contextmanager
+def egress_reports(
+    guards: dict[str, EgressGuard],
+    runner: Any,
+    container: str,
+    on_attempt: Callable[[EgressAttempt], None],
+) -> Iterator[None]:
+    """Report a run's egress attempts to ``on_attempt`` while the block runs.
+
+    For a resume of a kept-alive pod: its proxy was set up by the start, whose session
+    has ended. When this process has no guard following that proxy (the pod was started
+    by another kernel), one is made and kept in ``guards``, reporting attempts from now on.
+    A run without a proxy reports nothing.
+
+    Args:
+        guards: This process's guards by run container; updated.
+        runner: The run's runner.
+        container: The run's container.
+        on_attempt: Called, from a worker thread, with each attempt.
+    """
+    guard = guards.get(container)
+    if guard is None or not guard.following:
+        proxy = egress_name(container)
+        try:
+            exists = hasattr(runner, "list_networks") and runner.inspect(proxy) is not None
+        except CldpdError:
+            exists = False
+        if not exists:
+            yield
+            return
+        guard = EgressGuard(runner, container, EgressPolicy())
+        guard.follow_existing()
+        guards[container] = guard
+    with guard.reporting_to(on_attempt):
+        yield

@@ -15,8 +15,10 @@ import json
 import os
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -663,6 +665,109 @@ def test_several_engines_refuse_an_allowlist_in_one_sentence():
     with pytest.raises(ContainerFailedError, match="single Docker engine") as info:
         guard.ensure_image()
     assert "\n" not in str(info.value)
+
+
+def orphan(runner, made_guards: list) -> str:
+    """Set up the egress of a run whose container is never made; its container name."""
+    container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    guard = EgressGuard(runner, container, EgressPolicy())
+    made_guards.append(guard)
+    guard.setup(RunOptions(image="busybox:latest", name=container, cmd=[]))
+    return container
+
+
+@pytest.fixture
+def guards() -> Iterator[list]:
+    """Egress guards a test set up; removed after it."""
+    made: list[EgressGuard] = []
+    yield made
+    for guard in made:
+        guard.remove()
+
+
+@pytest.mark.docker
+def test_a_sweep_removes_egress_whose_run_is_gone_and_keeps_the_rest(
+    egress_base, docker_client, made, guards
+):
+    from cldpd_magic.runner import DockerRunner
+
+    runner = DockerRunner()
+    gone = orphan(runner, guards)
+    alive = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    made.append(
+        docker_client.containers.create("busybox:latest", ["true"], name=alive, labels=TEST_LABEL)
+    )
+    guard = EgressGuard(runner, alive, EgressPolicy())
+    guards.append(guard)
+    guard.setup(RunOptions(image="busybox:latest", name=alive, cmd=[]))
+    time.sleep(3)  # older than the grace below: the sweep takes them for left behind
+    young = orphan(runner, guards)
+    removed = egress.sweep_orphans(runner, grace=2)
+    assert egress_leftovers(docker_client, gone) == []
+    assert sorted(removed) == [egress.egress_name(gone)] * 2
+    assert len(egress_leftovers(docker_client, alive)) == 2  # its run's container is there
+    assert len(egress_leftovers(docker_client, young)) == 2  # it may be starting
+
+
+@pytest.mark.docker
+def test_starting_an_allowlisted_run_sweeps_egress_a_killed_kernel_left(
+    egress_base, make_pod, pods_dir, transcript_dir, docker_client, guards, monkeypatch
+):
+    from cldpd_magic.runner import DockerRunner
+
+    left = orphan(DockerRunner(), guards)
+    assert len(egress_leftovers(docker_client, left)) == 2
+    monkeypatch.setattr(egress, "ORPHAN_GRACE", 2.0)
+    time.sleep(3)
+    pod = make_pod("exit 0", pod_json={"network": {"allow": []}})
+    code, _ = run_session(Dispatcher(pods_dir, transcript_dir=transcript_dir), pod)
+    assert code == 0
+    assert egress_leftovers(docker_client, left) == []
+
+
+def wait_for(found: list, count: int) -> list:
+    """``found`` once it holds ``count`` items (the proxy's log arrives a moment later)."""
+    deadline = time.monotonic() + 60
+    while len(found) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
+@pytest.mark.docker
+def test_attempts_go_to_the_session_that_is_running_also_from_a_new_process(egress_base, guards):
+    """A kept-alive pod's start session has ended when it is resumed: its proxy's
+    blocked attempts go to the resume, in the process that started it or another one."""
+    from cldpd_magic.runner import DockerRunner
+
+    runner = DockerRunner()
+    container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    started: list = []
+    guard = EgressGuard(runner, container, EgressPolicy(), on_attempt=started.append)
+    guards.append(guard)
+    opts = guard.setup(RunOptions(image="busybox:latest", name=container, cmd=[]))
+
+    def attempt(host: str) -> None:
+        fetch = f"wget -q -O - http://{host}/ || true"
+        runner.run(replace(opts, name=f"{container}-{host[:3]}", cmd=["sh", "-c", fetch],
+                           labels=TEST_LABEL), io.StringIO())  # fmt: skip
+
+    attempt("first.example")
+    assert [a.target for a in wait_for(started, 1)] == ["first.example:80"]
+    resumed: list = []
+    with egress.egress_reports({container: guard}, runner, container, resumed.append):
+        attempt("second.example")
+        assert [a.target for a in wait_for(resumed, 1)] == ["second.example:80"]
+    assert [a.target for a in started] == ["first.example:80"]
+    other_process: dict[str, EgressGuard] = {}
+    elsewhere: list = []
+    with egress.egress_reports(other_process, runner, container, elsewhere.append):
+        attempt("third.example")
+        assert [a.target for a in wait_for(elsewhere, 1)] == ["third.example:80"]
+    guards.append(other_process[container])
+    assert [a.target for a in other_process[container].attempts] == ["third.example:80"]
+    assert [a.target for a in resumed] == ["second.example:80"]
+    with egress.egress_reports({}, runner, "cldpd-no-such-run", elsewhere.append):
+        pass  # a run without a proxy reports nothing, and is no error
 
 
 class _Images:
