@@ -1,29 +1,41 @@
-"""The Dispatcher: finds pods, builds their images and runs their agents as Sessions."""
+"""The Dispatcher: finds pods, builds their images and runs their agents as Sessions.
+
+Its pieces: :mod:`~cldpd_magic.agent` (the agent's command line),
+:mod:`~cldpd_magic.run_registry` (which runs exist, how they are named) and
+:mod:`~cldpd_magic.jobs` (what a session's worker thread does).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
-import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
+from .agent import (
+    GREEDY_OPTIONS,
+    MAX_ARGUMENT_BYTES,
+    MAX_COMMAND_LINE_BYTES,
+    agent_command,
+    build_prompt,
+    cap_args,
+    check_command_line,
+    issue_number,
+    pod_limits,
+    validate_issue_url,
+)
 from .batch import Batch, Variant, plan_batch
-from .egress import EgressAttempt, EgressGuard, brokered_credentials, remove_egress_of
+from .blocking import BlockingAPI
+from .egress import EgressAttempt, brokered_credentials, sweep_orphans
 from .engines import EngineSetting, MultiEngineRunner
 from .errors import (
     CldpdError,
-    ContainerFailedError,
     InvalidRequestError,
     PodNotFoundError,
-    PodRunningError,
     SessionNotFoundError,
 )
+from .jobs import IDLE_COMMAND, Job, RunJobs
 from .logs import log_swallowed
 from .pods import (
     Pod,
@@ -31,39 +43,27 @@ from .pods import (
     default_pods_dir,
     discover_all,
     discover_pod,
-    is_valid_pod_name,
     validate_pod_name,
 )
-from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
-from .render import TextFeed
+from .protocol import ContainerInfo, Runner
+from .run_registry import (
+    LABEL_CLAUDE_SESSION,
+    LABEL_INHERIT_ENV,
+    LABEL_KEEP_ALIVE,
+    LABEL_POD,
+    LABEL_PODS_DIR,
+    LABEL_RUN,
+    LABEL_SESSION,
+    LABEL_TRANSCRIPT,
+    RunningPod,
+    RunRegistry,
+    run_of,
+    start_options,
+)
 from .secrets import config_secrets, container_secrets, forwarded_env
-from .session import EventType, Session, SessionControl, SessionKind, new_session_id
-from .usage import Limits
+from .session import Session, SessionKind, new_session_id
 
 logger = logging.getLogger(__name__)
-
-LABEL_POD = "cldpd.pod"
-LABEL_SESSION = "cldpd.session"
-LABEL_CLAUDE_SESSION = "cldpd.claude-session"
-LABEL_KEEP_ALIVE = "cldpd.keep-alive"
-LABEL_TRANSCRIPT = "cldpd.transcript"
-LABEL_PODS_DIR = "cldpd.pods-dir"
-LABEL_INHERIT_ENV = "cldpd.inherit-env"
-LABEL_RUN = "cldpd.run"
-
-#: A session's job; a batch wraps it to queue the run until a slot is free.
-Job = Callable[[SessionControl], int]
-
-#: The command a keepAlive container idles on; the agent then runs through exec.
-IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wait $!; done"]
-
-#: Linux refuses one argument or environment entry of 131072 bytes or more (MAX_ARG_STRLEN,
-#: 32 pages, counting its terminating NUL) with "argument list too long".
-MAX_ARGUMENT_BYTES = 131072 - 1
-#: All arguments and environment entries together (each with its NUL and an 8-byte pointer)
-#: may take a quarter of the stack limit, 8 MiB in containers: 2 MiB. 64 KiB of it is
-#: left for the image's own environment and the exec wrapper.
-MAX_COMMAND_LINE_BYTES = 2 * 1024 * 1024 - 64 * 1024
 
 
 def default_transcript_dir() -> Path:
@@ -72,166 +72,7 @@ def default_transcript_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cldpd" / "sessions"
 
 
-def validate_issue_url(url: str) -> str:
-    """Return the URL stripped, or raise InvalidRequestError unless it is an http(s) URL."""
-    url = (url or "").strip()
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
-        raise InvalidRequestError(
-            f"{url!r} is not an issue URL; give one like https://github.com/OWNER/REPO/issues/N."
-        )
-    return url
-
-
-def build_prompt(template: str, issue_url: str) -> str:
-    """The start prompt: the template, a blank line, then the issue directive."""
-    directive = f"Work on this GitHub issue: {issue_url}"
-    return f"{template}\n\n{directive}" if template else directive
-
-
-#: Claude Code options that take several values, or an optional one (``claude --help`` of
-#: 2.1.x): after one of them, a bare prompt would be read as its value.
-GREEDY_OPTIONS = frozenset({
-    "--add-dir", "--allowedTools", "--allowed-tools", "--betas", "--cloud", "-d", "--debug",
-    "--disallowedTools", "--disallowed-tools", "--file", "--from-pr", "--mcp-config",
-    "--prompt-suggestions", "--remote-control", "-r", "--resume", "--teleport", "--tools",
-    "-w", "--worktree",
-})  # fmt: skip
-
-
-def issue_number(url: str) -> str:
-    """The issue or pull request number at the end of a URL's path, "" when there is none."""
-    found = re.search(r"/(\d+)/*$", urlparse(url).path)
-    return found.group(1) if found else ""
-
-
-def cap_args(pod: Pod, args: Sequence[str] = ()) -> list[str]:
-    """The CLI's own caps from pod.json (``--max-budget-usd``, ``--max-turns``), unless given."""
-    given = {*pod.config.args, *args}
-    caps = []
-    if pod.config.max_cost_usd is not None and "--max-budget-usd" not in given:
-        caps += ["--max-budget-usd", f"{pod.config.max_cost_usd:g}"]
-    if pod.config.max_turns is not None and "--max-turns" not in given:
-        caps += ["--max-turns", str(pod.config.max_turns)]
-    return caps
-
-
-def pod_limits(pod: Pod, timeout: float | None = None) -> Limits:
-    """What cldpd enforces on a run of the pod: pod.json's caps; ``timeout`` overrides its own."""
-    config = pod.config
-    seconds = timeout if timeout is not None else config.timeout_seconds
-    return Limits(config.max_cost_usd, config.max_turns, seconds)
-
-
-def agent_command(
-    pod: Pod, prompt: str, *, session_uuid: str, resume: bool, args: Sequence[str] = ()
-) -> list[str]:
-    """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
-
-    pod.json's caps come first (``--max-budget-usd``, ``--max-turns``), then its args,
-    then ``args`` (a batch variant's). A prompt that starts with ``-`` (a Markdown list,
-    YAML front matter, pasted text), or that follows args holding an option that takes
-    several values or an optional one (``--allowedTools Bash``), is put after ``--``, so
-    the CLI never reads it as an option or an option's value.
-    """
-    flag = "--resume" if resume else "--session-id"
-    all_args = [*cap_args(pod, args), *pod.config.args, *args]
-    greedy = any(arg in GREEDY_OPTIONS for arg in all_args)
-    end_of_options = ["--"] if prompt.startswith("-") or greedy else []
-    return [
-        "claude", "-p", "--output-format", "stream-json", "--verbose",
-        flag, session_uuid, *all_args, *end_of_options, prompt,
-    ]  # fmt: skip
-
-
-def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix: str) -> None:
-    """Refuse up front a command the kernel would refuse with "argument list too long".
-
-    Args:
-        cmd: The agent's command; its last argument is the prompt.
-        env: The environment it runs with.
-        prompt_is: What the prompt is, for the message (``The prompt``).
-        fix: What to do about a prompt that is too long.
-
-    Raises:
-        InvalidRequestError: An argument or environment entry holds a NUL or is over
-            :data:`MAX_ARGUMENT_BYTES`, or all of them are over :data:`MAX_COMMAND_LINE_BYTES`.
-    """
-    named = [(f"The argument {a[:40]!r} in pod.json args", a) for a in cmd[:-1]]
-    named.append((prompt_is, cmd[-1]))
-    named += [(f"The environment variable {k}", f"{k}={v}") for k, v in env.items()]
-    total = 0
-    for what, text in named:
-        if "\0" in text:
-            raise InvalidRequestError(
-                f"{what} contains a NUL character, which no command-line argument or "
-                "environment variable can carry; remove it."
-            )
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > MAX_ARGUMENT_BYTES:
-            advice = fix if text is cmd[-1] else "shorten it"
-            raise InvalidRequestError(
-                f"{what} is {size} bytes, over the {MAX_ARGUMENT_BYTES} bytes Linux allows in "
-                f"one argument (MAX_ARG_STRLEN); {advice}."
-            )
-        total += size + 1 + 8
-    if total > MAX_COMMAND_LINE_BYTES:
-        raise InvalidRequestError(
-            f"The agent's command line and environment come to {total} bytes, over the "
-            f"{MAX_COMMAND_LINE_BYTES} bytes Linux allows in all; shorten the prompt or the "
-            "pod's environment."
-        )
-
-
-@dataclass(frozen=True)
-class RunningPod:
-    """A cldpd container found through its Docker labels.
-
-    Attributes:
-        pod: Pod name.
-        container: Container name.
-        status: Docker status (running, exited, ...).
-        session_id: The cldpd session that started it.
-        claude_session: Claude Code's session uuid.
-        keep_alive: Whether it idles between agent runs.
-        started_at: When it started (ISO 8601).
-        transcript: The transcript path of the session that started it.
-        run: The run's name (the container's name without ``cldpd-``).
-    """
-
-    pod: str
-    container: str
-    status: str
-    session_id: str
-    claude_session: str
-    keep_alive: bool
-    started_at: str
-    transcript: str
-    run: str = ""
-
-    @classmethod
-    def from_info(cls, info: ContainerInfo) -> RunningPod:
-        """Build from a container description."""
-        labels = info.labels
-        return cls(
-            pod=labels.get(LABEL_POD, ""),
-            container=info.name,
-            status=info.status,
-            session_id=labels.get(LABEL_SESSION, ""),
-            claude_session=labels.get(LABEL_CLAUDE_SESSION, ""),
-            keep_alive=labels.get(LABEL_KEEP_ALIVE) == "true",
-            started_at=info.started_at,
-            transcript=labels.get(LABEL_TRANSCRIPT, ""),
-            run=run_of(info),
-        )
-
-
-def run_of(info: ContainerInfo) -> str:
-    """A cldpd container's run name: its ``cldpd.run`` label, else its name without ``cldpd-``."""
-    return info.labels.get(LABEL_RUN) or info.name.removeprefix("cldpd-")
-
-
-class Dispatcher:
+class Dispatcher(BlockingAPI):
     """Discovers pods, builds their images and runs their agents.
 
     Args:
@@ -244,7 +85,8 @@ class Dispatcher:
             when None.
 
     Attributes:
-        sessions: Every session this dispatcher started, oldest first.
+        registry: Its runs: sessions, names, resolution.
+        jobs: What its sessions' worker threads do.
     """
 
     def __init__(
@@ -262,16 +104,25 @@ class Dispatcher:
             from .runner import DockerRunner  # docker-py loads only when it is used
 
             runner = DockerRunner()
-        self.runner: Runner = runner
         self.transcript_dir = (
             Path(transcript_dir).expanduser() if transcript_dir else default_transcript_dir()
         )
-        self.sessions: list[Session] = []
-        self._lock = threading.Lock()
-        self._reserved: set[str] = set()  # run names being started, under _names_lock
-        self._names_lock = threading.Lock()
-        self._build_locks: dict[str, threading.Lock] = {}
-        self._egress: dict[str, EgressGuard] = {}
+        self.registry = RunRegistry(runner)
+        self.jobs = RunJobs(runner)
+
+    @property
+    def runner(self) -> Runner:
+        """The Docker operations; setting it sets the runner of the registry and the jobs."""
+        return self.jobs.runner
+
+    @runner.setter
+    def runner(self, runner: Runner) -> None:
+        self.registry.runner = self.jobs.runner = runner
+
+    @property
+    def sessions(self) -> list[Session]:
+        """Every session this dispatcher started, oldest first."""
+        return self.registry.sessions
 
     def pods(self) -> list[Pod]:
         """Every valid pod in the pods directory, sorted by name."""
@@ -282,107 +133,22 @@ class Dispatcher:
         return discover_pod(self.pods_dir, name)
 
     def running(self) -> list[RunningPod]:
-        """Containers with a ``cldpd.pod`` label, from any process, sorted by name."""
+        """Containers with a ``cldpd.pod`` label, from any process, sorted by name.
+
+        Egress that a killed kernel left behind (its run's container gone) goes on the way.
+        """
+        sweep_orphans(self.runner)
         return [RunningPod.from_info(i) for i in self.runner.list(LABEL_POD)]
 
     def local_sessions(
         self, pod_name: str | None = None, *, active: bool = False, run: str | None = None
     ) -> list[Session]:
         """This dispatcher's sessions, optionally of one pod or one run, and only those not done."""
-        with self._lock:
-            found = list(self.sessions)
-        return [
-            s
-            for s in found
-            if (pod_name is None or s.pod_name == pod_name)
-            and (run is None or s.run == run)
-            and not (active and s.done)
-        ]
+        return self.registry.local_sessions(pod_name, active=active, run=run)
 
     def runs(self, pod_name: str) -> list[str]:
         """The names of a pod's runs: its running containers and this process's active sessions."""
-        names = {s.run for s in self.local_sessions(pod_name, active=True)}
-        names.update(
-            run_of(i)
-            for i in self.runner.list(LABEL_POD)
-            if i.running and i.labels.get(LABEL_POD) == pod_name
-        )
-        return sorted(names)
-
-    def _register(self, session: Session) -> Session:
-        with self._lock:
-            self.sessions.append(session)
-        with self._names_lock:
-            self._reserved.discard(session.run)
-        return session
-
-    def _run_taken(self, run: str) -> bool:
-        if run in self._reserved or self.local_sessions(active=True, run=run):
-            return True
-        info = self.runner.inspect(container_name(run))
-        return info is not None and (info.running or LABEL_POD not in info.labels)
-
-    def _name_run(self, pod: Pod, url: str, run: str | None, *, alone: bool = True) -> str:
-        """Choose and reserve a run's name: given, the pod's own, or ``<pod>-<issue>[-N]``."""
-        if run is not None:
-            if not is_valid_pod_name(run) or len(container_name(run)) > 128:
-                raise InvalidRequestError(
-                    f"{run!r} cannot name a run; use letters, digits, '_', '.' and '-', "
-                    "starting with a letter or digit."
-                )
-            with self._names_lock:
-                if run in self._reserved:
-                    raise PodRunningError(f"Run {run} is being started; choose another name.")
-                self._reserved.add(run)
-            return run
-        others = self.runs(pod.name)
-        with self._names_lock:
-            # The pod's own container, when taken by something else, is _ensure_free's to say.
-            if alone and not others and pod.name not in self._reserved:
-                self._reserved.add(pod.name)
-                return pod.name
-            base = f"{pod.name}-{issue_number(url) or 'run'}"
-            name, n = base, 1
-            while self._run_taken(name):
-                n += 1
-                name = f"{base}-{n}"
-            self._reserved.add(name)
-            return name
-
-    def _ensure_free(self, pod: Pod, run: str) -> None:
-        what = f"Pod {pod.name}" if run == pod.name else f"Run {run} of pod {pod.name}"
-        if self.local_sessions(active=True, run=run):
-            raise PodRunningError(
-                f"{what} is already running in this kernel; resume it or stop it first."
-            )
-        info = self.runner.inspect(container_name(run))
-        if info is None:
-            return
-        if info.running:
-            raise PodRunningError(
-                f"{what} is already running (container {info.name}); resume it or stop it first."
-            )
-        if LABEL_POD in info.labels:
-            self.runner.remove(info.name)
-        else:
-            raise PodRunningError(
-                f"A container named {info.name} exists and is not a cldpd pod; remove it first."
-            )
-
-    def _build(self, pod: Pod, ctl: SessionControl) -> None:
-        """Build the pod's image; runs of one image build one at a time (the rest hit the cache)."""
-        with self._lock:
-            lock = self._build_locks.setdefault(pod.image, threading.Lock())
-        with lock:
-            ctl.check_cancelled()
-            self.runner.build(
-                pod.image,
-                str(pod.dir),
-                pod.config.build_args,
-                on_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
-                cancel=ctl.cancelled,
-                engine=pod.config.engine,
-            )
+        return self.registry.runs(pod_name)
 
     def start_session(
         self,
@@ -450,80 +216,15 @@ class Dispatcher:
             f"shorten {pod.dir / 'template.md'}",
         )  # fmt: skip
         self.runner.preflight()
-        run = self._name_run(pod, url, run, alone=_alone)
+        run = self.registry.name_run(pod, url, run, alone=_alone)
         try:
-            self._ensure_free(pod, run)
+            self.registry.ensure_free(pod, run)
         except BaseException:
-            self._unreserve(run)
+            self.registry.unreserve(run)
             raise
         transcript = self.transcript_dir / f"{session_id}.jsonl"
-        opts = RunOptions(
-            image=pod.image,
-            name=container_name(run),
-            cmd=cmd,
-            env=env,
-            workdir=pod.config.workdir,
-            remove=not pod.config.keep_alive,
-            mounts=list(pod.config.mounts),
-            network=pod.config.network,
-            resources=pod.config.resources,
-            cap_add=list(pod.config.cap_add),
-            read_only_root=pod.config.read_only_root,
-            engine=pod.config.engine,
-            labels={
-                LABEL_POD: pod.name,
-                LABEL_SESSION: session_id,
-                LABEL_CLAUDE_SESSION: session_uuid,
-                LABEL_KEEP_ALIVE: "true" if pod.config.keep_alive else "false",
-                LABEL_TRANSCRIPT: str(transcript),
-                LABEL_PODS_DIR: str(pod.dir.parent),
-                LABEL_INHERIT_ENV: ",".join(pod.config.inherit_env),
-                LABEL_RUN: run,
-            },
-        )
-        runner = self.runner
-
-        def job(ctl: SessionControl) -> int:
-            ctl.emit(EventType.BUILD_STARTED, pod.image)
-            if missing:
-                ctl.emit(
-                    EventType.BUILD_OUTPUT,
-                    "cldpd: not set on this host, so not forwarded: " + ", ".join(missing),
-                )
-            self._build(pod, ctl)
-            guard = None
-            if pod.config.egress is not None:
-
-                def on_attempt(attempt: EgressAttempt) -> None:
-                    if not attempt.allowed:
-                        ctl.emit(EventType.EGRESS_BLOCKED, attempt.target)
-
-                guard = EgressGuard(
-                    runner, opts.name, pod.config.egress, brokered, on_attempt=on_attempt,
-                    on_build_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
-                )  # fmt: skip
-                guard.ensure_image()
-            ctl.check_cancelled()
-            ctl.emit(EventType.BUILD_COMPLETE, pod.image)
-            try:
-                run_opts = opts
-                if guard is not None:
-                    self._egress[opts.name] = guard
-                    run_opts = guard.setup(opts)
-                    ctl.check_cancelled()
-                if pod.config.keep_alive:
-                    return self._run_kept_alive(ctl, run_opts)
-
-                def started(info: ContainerInfo) -> None:
-                    ctl.emit(EventType.CONTAINER_STARTED, info.name)
-                    ctl.set_stopper(lambda t: runner.stop(info.name, t))
-
-                return runner.run(run_opts, ctl.stdout, ctl.stderr, on_start=started)
-            finally:
-                # A kept-alive pod keeps its egress until it is stopped (_remove_if_ended).
-                if guard is not None and not (pod.config.keep_alive and runner.inspect(opts.name)):
-                    guard.remove()
-
+        opts = start_options(pod, run, cmd, env, session_id, session_uuid, transcript)
+        job = self.jobs.start(pod, opts, missing, brokered)
         try:
             session = Session(pod.name, opts.name, _wrap_job(job) if _wrap_job else job,
                               self.transcript_dir, secrets, kind=SessionKind.START,
@@ -531,22 +232,9 @@ class Dispatcher:
                               missing_env=missing, run=run,
                               limits=pod_limits(pod, timeout))  # fmt: skip
         except BaseException:
-            self._unreserve(run)
+            self.registry.unreserve(run)
             raise
-        return self._register(session)
-
-    def _unreserve(self, run: str) -> None:
-        with self._names_lock:
-            self._reserved.discard(run)
-
-    def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
-        agent_cmd = opts.cmd
-        idle = RunOptions(**{**opts.__dict__, "cmd": IDLE_COMMAND, "remove": False})
-        runner = self.runner
-        info = runner.start(idle)
-        ctl.set_stopper(lambda t: runner.stop(info.name, t))
-        ctl.emit(EventType.CONTAINER_STARTED, info.name)
-        return runner.exec(info.name, agent_cmd, ctl.stdout, ctl.stderr)
+        return self.registry.register(session)
 
     @staticmethod
     def secrets(pod: Pod) -> list[str]:
@@ -563,30 +251,13 @@ class Dispatcher:
         return container_secrets(info.env, info.labels.get(LABEL_INHERIT_ENV, "").split(","))
 
     def resolve_run(self, name: str, doing: str = "use") -> str:
-        """The run a name means: a run of that name, else the one run of a pod of that name.
-
-        A name that matches nothing is returned as it is (the caller says it is not running).
-
-        Args:
-            name: A run name, or a pod name.
-            doing: What the caller does, for the message (``stop``, ``resume``, ...).
+        """The run a name means (see :meth:`RunRegistry.resolve_run`).
 
         Raises:
             InvalidPodError: The name cannot name a pod or a run.
             InvalidRequestError: The name is a pod with several runs (they are listed).
         """
-        validate_pod_name(name)
-        if self.local_sessions(active=True, run=name):
-            return name
-        info = self.runner.inspect(container_name(name))
-        if info is not None and LABEL_POD in info.labels:
-            return name
-        runs = self.runs(name)
-        if len(runs) > 1:
-            raise InvalidRequestError(
-                f"Pod {name} has {len(runs)} runs ({', '.join(runs)}); name the run to {doing}."
-            )
-        return runs[0] if runs else name
+        return self.registry.resolve_run(name, doing)
 
     def _running_container(
         self, pod_name: str, not_running: str, *, known: bool = False, doing: str = "use"
@@ -646,20 +317,11 @@ class Dispatcher:
         secrets = self.secrets(pod) + self.container_secrets(info)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
         check_command_line(cmd, info.env, "The prompt", "shorten it")
-        runner = self.runner
-
-        def job(ctl: SessionControl) -> int:
-            ctl.emit(EventType.CONTAINER_STARTED, info.name)
-
-            def started(handle: ExecHandle) -> None:
-                ctl.set_stopper(lambda t: runner.stop_exec(handle, t))
-
-            return runner.exec(info.name, cmd, ctl.stdout, ctl.stderr, on_start=started)
-
+        job = self.jobs.resume(info.name, cmd)
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
                           kind=SessionKind.RESUME, claude_session=session_uuid,
                           run=run_of(info), limits=pod_limits(pod))  # fmt: skip
-        return self._register(session)
+        return self.registry.register(session)
 
     def attach_session(self, pod_name: str) -> Session:
         """Follow the output of a run's container started elsewhere (another kernel).
@@ -690,27 +352,9 @@ class Dispatcher:
             log_swallowed(logger, f"pod {pod_name}: its directory is not readable; attaching")
             secrets = []
         secrets += self.container_secrets(info)
-        runner = self.runner
-
         kept_alive = info.labels.get(LABEL_KEEP_ALIVE) == "true"
-        transcript = info.labels.get(LABEL_TRANSCRIPT, "")
-
-        def job(ctl: SessionControl) -> int:
-            ctl.emit(EventType.CONTAINER_STARTED, name)
-            if kept_alive:
-                ctl.stderr.write(
-                    "cldpd: this pod is kept alive and its agent runs through exec, whose "
-                    "output went to the process that started it"
-                    + (f" (transcript: {transcript})" if transcript else "")
-                    + "; resume it to run the agent here, or stop it.\n"
-                )
-            ctl.set_stopper(lambda t: runner.stop(name, t))
-            try:
-                return runner.logs(name, ctl.stdout, ctl.stderr)
-            finally:
-                self._remove_if_ended(name)
-
-        return self._register(Session(pod_of_run, name, job, self.transcript_dir, secrets,
+        job = self.jobs.attach(name, kept_alive, info.labels.get(LABEL_TRANSCRIPT, ""))
+        return self.registry.register(Session(pod_of_run, name, job, self.transcript_dir, secrets,
                                       kind=SessionKind.ATTACH, run=run_of(info)))  # fmt: skip
 
     def stop(self, pod_name: str, timeout: float = 10.0) -> bool:
@@ -740,14 +384,8 @@ class Dispatcher:
         self.runner.stop(name, timeout)
         for session in self.local_sessions(active=True, run=run):
             session.stop(timeout)
-        self._remove_if_ended(name)
+        self.jobs.remove_if_ended(name)
         return bool(active) or (info is not None and info.running)
-
-    def _remove_if_ended(self, name: str) -> None:
-        info = self.runner.inspect(name)
-        if info is not None and not info.running and LABEL_POD in info.labels:
-            self.runner.remove(name)
-            remove_egress_of(self.runner, name)
 
     def egress_attempts(self, run: str) -> list[EgressAttempt] | None:
         """The connections the egress proxy of a run (its last, in this process) saw.
@@ -759,8 +397,7 @@ class Dispatcher:
             Allowed and refused attempts in order; None when no such run in this process
             had an allowlist.
         """
-        guard = self._egress.get(container_name(run))
-        return None if guard is None else list(guard.attempts)
+        return self.jobs.egress_attempts(run)
 
     def dispatch(
         self,
@@ -819,85 +456,30 @@ class Dispatcher:
         batch.open()
         return batch
 
-    def _blocking(self, session: Session, stdout: Writer | None, check: bool, raw: bool) -> int:
-        out = stdout if stdout is not None else sys.stdout
-        try:
-            TextFeed(session, out, sys.stderr, raw=raw, notes=False).follow()
-            code = session.wait()
-        except KeyboardInterrupt:
-            session.stop()
-            raise
-        if check and code != 0:
-            raise ContainerFailedError(
-                f"The agent in pod {session.pod_name} exited with code {code}.", exit_code=code
-            )
-        return code
-
-    def start(
-        self,
-        pod_name: str,
-        issue_url: str,
-        stdout: Writer | None = None,
-        *,
-        check: bool = True,
-        raw: bool = False,
-    ) -> int:
-        """Build and run the pod's agent on an issue, streaming its output; block until it ends.
-
-        Args:
-            pod_name: The pod.
-            issue_url: The GitHub issue's http(s) URL.
-            stdout: Receives the agent's output, rendered as text (tool calls, answers,
-                the result line; secrets masked, terminal escapes dropped); ``sys.stdout``
-                when None. Its stderr goes to ``sys.stderr``.
-            check: Raise ContainerFailedError on a non-zero exit code.
-            raw: Write the agent's stdout lines verbatim (stream-json as it came, masked
-                as raw text) instead of rendered.
-
-        Returns:
-            The agent's exit code.
-
-        Raises:
-            ContainerFailedError: Non-zero exit and ``check``.
-            BuildFailedError: The image did not build.
-            CldpdError: As :meth:`start_session`.
-        """
-        return self._blocking(self.start_session(pod_name, issue_url), stdout, check, raw)
-
-    def resume(
-        self,
-        pod_name: str,
-        prompt: str,
-        stdout: Writer | None = None,
-        *,
-        check: bool = True,
-        raw: bool = False,
-    ) -> int:
-        """Send a follow-up prompt to the running pod and block until the agent answers.
-
-        Args:
-            pod_name: The pod.
-            prompt: The follow-up prompt.
-            stdout: Receives the agent's output, rendered as text; ``sys.stdout`` when
-                None (see :meth:`start`).
-            check: Raise ContainerFailedError on a non-zero exit code.
-            raw: Write the agent's stdout lines verbatim instead of rendered.
-
-        Returns:
-            The exit code.
-
-        Raises:
-            SessionNotFoundError: Nothing runs for the pod.
-            ContainerFailedError: Non-zero exit and ``check``.
-        """
-        return self._blocking(self.resume_session(pod_name, prompt), stdout, check, raw)
-
 
 __all__ = [
+    "GREEDY_OPTIONS",
+    "IDLE_COMMAND",
+    "LABEL_CLAUDE_SESSION",
+    "LABEL_INHERIT_ENV",
+    "LABEL_KEEP_ALIVE",
+    "LABEL_POD",
+    "LABEL_PODS_DIR",
+    "LABEL_RUN",
+    "LABEL_SESSION",
+    "LABEL_TRANSCRIPT",
+    "MAX_ARGUMENT_BYTES",
+    "MAX_COMMAND_LINE_BYTES",
     "Dispatcher",
+    "Job",
     "RunningPod",
     "agent_command",
     "build_prompt",
+    "cap_args",
+    "check_command_line",
     "default_transcript_dir",
+    "issue_number",
+    "pod_limits",
+    "run_of",
     "validate_issue_url",
 ]

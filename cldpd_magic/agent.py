@@ -1,0 +1,131 @@
+"""The agent's command line: the issue URL and prompt, pod.json's caps and arguments, and
+the kernel's limits on a command line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from urllib.parse import urlparse
+
+from .errors import InvalidRequestError
+from .pods import Pod
+from .usage import Limits
+
+#: Linux refuses one argument or environment entry of 131072 bytes or more (MAX_ARG_STRLEN,
+#: 32 pages, counting its terminating NUL) with "argument list too long".
+MAX_ARGUMENT_BYTES = 131072 - 1
+#: All arguments and environment entries together (each with its NUL and an 8-byte pointer)
+#: may take a quarter of the stack limit, 8 MiB in containers: 2 MiB. 64 KiB of it is
+#: left for the image's own environment and the exec wrapper.
+MAX_COMMAND_LINE_BYTES = 2 * 1024 * 1024 - 64 * 1024
+
+
+def validate_issue_url(url: str) -> str:
+    """Return the URL stripped, or raise InvalidRequestError unless it is an http(s) URL."""
+    url = (url or "").strip()
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
+        raise InvalidRequestError(
+            f"{url!r} is not an issue URL; give one like https://github.com/OWNER/REPO/issues/N."
+        )
+    return url
+
+
+def build_prompt(template: str, issue_url: str) -> str:
+    """The start prompt: the template, a blank line, then the issue directive."""
+    directive = f"Work on this GitHub issue: {issue_url}"
+    return f"{template}\n\n{directive}" if template else directive
+
+
+#: Claude Code options that take several values, or an optional one (``claude --help`` of
+#: 2.1.x): after one of them, a bare prompt would be read as its value.
+GREEDY_OPTIONS = frozenset({
+    "--add-dir", "--allowedTools", "--allowed-tools", "--betas", "--cloud", "-d", "--debug",
+    "--disallowedTools", "--disallowed-tools", "--file", "--from-pr", "--mcp-config",
+    "--prompt-suggestions", "--remote-control", "-r", "--resume", "--teleport", "--tools",
+    "-w", "--worktree",
+})  # fmt: skip
+
+
+def issue_number(url: str) -> str:
+    """The issue or pull request number at the end of a URL's path, "" when there is none."""
+    found = re.search(r"/(\d+)/*$", urlparse(url).path)
+    return found.group(1) if found else ""
+
+
+def cap_args(pod: Pod, args: Sequence[str] = ()) -> list[str]:
+    """The CLI's own caps from pod.json (``--max-budget-usd``, ``--max-turns``), unless given."""
+    given = {*pod.config.args, *args}
+    caps = []
+    if pod.config.max_cost_usd is not None and "--max-budget-usd" not in given:
+        caps += ["--max-budget-usd", f"{pod.config.max_cost_usd:g}"]
+    if pod.config.max_turns is not None and "--max-turns" not in given:
+        caps += ["--max-turns", str(pod.config.max_turns)]
+    return caps
+
+
+def pod_limits(pod: Pod, timeout: float | None = None) -> Limits:
+    """What cldpd enforces on a run of the pod: pod.json's caps; ``timeout`` overrides its own."""
+    config = pod.config
+    seconds = timeout if timeout is not None else config.timeout_seconds
+    return Limits(config.max_cost_usd, config.max_turns, seconds)
+
+
+def agent_command(
+    pod: Pod, prompt: str, *, session_uuid: str, resume: bool, args: Sequence[str] = ()
+) -> list[str]:
+    """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
+
+    pod.json's caps come first (``--max-budget-usd``, ``--max-turns``), then its args,
+    then ``args`` (a batch variant's). A prompt that starts with ``-`` (a Markdown list,
+    YAML front matter, pasted text), or that follows args holding an option that takes
+    several values or an optional one (``--allowedTools Bash``), is put after ``--``, so
+    the CLI never reads it as an option or an option's value.
+    """
+    flag = "--resume" if resume else "--session-id"
+    all_args = [*cap_args(pod, args), *pod.config.args, *args]
+    greedy = any(arg in GREEDY_OPTIONS for arg in all_args)
+    end_of_options = ["--"] if prompt.startswith("-") or greedy else []
+    return [
+        "claude", "-p", "--output-format", "stream-json", "--verbose",
+        flag, session_uuid, *all_args, *end_of_options, prompt,
+    ]  # fmt: skip
+
+
+def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix: str) -> None:
+    """Refuse up front a command the kernel would refuse with "argument list too long".
+
+    Args:
+        cmd: The agent's command; its last argument is the prompt.
+        env: The environment it runs with.
+        prompt_is: What the prompt is, for the message (``The prompt``).
+        fix: What to do about a prompt that is too long.
+
+    Raises:
+        InvalidRequestError: An argument or environment entry holds a NUL or is over
+            :data:`MAX_ARGUMENT_BYTES`, or all of them are over :data:`MAX_COMMAND_LINE_BYTES`.
+    """
+    named = [(f"The argument {a[:40]!r} in pod.json args", a) for a in cmd[:-1]]
+    named.append((prompt_is, cmd[-1]))
+    named += [(f"The environment variable {k}", f"{k}={v}") for k, v in env.items()]
+    total = 0
+    for what, text in named:
+        if "\0" in text:
+            raise InvalidRequestError(
+                f"{what} contains a NUL character, which no command-line argument or "
+                "environment variable can carry; remove it."
+            )
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_ARGUMENT_BYTES:
+            advice = fix if text is cmd[-1] else "shorten it"
+            raise InvalidRequestError(
+                f"{what} is {size} bytes, over the {MAX_ARGUMENT_BYTES} bytes Linux allows in "
+                f"one argument (MAX_ARG_STRLEN); {advice}."
+            )
+        total += size + 1 + 8
+    if total > MAX_COMMAND_LINE_BYTES:
+        raise InvalidRequestError(
+            f"The agent's command line and environment come to {total} bytes, over the "
+            f"{MAX_COMMAND_LINE_BYTES} bytes Linux allows in all; shorten the prompt or the "
+            "pod's environment."
+        )
