@@ -660,6 +660,36 @@ def test_a_kept_alive_pod_keeps_its_egress_until_it_is_stopped(
     assert egress_leftovers(docker_client, container) == []
 
 
+@pytest.mark.docker
+def test_a_resume_of_a_kept_alive_pod_reports_its_own_blocked_attempts(
+    egress_base, make_pod, pods_dir, transcript_dir
+):
+    # The agent lives on after a refusal, as a real one does: its log line has time to come.
+    pod = make_pod(
+        """
+        case "$*" in
+          *--resume*) wget -q -O - http://on-resume.example/ || echo refused; sleep 3 ;;
+          *) wget -q -O - http://on-start.example/ || echo refused; sleep 3 ;;
+        esac
+        """,
+        pod_json={"network": {"allow": []}, "keepAlive": True},
+    )
+    dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+    try:
+        code, start_events = run_session(dispatcher, pod)
+        assert code == 0
+        resume = dispatcher.resume_session(pod, "go on")
+        assert resume.wait(timeout=300) == 0
+        resume_events = list(resume.events())
+    finally:
+        dispatcher.stop(pod, timeout=5)
+    blocked = EventType.EGRESS_BLOCKED
+    assert [e.data for e in start_events if e.type is blocked] == ["on-start.example:80"]
+    assert [e.data for e in resume_events if e.type is blocked] == ["on-resume.example:80"]
+    transcript = read_transcript(resume.transcript)
+    assert [e.data for e in transcript if e.type is blocked] == ["on-resume.example:80"]
+
+
 def test_several_engines_refuse_an_allowlist_in_one_sentence():
     guard = EgressGuard(object(), "cldpd-p", EgressPolicy())
     with pytest.raises(ContainerFailedError, match="single Docker engine") as info:
@@ -722,6 +752,19 @@ def test_starting_an_allowlisted_run_sweeps_egress_a_killed_kernel_left(
     pod = make_pod("exit 0", pod_json={"network": {"allow": []}})
     code, _ = run_session(Dispatcher(pods_dir, transcript_dir=transcript_dir), pod)
     assert code == 0
+    assert egress_leftovers(docker_client, left) == []
+
+
+@pytest.mark.docker
+def test_listing_runs_sweeps_egress_a_killed_kernel_left(
+    egress_base, pods_dir, transcript_dir, docker_client, guards, monkeypatch
+):
+    from cldpd_magic.runner import DockerRunner
+
+    left = orphan(DockerRunner(), guards)
+    monkeypatch.setattr(egress, "ORPHAN_GRACE", 2.0)
+    time.sleep(3)
+    Dispatcher(pods_dir, transcript_dir=transcript_dir).running()
     assert egress_leftovers(docker_client, left) == []
 
 
