@@ -1,14 +1,18 @@
-"""The agent's command line: the issue URL and prompt, pod.json's caps and arguments, and
-the kernel's limits on a command line."""
+"""The agent's command line and environment: the issue URL and prompt, pod.json's caps and
+arguments, forwarded variables and the secrets among them, and the kernel's limits."""
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from .egress import brokered_credentials
 from .errors import InvalidRequestError
 from .pods import Pod
+from .secrets import config_secrets, forwarded_env
 from .usage import Limits
 
 #: Linux refuses one argument or environment entry of 131072 bytes or more (MAX_ARG_STRLEN,
@@ -129,3 +133,54 @@ def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix:
             f"{MAX_COMMAND_LINE_BYTES} bytes Linux allows in all; shorten the prompt or the "
             "pod's environment."
         )
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What a start gives the agent, resolved once: the values masked are the values forwarded.
+
+    Attributes:
+        cmd: The agent's command line.
+        env: Its environment: pod.json's ``env`` and the forwarded host variables.
+        secrets: The values to mask: secret-looking, forwarded and brokered ones.
+        missing: ``inheritEnv`` names not set on this host.
+        brokered: The credentials the egress proxy brokers, ``(kind, value, upstream)``.
+        session_uuid: Claude Code's session uuid (``--session-id``).
+    """
+
+    cmd: list[str]
+    env: dict[str, str]
+    secrets: list[str]
+    missing: list[str]
+    brokered: list[tuple[str, str, str]]
+    session_uuid: str
+
+
+def plan_start(pod: Pod, url: str, prompt: str = "", args: Sequence[str] = ()) -> StartPlan:
+    """The command, environment and secrets of a start of a pod on an issue.
+
+    Args:
+        pod: The pod.
+        url: The issue URL, validated.
+        prompt: Text added after the start prompt, after a blank line.
+        args: CLI arguments after the pod's own.
+
+    Raises:
+        InvalidRequestError: The prompt, an argument or an environment entry holds a NUL
+            or is over the kernel's limits (see :func:`check_command_line`).
+    """
+    session_uuid = str(uuid.uuid4())
+    forwarded = forwarded_env(pod.config.inherit_env)
+    missing = [n for n in pod.config.inherit_env if n not in forwarded]
+    env = {**pod.config.env, **forwarded}
+    secrets = config_secrets(pod.config.env, forwarded, forwarded)
+    brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
+    secrets += [value for _kind, value, _upstream in brokered]
+    start_prompt = build_prompt(pod.template, url) + (f"\n\n{prompt}" if prompt else "")
+    cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=False,
+                        args=list(args))  # fmt: skip
+    check_command_line(
+        cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
+        f"shorten {pod.dir / 'template.md'}",
+    )  # fmt: skip
+    return StartPlan(cmd, env, secrets, missing, brokered, session_uuid)

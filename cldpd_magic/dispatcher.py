@@ -22,12 +22,13 @@ from .agent import (
     cap_args,
     check_command_line,
     issue_number,
+    plan_start,
     pod_limits,
     validate_issue_url,
 )
 from .batch import Batch, Variant, plan_batch
 from .blocking import BlockingAPI
-from .egress import EgressAttempt, brokered_credentials, sweep_orphans
+from .egress import EgressAttempt, sweep_orphans
 from .engines import EngineSetting, MultiEngineRunner
 from .errors import (
     CldpdError,
@@ -43,7 +44,6 @@ from .pods import (
     default_pods_dir,
     discover_all,
     discover_pod,
-    validate_pod_name,
 )
 from .protocol import ContainerInfo, Runner
 from .run_registry import (
@@ -60,7 +60,7 @@ from .run_registry import (
     run_of,
     start_options,
 )
-from .secrets import config_secrets, container_secrets, forwarded_env
+from .secrets import container_secrets
 from .session import Session, SessionKind, new_session_id
 
 logger = logging.getLogger(__name__)
@@ -199,22 +199,8 @@ class Dispatcher(BlockingAPI):
             raise InvalidRequestError(
                 f"The timeout {timeout!r} is not a positive number of seconds."
             )
-        session_uuid = str(uuid.uuid4())
+        plan = plan_start(pod, url, prompt, args)
         session_id = new_session_id(pod.name)
-        forwarded = forwarded_env(pod.config.inherit_env)
-        missing = [n for n in pod.config.inherit_env if n not in forwarded]
-        # Resolved once, here: the values masked are the values forwarded.
-        env = {**pod.config.env, **forwarded}
-        secrets = config_secrets(pod.config.env, forwarded, forwarded)
-        brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
-        secrets += [value for _kind, value, _upstream in brokered]
-        start_prompt = build_prompt(pod.template, url) + (f"\n\n{prompt}" if prompt else "")
-        cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=False,
-                            args=list(args))  # fmt: skip
-        check_command_line(
-            cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
-            f"shorten {pod.dir / 'template.md'}",
-        )  # fmt: skip
         self.runner.preflight()
         run = self.registry.name_run(pod, url, run, alone=_alone)
         try:
@@ -223,13 +209,14 @@ class Dispatcher(BlockingAPI):
             self.registry.unreserve(run)
             raise
         transcript = self.transcript_dir / f"{session_id}.jsonl"
-        opts = start_options(pod, run, cmd, env, session_id, session_uuid, transcript)
-        job = self.jobs.start(pod, opts, missing, brokered)
+        opts = start_options(pod, run, plan.cmd, plan.env, session_id, plan.session_uuid,
+                             transcript)  # fmt: skip
+        job = self.jobs.start(pod, opts, plan.missing, plan.brokered)
         try:
             session = Session(pod.name, opts.name, _wrap_job(job) if _wrap_job else job,
-                              self.transcript_dir, secrets, kind=SessionKind.START,
-                              session_id=session_id, claude_session=session_uuid,
-                              missing_env=missing, run=run,
+                              self.transcript_dir, plan.secrets, kind=SessionKind.START,
+                              session_id=session_id, claude_session=plan.session_uuid,
+                              missing_env=plan.missing, run=run,
                               limits=pod_limits(pod, timeout))  # fmt: skip
         except BaseException:
             self.registry.unreserve(run)
@@ -258,19 +245,6 @@ class Dispatcher(BlockingAPI):
             InvalidRequestError: The name is a pod with several runs (they are listed).
         """
         return self.registry.resolve_run(name, doing)
-
-    def _running_container(
-        self, pod_name: str, not_running: str, *, known: bool = False, doing: str = "use"
-    ) -> ContainerInfo:
-        """The running container of a run (or of a pod's one run), else SessionNotFoundError."""
-        validate_pod_name(pod_name)
-        self.runner.preflight()
-        info = self.runner.inspect(container_name(self.resolve_run(pod_name, doing)))
-        if info is None or not info.running:
-            if known:
-                self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
-            raise SessionNotFoundError(not_running)
-        return info
 
     def _pod_of(self, pod_name: str, info: ContainerInfo) -> Pod:
         """The pod of a running container: from our pods_dir, else from where it was started."""
@@ -306,12 +280,12 @@ class Dispatcher(BlockingAPI):
         """
         if not prompt or not prompt.strip():
             raise InvalidRequestError("The prompt is empty; say what the agent should do next.")
-        info = self._running_container(
-            pod_name,
-            f"Pod {pod_name} is not running; start it first with an issue URL.",
-            known=True,
-            doing="resume",
-        )
+        info = self.registry.running_container(pod_name, "resume")
+        if info is None:
+            self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
+            raise SessionNotFoundError(
+                f"Pod {pod_name} is not running; start it first with an issue URL."
+            )
         pod = self._pod_of(info.labels.get(LABEL_POD) or pod_name, info)
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
         secrets = self.secrets(pod) + self.container_secrets(info)
@@ -341,9 +315,9 @@ class Dispatcher(BlockingAPI):
         Raises:
             SessionNotFoundError: Nothing runs for the pod.
         """
-        info = self._running_container(
-            pod_name, f"Pod {pod_name} is not running; nothing to attach to.", doing="attach to"
-        )
+        info = self.registry.running_container(pod_name, "attach to")
+        if info is None:
+            raise SessionNotFoundError(f"Pod {pod_name} is not running; nothing to attach to.")
         name = info.name
         pod_of_run = info.labels.get(LABEL_POD) or pod_name
         try:

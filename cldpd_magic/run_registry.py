@@ -179,6 +179,19 @@ class RunRegistry:
         with self._names_lock:
             self._reserved.discard(run)
 
+    def running_container(self, name: str, doing: str = "use") -> ContainerInfo | None:
+        """The running container of a run (or of a pod's one run); None when nothing runs.
+
+        Raises:
+            InvalidPodError: The name cannot name a pod or a run.
+            InvalidRequestError: The name is a pod with several runs (they are listed).
+            DockerUnavailableError: Docker does not answer.
+        """
+        validate_pod_name(name)
+        self.runner.preflight()
+        info = self.runner.inspect(container_name(self.resolve_run(name, doing)))
+        return info if info is not None and info.running else None
+
     def resolve_run(self, name: str, doing: str = "use") -> str:
         """The run a name means: a run of that name, else the one run of a pod of that name.
 
