@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 ENGINES_ENV = "CLDPD_ENGINES"
 #: Status of a run whose engine did not answer the last listing.
 UNREACHABLE = "unreachable"
+#: The prefix of a Swarm entry, followed by the manager's endpoint.
+SWARM_PREFIX = "swarm://"
 #: The file names of a TLS directory, as ``DOCKER_CERT_PATH`` holds them.
 TLS_FILES = ("ca.pem", "cert.pem", "key.pem")
 
@@ -51,16 +53,20 @@ class Engine:
         tls: ``(ca, cert, key)`` file paths for a TLS endpoint, None without TLS.
         use_ssh_client: Reach an ``ssh://`` endpoint through the system's ``ssh`` command
             rather than paramiko (the ``ssh`` extra); both read ``~/.ssh``.
+        swarm: The endpoint is a Swarm manager's: runs are services the swarm places.
     """
 
     name: str
     url: str
     tls: tuple[str, str, str] | None = None
     use_ssh_client: bool = False
+    swarm: bool = False
 
     @property
     def remote(self) -> bool:
         """Whether the engine may run on another host (its bind mounts name that host's paths)."""
+        if self.swarm:
+            return True  # any node may run the pod
         parts = urlsplit(self.url)
         if parts.scheme in ("unix", "npipe"):
             return False
@@ -121,7 +127,9 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
     Forms: ``unix:///path``; ``tcp://host:port`` (plain) or ``tcp://host:port?tls=DIR``
     with ``DIR`` holding ca.pem, cert.pem and key.pem; ``ssh://user@host[:port]``
     (through paramiko, or the ``ssh`` command with ``?ssh=system``); a Docker context
-    name. ``?name=NAME`` names an endpoint (else its URL is its name). In Python, a
+    name; ``swarm://`` followed by any of these names a Swarm manager (runs become
+    services the swarm places). ``?name=NAME`` names an endpoint (else its URL is its
+    name). In Python, a
     dict ``{"url": ..., "name": ..., "tls": DIR or {"ca", "cert", "key"}}``.
 
     Args:
@@ -140,12 +148,9 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
     entry = entry.strip()
     if "://" not in entry:
         return _context(entry)
+    if entry.startswith(SWARM_PREFIX):
+        return _swarm(entry)
     parts = urlsplit(entry)
-    if parts.scheme == "swarm":
-        raise PodConfigError(
-            f"Engine {entry}: Swarm engines are not supported yet; "
-            "name the manager's Docker endpoint instead."
-        )
     if parts.scheme not in ("unix", "tcp", "ssh"):
         raise PodConfigError(
             f"Engine {entry}: unknown scheme {parts.scheme!r}; use unix://, tcp://, ssh:// "
@@ -171,6 +176,19 @@ def parse_engine(entry: str | Mapping[str, Any]) -> Engine:
             raise PodConfigError(f"Engine {entry}: tls= goes with tcp:// endpoints only.")
         tls = _tls_dir(name, query["tls"][0])
     return Engine(name, url, tls, use_ssh_client)
+
+
+def _swarm(entry: str) -> Engine:
+    """A ``swarm://`` entry: the manager's endpoint after the prefix, in any form above."""
+    manager = entry[len(SWARM_PREFIX) :]
+    if not manager or manager.startswith(SWARM_PREFIX):
+        raise PodConfigError(
+            f"Engine {entry}: a swarm entry names its manager's Docker endpoint, such as "
+            "swarm://unix:///var/run/docker.sock or swarm://tcp://HOST:2376?tls=DIR."
+        )
+    engine = parse_engine(manager)
+    name = engine.name if "name=" in manager else entry.partition("?")[0]
+    return dataclasses.replace(engine, name=name, swarm=True)
 
 
 def _engine_from_mapping(entry: Mapping[str, Any]) -> Engine:
@@ -223,14 +241,22 @@ def parse_engines(value: EngineSetting) -> list[Engine]:
 
 
 def docker_runner_for(engine: Engine, timeout: float = 30.0) -> Runner:
-    """A DockerRunner on one engine; every call but a stream gives up after ``timeout`` s."""
+    """A DockerRunner on one engine (a SwarmRunner on a Swarm manager's); every call but
+    a stream gives up after ``timeout`` s."""
     from .runner import DockerRunner
 
-    return DockerRunner(
+    runner = DockerRunner(
         base_url=engine.url,
         tls=engine.tls,
         use_ssh_client=engine.use_ssh_client,
         timeout=timeout,
+    )
+    if not engine.swarm:
+        return runner
+    from .swarm import SwarmRunner
+
+    return SwarmRunner(
+        runner, node_runner=lambda entry: docker_runner_for(parse_engine(entry), timeout)
     )
 
 

@@ -86,7 +86,7 @@ def test_a_docker_context_is_read_with_its_tls_files(tmp_path, monkeypatch):
         ("tcp://h:1?tls=/nonexistent", "lacks ca.pem"),
         ("tcp://h:1?verify=0", "unknown option"),
         ("unix:///s?tls=/x", "tcp:// endpoints only"),
-        ("swarm://tcp://h:1", "not supported yet"),
+        ("swarm://", "names its manager"),
     ],
 )
 def test_bad_entries_are_one_sentence(entry, says, tmp_path, monkeypatch):

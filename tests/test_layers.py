@@ -37,4 +37,5 @@ def test_only_the_docker_runner_imports_docker():
         "docker_containers.py",  # containers: create, run, inspect, logs
         "docker_exec.py",  # exec and the graceful stop
         "docker_networks.py",  # networks for egress
+        "swarm.py",  # SwarmRunner: services, tasks and secrets through the manager's API
     }

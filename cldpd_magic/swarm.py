@@ -1,0 +1,507 @@
+"""SwarmRunner: the Runner protocol on a Docker Swarm, where the swarm picks each run's node.
+
+Each run is a ``replicated-job`` service named like the container would be; its labels
+are the run's, so the inventory finds it. Output follows the service's logs (stdout and
+stderr kept apart); the exit code is the task's. Signals and execs reach the task's
+container through the engine of its node: the manager's own, or the endpoint a node
+names in its ``cldpd.endpoint`` label. Forwarded secrets become Swarm secrets, read
+into the environment by a small wrapper, so no service spec holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+
+from .docker_engine import _read_exactly, _StreamDecoder, engine_errors, explain
+from .errors import (
+    ContainerFailedError,
+    DockerUnavailableError,
+    PodRunningError,
+    SessionNotFoundError,
+    one_line,
+)
+from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from .runner import DockerRunner
+from .secrets import looks_secret
+
+#: Node label naming the Docker endpoint (an engine entry) that reaches the node's engine.
+LABEL_ENDPOINT = "cldpd.endpoint"
+#: Label on the Swarm secrets of a run, naming its service.
+LABEL_SECRET_OF = "cldpd.secret-of"
+#: Where the wrapper finds the secrets (one file per variable, named after it).
+SECRET_PREFIX = "cldpd-env."
+#: Reads each secret file into the variable it names, then runs the agent in its place.
+_SECRET_WRAPPER = (
+    f'for f in /run/secrets/{SECRET_PREFIX}*; do [ -f "$f" ] || continue; '
+    f'export "${{f#/run/secrets/{SECRET_PREFIX}}}=$(cat "$f")"; done; exec "$@"'
+)
+_WAITING = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting")
+#: Seconds the logs of a finished task have to reach the follower before it is closed.
+LOG_DRAIN_SECONDS = 30.0
+
+
+def _status(task: dict[str, Any] | None) -> str:
+    """A task's state in Docker's container words (created, running, exited)."""
+    if task is None:
+        return "created"
+    state = (task.get("Status") or {}).get("State", "")
+    if state == "running":
+        return "running"
+    return "created" if state in _WAITING else "exited"
+
+
+class _LogFollower:
+    """Follows a service's log in a thread, counting what each stream delivered."""
+
+    def __init__(self, runner: DockerRunner, service: str, stdout: Writer, stderr: Writer | None):
+        self._runner = runner
+        self._service = service
+        self._writers = {1: _StreamDecoder(stdout), 2: _StreamDecoder(stderr)}
+        self.delivered = {1: 0, 2: 0}
+        self._cond = threading.Condition()
+        self._socket: Any = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="cldpd-swarm-logs")
+        self._thread.start()
+
+    def _follow(self) -> None:
+        with contextlib.suppress(Exception), self._runner.connection.streaming() as api:
+            with self._cond:
+                if self._closing:
+                    return
+                response = _open_logs(api, self._service, follow=True)
+                self._socket = api._get_raw_response_socket(response)
+            for kind, data in _frames(response):
+                if kind not in self._writers:
+                    continue  # the engine's own notes, such as a cancelled log read
+                self._writers[kind].feed(data)
+                with self._cond:
+                    self.delivered[kind] += len(data)
+                    self._cond.notify_all()
+        for writer in self._writers.values():
+            writer.close()
+
+    def drain(self, expected: dict[int, int], timeout: float) -> None:
+        """Wait until each stream delivered ``expected`` bytes (or ``timeout``), then stop."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: all(self.delivered[k] >= n for k, n in expected.items()), timeout
+            )
+            self._closing = True
+            sock = self._socket
+        if sock is not None:
+            # Closing the response would wait for the read in progress; a shutdown ends it,
+            # as docker-py's CancellableStream does.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout)
+
+
+def _open_logs(api: docker.APIClient, service: str, follow: bool) -> Any:
+    """The service's log as a streamed response of multiplexed frames (stream ids kept)."""
+    response = api._get(
+        api._url("/services/{0}/logs", service),
+        params={"stdout": 1, "stderr": 1, "follow": int(follow), "details": 0},
+        stream=True,
+        timeout=None,
+    )
+    api._raise_for_status(response)
+    if follow:
+        api._disable_socket_timeout(api._get_raw_response_socket(response))
+    return response
+
+
+def _frames(response: Any) -> Iterator[tuple[int, bytes]]:
+    """``(stream id, payload)`` frames of a multiplexed log response, until it ends."""
+    try:
+        while True:
+            header = _read_exactly(response.raw, 8)
+            if len(header) < 8:
+                return
+            kind, size = struct.unpack(">BxxxL", header)
+            data = _read_exactly(response.raw, size)
+            yield kind, data
+            if len(data) < size:
+                return
+    finally:
+        response.close()
+
+
+class SwarmRunner:
+    """Runner on a Docker Swarm, through its manager's engine.
+
+    Args:
+        manager: A DockerRunner on a manager node's engine.
+        node_runner: Makes the runner of a node's engine from its ``cldpd.endpoint``
+            label (an engine entry); DockerRunner(base_url=...) when None.
+        poll: Seconds between looks at a task's state.
+    """
+
+    def __init__(
+        self,
+        manager: DockerRunner,
+        *,
+        node_runner: Callable[[str], Runner] | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        self.manager = manager
+        self._node_runner = node_runner or (lambda url: DockerRunner(base_url=url))
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._nodes: dict[str, Runner] = {}
+        self._execs: dict[str, Runner] = {}  # exec id -> the node runner that runs it
+
+    def _api(self) -> docker.APIClient:
+        return self.manager.connection.control()
+
+    # -- nodes and tasks -----------------------------------------------------------
+
+    def _node(self, node_id: str) -> Runner:
+        """The runner of a node's engine: the manager's own, or its ``cldpd.endpoint``."""
+        with self._lock:
+            if node_id in self._nodes:
+                return self._nodes[node_id]
+        api = self._api()
+        if ((api.info().get("Swarm") or {}).get("NodeID")) == node_id:
+            runner: Runner = self.manager
+        else:
+            spec = api.inspect_node(node_id).get("Spec") or {}
+            endpoint = (spec.get("Labels") or {}).get(LABEL_ENDPOINT)
+            if not endpoint:
+                raise DockerUnavailableError(
+                    f"Swarm node {node_id[:12]} has no {LABEL_ENDPOINT} label naming its Docker "
+                    f"endpoint; add one (docker node update --label-add {LABEL_ENDPOINT}=URL)."
+                )
+            runner = self._node_runner(endpoint)
+        with self._lock:
+            self._nodes[node_id] = runner
+        return runner
+
+    def _task(self, service: str) -> dict[str, Any] | None:
+        """The service's newest task, None before the swarm made one."""
+        try:
+            tasks = self._api().tasks(filters={"service": service})
+        except docker.errors.NotFound:
+            return None
+        if not tasks:
+            return None
+        return max(tasks, key=lambda t: (t.get("Version") or {}).get("Index", 0))
+
+    def _container(self, service: str) -> tuple[Runner, str] | None:
+        """The node runner and container id of a service's running task."""
+        task = self._task(service)
+        if task is None or _status(task) != "running":
+            return None
+        cid = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
+        if not cid:
+            return None
+        return self._node(task["NodeID"]), cid
+
+    def _service(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self._api().inspect_service(name)
+        except docker.errors.NotFound:
+            return None
+
+    def _wait_end(self, service: str, opts_name: str) -> tuple[dict[str, Any] | None, int]:
+        """Wait for the service's task to end; return it and its exit code."""
+        while True:
+            task = self._task(service)
+            if task is None and self._service(service) is None:
+                return None, -1
+            if task is not None and _status(task) == "exited":
+                status = task.get("Status") or {}
+                code = (status.get("ContainerStatus") or {}).get("ExitCode")
+                if status.get("State") == "rejected" or code is None:
+                    raise ContainerFailedError(
+                        f"The swarm could not run {opts_name}: "
+                        f"{one_line(status.get('Err') or status.get('Message') or 'rejected')}."
+                    )
+                return task, int(code)
+            time.sleep(self.poll)
+
+    def _logged(self, service: str) -> dict[int, int]:
+        """Bytes the service's log holds now, per stream."""
+        counts = {1: 0, 2: 0}
+        with self.manager.connection.streaming() as api:
+            for kind, data in _frames(_open_logs(api, service, follow=False)):
+                if kind in counts:
+                    counts[kind] += len(data)
+        return counts
+
+    def _follow_to_end(self, service: str, name: str, stdout: Writer, stderr: Writer | None) -> int:
+        follower = _LogFollower(self.manager, service, stdout, stderr)
+        expected: dict[int, int] = {}
+        try:
+            _, code = self._wait_end(service, name)
+            expected = self._logged(service)
+            return code
+        finally:
+            follower.drain(expected, LOG_DRAIN_SECONDS if expected else 0)
+
+    # -- services and secrets --------------------------------------------------------
+
+    def _secret_refs(self, opts: RunOptions, env: dict[str, str]) -> list[Any]:
+        """Swarm secrets for the secret values of ``env`` (taken out of it)."""
+        secret = [k for k in env if k in opts.inherit_env or looks_secret(k)]
+        refs = []
+        api = self._api()
+        for key in secret:
+            value = env.pop(key)
+            name = f"{opts.name}-{key}-{uuid.uuid4().hex[:8]}"[:64]
+            created = api.create_secret(name, value.encode(), labels={LABEL_SECRET_OF: opts.name})
+            refs.append(
+                docker.types.SecretReference(
+                    created["ID"], name, filename=SECRET_PREFIX + key, mode=0o444
+                )
+            )
+        return refs
+
+    def _remove_secrets(self, name: str) -> None:
+        api = self._api()
+        for secret in api.secrets(filters={"label": f"{LABEL_SECRET_OF}={name}"}):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                api.remove_secret(secret["ID"])
+
+    def _create(self, opts: RunOptions) -> str:
+        if self._service(opts.name) is not None:
+            raise PodRunningError(f"A run named {opts.name} already exists; stop it first.")
+        env = opts.resolved_env()
+        secrets = self._secret_refs(opts, env)
+        cmd = ["sh", "-c", _SECRET_WRAPPER, "cldpd-env", *opts.cmd] if secrets else opts.cmd
+        limits = opts.resources
+        nano_cpus = None if limits.cpus is None else round(limits.cpus * 1e9)
+        resources = docker.types.Resources(
+            cpu_limit=nano_cpus,
+            mem_limit=limits.memory,
+            cpu_reservation=nano_cpus,
+            mem_reservation=limits.memory,
+        )
+        if limits.pids is not None:
+            resources.setdefault("Limits", {})["Pids"] = limits.pids
+        spec = docker.types.ContainerSpec(
+            opts.image,
+            command=cmd,
+            env=env,
+            workdir=opts.workdir or None,
+            labels=opts.labels,
+            mounts=[
+                docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                for m in opts.mounts
+            ],
+            secrets=secrets or None,
+            init=True,
+            cap_drop=["ALL"],
+            cap_add=list(opts.cap_add) or None,
+            read_only=opts.read_only_root or None,
+            dns_config=docker.types.DNSConfig(nameservers=opts.dns) if opts.dns else None,
+        )
+        template = docker.types.TaskTemplate(
+            spec,
+            resources=resources,
+            restart_policy=docker.types.RestartPolicy("none"),
+            networks=[opts.network] if opts.network else None,
+        )
+        try:
+            created = self._api().create_service(
+                template,
+                name=opts.name,
+                labels=opts.labels,
+                mode=docker.types.ServiceMode("replicated-job"),
+            )
+        except docker.errors.APIError as exc:
+            self._remove_secrets(opts.name)
+            if exc.status_code == 409:
+                raise PodRunningError(
+                    f"A run named {opts.name} already exists; stop it first."
+                ) from None
+            raise ContainerFailedError(
+                f"The swarm refused the service {opts.name}: {one_line(explain(exc))}"
+            ) from None
+        return created["ID"]
+
+    # -- the Runner protocol ---------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Check that the manager answers and is a swarm manager.
+
+        Raises:
+            DockerUnavailableError: It does not answer, or is no manager.
+        """
+        self.manager.preflight()
+        try:
+            swarm = self._api().info().get("Swarm") or {}
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailableError(
+                f"The swarm manager did not answer: {one_line(explain(exc))}."
+            ) from None
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            raise DockerUnavailableError(
+                "This engine is not a swarm manager; run docker swarm init there, or name a "
+                "manager's endpoint in the swarm:// entry."
+            )
+
+    @engine_errors
+    def build(
+        self,
+        tag: str,
+        context_dir: str,
+        build_args: dict[str, str] | None = None,
+        on_output: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        engine: str = "",
+    ) -> None:
+        """Build the image on every ready node, through each node's engine."""
+        built: set[int] = set()
+        for node in self._api().nodes():
+            if (node.get("Status") or {}).get("State") != "ready":
+                continue
+            runner = self._node(node["ID"])
+            if id(runner) not in built:
+                built.add(id(runner))
+                runner.build(tag, context_dir, build_args, on_output, cancel)
+
+    @engine_errors
+    def run(
+        self,
+        opts: RunOptions,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ContainerInfo], None] | None = None,
+    ) -> int:
+        """Run a service to its end, following its log; return the task's exit code.
+
+        Raises:
+            PodRunningError: A service of that name exists.
+            ContainerFailedError: The swarm refused the service or could not run its task.
+        """
+        service = self._create(opts)
+        try:
+            if on_start is not None:
+                on_start(ContainerInfo(opts.name, service, "running", opts.labels, opts.image))
+            return self._follow_to_end(service, opts.name, stdout, stderr)
+        finally:
+            if opts.remove:
+                self.remove(opts.name)
+
+    @engine_errors
+    def start(self, opts: RunOptions) -> ContainerInfo:
+        """Create the service detached (keepAlive runs); it lives until stopped and removed."""
+        service = self._create(opts)
+        return ContainerInfo(opts.name, service, "running", opts.labels, opts.image)
+
+    @engine_errors
+    def exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None = None,
+        on_start: Callable[[ExecHandle], None] | None = None,
+    ) -> int:
+        """Run a command in the task's container, through its node's engine.
+
+        Raises:
+            SessionNotFoundError: The service has no running task.
+        """
+        found = self._container(container)
+        if found is None:
+            raise SessionNotFoundError(f"No running container named {container}.")
+        runner, cid = found
+
+        def started(handle: ExecHandle) -> None:
+            with self._lock:
+                self._execs[handle.exec_id] = runner
+            if on_start is not None:
+                on_start(handle)
+
+        return runner.exec(cid, cmd, stdout, stderr, on_start=started)
+
+    def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
+        """Stop an exec started by exec(), on its node."""
+        with self._lock:
+            runner = self._execs.pop(handle.exec_id, None)
+        if runner is not None:
+            runner.stop_exec(handle, timeout)
+
+    @engine_errors
+    def stop(self, container: str, timeout: float = 10.0) -> None:
+        """Stop the task gracefully on its node: SIGINT, SIGTERM, then kill; the service stays."""
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self._task(container)
+            if task is None or _status(task) == "exited":
+                return
+            found = self._container(container)
+            if found is not None:
+                break
+            if time.monotonic() > deadline:
+                self.remove(container)  # never started: nothing to end gracefully
+                return
+            time.sleep(self.poll)
+        runner, cid = found
+        runner.stop(cid, max(deadline - time.monotonic(), 1.0))
+        while _status(self._task(container)) not in ("exited", "created"):
+            if time.monotonic() > deadline + 10:
+                break
+            time.sleep(self.poll)
+
+    @engine_errors
+    def remove(self, container: str) -> None:
+        """Remove the service and its secrets; a missing one is fine."""
+        with contextlib.suppress(docker.errors.NotFound):
+            self._api().remove_service(container)
+        self._remove_secrets(container)
+
+    def _info(self, service: dict[str, Any]) -> ContainerInfo:
+        spec = service.get("Spec") or {}
+        container = (spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}
+        task = self._task(service["ID"])
+        return ContainerInfo(
+            name=spec.get("Name", ""),
+            id=service["ID"],
+            status=_status(task),
+            labels=spec.get("Labels") or {},
+            image=str(container.get("Image", "")).split("@")[0],
+            started_at=((task or {}).get("Status") or {}).get("Timestamp", ""),
+            env=dict(item.partition("=")[::2] for item in container.get("Env") or []),
+        )
+
+    @engine_errors
+    def inspect(self, container: str) -> ContainerInfo | None:
+        """Describe a run's service, None when there is none."""
+        service = self._service(container)
+        return None if service is None else self._info(service)
+
+    @engine_errors
+    def list(self, label: str) -> list[ContainerInfo]:
+        """List the services that carry a label (``key`` or ``key=value``)."""
+        services = self._api().services(filters={"label": label})
+        return sorted((self._info(s) for s in services), key=lambda c: c.name)
+
+    @engine_errors
+    def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Follow a run's log from its start to its end; return the exit code.
+
+        Raises:
+            SessionNotFoundError: There is no such service.
+        """
+        service = self._service(container)
+        if service is None:
+            raise SessionNotFoundError(f"No container named {container}.")
+        return self._follow_to_end(service["ID"], container, stdout, stderr)
+
+
+__all__ = ["LABEL_ENDPOINT", "LABEL_SECRET_OF", "SwarmRunner"]

@@ -1,0 +1,324 @@
+"""The Swarm runner on a one-node swarm of a second dockerd (never the main engine's).
+
+The runner conformance suite's checks that hold for services (exit codes, streams kept
+apart, line fidelity, labels, inspect, list, stop escalation, exec, logs), then what is
+Swarm's own: secrets kept out of the service spec, resources as reservations and limits,
+and ``swarm://`` entries in the engines setting. A two-node swarm is not tried here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import docker.errors
+import pytest
+from engines_util import TEST_LABEL, ExtraEngine, free_port, start_extra_engine, stop_extra_engine
+from test_runner_conformance import AGENT, Text
+
+from cldpd_magic.engines import MultiEngineRunner, parse_engine
+from cldpd_magic.errors import (
+    ContainerFailedError,
+    DockerUnavailableError,
+    PodConfigError,
+    PodRunningError,
+    SessionNotFoundError,
+)
+from cldpd_magic.pods import Resources
+from cldpd_magic.protocol import ContainerInfo, ExecHandle, RunOptions
+from cldpd_magic.runner import DockerRunner
+from cldpd_magic.swarm import LABEL_SECRET_OF, SwarmRunner
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+
+
+@dataclass
+class Swarm:
+    """A one-node swarm, its runner, and the image of the stand-in agent."""
+
+    engine: ExtraEngine
+    runner: SwarmRunner
+    image: str = ""
+    made: list[str] = field(default_factory=list)
+
+    @property
+    def api(self) -> docker.APIClient:
+        return self.runner.manager.connection.control()
+
+    @property
+    def entry(self) -> str:
+        return f"swarm://{self.engine.url}?tls={self.engine.certs}&name=swarm"
+
+    def opts(self, *args: str, **kwargs) -> RunOptions:
+        name = f"cldpd-swarm-{uuid.uuid4().hex[:10]}"
+        self.made.append(name)
+        labels = {TEST_LABEL: "swarm", "cldpd.run": name, **kwargs.pop("labels", {})}
+        return RunOptions(self.image, name, ["agent", *args], labels=labels, **kwargs)
+
+    def cleanup(self) -> list[str]:
+        leaked = []
+        for name in self.made:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.api.remove_service(name)
+                leaked.append(name)
+        self.made.clear()
+        return leaked
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_client, tmp_path_factory) -> Iterator[Swarm]:
+    engine = start_extra_engine()
+    try:
+        manager = DockerRunner(base_url=engine.url, tls=_tls(engine))
+        api = manager.connection.control()
+        api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+        s = Swarm(engine, SwarmRunner(manager))
+        context = tmp_path_factory.mktemp("swarm-agent")
+        (context / "agent").write_text(AGENT)
+        (context / "Dockerfile").write_text(
+            "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\n"
+            "RUN chmod +x /usr/local/bin/agent\n"
+        )
+        s.image = f"cldpd-swarm-agent:{uuid.uuid4().hex[:8]}"
+        s.runner.build(s.image, str(context))
+        yield s
+        s.cleanup()
+        with contextlib.suppress(docker.errors.APIError):
+            api.leave_swarm(force=True)
+    finally:
+        stop_extra_engine(engine)
+
+
+def _tls(engine: ExtraEngine) -> tuple[str, str, str]:
+    return tuple(str(engine.certs / f) for f in ("ca.pem", "cert.pem", "key.pem"))  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(request) -> Iterator[None]:
+    yield
+    if "swarm" in request.fixturenames:
+        s = request.getfixturevalue("swarm")
+        leaked = s.cleanup()
+        assert not leaked, f"services left behind: {leaked}"
+
+
+def run(s: Swarm, *args: str, **kwargs) -> tuple[int, str, str, RunOptions]:
+    out, err = Text(), Text()
+    opts = s.opts(*args, **kwargs)
+    return s.runner.run(opts, out, err), out.value, err.value, opts
+
+
+@pytest.mark.parametrize("code", [0, 3, 130])
+def test_exit_codes_come_from_the_task(swarm, code):
+    got, out, _, _ = run(swarm, "exit", str(code))
+    assert (got, out) == (code, f"leaving with {code}\n")
+
+
+def test_stdout_and_stderr_are_kept_apart(swarm):
+    _, out, err, _ = run(swarm, "split")
+    assert (out, err) == ("out-1\nout-2\n", "err-1\nerr-2\n")
+
+
+def test_every_line_comes_in_order(swarm):
+    _, out, _, _ = run(swarm, "lines", "20000")
+    assert out.splitlines() == [f"line {i}" for i in range(1, 20001)]
+
+
+def test_a_long_line_comes_whole(swarm):
+    _, out, _, _ = run(swarm, "long", str(1 << 20))
+    assert out == "x" * (1 << 20) + "\nafter\n"
+
+
+def test_a_run_is_a_replicated_job_removed_at_its_end(swarm):
+    started: list[ContainerInfo] = []
+    opts = swarm.opts("hi")
+    specs = []
+
+    def on_start(info: ContainerInfo) -> None:
+        started.append(info)
+        specs.append(swarm.api.inspect_service(info.id)["Spec"])
+
+    assert swarm.runner.run(opts, Text(), Text(), on_start=on_start) == 0
+    assert [i.name for i in started] == [opts.name]
+    assert "ReplicatedJob" in specs[0]["Mode"]
+    assert specs[0]["Labels"]["cldpd.run"] == opts.name
+    assert swarm.runner.inspect(opts.name) is None
+
+
+def test_labels_inspect_list_stop_and_remove(swarm):
+    opts = swarm.opts("idle", labels={"cldpd.pod": "conf"})
+    assert swarm.runner.start(opts).name == opts.name
+    with pytest.raises(PodRunningError):
+        swarm.runner.start(opts)
+    seen = swarm.runner.inspect(opts.name)
+    assert seen is not None and seen.labels["cldpd.pod"] == "conf"
+    assert seen.image == swarm.image
+    listed = swarm.runner.list(f"cldpd.run={opts.name}")
+    assert [i.name for i in listed] == [opts.name]
+    swarm.runner.stop(opts.name, timeout=5)
+    assert swarm.runner.inspect(opts.name).status == "exited"
+    swarm.runner.remove(opts.name)
+    assert swarm.runner.inspect(opts.name) is None
+    assert swarm.runner.list(f"cldpd.run={opts.name}") == []
+
+
+def test_stop_is_graceful_first(swarm):
+    out, result = Text(), {}
+    opts = swarm.opts("trap")
+
+    def work():
+        result["code"] = swarm.runner.run(opts, out, Text())
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    out.wait_for("ready")
+    swarm.runner.stop(opts.name, timeout=10)
+    thread.join(60)
+    assert result["code"] == 130 and "got INT" in out.value
+
+
+def test_stop_escalates_to_kill(swarm):
+    opts = swarm.opts("deaf")
+    swarm.runner.start(opts)
+    logs, result = Text(), {}
+    follower = threading.Thread(
+        target=lambda: result.update(code=swarm.runner.logs(opts.name, logs, Text())),
+        daemon=True,
+    )
+    follower.start()
+    logs.wait_for("ready")
+    swarm.runner.stop(opts.name, timeout=2)
+    follower.join(60)
+    assert swarm.runner.inspect(opts.name).status == "exited"
+    assert result["code"] == 137
+    swarm.runner.remove(opts.name)
+
+
+def test_exec_runs_in_the_task_container_and_stop_exec_ends_it(swarm):
+    opts = swarm.opts("idle")
+    swarm.runner.start(opts)
+    with pytest.raises(SessionNotFoundError):
+        swarm.runner.exec(f"{opts.name}-none", ["true"], Text())
+    _wait_running(swarm, opts.name)
+    out, err, handles = Text(), Text(), []
+    code = swarm.runner.exec(opts.name, ["agent", "split"], out, err, on_start=handles.append)
+    assert (code, out.value, err.value) == (0, "out-1\nout-2\n", "err-1\nerr-2\n")
+    assert isinstance(handles[0], ExecHandle)
+    trap, result, handles = Text(), {}, []
+    thread = threading.Thread(
+        target=lambda: result.update(
+            code=swarm.runner.exec(opts.name, ["agent", "trap"], trap, on_start=handles.append)
+        ),
+        daemon=True,
+    )
+    thread.start()
+    trap.wait_for("ready")
+    swarm.runner.stop_exec(handles[0], timeout=10)
+    thread.join(30)
+    assert result["code"] == 130 and swarm.runner.inspect(opts.name).running
+    swarm.runner.stop(opts.name, timeout=5)
+    with pytest.raises(SessionNotFoundError):
+        swarm.runner.exec(opts.name, ["true"], Text())
+    swarm.runner.remove(opts.name)
+
+
+def _wait_running(s: Swarm, name: str) -> None:
+    probe = Text()
+    # The task runs once the agent answers an exec; until then exec says it is not running.
+    for _ in range(600):
+        with contextlib.suppress(SessionNotFoundError):
+            s.runner.exec(name, ["true"], probe)
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"{name} never ran")
+
+
+def test_secrets_reach_the_agent_but_no_service_spec(swarm, monkeypatch):
+    token = f"tok-{uuid.uuid4().hex}"
+    forwarded = f"fwd-{uuid.uuid4().hex}"
+    monkeypatch.setenv("CLDPD_SWARM_FORWARDED", forwarded)
+    opts = swarm.opts(
+        env={"API_TOKEN": token, "PLAIN": "visible"}, inherit_env=["CLDPD_SWARM_FORWARDED"]
+    )
+    opts.cmd = ["sh", "-c", 'echo "$API_TOKEN $CLDPD_SWARM_FORWARDED $PLAIN"']
+    opts.remove = False
+    out = Text()
+    assert swarm.runner.run(opts, out, Text()) == 0
+    assert out.value == f"{token} {forwarded} visible\n"
+    cli = subprocess.run(
+        ["docker", *swarm.engine.cli_args(), "service", "inspect", opts.name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    spec = json.dumps(swarm.api.inspect_service(opts.name))
+    for text in (cli, spec, repr(swarm.runner.inspect(opts.name))):
+        assert token not in text and forwarded not in text
+    assert "PLAIN=visible" in spec
+    secrets = swarm.api.secrets(filters={"label": f"{LABEL_SECRET_OF}={opts.name}"})
+    assert len(secrets) == 2
+    swarm.runner.remove(opts.name)
+    assert swarm.api.secrets(filters={"label": f"{LABEL_SECRET_OF}={opts.name}"}) == []
+
+
+def test_resources_become_reservations_and_limits(swarm):
+    opts = swarm.opts("idle", resources=Resources(cpus=0.5, memory=64 << 20, pids=100))
+    swarm.runner.start(opts)
+    resources = swarm.api.inspect_service(opts.name)["Spec"]["TaskTemplate"]["Resources"]
+    assert resources["Limits"] == {"NanoCPUs": 500_000_000, "MemoryBytes": 64 << 20, "Pids": 100}
+    assert resources["Reservations"] == {"NanoCPUs": 500_000_000, "MemoryBytes": 64 << 20}
+    swarm.runner.stop(opts.name, timeout=5)
+    swarm.runner.remove(opts.name)
+
+
+def test_an_image_the_nodes_lack_fails_in_one_sentence(swarm):
+    opts = swarm.opts("hi")
+    opts.image = f"cldpd-swarm-absent:{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ContainerFailedError) as caught:
+        swarm.runner.run(opts, Text(), Text())
+    assert opts.name in str(caught.value) and "\n" not in str(caught.value)
+    assert swarm.runner.inspect(opts.name) is None
+
+
+def test_logs_of_a_finished_run(swarm):
+    opts = swarm.opts("exit", "5")
+    opts.remove = False
+    swarm.runner.run(opts, Text(), Text())
+    out = Text()
+    assert swarm.runner.logs(opts.name, out, Text()) == 5
+    assert out.value == "leaving with 5\n"
+    swarm.runner.remove(opts.name)
+    with pytest.raises(SessionNotFoundError):
+        swarm.runner.logs(opts.name, Text())
+
+
+def test_missing_services(swarm):
+    name = f"cldpd-swarm-missing-{uuid.uuid4().hex[:8]}"
+    assert swarm.runner.inspect(name) is None
+    swarm.runner.stop(name)
+    swarm.runner.remove(name)
+    with pytest.raises(SessionNotFoundError):
+        swarm.runner.exec(name, ["true"], Text())
+
+
+def test_preflight_needs_a_swarm_manager(swarm, docker_client):
+    swarm.runner.preflight()
+    with pytest.raises(DockerUnavailableError, match="not a swarm manager"):
+        SwarmRunner(DockerRunner()).preflight()
+
+
+def test_a_swarm_entry_in_the_engines_setting(swarm):
+    engine = parse_engine(swarm.entry)
+    assert (engine.name, engine.url, engine.swarm) == ("swarm", swarm.engine.url, True)
+    with pytest.raises(PodConfigError, match="swarm://"):
+        parse_engine("swarm://")
+    multi = MultiEngineRunner.from_settings([swarm.entry])
+    assert multi is not None
+    opts = swarm.opts("hi", engine="swarm")
+    out = Text()
+    assert multi.run(opts, out, Text()) == 0 and out.value == "hi\n"
