@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from .egress import brokered_credentials
+from .egress_policy import brokered_credentials
 from .errors import InvalidRequestError
 from .pods import Pod
 from .secrets import config_secrets, forwarded_env

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .egress import EgressPolicy, check_credentials, parse_credentials, parse_network_allow
+from .egress_policy import EgressPolicy, check_credentials, parse_credentials, parse_network_allow
 from .errors import InvalidPodError, PodConfigError, PodNotFoundError
 from .secrets import config_secrets, looks_secret
 

@@ -29,13 +29,11 @@ from cldpd_magic import Dispatcher, egress
 from cldpd_magic.egress import (
     LABEL_EGRESS_OF,
     PLACEHOLDER,
-    AllowRule,
     EgressGuard,
-    EgressPolicy,
     parse_access_line,
-    parse_network_allow,
     rules_image_tag,
 )
+from cldpd_magic.egress_policy import AllowRule, EgressPolicy, parse_network_allow
 from cldpd_magic.engines import docker_runner_for, parse_engine
 from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
 from cldpd_magic.pods import parse_pod_config
