@@ -49,7 +49,7 @@ LAYERS = [
     "widgets",
     "cli",
     "dispatcher", "blocking", "jobs", "run_registry", "agent", "batch",
-    "engines",
+    "engines", "swarm",
     "runner", "docker_exec", "docker_images", "docker_networks", "docker_containers",
     "docker_engine",
     "render",
