@@ -50,6 +50,8 @@ _SECRET_WRAPPER = (
 _WAITING = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting")
 #: Seconds the logs of a finished task have to reach the follower before it is closed.
 LOG_DRAIN_SECONDS = 30.0
+#: Seconds a detached run's task has to start.
+START_SECONDS = 120.0
 
 
 def _status(task: dict[str, Any] | None) -> str:
@@ -60,6 +62,13 @@ def _status(task: dict[str, Any] | None) -> str:
     if state == "running":
         return "running"
     return "created" if state in _WAITING else "exited"
+
+
+def _not_run(task: dict[str, Any], name: str) -> ContainerFailedError:
+    """One sentence for a task the swarm could not run, with the swarm's reason."""
+    status = task.get("Status") or {}
+    why = one_line(status.get("Err") or status.get("Message") or "rejected").rstrip(".")
+    return ContainerFailedError(f"The swarm could not run {name}: {why}.")
 
 
 class _LogFollower:
@@ -225,10 +234,7 @@ class SwarmRunner:
                 status = task.get("Status") or {}
                 code = (status.get("ContainerStatus") or {}).get("ExitCode")
                 if status.get("State") == "rejected" or code is None:
-                    raise ContainerFailedError(
-                        f"The swarm could not run {opts_name}: "
-                        f"{one_line(status.get('Err') or status.get('Message') or 'rejected')}."
-                    )
+                    raise _not_run(task, opts_name)
                 return task, int(code)
             time.sleep(self.poll)
 
@@ -398,9 +404,31 @@ class SwarmRunner:
 
     @engine_errors
     def start(self, opts: RunOptions) -> ContainerInfo:
-        """Create the service detached (keepAlive runs); it lives until stopped and removed."""
+        """Create the service detached (keepAlive runs) and wait until its task runs.
+
+        It lives until stopped and removed.
+
+        Raises:
+            PodRunningError: A service of that name exists.
+            ContainerFailedError: The swarm refused it, or its task did not start in time.
+        """
         service = self._create(opts)
-        return ContainerInfo(opts.name, service, "running", opts.labels, opts.image)
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            task = self._task(service)
+            if ((task or {}).get("Status") or {}).get("State") == "rejected":
+                self.remove(opts.name)
+                raise _not_run(task, opts.name)  # type: ignore[arg-type]
+            if _status(task) != "created":
+                break
+            if time.monotonic() > deadline:
+                self.remove(opts.name)
+                raise ContainerFailedError(
+                    f"The swarm did not start {opts.name} within {START_SECONDS:g} s; check "
+                    "that a node has its image and the resources it reserves."
+                )
+            time.sleep(self.poll)
+        return ContainerInfo(opts.name, service, _status(task), opts.labels, opts.image)
 
     @engine_errors
     def exec(

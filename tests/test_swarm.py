@@ -322,3 +322,40 @@ def test_a_swarm_entry_in_the_engines_setting(swarm):
     opts = swarm.opts("hi", engine="swarm")
     out = Text()
     assert multi.run(opts, out, Text()) == 0 and out.value == "hi\n"
+
+
+def test_resume_attach_and_stop_on_the_swarm_from_a_new_dispatcher(swarm, tmp_path):
+    from fakes import ISSUE_URL, write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.session import EventType
+
+    pod = write_pod(tmp_path / "pods", "herd", {"keepAlive": True})
+    (pod / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
+        "RUN chmod +x /usr/local/bin/claude\n"
+    )
+    (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
+
+    def new_dispatcher() -> Dispatcher:
+        runner = MultiEngineRunner.from_settings([swarm.entry])
+        return Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions")
+
+    def output(session) -> str:
+        return "".join(e.data for e in session.events() if e.type == EventType.OUTPUT)
+
+    swarm.made.append("cldpd-herd")
+    first = new_dispatcher().start_session("herd", ISSUE_URL)
+    assert first.wait(120) == 0
+    assert "agent ran with -p --session-id" in output(first)
+    later = new_dispatcher()
+    assert [(r.container, r.status) for r in later.running() if r.pod == "herd"] == [
+        ("cldpd-herd", "running")
+    ]
+    resumed = later.resume_session("herd", "go on")
+    assert resumed.wait(60) == 0
+    assert "agent ran with -p --resume" in output(resumed)
+    attached = later.attach_session("herd")
+    later.stop("herd", 10)
+    attached.wait(60)
+    assert [r for r in later.running() if r.pod == "herd"] == []
