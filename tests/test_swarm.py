@@ -359,3 +359,33 @@ def test_resume_attach_and_stop_on_the_swarm_from_a_new_dispatcher(swarm, tmp_pa
     later.stop("herd", 10)
     attached.wait(60)
     assert [r for r in later.running() if r.pod == "herd"] == []
+
+
+def test_a_batch_of_eight_runs_on_the_swarm(swarm, tmp_path):
+    from fakes import write_pod
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.session import EventType
+
+    pod = write_pod(tmp_path / "pods", "eight", {})
+    (pod / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
+        "RUN chmod +x /usr/local/bin/claude\n"
+    )
+    (pod / "claude").write_text(
+        '#!/bin/sh\ni=1; while [ "$i" -le 2000 ]; do echo "line $i"; i=$((i + 1)); done\n'
+    )
+    issues = [f"https://github.com/octocat/Hello-World/issues/{n}" for n in range(1, 9)]
+    runner = MultiEngineRunner.from_settings([swarm.entry])
+    batch = Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions").dispatch(
+        "eight", issues, max_parallel=8
+    )
+    swarm.made += [f"cldpd-eight-{n}" for n in range(1, 9)]
+    try:
+        batch.wait(240)
+        for run in batch.runs:
+            lines = [e.data for e in run.events() if e.type == EventType.OUTPUT]
+            assert (run.exit_code, lines) == (0, [f"line {i}" for i in range(1, 2001)])
+    finally:
+        batch.stop(10)
+    assert swarm.api.services(filters={"label": "cldpd.pod=eight"}) == []
