@@ -4,7 +4,9 @@ Targets: the local engine through DockerRunner, a second dockerd on a loopback T
 with TLS (certificates made here) through DockerRunner, the same TLS engine reached
 through a MultiEngineRunner whose default is the local engine (so routing is exercised),
 and the local engine behind an sshd on a loopback port (``ssh://``, paramiko, keys made
-here). Not reached yet: the Swarm runner.
+here). The Swarm runner passes the checks that hold for services in test_swarm.py: this
+suite reads a container's state by its name through the engine's client, and a run on a
+swarm is a service whose task container has another name.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The runner conformance suite's checks that hold for services (exit codes, streams kept
 apart, line fidelity, labels, inspect, list, stop escalation, exec, logs), then what is
 Swarm's own: secrets kept out of the service spec, resources as reservations and limits,
-and ``swarm://`` entries in the engines setting. A two-node swarm is not tried here.
+``swarm://`` entries in the engines setting, a batch of eight, a keepAlive run found again
+by a new dispatcher, and a two-node swarm (a third dockerd joined as a worker on
+127.0.0.2) whose runs are built, exec'd and stopped through the worker's endpoint label.
 """
 
 from __future__ import annotations
@@ -389,3 +391,68 @@ def test_a_batch_of_eight_runs_on_the_swarm(swarm, tmp_path):
     finally:
         batch.stop(10)
     assert swarm.api.services(filters={"label": "cldpd.pod=eight"}) == []
+
+
+# -- two nodes: the second dockerd's swarm joined by a third as a worker ------------
+
+
+def test_a_two_node_swarm_runs_on_the_worker_through_its_endpoint_label(docker_client, tmp_path):
+    """The manager drained: the run lands on the worker; build, exec and stop reach it."""
+    from cldpd_magic.engines import docker_runner_for
+
+    manager_engine = start_extra_engine()
+    worker_engine = None
+    try:
+        worker_engine = start_extra_engine()
+        manager = DockerRunner(base_url=manager_engine.url, tls=_tls(manager_engine))
+        worker = DockerRunner(base_url=worker_engine.url, tls=_tls(worker_engine)).connection
+        api = manager.connection.control()
+        api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+        address = api.info()["Swarm"]["RemoteManagers"][0]["Addr"]
+        token = api.inspect_swarm()["JoinTokens"]["Worker"]
+        worker.control().join_swarm(
+            [address], token, listen_addr=f"127.0.0.2:{free_port()}", advertise_addr="127.0.0.2"
+        )
+        worker_id = worker.control().info()["Swarm"]["NodeID"]
+        manager_id = api.info()["Swarm"]["NodeID"]
+        for node_id, labels, availability in (
+            (worker_id, {"cldpd.endpoint": worker_engine.entry}, "active"),
+            (manager_id, {}, "drain"),
+        ):
+            node = api.inspect_node(node_id)
+            spec = {**node["Spec"], "Labels": labels, "Availability": availability}
+            api.update_node(node_id, node["Version"]["Index"], spec)
+        runner = SwarmRunner(
+            manager, node_runner=lambda entry: docker_runner_for(parse_engine(entry))
+        )
+        context = tmp_path / "agent"
+        context.mkdir()
+        (context / "agent").write_text(AGENT)
+        (context / "Dockerfile").write_text(
+            "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\n"
+            "RUN chmod +x /usr/local/bin/agent\n"
+        )
+        image = f"cldpd-swarm-agent:{uuid.uuid4().hex[:8]}"
+        for _ in range(100):  # the worker is ready once the manager says so
+            if all(n["Status"]["State"] == "ready" for n in api.nodes()) and len(api.nodes()) == 2:
+                break
+            threading.Event().wait(0.2)
+        runner.build(image, str(context))
+        worker.control().inspect_image(image)  # built on the worker too
+        s = Swarm(manager_engine, runner, image)
+        out = Text()
+        assert runner.run(s.opts("split"), out, Text()) == 0 and out.value == "out-1\nout-2\n"
+        opts = s.opts("idle")
+        runner.start(opts)
+        task = api.tasks(filters={"service": opts.name})[0]
+        assert task["NodeID"] == worker_id
+        out = Text()
+        assert runner.exec(opts.name, ["agent", "hi"], out) == 0 and out.value == "hi\n"
+        runner.stop(opts.name, timeout=5)
+        assert runner.inspect(opts.name).status == "exited"
+        runner.remove(opts.name)
+        assert s.cleanup() == []
+    finally:
+        if worker_engine is not None:
+            stop_extra_engine(worker_engine)
+        stop_extra_engine(manager_engine)
