@@ -40,6 +40,18 @@ def _batch_wall(bench: Bench) -> list[Result]:
     return batch_wall(bench)
 
 
+def _tls_streaming(bench: Bench) -> list[Result]:
+    from bench.engines import tls_streaming
+
+    return tls_streaming(bench)
+
+
+def _swarm_streaming(bench: Bench) -> list[Result]:
+    from bench.engines import swarm_streaming
+
+    return swarm_streaming(bench)
+
+
 FIGURES: dict[int, tuple[str, Figure]] = {
     1: ("streaming overhead", figures.streaming),
     2: ("time to first line", figures.first_line),
@@ -49,6 +61,8 @@ FIGURES: dict[int, tuple[str, Figure]] = {
     6: ("concurrency", figures.concurrency),
     7: ("a batch in a kernel: messages and CPU for 1, 10, 50 runs", _fleet_kernel),
     8: ("a batch's wall time", _batch_wall),
+    9: ("streaming from a second dockerd over TLS", _tls_streaming),
+    10: ("streaming from a one-node swarm", _swarm_streaming),
 }
 HEADER = ("figure", "measure", "ours", "baseline", "ratio", "target", "result")
 
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--reps", type=int, help="repetitions per figure (overrides --quick)")
-    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-8)")
+    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-10)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args(argv)
     chosen = _selection(args.only)
