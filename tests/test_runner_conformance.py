@@ -32,6 +32,7 @@ from engines_util import (
     stop_extra_engine,
     stop_ssh_engine,
 )
+from test_docker_runner import Text
 
 from cldpd_magic.engines import Engine, MultiEngineRunner, docker_runner_for, parse_engine
 from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
@@ -53,30 +54,6 @@ case "$1" in
   *) echo "$@" ;;
 esac
 """
-
-
-class Text:
-    """A Writer that keeps what it gets and lets a test wait for a piece of it."""
-
-    def __init__(self) -> None:
-        self._chunks: list[str] = []
-        self._cond = threading.Condition()
-
-    def write(self, text: str) -> int:
-        with self._cond:
-            self._chunks.append(text)
-            self._cond.notify_all()
-        return len(text)
-
-    @property
-    def value(self) -> str:
-        with self._cond:
-            return "".join(self._chunks)
-
-    def wait_for(self, piece: str, timeout: float = 60) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: piece in "".join(self._chunks), timeout)
-        assert ok, f"{piece!r} never came; got {self.value[-300:]!r}"
 
 
 @dataclass
