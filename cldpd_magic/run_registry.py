@@ -37,6 +37,7 @@ class RunningPod:
         started_at: When it started (ISO 8601).
         transcript: The transcript path of the session that started it.
         run: The run's name (the container's name without ``cldpd-``).
+        engine: The configured engine it runs on ("" with one engine).
     """
 
     pod: str
@@ -48,6 +49,7 @@ class RunningPod:
     started_at: str
     transcript: str
     run: str = ""
+    engine: str = ""
 
     @classmethod
     def from_info(cls, info: ContainerInfo) -> RunningPod:
@@ -63,6 +65,7 @@ class RunningPod:
             started_at=info.started_at,
             transcript=labels.get(LABEL_TRANSCRIPT, ""),
             run=run_of(info),
+            engine=info.engine,
         )
 
 
@@ -146,8 +149,9 @@ class RunRegistry:
                 self._reserved.add(pod.name)
                 return pod.name
             base = f"{pod.name}-{issue_number(url) or 'run'}"
+            known = set(others) | self._reserved  # one listing, not one inspect per name
             name, n = base, 1
-            while self._run_taken(name):
+            while name in known or self._run_taken(name):
                 n += 1
                 name = f"{base}-{n}"
             self._reserved.add(name)
