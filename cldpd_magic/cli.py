@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import queue
 import shlex
@@ -27,10 +28,11 @@ from typing import Any, TextIO
 
 from . import __version__
 from .dispatcher import Dispatcher, validate_issue_url
-from .errors import CldpdError, InvalidRequestError, one_line
+from .errors import CldpdError, DockerUnavailableError, InvalidRequestError, one_line
 from .logs import disable_logging, enable_logging, log_swallowed, parse_level
 from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
 from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text
+from .run_registry import LABEL_POD, RunningPod
 from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 from .session import Event, Session, SessionKind
 
@@ -113,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
     stop = sub.add_parser("stop", help="stop a running pod gracefully")
     stop.add_argument("pod")
-    stop.add_argument("--timeout", type=float, default=10.0, help="seconds before a kill")
-    sub.add_parser("list", help="list pods and which of them are running")
+    stop.add_argument("--timeout", type=non_negative, default=10.0, help="seconds before a kill")
+    sub.add_parser("list", help="list pods and their runs")
     batch = sub.add_parser(
         "batch",
         help="run pods on several issues at once: a line per run's change, results at the end",
@@ -138,10 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at once; the others wait their turn (default 4)",
     )  # fmt: skip
     batch.add_argument(
-        "--budget", type=float, metavar="USD",
+        "--budget", type=non_negative, metavar="USD",
         help="the batch's budget in US dollars: past it no run starts and running ones stop",
     )  # fmt: skip
     return parser
+
+
+def non_negative(text: str) -> float:
+    """A number of seconds or dollars: finite and not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of 0 or more")
+    return value
 
 
 def parse_variant(spec: str) -> dict[str, object]:
@@ -461,39 +474,55 @@ def _batch(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: T
 def _stop(dispatcher: Dispatcher, args: argparse.Namespace, err: TextIO) -> int:
     validate_pod_name(args.pod)
     dispatcher.runner.preflight()
-    info = dispatcher.runner.inspect(container_name(args.pod))
+    run = dispatcher.resolve_run(args.pod, "stop")
+    info = dispatcher.runner.inspect(container_name(run))
     running = info is not None and info.running
     if info is not None:
-        dispatcher.stop(args.pod, args.timeout)  # an ended container is removed too
+        dispatcher.stop(run, args.timeout)  # an ended container is removed too
+    pod = info.labels.get(LABEL_POD, args.pod) if info is not None else args.pod
+    what = f"pod {pod}" if run == pod else f"run {run} of pod {pod}"
     if not running:
-        _say(err, f"cldpd: pod {args.pod} is not running; nothing to stop\n")
+        _say(err, f"cldpd: {what} is not running; nothing to stop\n")
         return 1
-    _say(err, f"cldpd: pod {args.pod} stopped\n")
+    _say(err, f"cldpd: {what} stopped\n")
     return 0
 
 
-def _list(dispatcher: Dispatcher, out: TextIO) -> int:
-    running = {r.pod: r for r in dispatcher.running()}
-    rows = [("POD", "IMAGE", "STATUS")]
+def _list(dispatcher: Dispatcher, out: TextIO, err: TextIO) -> int:
+    try:
+        found = dispatcher.running()
+    except DockerUnavailableError as exc:
+        _say(err, f"cldpd: runs not listed: {clean_text(str(exc))}\n")
+        found = None
+    runs: dict[str, list[RunningPod]] = {}
+    for r in found or []:
+        runs.setdefault(r.pod, []).append(r)
+    engines = any(r.engine for r in found or [])
+    rows = [("POD", "IMAGE", "RUN", *(("ENGINE",) if engines else ()), "STATUS")]
+
+    def add(pod: str, image: str, status: str, r: RunningPod | None = None) -> None:
+        engine = ((r.engine or "-") if r else "-",) if engines else ()
+        rows.append((pod, image, r.run if r else "-", *engine, status))
+
     names = set()
     for name, pod, error in scan_pods(dispatcher.pods_dir):
         names.add(name)
         if pod is None:
-            rows.append((name, "-", f"broken: {error}"))
+            add(name, "-", f"broken: {error}")
             continue
-        status = running[name].status if name in running else "-"
-        rows.append((name, pod.image, status))
-    for name, info in sorted(running.items()):
-        if name not in names:
-            rows.append((name, "?", f"{info.status} (no pod directory)"))
+        for r in runs.get(name) or [None]:  # type: ignore[list-item]
+            add(name, pod.image, "?" if found is None else r.status if r else "-", r)
+    for name in sorted(runs.keys() - names):
+        for r in runs[name]:
+            add(name, "?", f"{r.status} (no pod directory)", r)
     if not names:
         out.write(f"No pods in {dispatcher.pods_dir}: {_make_one_hint(dispatcher.pods_dir)}\n")
-    if len(rows) == 1:
-        return 0
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    for row in rows:
-        out.write(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}\n")
-    return 0
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            cells = [f"{c:<{w}}" for c, w in zip(row, widths, strict=False)]
+            out.write("  ".join([*cells, row[-1]]) + "\n")
+    return 1 if found is None else 0
 
 
 def _pods_dir_option(pods_dir: str | None) -> str:
@@ -553,7 +582,7 @@ def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return _stop(dispatcher, args, err)
         if args.command == "batch":
             return _batch(dispatcher, args, out, err)
-        return _list(dispatcher, out)
+        return _list(dispatcher, out, err)
     except CldpdError as exc:
         log_swallowed(logger, f"cldpd {args.command} failed")
         _say(err, f"cldpd: {clean_text(str(exc))}\n")

@@ -53,6 +53,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import CaselessStrEnum, Float, Integer, List, Unicode, observe
 
+from .cli import non_negative
 from .dispatcher import Dispatcher, validate_issue_url
 from .engines import MultiEngineRunner
 from .errors import one_line
@@ -398,7 +399,9 @@ class CldpdMagics(Magics):
 
     @magic_arguments()
     @argument("pod", help="the pod to stop")
-    @argument("--timeout", type=float, help="seconds before it is killed (default: stop_timeout)")
+    @argument(
+        "--timeout", type=non_negative, help="seconds before it is killed (default: stop_timeout)"
+    )
     @line_magic
     def cldpd_stop(self, line: str) -> None:
         """Stop a pod gracefully: its agent gets SIGINT, then SIGTERM, then it is killed.

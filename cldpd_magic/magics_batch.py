@@ -14,7 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
-from .cli import parse_variant
+from .cli import non_negative, parse_variant
 from .dispatcher import validate_issue_url
 from .magic_support import (
     BACKGROUND,
@@ -56,7 +56,7 @@ class BatchMagics(Magics):
     @argument("--repeats", type=int, default=1, help="runs of each pod, issue and variant")
     @argument("--max-parallel", type=int, default=4, help="runs at once; the rest wait")
     @argument(
-        "--budget", type=float, metavar="USD",
+        "--budget", type=non_negative, metavar="USD",
         help="the batch's budget: past it no run starts and running ones stop",
     )  # fmt: skip
     @argument(

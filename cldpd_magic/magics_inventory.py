@@ -158,13 +158,24 @@ class InventoryMagics(Magics):
             notes.append(f"Docker did not answer: {one_line(str(exc))}")
         mine = self.core.sessions()
         here = {s.id for s in mine}
+        engines = any(r.engine for r in found)  # a column only when several are configured
         container_rows = [
-            (r.pod, r.container, r.status, r.session_id, r.started_at[:19],
-             "yes" if r.keep_alive else "no", "yes" if r.session_id in here else "no")
+            (r.pod, r.container, *((r.engine,) if engines else ()), r.status, r.session_id,
+             r.started_at[:19], "yes" if r.keep_alive else "no",
+             "yes" if r.session_id in here else "no")
             for r in found
         ]  # fmt: skip
         containers = Table(
-            ("pod", "container", "status", "session", "started", "keepAlive", "this kernel"),
+            (
+                "pod",
+                "container",
+                *(("engine",) if engines else ()),
+                "status",
+                "session",
+                "started",
+                "keepAlive",
+                "this kernel",
+            ),
             container_rows,
             title="containers",
             notes=notes or ([] if found else ["No cldpd containers."]),

@@ -15,6 +15,7 @@ import pytest
 from fakes import ISSUE_URL as URL
 
 from cldpd_magic.cli import build_parser, main
+from cldpd_magic.dispatcher import Dispatcher
 
 CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]
 
@@ -91,6 +92,51 @@ def test_list_shows_pods_and_broken_ones(pods_dir, make_pod, capsys):
     out = capsys.readouterr().out
     assert f"{good}  cldpd-{good}" in out
     assert bad in out and "malformed JSON at line 1, column 2" in out
+
+
+def test_list_without_docker_still_lists_the_pods(pods_dir, make_pod, capsys, monkeypatch):
+    name = make_pod("echo hi")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    assert main(["--pods-dir", str(pods_dir), "list"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split() == [name, f"cldpd-{name}", "-", "?"]
+    said = captured.err.strip()
+    assert said.startswith("cldpd: runs not listed: Docker is not reachable") and "\n" not in said
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_a_timeout_or_budget_that_is_no_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["stop", "x", "--timeout", value])
+    assert stop.value.code == 2
+    assert f"argument --timeout: {value!r} is not a number of 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["batch", "x", "--issue", "u", "--budget", value])
+    assert "argument --budget" in capsys.readouterr().err
+
+
+def test_list_shows_each_run_of_a_pod_and_stop_takes_a_run(
+    docker_client, pods_dir, transcript_dir, make_pod, capsys
+):
+    name = make_pod("echo hi", pod_json='{"keepAlive": true}')
+    dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir)
+    first = dispatcher.start_session(name, "https://github.com/o/r/issues/7")
+    second = dispatcher.start_session(name, "https://github.com/o/r/issues/8")
+    try:
+        assert first.wait(60) == 0 and second.wait(60) == 0
+        assert main(["--pods-dir", str(pods_dir), "list"]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+        assert rows[0] == ["POD", "IMAGE", "RUN", "STATUS"]
+        assert sorted(r[2] for r in rows if r[0] == name) == sorted([first.run, second.run])
+        assert (first.run, second.run) == (name, f"{name}-8")
+        assert main(["--pods-dir", str(pods_dir), "stop", second.run]) == 0
+        assert capsys.readouterr().err == f"cldpd: run {second.run} of pod {name} stopped\n"
+        assert main(["--pods-dir", str(pods_dir), "stop", name]) == 0
+        assert capsys.readouterr().err == f"cldpd: pod {name} stopped\n"
+        assert main(["--pods-dir", str(pods_dir), "stop", name]) == 1
+    finally:
+        for session in (first, second):
+            dispatcher.stop(session.run, 5)
 
 
 def test_start_streams_output_and_returns_agent_exit_code(docker_client, pods_dir, make_pod):
