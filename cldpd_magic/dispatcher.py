@@ -355,6 +355,8 @@ class Dispatcher(BlockingAPI):
         for session in reversed(active):
             if session.kind is SessionKind.RESUME:
                 session.stop(timeout)
+            else:  # it may see its container end before the loop below reaches it
+                session.expect_stop()
         self.runner.stop(name, timeout)
         for session in self.local_sessions(active=True, run=run):
             session.stop(timeout)

@@ -923,10 +923,15 @@ class Session:
             timeout: Seconds before the container or exec is killed.
         """
         if not self.done:
-            self.stopped = True
-            self.status.request_stop()
+            self.expect_stop()
             self._control._stop(timeout)
         self._thread.join(timeout + 30)
+
+    def expect_stop(self) -> None:
+        """Record that the run's container is being stopped, so its end counts as stopped."""
+        if not self.done:
+            self.stopped = True
+            self.status.request_stop()
 
 
 #: Result subtypes of a CLI that ended itself at a cap, and the reason a run is marked with.
