@@ -14,13 +14,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from .errors import DockerUnavailableError, PodConfigError, SessionNotFoundError, one_line
 from .pods import Mount
@@ -54,6 +55,8 @@ class Engine:
         use_ssh_client: Reach an ``ssh://`` endpoint through the system's ``ssh`` command
             rather than paramiko (the ``ssh`` extra); both read ``~/.ssh``.
         swarm: The endpoint is a Swarm manager's: runs are services the swarm places.
+        registry: For a swarm, the registry (``host[:port]``) its images are pushed to
+            and its nodes pull from; "" builds each image on every node instead.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Engine:
     tls: tuple[str, str, str] | None = None
     use_ssh_client: bool = False
     swarm: bool = False
+    registry: str = ""
 
     @property
     def remote(self) -> bool:
@@ -186,9 +190,20 @@ def _swarm(entry: str) -> Engine:
             f"Engine {entry}: a swarm entry names its manager's Docker endpoint, such as "
             "swarm://unix:///var/run/docker.sock or swarm://tcp://HOST:2376?tls=DIR."
         )
-    engine = parse_engine(manager)
+    url, _, query = manager.partition("?")
+    options = parse_qsl(query, keep_blank_values=True)
+    registry = [value for key, value in options if key == "registry"]
+    if registry and not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]+)?", registry[-1]):
+        raise PodConfigError(
+            f"Engine {entry}: registry= names a registry as HOST or HOST:PORT, "
+            f"got {registry[-1]!r}."
+        )
+    rest = urlencode([(key, value) for key, value in options if key != "registry"])
+    engine = parse_engine(f"{url}?{rest}" if rest else url)
     name = engine.name if "name=" in manager else entry.partition("?")[0]
-    return dataclasses.replace(engine, name=name, swarm=True)
+    return dataclasses.replace(
+        engine, name=name, swarm=True, registry=registry[-1] if registry else ""
+    )
 
 
 def _engine_from_mapping(entry: Mapping[str, Any]) -> Engine:
@@ -256,7 +271,9 @@ def docker_runner_for(engine: Engine, timeout: float = 30.0) -> Runner:
     from .swarm import SwarmRunner
 
     return SwarmRunner(
-        runner, node_runner=lambda entry: docker_runner_for(parse_engine(entry), timeout)
+        runner,
+        node_runner=lambda entry: docker_runner_for(parse_engine(entry), timeout),
+        registry=engine.registry,
     )
 
 

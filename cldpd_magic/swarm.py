@@ -1,10 +1,11 @@
 """SwarmRunner: the Runner protocol on a Docker Swarm, where the swarm picks each run's node.
 
 Each run is a ``replicated-job`` service named like the container would be; its labels
-are the run's, so the inventory finds it. Output follows the service's logs (stdout and
-stderr kept apart); the exit code is the task's. Signals and execs reach the task's
+are the run's, so the inventory finds it. Signals, execs and output reach the task's
 container through the engine of its node: the manager's own, or the endpoint a node
-names in its ``cldpd.endpoint`` label. Forwarded secrets become Swarm secrets, read
+names in its ``cldpd.endpoint`` label. Output follows that container's log (stdout and
+stderr kept apart), or the service's log through the manager when the node names no
+endpoint; the exit code is the task container's. Forwarded secrets become Swarm secrets, read
 into the environment by a small wrapper, so no service spec holds them.
 """
 
@@ -26,6 +27,7 @@ import requests.exceptions
 
 from .docker_engine import _read_exactly, _StreamDecoder, engine_errors, explain
 from .errors import (
+    BuildFailedError,
     ContainerFailedError,
     DockerUnavailableError,
     PodRunningError,
@@ -156,6 +158,8 @@ class SwarmRunner:
         node_runner: Makes the runner of a node's engine from its ``cldpd.endpoint``
             label (an engine entry); DockerRunner(base_url=...) when None.
         poll: Seconds between looks at a task's state.
+        registry: A registry (``host[:port]``) to push images to, built once on the
+            manager, for the nodes to pull; "" builds each image on every ready node.
     """
 
     def __init__(
@@ -164,10 +168,12 @@ class SwarmRunner:
         *,
         node_runner: Callable[[str], Runner] | None = None,
         poll: float = 0.1,
+        registry: str = "",
     ) -> None:
         self.manager = manager
         self._node_runner = node_runner or (lambda url: DockerRunner(base_url=url))
         self.poll = poll
+        self.registry = registry
         self._lock = threading.Lock()
         self._nodes: dict[str, Runner] = {}
         self._execs: dict[str, Runner] = {}  # exec id -> the node runner that runs it
@@ -247,7 +253,47 @@ class SwarmRunner:
                     counts[kind] += len(data)
         return counts
 
+    def _first_container(self, service: str, name: str) -> dict[str, Any] | None:
+        """Wait until the service's task has a container or has ended; None: no service."""
+        while True:
+            task = self._task(service)
+            if task is None:
+                if self._service(service) is None:
+                    return None
+            else:
+                status = task.get("Status") or {}
+                if status.get("State") == "rejected":
+                    raise _not_run(task, name)
+                if (status.get("ContainerStatus") or {}).get("ContainerID") or _status(
+                    task
+                ) == "exited":
+                    return task
+            time.sleep(self.poll)
+
+    def _follow_on_node(
+        self, task: dict[str, Any] | None, stdout: Writer, stderr: Writer | None
+    ) -> int | None:
+        """Follow the task container's own log on its node; None when that is not possible.
+
+        The node's engine serves a container's log directly, several times faster than
+        the swarm gathers a service's log through the manager.
+        """
+        status = (task or {}).get("Status") or {}
+        cid = (status.get("ContainerStatus") or {}).get("ContainerID")
+        if not cid:
+            return None
+        try:
+            node = self._node(task["NodeID"])  # type: ignore[index]
+            return node.logs(cid, stdout, stderr)
+        except (DockerUnavailableError, SessionNotFoundError):
+            return None  # no endpoint for the node, or the container is gone: the swarm's log
+
     def _follow_to_end(self, service: str, name: str, stdout: Writer, stderr: Writer | None) -> int:
+        code = self._follow_on_node(self._first_container(service, name), stdout, stderr)
+        if code is not None and code >= 0:
+            return code
+        if code is not None:
+            return self._wait_end(service, name)[1]
         follower = _LogFollower(self.manager, service, stdout, stderr)
         expected: dict[int, int] = {}
         try:
@@ -298,7 +344,7 @@ class SwarmRunner:
         if limits.pids is not None:
             resources.setdefault("Limits", {})["Pids"] = limits.pids
         spec = docker.types.ContainerSpec(
-            opts.image,
+            self._pulled(opts.image),
             command=cmd,
             env=env,
             workdir=opts.workdir or None,
@@ -369,7 +415,16 @@ class SwarmRunner:
         cancel: threading.Event | None = None,
         engine: str = "",
     ) -> None:
-        """Build the image on every ready node, through each node's engine."""
+        """Build the image on every ready node, through each node's engine; or, with a
+        registry, on the manager, then push it there.
+
+        Raises:
+            BuildFailedError: A build failed, or the registry refused the push.
+        """
+        if self.registry:
+            self.manager.build(tag, context_dir, build_args, on_output, cancel)
+            self._push(tag, on_output)
+            return
         built: set[int] = set()
         for node in self._api().nodes():
             if (node.get("Status") or {}).get("State") != "ready":
@@ -378,6 +433,26 @@ class SwarmRunner:
             if id(runner) not in built:
                 built.add(id(runner))
                 runner.build(tag, context_dir, build_args, on_output, cancel)
+
+    def _push(self, tag: str, on_output: Callable[[str], None] | None) -> None:
+        """Tag the manager's image for the registry and push it."""
+        repository, _, version = self._pulled(tag).rpartition(":")
+        api = self._api()
+        api.tag(tag, repository, version)
+        for chunk in api.push(repository, version, stream=True, decode=True):
+            if chunk.get("error"):
+                raise BuildFailedError(
+                    f"Pushing image {tag} to {self.registry} failed: {one_line(chunk['error'])}"
+                )
+            if on_output is not None and chunk.get("status") and not chunk.get("progress"):
+                on_output(f"{chunk['status']}\n")
+
+    def _pulled(self, tag: str) -> str:
+        """The reference nodes run an image by: in the registry when there is one."""
+        if not self.registry:
+            return tag
+        named = tag if ":" in tag.rpartition("/")[2] else f"{tag}:latest"
+        return f"{self.registry}/{named}"
 
     @engine_errors
     def run(
@@ -493,6 +568,13 @@ class SwarmRunner:
             self._api().remove_service(container)
         self._remove_secrets(container)
 
+    def _unpulled(self, image: str) -> str:
+        """The pod's own tag of an image reference the nodes run."""
+        prefix = f"{self.registry}/"
+        if not self.registry or not image.startswith(prefix):
+            return image
+        return image[len(prefix) :]
+
     def _info(self, service: dict[str, Any]) -> ContainerInfo:
         spec = service.get("Spec") or {}
         container = (spec.get("TaskTemplate") or {}).get("ContainerSpec") or {}
@@ -502,7 +584,7 @@ class SwarmRunner:
             id=service["ID"],
             status=_status(task),
             labels=spec.get("Labels") or {},
-            image=str(container.get("Image", "")).split("@")[0],
+            image=self._unpulled(str(container.get("Image", "")).split("@")[0]),
             started_at=((task or {}).get("Status") or {}).get("Timestamp", ""),
             env=dict(item.partition("=")[::2] for item in container.get("Env") or []),
         )

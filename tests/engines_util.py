@@ -54,6 +54,11 @@ class ExtraEngine:
             ["docker", *self.cli_args(), *args], check=True, capture_output=True, **kwargs
         )
 
+    def tls_files(self) -> tuple[str, str, str]:
+        """The client's CA, certificate and key files."""
+        ca, cert, key = (str(self.certs / f) for f in ("ca.pem", "cert.pem", "key.pem"))
+        return ca, cert, key
+
     def cli_args(self) -> list[str]:
         """The docker CLI options that reach this engine."""
         return [
@@ -187,6 +192,94 @@ def stop_extra_engine(engine: ExtraEngine) -> None:
         raise RuntimeError(f"could not remove {engine.root}")
 
 
+def write_echo_pod(pods_dir: Path, name: str, pod_json: dict) -> Path:
+    """A busybox pod whose agent prints how it was called: ``agent ran with $1 $5``."""
+    from fakes import write_pod
+
+    pod = write_pod(pods_dir, name, pod_json)
+    (pod / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
+        "RUN chmod +x /usr/local/bin/claude\n"
+    )
+    (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
+    return pod
+
+
+def init_swarm(engine: ExtraEngine) -> None:
+    """Make the engine a one-node swarm's manager, advertising a loopback address."""
+    from cldpd_magic.runner import DockerRunner
+
+    api = DockerRunner(base_url=engine.url, tls=engine.tls_files()).connection.control()
+    api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+
+
+def _await_port(
+    port: int, process: subprocess.Popen[bytes], log: Path, what: str, timeout: float
+) -> None:
+    """Wait until something listens on 127.0.0.1:port; RuntimeError with the log's tail if not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} did not start: {tail}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Registry:
+    """A Docker registry (Debian's docker-registry) on a loopback port, storing in ``root``."""
+
+    address: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def tags(self, repository: str) -> list[str]:
+        """The tags the registry holds for a repository."""
+        import json
+        import urllib.request
+
+        url = f"http://{self.address}/v2/{repository}/tags/list"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response).get("tags") or []
+
+
+def start_registry(timeout: float = 30) -> Registry:
+    """Start a registry on 127.0.0.1 (engines treat loopback registries as insecure ones).
+
+    Raises:
+        RuntimeError: It did not come up in time; the message holds its log's tail.
+    """
+    root = Path(tempfile.mkdtemp(prefix="cldpd-registry-"))
+    port = free_port()
+    (root / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: warn\n"
+    )
+    process = subprocess.Popen(
+        ["/usr/bin/docker-registry", "serve", str(root / "config.yml")],
+        stdout=open(root / "registry.log", "wb"),  # noqa: SIM115 - lives as long as it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    registry = Registry(f"127.0.0.1:{port}", root, process)
+    try:
+        _await_port(port, process, root / "registry.log", "the registry", timeout)
+    except RuntimeError:
+        stop_registry(registry)
+        raise
+    return registry
+
+
+def stop_registry(registry: Registry) -> None:
+    """Stop the registry and remove what it stored."""
+    if registry.process.poll() is None:
+        registry.process.terminate()
+        registry.process.wait(30)
+    shutil.rmtree(registry.root, ignore_errors=True)
+
+
 @dataclass
 class SshEngine:
     """An sshd on a loopback port in front of the main engine, as a remote host would be.
@@ -242,15 +335,12 @@ def start_ssh_engine(timeout: float = 30) -> SshEngine:
         start_new_session=True,
     )
     engine = SshEngine(f"ssh://root@127.0.0.1:{port}", home, root, process)
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return engine
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_ssh_engine(engine)
-            tail = (root / "sshd.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"sshd did not start: {tail}")
-        time.sleep(0.1)
+    try:
+        _await_port(port, process, root / "sshd.log", "sshd", timeout)
+    except RuntimeError:
+        stop_ssh_engine(engine)
+        raise
+    return engine
 
 
 def stop_ssh_engine(engine: SshEngine) -> None:

@@ -96,6 +96,18 @@ def test_bad_entries_are_one_sentence(entry, says, tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_a_swarm_entry_may_name_a_registry(tmp_path):
+    engine = parse_engine("swarm://unix:///var/run/docker.sock?registry=127.0.0.1:5000&name=s")
+    assert (engine.name, engine.url, engine.swarm, engine.registry) == (
+        "s", "unix:///var/run/docker.sock", True, "127.0.0.1:5000"
+    )  # fmt: skip
+    assert parse_engine("swarm://unix:///var/run/docker.sock").registry == ""
+    with pytest.raises(PodConfigError, match="registry= names a registry as HOST or HOST:PORT"):
+        parse_engine("swarm://unix:///var/run/docker.sock?registry=http://x/y")
+    with pytest.raises(PodConfigError, match="unknown option 'registry'"):
+        parse_engine("unix:///var/run/docker.sock?registry=127.0.0.1:5000")
+
+
 def test_two_engines_may_not_share_a_name():
     with pytest.raises(PodConfigError, match="Two engines are named"):
         parse_engines(["unix:///a?name=x", "unix:///b?name=x"])

@@ -4,9 +4,9 @@ Targets: the local engine through DockerRunner, a second dockerd on a loopback T
 with TLS (certificates made here) through DockerRunner, the same TLS engine reached
 through a MultiEngineRunner whose default is the local engine (so routing is exercised),
 and the local engine behind an sshd on a loopback port (``ssh://``, paramiko, keys made
-here). The Swarm runner passes the checks that hold for services in test_swarm.py: this
-suite reads a container's state by its name through the engine's client, and a run on a
-swarm is a service whose task container has another name.
+here), and the Swarm runner on a one-node swarm of a second dockerd (a swarm changes its
+engine's networks, so never the main engine's), where a run is a service whose task's
+exit code is read from the task. test_swarm.py holds what is Swarm's own.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -27,10 +28,12 @@ from engines_util import (
     TEST_LABEL,
     ExtraEngine,
     SshEngine,
+    init_swarm,
     start_extra_engine,
     start_ssh_engine,
     stop_extra_engine,
     stop_ssh_engine,
+    write_echo_pod,
 )
 from test_docker_runner import Text
 
@@ -38,6 +41,7 @@ from cldpd_magic.engines import Engine, MultiEngineRunner, docker_runner_for, pa
 from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
 from cldpd_magic.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
 from cldpd_magic.runner import DockerRunner, _PrivateAPI
+from cldpd_magic.swarm import SwarmRunner
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -54,6 +58,16 @@ case "$1" in
   *) echo "$@" ;;
 esac
 """
+
+
+def agent_context(directory: Path) -> Path:
+    """Write the stand-in agent's image context into ``directory`` and return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "agent").write_text(AGENT)
+    (directory / "Dockerfile").write_text(
+        "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\nRUN chmod +x /usr/local/bin/agent\n"
+    )
+    return directory
 
 
 @dataclass
@@ -75,16 +89,35 @@ class Target:
             self.image, name, ["agent", *args], labels=labels, engine=self.engine, **kwargs
         )
 
+    def exit_code(self, name: str) -> int:
+        """The exit code the engine recorded for a run that ended."""
+        return self.client.api.inspect_container(name)["State"]["ExitCode"]
+
+    def _force_remove(self, name: str) -> None:
+        self.client.api.remove_container(name, force=True, v=True)
+
     def cleanup(self) -> list[str]:
+        """Remove what the tests made and did not remove; return those names."""
         leaked = []
         for name in self.made:
             try:
-                self.client.api.remove_container(name, force=True, v=True)
+                self._force_remove(name)
                 leaked.append(name)
             except docker.errors.NotFound:
                 pass
         self.made.clear()
         return leaked
+
+
+class SwarmTarget(Target):
+    """A Swarm runner: each run is a service, whose task holds the exit code."""
+
+    def exit_code(self, name: str) -> int:
+        tasks = self.client.api.tasks(filters={"service": name})
+        return tasks[0]["Status"]["ContainerStatus"]["ExitCode"]
+
+    def _force_remove(self, name: str) -> None:
+        self.client.api.remove_service(name)
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +156,15 @@ def ssh_engine(docker_client) -> Iterator[SshEngine]:
     stop_ssh_engine(engine)
 
 
-@pytest.fixture(scope="module", params=["local", "tls", "engines", "ssh"])
+@pytest.fixture(scope="module", params=["local", "tls", "engines", "ssh", "swarm"])
 def target(request, docker_client, tmp_path_factory) -> Iterator[Target]:
-    if request.param == "local":
+    if request.param == "swarm":
+        extra = start_extra_engine()
+        request.addfinalizer(lambda: stop_extra_engine(extra))
+        init_swarm(extra)
+        manager = DockerRunner(base_url=extra.url, tls=extra.tls_files())
+        t = SwarmTarget("swarm", SwarmRunner(manager), _client(parse_engine(extra.entry)))
+    elif request.param == "local":
         t = Target("local", DockerRunner(), docker.from_env())
     elif request.param == "ssh":
         ssh = request.getfixturevalue("ssh_engine")
@@ -144,11 +183,7 @@ def target(request, docker_client, tmp_path_factory) -> Iterator[Target]:
             local = Engine("local", "unix:///var/run/docker.sock")
             multi = MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))])
             t = Target("engines", multi, _client(tls), engine=tls.name)
-    context = tmp_path_factory.mktemp(f"agent-{t.kind}")
-    (context / "agent").write_text(AGENT)
-    (context / "Dockerfile").write_text(
-        "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\nRUN chmod +x /usr/local/bin/agent\n"
-    )
+    context = agent_context(tmp_path_factory.mktemp(f"agent-{t.kind}"))
     t.image = f"cldpd-conformance-{t.kind}:{uuid.uuid4().hex[:8]}"
     lines: list[str] = []
     t.runner.build(t.image, str(context), on_output=lines.append, engine=t.engine)
@@ -296,7 +331,7 @@ def test_stop_escalates_to_kill(target):
     target.runner.stop(opts.name, timeout=2)
     info = target.runner.inspect(opts.name)
     assert info is not None and info.status == "exited"
-    assert target.client.api.inspect_container(opts.name)["State"]["ExitCode"] == 137
+    assert target.exit_code(opts.name) == 137
     follower.join(30)
     target.runner.remove(opts.name)
 
@@ -389,19 +424,14 @@ def test_an_engine_stopped_under_running_runs(docker_client):
 
 
 def test_resume_attach_and_stop_on_the_tls_engine_from_a_new_dispatcher(extra_engine, tmp_path):
-    from fakes import ISSUE_URL, write_pod
+    from fakes import ISSUE_URL
 
     from cldpd_magic.dispatcher import Dispatcher
     from cldpd_magic.session import EventType
 
     tls = parse_engine(extra_engine.entry)
     local = Engine("local", "unix:///var/run/docker.sock")
-    pod = write_pod(tmp_path / "pods", "far", {"engine": "tls", "keepAlive": True})
-    (pod / "Dockerfile").write_text(
-        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
-        "RUN chmod +x /usr/local/bin/claude\n"
-    )
-    (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
+    write_echo_pod(tmp_path / "pods", "far", {"engine": "tls", "keepAlive": True})
 
     def new_dispatcher() -> Dispatcher:
         runner = MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))])

@@ -1,34 +1,47 @@
-"""The Swarm runner on a one-node swarm of a second dockerd (never the main engine's).
+"""What is the Swarm runner's own, on a one-node swarm of a second dockerd.
 
-The runner conformance suite's checks that hold for services (exit codes, streams kept
-apart, line fidelity, labels, inspect, list, stop escalation, exec, logs), then what is
-Swarm's own: secrets kept out of the service spec, resources as reservations and limits,
-``swarm://`` entries in the engines setting, a batch of eight, a keepAlive run found again
-by a new dispatcher, and a two-node swarm (a third dockerd joined as a worker on
-127.0.0.2) whose runs are built, exec'd and stopped through the worker's endpoint label.
+The Runner contract itself (exit codes, streams, line fidelity, labels, stop, exec, logs)
+is checked by test_runner_conformance.py on a swarm too. Here: a run is a replicated job,
+the service's own log when a node names no endpoint, an exec into the task's container,
+secrets kept out of the service spec, resources as reservations and limits, ``swarm://``
+entries in the engines setting, a batch of eight, a keepAlive run found again by a new
+dispatcher, and a two-node swarm (a third dockerd joined as a worker on 127.0.0.2) whose
+runs are built, exec'd and stopped through the worker's endpoint label.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import docker.errors
 import pytest
-from engines_util import TEST_LABEL, ExtraEngine, free_port, start_extra_engine, stop_extra_engine
-from test_runner_conformance import AGENT, Text
+from engines_util import (
+    TEST_LABEL,
+    ExtraEngine,
+    free_port,
+    init_swarm,
+    start_extra_engine,
+    start_registry,
+    stop_extra_engine,
+    stop_registry,
+    write_echo_pod,
+)
+from test_runner_conformance import Text, agent_context
 
 from cldpd_magic.engines import MultiEngineRunner, parse_engine
 from cldpd_magic.errors import (
+    BuildFailedError,
     ContainerFailedError,
     DockerUnavailableError,
     PodConfigError,
-    PodRunningError,
     SessionNotFoundError,
 )
 from cldpd_magic.pods import Resources
@@ -76,28 +89,18 @@ class Swarm:
 def swarm(docker_client, tmp_path_factory) -> Iterator[Swarm]:
     engine = start_extra_engine()
     try:
-        manager = DockerRunner(base_url=engine.url, tls=_tls(engine))
-        api = manager.connection.control()
-        api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
+        init_swarm(engine)
+        manager = DockerRunner(base_url=engine.url, tls=engine.tls_files())
         s = Swarm(engine, SwarmRunner(manager))
-        context = tmp_path_factory.mktemp("swarm-agent")
-        (context / "agent").write_text(AGENT)
-        (context / "Dockerfile").write_text(
-            "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\n"
-            "RUN chmod +x /usr/local/bin/agent\n"
-        )
+        context = agent_context(tmp_path_factory.mktemp("swarm-agent"))
         s.image = f"cldpd-swarm-agent:{uuid.uuid4().hex[:8]}"
         s.runner.build(s.image, str(context))
         yield s
         s.cleanup()
         with contextlib.suppress(docker.errors.APIError):
-            api.leave_swarm(force=True)
+            s.api.leave_swarm(force=True)
     finally:
         stop_extra_engine(engine)
-
-
-def _tls(engine: ExtraEngine) -> tuple[str, str, str]:
-    return tuple(str(engine.certs / f) for f in ("ca.pem", "cert.pem", "key.pem"))  # type: ignore[return-value]
 
 
 @pytest.fixture(autouse=True)
@@ -113,27 +116,6 @@ def run(s: Swarm, *args: str, **kwargs) -> tuple[int, str, str, RunOptions]:
     out, err = Text(), Text()
     opts = s.opts(*args, **kwargs)
     return s.runner.run(opts, out, err), out.value, err.value, opts
-
-
-@pytest.mark.parametrize("code", [0, 3, 130])
-def test_exit_codes_come_from_the_task(swarm, code):
-    got, out, _, _ = run(swarm, "exit", str(code))
-    assert (got, out) == (code, f"leaving with {code}\n")
-
-
-def test_stdout_and_stderr_are_kept_apart(swarm):
-    _, out, err, _ = run(swarm, "split")
-    assert (out, err) == ("out-1\nout-2\n", "err-1\nerr-2\n")
-
-
-def test_every_line_comes_in_order(swarm):
-    _, out, _, _ = run(swarm, "lines", "20000")
-    assert out.splitlines() == [f"line {i}" for i in range(1, 20001)]
-
-
-def test_a_long_line_comes_whole(swarm):
-    _, out, _, _ = run(swarm, "long", str(1 << 20))
-    assert out == "x" * (1 << 20) + "\nafter\n"
 
 
 def test_a_run_is_a_replicated_job_removed_at_its_end(swarm):
@@ -152,53 +134,19 @@ def test_a_run_is_a_replicated_job_removed_at_its_end(swarm):
     assert swarm.runner.inspect(opts.name) is None
 
 
-def test_labels_inspect_list_stop_and_remove(swarm):
-    opts = swarm.opts("idle", labels={"cldpd.pod": "conf"})
-    assert swarm.runner.start(opts).name == opts.name
-    with pytest.raises(PodRunningError):
-        swarm.runner.start(opts)
-    seen = swarm.runner.inspect(opts.name)
-    assert seen is not None and seen.labels["cldpd.pod"] == "conf"
-    assert seen.image == swarm.image
-    listed = swarm.runner.list(f"cldpd.run={opts.name}")
-    assert [i.name for i in listed] == [opts.name]
-    swarm.runner.stop(opts.name, timeout=5)
-    assert swarm.runner.inspect(opts.name).status == "exited"
-    swarm.runner.remove(opts.name)
-    assert swarm.runner.inspect(opts.name) is None
-    assert swarm.runner.list(f"cldpd.run={opts.name}") == []
+def _no_endpoint(node_id: str) -> None:
+    raise DockerUnavailableError(f"Swarm node {node_id[:12]} has no cldpd.endpoint label.")
 
 
-def test_stop_is_graceful_first(swarm):
-    out, result = Text(), {}
-    opts = swarm.opts("trap")
-
-    def work():
-        result["code"] = swarm.runner.run(opts, out, Text())
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    out.wait_for("ready")
-    swarm.runner.stop(opts.name, timeout=10)
-    thread.join(60)
-    assert result["code"] == 130 and "got INT" in out.value
-
-
-def test_stop_escalates_to_kill(swarm):
-    opts = swarm.opts("deaf")
-    swarm.runner.start(opts)
-    logs, result = Text(), {}
-    follower = threading.Thread(
-        target=lambda: result.update(code=swarm.runner.logs(opts.name, logs, Text())),
-        daemon=True,
-    )
-    follower.start()
-    logs.wait_for("ready")
-    swarm.runner.stop(opts.name, timeout=2)
-    follower.join(60)
-    assert swarm.runner.inspect(opts.name).status == "exited"
-    assert result["code"] == 137
-    swarm.runner.remove(opts.name)
+def test_without_a_node_endpoint_the_services_log_carries_the_run(swarm, monkeypatch):
+    """The swarm's own log path: every line in order, streams apart, the task's exit code."""
+    monkeypatch.setattr(swarm.runner, "_node", _no_endpoint)
+    code, out, err, _ = run(swarm, "split")
+    assert (code, out, err) == (0, "out-1\nout-2\n", "err-1\nerr-2\n")
+    code, out, _, _ = run(swarm, "lines", "20000")
+    assert code == 0 and out.splitlines() == [f"line {i}" for i in range(1, 20001)]
+    code, out, _, _ = run(swarm, "exit", "3")
+    assert (code, out) == (3, "leaving with 3\n")
 
 
 def test_exec_runs_in_the_task_container_and_stop_exec_ends_it(swarm):
@@ -287,25 +235,35 @@ def test_an_image_the_nodes_lack_fails_in_one_sentence(swarm):
     assert swarm.runner.inspect(opts.name) is None
 
 
-def test_logs_of_a_finished_run(swarm):
-    opts = swarm.opts("exit", "5")
-    opts.remove = False
-    swarm.runner.run(opts, Text(), Text())
-    out = Text()
-    assert swarm.runner.logs(opts.name, out, Text()) == 5
-    assert out.value == "leaving with 5\n"
-    swarm.runner.remove(opts.name)
-    with pytest.raises(SessionNotFoundError):
-        swarm.runner.logs(opts.name, Text())
-
-
-def test_missing_services(swarm):
-    name = f"cldpd-swarm-missing-{uuid.uuid4().hex[:8]}"
-    assert swarm.runner.inspect(name) is None
-    swarm.runner.stop(name)
-    swarm.runner.remove(name)
-    with pytest.raises(SessionNotFoundError):
-        swarm.runner.exec(name, ["true"], Text())
+def test_with_a_registry_the_image_is_pushed_and_the_tasks_pull_it(swarm, tmp_path):
+    if not Path("/usr/bin/docker-registry").exists():
+        message = "the registry test needs Debian's docker-registry (scripts/setup --browser)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    registry = start_registry()
+    try:
+        runner = SwarmRunner(swarm.runner.manager, registry=registry.address)
+        context = agent_context(tmp_path / "agent")
+        version = uuid.uuid4().hex[:8]
+        said: list[str] = []
+        runner.build(f"cldpd-swarm-pushed:{version}", str(context), on_output=said.append)
+        assert registry.tags("cldpd-swarm-pushed") == [version]
+        assert any(line.startswith("Step 1/") for line in said)
+        opts = swarm.opts("split")
+        opts.image = f"cldpd-swarm-pushed:{version}"
+        opts.remove = False
+        out = Text()
+        assert runner.run(opts, out, Text()) == 0 and out.value == "out-1\nout-2\n"
+        image = swarm.api.inspect_service(opts.name)["Spec"]["TaskTemplate"]["ContainerSpec"]
+        assert image["Image"].startswith(f"{registry.address}/cldpd-swarm-pushed")
+        assert runner.inspect(opts.name).image == opts.image
+        runner.remove(opts.name)
+    finally:
+        stop_registry(registry)
+    with pytest.raises(BuildFailedError) as refused:
+        runner.build(f"cldpd-swarm-pushed:{version}", str(context))
+    said = str(refused.value)
+    assert said.startswith(f"Pushing image cldpd-swarm-pushed:{version} to {registry.address}")
+    assert "\n" not in said
 
 
 def test_preflight_needs_a_swarm_manager(swarm, docker_client):
@@ -327,17 +285,12 @@ def test_a_swarm_entry_in_the_engines_setting(swarm):
 
 
 def test_resume_attach_and_stop_on_the_swarm_from_a_new_dispatcher(swarm, tmp_path):
-    from fakes import ISSUE_URL, write_pod
+    from fakes import ISSUE_URL
 
     from cldpd_magic.dispatcher import Dispatcher
     from cldpd_magic.session import EventType
 
-    pod = write_pod(tmp_path / "pods", "herd", {"keepAlive": True})
-    (pod / "Dockerfile").write_text(
-        "FROM busybox:latest\nCOPY claude /usr/local/bin/claude\n"
-        "RUN chmod +x /usr/local/bin/claude\n"
-    )
-    (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
+    write_echo_pod(tmp_path / "pods", "herd", {"keepAlive": True})
 
     def new_dispatcher() -> Dispatcher:
         runner = MultiEngineRunner.from_settings([swarm.entry])
@@ -404,8 +357,8 @@ def test_a_two_node_swarm_runs_on_the_worker_through_its_endpoint_label(docker_c
     worker_engine = None
     try:
         worker_engine = start_extra_engine()
-        manager = DockerRunner(base_url=manager_engine.url, tls=_tls(manager_engine))
-        worker = DockerRunner(base_url=worker_engine.url, tls=_tls(worker_engine)).connection
+        manager = DockerRunner(base_url=manager_engine.url, tls=manager_engine.tls_files())
+        worker = DockerRunner(base_url=worker_engine.url, tls=worker_engine.tls_files()).connection
         api = manager.connection.control()
         api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")
         address = api.info()["Swarm"]["RemoteManagers"][0]["Addr"]
@@ -425,13 +378,7 @@ def test_a_two_node_swarm_runs_on_the_worker_through_its_endpoint_label(docker_c
         runner = SwarmRunner(
             manager, node_runner=lambda entry: docker_runner_for(parse_engine(entry))
         )
-        context = tmp_path / "agent"
-        context.mkdir()
-        (context / "agent").write_text(AGENT)
-        (context / "Dockerfile").write_text(
-            "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\n"
-            "RUN chmod +x /usr/local/bin/agent\n"
-        )
+        context = agent_context(tmp_path / "agent")
         image = f"cldpd-swarm-agent:{uuid.uuid4().hex[:8]}"
         for _ in range(100):  # the worker is ready once the manager says so
             if all(n["Status"]["State"] == "ready" for n in api.nodes()) and len(api.nodes()) == 2:
