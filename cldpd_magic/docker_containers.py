@@ -231,6 +231,32 @@ class Containers:
                     force_remove(api, cid)
 
     @engine_errors
+    def follow_gated(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Follow a container whose command first waits for a line on its stdin.
+
+        It attaches, then sends the line, so the output is read from its first byte
+        through the attach stream, which is several times faster than following the
+        container's log (a swarm task, started by its node, is followed so).
+
+        Returns:
+            The exit code, or -1 when the container vanished.
+
+        Raises:
+            SessionNotFoundError: There is no such container.
+        """
+        with self.connection.streaming() as api:
+            try:
+                sock, stream = PrivateAPI.attach_with_stdin(api, container)
+            except docker.errors.NotFound:
+                raise SessionNotFoundError(f"No container named {container}.") from None
+            sock.sendall(b"\n")
+            pump(stream, stdout, stderr)
+            try:
+                return int(api.wait(container)["StatusCode"])
+            except docker.errors.NotFound:
+                return -1
+
+    @engine_errors
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Create and start a container detached (for keepAlive pods).
 

@@ -115,6 +115,21 @@ class PrivateAPI:
         return PrivateAPI.blocking_frames(api, api.attach_socket(container, params=params))
 
     @staticmethod
+    def attach_with_stdin(
+        api: docker.APIClient, container: str
+    ) -> tuple[Any, Iterator[tuple[bytes | None, bytes | None]]]:
+        """Attach to a container's stdin and output (no log replay).
+
+        Returns:
+            The socket, to write the container's stdin, and its output frames read with
+            blocking reads from that socket.
+        """
+        params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
+        sock = api.attach_socket(container, params=params)
+        raw = getattr(sock, "_sock", sock)  # a plain socket's SocketIO wraps it
+        return raw, PrivateAPI.blocking_frames(api, raw)
+
+    @staticmethod
     def exec_start(
         api: docker.APIClient, exec_id: str
     ) -> Iterator[tuple[bytes | None, bytes | None]]:
@@ -127,7 +142,7 @@ class PrivateAPI:
     def blocking_frames(
         api: docker.APIClient, sock: Any
     ) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Read a hijacked TLS socket's frames with blocking reads.
+        """Read a hijacked socket's frames with blocking reads.
 
         docker-py polls the socket before each read: on TLS, bytes already decrypted
         wait in the SSL buffer while the poll blocks, so a line stays unseen until the

@@ -126,6 +126,11 @@ class DockerRunner:
         """Follow a container's output from its start to its end (see :meth:`Containers.logs`)."""
         return self.containers.logs(container, stdout, stderr)
 
+    def follow_gated(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+        """Release a container waiting for a line on stdin and follow it to its end
+        (see :meth:`Containers.follow_gated`)."""
+        return self.containers.follow_gated(container, stdout, stderr)
+
     def remove(self, container: str) -> None:
         """Force-remove a container; a missing one is fine."""
         self.containers.remove(container)

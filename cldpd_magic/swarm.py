@@ -3,10 +3,13 @@
 Each run is a ``replicated-job`` service named like the container would be; its labels
 are the run's, so the inventory finds it. Signals, execs and output reach the task's
 container through the engine of its node: the manager's own, or the endpoint a node
-names in its ``cldpd.endpoint`` label. Output follows that container's log (stdout and
-stderr kept apart), or the service's log through the manager when the node names no
-endpoint; the exit code is the task container's. Forwarded secrets become Swarm secrets, read
-into the environment by a small wrapper, so no service spec holds them.
+names in its ``cldpd.endpoint`` label. A run's output comes through an attach to that
+container (its command waits behind a one-line gate on stdin until the attach is made,
+so nothing is missed), stdout and stderr kept apart; when some node names no endpoint,
+from the service's log through the manager (several times slower). A later ``logs``
+follows the container's log. The exit code is the task container's. Forwarded secrets
+become Swarm secrets, read into the environment by a small wrapper, so no service spec
+holds them.
 """
 
 from __future__ import annotations
@@ -44,11 +47,16 @@ LABEL_ENDPOINT = "cldpd.endpoint"
 LABEL_SECRET_OF = "cldpd.secret-of"
 #: Where the wrapper finds the secrets (one file per variable, named after it).
 SECRET_PREFIX = "cldpd-env."
-#: Reads each secret file into the variable it names, then runs the agent in its place.
-_SECRET_WRAPPER = (
+#: Reads each secret file into the variable it names.
+_READ_SECRETS = (
     f'for f in /run/secrets/{SECRET_PREFIX}*; do [ -f "$f" ] || continue; '
-    f'export "${{f#/run/secrets/{SECRET_PREFIX}}}=$(cat "$f")"; done; exec "$@"'
+    f'export "${{f#/run/secrets/{SECRET_PREFIX}}}=$(cat "$f")"; done; '
 )
+#: Waits for the line the follower sends once attached; the agent's stdin is then empty,
+#: as a container's without one is.
+_GATE = 'read -r _ || :; exec "$@" </dev/null'
+_EXEC = 'exec "$@"'
+
 _WAITING = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting")
 #: Seconds the logs of a finished task have to reach the follower before it is closed.
 LOG_DRAIN_SECONDS = 30.0
@@ -288,6 +296,42 @@ class SwarmRunner:
         except (DockerUnavailableError, SessionNotFoundError):
             return None  # no endpoint for the node, or the container is gone: the swarm's log
 
+    def _nodes_reachable(self) -> bool:
+        """Whether the engine of every node that may run a task can be reached directly."""
+        for node in self._api().nodes():
+            spec, status = node.get("Spec") or {}, node.get("Status") or {}
+            if status.get("State") != "ready" or spec.get("Availability") != "active":
+                continue
+            try:
+                if not hasattr(self._node(node["ID"]), "follow_gated"):
+                    return False
+            except DockerUnavailableError:
+                return False
+        return True
+
+    def _follow_gated(self, service: str, name: str, stdout: Writer, stderr: Writer | None) -> int:
+        """Attach to the task's container on its node, open its gate, follow it to its end.
+
+        Raises:
+            ContainerFailedError: The swarm could not run the task, or its node could not
+                be reached (the service is removed: its agent would wait forever).
+        """
+        task = self._first_container(service, name)
+        status = (task or {}).get("Status") or {}
+        cid = (status.get("ContainerStatus") or {}).get("ContainerID")
+        if task is None or not cid:
+            return self._wait_end(service, name)[1]
+        try:
+            node: Any = self._node(task["NodeID"])
+            code = node.follow_gated(cid, stdout, stderr)
+        except (DockerUnavailableError, SessionNotFoundError) as exc:
+            with contextlib.suppress(docker.errors.NotFound):
+                self._api().remove_service(service)
+            raise ContainerFailedError(
+                f"Could not follow {name} on its swarm node: {one_line(str(exc))}"
+            ) from None
+        return code if code >= 0 else self._wait_end(service, name)[1]
+
     def _follow_to_end(self, service: str, name: str, stdout: Writer, stderr: Writer | None) -> int:
         code = self._follow_on_node(self._first_container(service, name), stdout, stderr)
         if code is not None and code >= 0:
@@ -327,12 +371,14 @@ class SwarmRunner:
             with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 api.remove_secret(secret["ID"])
 
-    def _create(self, opts: RunOptions) -> str:
+    def _create(self, opts: RunOptions, gated: bool = False) -> str:
+        """Create the run's service; ``gated``: its agent waits for a line on stdin."""
         if self._service(opts.name) is not None:
             raise PodRunningError(f"A run named {opts.name} already exists; stop it first.")
         env = opts.resolved_env()
         secrets = self._secret_refs(opts, env)
-        cmd = ["sh", "-c", _SECRET_WRAPPER, "cldpd-env", *opts.cmd] if secrets else opts.cmd
+        script = (_READ_SECRETS if secrets else "") + (_GATE if gated else _EXEC)
+        cmd = ["sh", "-c", script, "cldpd-run", *opts.cmd] if secrets or gated else opts.cmd
         limits = opts.resources
         nano_cpus = None if limits.cpus is None else round(limits.cpus * 1e9)
         resources = docker.types.Resources(
@@ -355,6 +401,7 @@ class SwarmRunner:
             ],
             secrets=secrets or None,
             init=True,
+            open_stdin=gated,
             cap_drop=["ALL"],
             cap_add=list(opts.cap_add) or None,
             read_only=opts.read_only_root or None,
@@ -468,10 +515,13 @@ class SwarmRunner:
             PodRunningError: A service of that name exists.
             ContainerFailedError: The swarm refused the service or could not run its task.
         """
-        service = self._create(opts)
+        gated = self._nodes_reachable()
+        service = self._create(opts, gated)
         try:
             if on_start is not None:
                 on_start(ContainerInfo(opts.name, service, "running", opts.labels, opts.image))
+            if gated:
+                return self._follow_gated(service, opts.name, stdout, stderr)
             return self._follow_to_end(service, opts.name, stdout, stderr)
         finally:
             if opts.remove:

@@ -55,6 +55,7 @@ case "$1" in
   trap) trap 'echo got INT; exit 130' INT; echo ready; while :; do sleep 1 & wait; done ;;
   deaf) trap '' INT TERM; echo ready; while :; do sleep 1; done ;;
   idle) trap 'exit 0' INT TERM; while :; do sleep 1 & wait; done ;;
+  stdin) cat; echo "stdin closed" ;;
   *) echo "$@" ;;
 esac
 """
@@ -227,6 +228,10 @@ def test_stdout_and_stderr_are_kept_apart(target):
 def test_every_line_comes_in_order(target):
     _, out, _, _ = run(target, "lines", "20000")
     assert out.splitlines() == [f"line {i}" for i in range(1, 20001)]
+
+
+def test_the_agents_stdin_is_empty(target):
+    assert run(target, "stdin")[:2] == (0, "stdin closed\n")
 
 
 def test_a_long_line_comes_whole(target):
