@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 from .logs import log_swallowed
 from .protocol import Writer
@@ -535,8 +536,18 @@ _MARKDOWN = _make_markdown()
 _MARKDOWN_LOCK = threading.Lock()
 
 
+#: Markdown larger than this, or with more link and emphasis marks, is shown as text:
+#: markdown-it-py takes time quadratic in nested brackets (``"![" * 10000``: a second).
+MARKDOWN_MAX_CHARS = 200_000
+MARKDOWN_MAX_MARKS = 2_000
+
+
 def _mask_tokens(tokens: Iterable[Any], mask: Callable[[str], str]) -> None:
-    """Mask decoded text (entities and escapes resolved) and link targets of parsed tokens."""
+    """Mask decoded text (entities and escapes resolved) and link targets of parsed tokens.
+
+    A secret split by markup (``sk-**ant**-…``) shows whole once rendered: a run of
+    inline text that holds one when joined is replaced by its masked plain text.
+    """
     for token in tokens:
         if token.content:
             token.content = mask(token.content)
@@ -546,6 +557,13 @@ def _mask_tokens(tokens: Iterable[Any], mask: Callable[[str], str]) -> None:
                 token.attrSet(name, mask(value))
         if token.children:
             _mask_tokens(token.children, mask)
+            shown = "".join(c.content for c in token.children if c.type in _SHOWN_TEXT)
+            masked = mask(shown)
+            if masked != shown:
+                token.children = [Token("text", "", 0, content=masked)]
+
+
+_SHOWN_TEXT = ("text", "code_inline", "softbreak", "hardbreak")
 
 
 def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str:
@@ -564,6 +582,8 @@ def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str
         The HTML; on any failure of the Markdown library, the escaped text.
     """
     text = clean_text(text)
+    if len(text) > MARKDOWN_MAX_CHARS or sum(map(text.count, "[*_")) > MARKDOWN_MAX_MARKS:
+        return f"<pre>{html.escape(mask(text) if mask else text)}</pre>"
     try:
         with _MARKDOWN_LOCK:  # the parser and renderer are not documented as thread-safe
             env: dict[str, Any] = {}

@@ -333,3 +333,36 @@ def test_a_session_feed_masks_what_decoding_reveals(tmp_path):
     assert feed.join(30)
     assert published and all(SECRET not in html.unescape(p) for p in published)
     assert view.total_lines >= len(lines)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "key {a}**{b}**{c} here",
+        "{a}`{b}`{c}",
+        "[{a}](https://x.io){b}{c}",
+        "~~{a}~~{b}*{c}*",
+        "| {a}**{b}**{c} |\n|---|\n| x |",
+    ],
+)
+def test_a_secret_split_by_markdown_markup_is_masked(written):
+    """Markup hides a secret from the raw line's mask; the rendered text shows it whole."""
+    secret = "sk-ant-0123456789abcdef"
+    a, b, c = secret[:11], secret[11:15], secret[15:]
+    text = written.format(a=a, b=b, c=c)
+    line = json.dumps(
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": text}]}}
+    )
+    masker = Masker([secret])
+    view = SessionView("pod", masker=masker)
+    view.add(Event(EventType.OUTPUT, masker(line)))
+    visible = html.unescape(re.sub("<[^>]+>", "", view.html()))
+    assert secret not in visible and MASK in visible
+
+
+@pytest.mark.parametrize("line", ["![" * 10000, "[" * 3000, "*a" * 5000, "x" * 300_000])
+def test_markdown_that_would_parse_slowly_is_shown_as_text(line):
+    """Nested brackets take markdown-it time quadratic in their number: such text is text."""
+    shown = markdown_to_html(line)
+    assert shown.startswith("<pre>") and html.unescape(shown[5:-6]) == line
+    assert markdown_to_html("[a](https://x.io) *b*").startswith("<p><a ")
