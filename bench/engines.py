@@ -140,10 +140,10 @@ def swarm_streaming(bench: Bench) -> list[Result]:
             with contextlib.suppress(docker.errors.APIError):
                 api.leave_swarm(force=True)
         return [_row("10", f"SwarmRunner.run on a one-node swarm (a second dockerd over TLS), "
-                     f"{STREAM_LINES:,} lines to a null writer: service created, logs followed, "
-                     "service removed vs docker run --rm --init > /dev/null on the manager's "
-                     "engine (a plain container, not a service)", ours, theirs, SWARM_TARGET,
-                     "docker --tlsverify run"),
+                     f"{STREAM_LINES:,} lines to a null writer: service created, its container "
+                     "attached on its node, service removed vs docker run --rm --init "
+                     "> /dev/null on the manager's engine (a plain container, not a service)",
+                     ours, theirs, SWARM_TARGET, "docker --tlsverify run"),
                 _row("10b", "the same SwarmRunner.run vs the docker CLI through the swarm: "
                      "docker service create --mode replicated-job (waits for the job's end), "
                      "docker service logs --raw > /dev/null, docker service rm", ours, services,
