@@ -331,7 +331,25 @@ def test_the_inventory_finds_runs_on_every_engine(pods_dir, transcript_dir, two)
     near.add_container("cldpd-a", {"cldpd.pod": "a"})
     far.add_container("cldpd-b", {"cldpd.pod": "b"})
     running = Dispatcher(pods_dir, multi, transcript_dir).running()
-    assert [(r.pod, r.container) for r in running] == [("a", "cldpd-a"), ("b", "cldpd-b")]
+    assert [(r.pod, r.container, r.engine) for r in running] == [
+        ("a", "cldpd-a", LOCAL.name), ("b", "cldpd-b", REMOTE.name)
+    ]  # fmt: skip
+
+
+def test_the_sessions_table_has_an_engine_column_with_several_engines(two, pods_dir):
+    from cldpd_magic.magics import CldpdMagics
+    from cldpd_magic.magics_inventory import InventoryMagics
+
+    multi, near, far = two
+    near.add_container("cldpd-a", {"cldpd.pod": "a"})
+    far.add_container("cldpd-b", {"cldpd.pod": "b"})
+    core = CldpdMagics(shell=None)
+    core.pods_dir = str(pods_dir)
+    core.runner = multi
+    table = InventoryMagics(None, core).cldpd_sessions("")["containers"]
+    assert [(r["container"], r["engine"]) for r in table.records()] == [
+        ("cldpd-a", LOCAL.name), ("cldpd-b", REMOTE.name)
+    ]  # fmt: skip
 
 
 def test_cldpd_takes_engines():
