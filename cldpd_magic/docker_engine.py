@@ -70,18 +70,38 @@ def _read_exactly(raw: Any, size: int) -> bytes:
     return b"".join(parts)
 
 
-class _SocketReader:
-    """``read(n)`` over a socket's ``recv``, for :func:`_read_exactly`."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-
-    def read(self, size: int) -> bytes:
-        return self.sock.recv(size)
+#: Bytes asked for by one read of an attach or exec stream.
+_READ_SIZE = 1 << 16
 
 
-def _is_tls(api: docker.APIClient) -> bool:
-    return str(api.base_url).startswith("https://")
+def _raw_socket(sock: Any) -> Any:
+    """The socket under docker-py's hijacked one (a plain socket comes wrapped in SocketIO)."""
+    return getattr(sock, "_sock", sock)
+
+
+def _frames_of(sock: Any) -> Iterator[tuple[int, bytes]]:
+    """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
+
+    A frame cut short by the end of the stream is given as far as it came.
+    """
+    buf = bytearray()
+    while True:
+        chunk = sock.recv(_READ_SIZE)
+        if not chunk:
+            if len(buf) > 8:
+                yield buf[0], bytes(buf[8:])
+            return
+        buf += chunk
+        start = 0
+        while len(buf) - start >= 8:
+            kind, size = struct.unpack_from(">BxxxL", buf, start)
+            end = start + 8 + size
+            if len(buf) < end:
+                break
+            yield kind, bytes(buf[start + 8 : end])
+            start = end
+        if start:
+            del buf[:start]
 
 
 class PrivateAPI:
@@ -91,9 +111,10 @@ class PrivateAPI:
     cancelled from another thread (its response must be closed), and its public
     ``logs()`` merges stdout and stderr into one stream. These calls give both; they are
     the same in docker-py 4 to 7, and pyproject pins ``docker<8`` so a change is seen.
-    ``docker.utils.socket.frames_iter`` reads a hijacked socket (attach, exec); a logs
-    response is plain HTTP whose body urllib3 may already have buffered, so its frames
-    are read from the response as docker-py's own multiplexed-stream helper does.
+    A hijacked socket (attach, exec) is read here in large reads (see
+    :meth:`blocking_frames`), not by ``docker.utils.socket.frames_iter``; a logs response
+    is plain HTTP whose body urllib3 may already have buffered, so its frames are read
+    from the response as docker-py's own multiplexed-stream helper does.
     """
 
     @staticmethod
@@ -107,10 +128,6 @@ class PrivateAPI:
         the log as well would deliver twice what the container printed before the replay
         ran (seen under load: every line twice), as the docker CLI's own run avoids.
         """
-        if not _is_tls(api):
-            return api.attach(
-                container, stdout=True, stderr=True, stream=True, logs=False, demux=True
-            )
         params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
         return PrivateAPI.blocking_frames(api, api.attach_socket(container, params=params))
 
@@ -121,44 +138,35 @@ class PrivateAPI:
         """Attach to a container's stdin and output (no log replay).
 
         Returns:
-            The socket, to write the container's stdin, and its output frames read with
-            blocking reads from that socket.
+            The socket, to write the container's stdin, and its output frames.
         """
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
-        sock = api.attach_socket(container, params=params)
-        raw = getattr(sock, "_sock", sock)  # a plain socket's SocketIO wraps it
-        return raw, PrivateAPI.blocking_frames(api, raw)
+        sock = _raw_socket(api.attach_socket(container, params=params))
+        return sock, PrivateAPI.blocking_frames(api, sock)
 
     @staticmethod
     def exec_start(
         api: docker.APIClient, exec_id: str
     ) -> Iterator[tuple[bytes | None, bytes | None]]:
         """Start an exec and stream its output as ``(stdout, stderr)``."""
-        if not _is_tls(api):
-            return api.exec_start(exec_id, stream=True, demux=True)
         return PrivateAPI.blocking_frames(api, api.exec_start(exec_id, socket=True))
 
     @staticmethod
     def blocking_frames(
         api: docker.APIClient, sock: Any
     ) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Read a hijacked socket's frames with blocking reads.
+        """Read a hijacked socket's frames as ``(stdout, stderr)``, in large blocking reads.
 
-        docker-py polls the socket before each read: on TLS, bytes already decrypted
-        wait in the SSL buffer while the poll blocks, so a line stays unseen until the
-        engine sends more.
+        docker-py polls the socket before each of two reads a frame: that costs a kernel
+        of fifty runs a fifth of a core, and on TLS, bytes already decrypted wait in the
+        SSL buffer while the poll blocks, so a line stays unseen until the engine sends
+        more. Here one read takes whatever has come, often several frames.
         """
+        sock = _raw_socket(sock)
         api._disable_socket_timeout(sock)
         try:
-            while True:
-                header = _read_exactly(_SocketReader(sock), 8)
-                if len(header) < 8:
-                    return
-                kind, size = struct.unpack(">BxxxL", header)
-                data = _read_exactly(_SocketReader(sock), size)
+            for kind, data in _frames_of(sock):
                 yield (None, data) if kind == 2 else (data, None)
-                if len(data) < size:
-                    return
         finally:
             sock.close()
 
