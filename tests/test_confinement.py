@@ -21,6 +21,9 @@ ONLY_CHOWN = "0000000000000001"
 NO_CAPS = "0000000000000000"
 #: An agent that takes 200 MiB of memory (tail keeps its whole input line).
 MEMORY_HOG = "head -c 200m /dev/zero | tail"
+#: The hog volunteers to be the OOM killer's first choice (raising one's own score needs no
+#: privilege): under load a second victim may be needed, and it must not be the agent.
+FIRST_TO_GO = "echo 1000 > /proc/self/oom_score_adj; "
 
 #: A busybox image whose agent is the non-root user ``agent`` with a home and a workdir,
 #: holding files the image put there, as the Claude Code templates do (busybox's
@@ -207,9 +210,7 @@ def test_an_agent_out_of_memory_is_told_so(runner, image):
 
 
 def test_an_agent_that_outlives_a_killed_process_is_told_which(runner, image):
-    # The hog volunteers to be the kernel's first choice (raising one's own OOM score needs
-    # no privilege): under load a second victim may be needed, and it must not be the agent.
-    name = image(f"sh -c 'echo 1000 > /proc/self/oom_score_adj; {MEMORY_HOG}'; echo survived")
+    name = image(f"sh -c '{FIRST_TO_GO}{MEMORY_HOG}'; echo survived")
     code, out, err = run(runner, name, resources=Resources(memory=16 << 20))
     assert (code, out) == (0, "survived\n")
     assert err.endswith(
@@ -237,7 +238,7 @@ def test_an_exec_out_of_memory_is_told_so_and_the_pod_lives_on(runner, image):
     runner.start(opts(name, IDLE_COMMAND, resources=Resources(memory=16 << 20)))
     try:
         out, err = Text(), Text()
-        assert runner.exec(pod, ["sh", "-c", MEMORY_HOG], out, err) == 137
+        assert runner.exec(pod, ["sh", "-c", FIRST_TO_GO + MEMORY_HOG], out, err) == 137
         assert err.value.endswith(out_of_memory_line(16 << 20, 137))
         err = Text()
         assert runner.exec(pod, ["sh", "-c", "kill -9 $$"], Text(), err) == 137
