@@ -322,6 +322,7 @@ class DockerConnection:
         self._tls = tls
         self._use_ssh_client = use_ssh_client
         self._timeout = timeout
+        self._version: str | None = None  # the engine's API version, once asked
 
     def control(self) -> docker.APIClient:
         """The shared low-level client, for calls that return at once."""
@@ -333,25 +334,31 @@ class DockerConnection:
     def connect(self) -> docker.DockerClient:
         """A new client of the engine; DockerUnavailableError when it cannot be reached."""
         timeout = {} if self._timeout is None else {"timeout": self._timeout}
+        known = self._version  # a stream's client need not ask the engine again
         try:
             if self.base_url is None:
-                return docker.from_env(**timeout)
-            tls: docker.tls.TLSConfig | bool = False
-            if self._tls is not None:
-                ca, cert, key = self._tls
-                tls = docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
-            client = docker.DockerClient(
-                base_url=self.base_url,
-                tls=tls,
-                use_ssh_client=self._use_ssh_client,
-                # Asked once the client trusts the engine's CA alone (below).
-                version=docker.constants.DEFAULT_DOCKER_API_VERSION if tls else None,
-                **timeout,
-            )
-            if tls:
-                # requests lets $REQUESTS_CA_BUNDLE replace the engine's CA (requests #3829).
-                client.api.trust_env = False
-                PrivateAPI.use_server_version(client.api)
+                client = docker.from_env(version=known, **timeout)
+            else:
+                tls: docker.tls.TLSConfig | bool = False
+                if self._tls is not None:
+                    ca, cert, key = self._tls
+                    tls = docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
+                client = docker.DockerClient(
+                    base_url=self.base_url,
+                    tls=tls,
+                    use_ssh_client=self._use_ssh_client,
+                    # Asked once the client trusts the engine's CA alone (below).
+                    version=known or (docker.constants.DEFAULT_DOCKER_API_VERSION if tls else None),
+                    **timeout,
+                )
+                if tls:
+                    # requests lets $REQUESTS_CA_BUNDLE replace the engine's CA (requests #3829).
+                    client.api.trust_env = False
+                    if known is None:
+                        PrivateAPI.use_server_version(client.api)
+            if str(client.api.base_url).startswith("http+docker://"):
+                client.api.trust_env = False  # a local socket: no proxy or netrc to look up
+            self._version = client.api.api_version
             return client
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise unreachable(exc, self.base_url or "") from None
