@@ -23,6 +23,8 @@ from pathlib import Path
 
 #: Label on what the tests put on an extra engine, to find leftovers.
 TEST_LABEL = "cldpd.test"
+#: The bridge a swarm member's engine makes on the host (left when the engine stops).
+GWBRIDGE = Path("/sys/class/net/docker_gwbridge")
 
 
 @dataclass
@@ -35,6 +37,8 @@ class ExtraEngine:
         root: Directory holding its data root, exec root, pid file and log.
         process: The dockerd process.
         bridge: Its bridge interface, made for it and removed with it.
+        gwbridge_before: Whether the host had Swarm's ``docker_gwbridge`` before it
+            started (a swarm member makes one, which outlives it).
     """
 
     url: str
@@ -42,6 +46,7 @@ class ExtraEngine:
     root: Path
     process: subprocess.Popen[bytes]
     bridge: str
+    gwbridge_before: bool = True
 
     @property
     def entry(self) -> str:
@@ -145,7 +150,9 @@ def start_extra_engine(image: str = "busybox:latest", timeout: float = 60) -> Ex
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    engine = ExtraEngine(f"tcp://127.0.0.1:{port}", client, root, process, bridge)
+    engine = ExtraEngine(
+        f"tcp://127.0.0.1:{port}", client, root, process, bridge, GWBRIDGE.exists()
+    )
     deadline = time.monotonic() + timeout
     while True:
         probe = subprocess.run(
@@ -163,6 +170,32 @@ def start_extra_engine(image: str = "busybox:latest", timeout: float = 60) -> Ex
     return engine
 
 
+def _kill_orphans(root: Path) -> None:
+    """Kill the container shims of a killed engine and every process under them.
+
+    A dockerd killed outright (a test of an engine going away does so) leaves its
+    containers running under their shims, which name the engine's directory.
+    """
+    parents: dict[int, int] = {}
+    shims = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if str(root) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                shims.append(int(proc.name))
+    doomed, frontier = set(shims), list(shims)
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        doomed.update(children)
+        frontier.extend(children)
+    for pid in doomed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def stop_extra_engine(engine: ExtraEngine) -> None:
     """Remove the engine's containers, stop it, and remove its directories."""
     with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -176,6 +209,7 @@ def stop_extra_engine(engine: ExtraEngine) -> None:
         except subprocess.TimeoutExpired:
             engine.process.kill()
             engine.process.wait(10)
+    _kill_orphans(engine.root)
     # dockerd's own containerd leaves mounts under the exec and data roots when killed.
     for sub in ("exec", "data"):
         path = engine.root / sub
@@ -187,6 +221,9 @@ def stop_extra_engine(engine: ExtraEngine) -> None:
                     subprocess.run(["umount", "-l", parts[1]], capture_output=True)
     with contextlib.suppress(subprocess.CalledProcessError):
         _ip("link", "delete", engine.bridge)
+    if not engine.gwbridge_before and GWBRIDGE.exists():
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip("link", "delete", GWBRIDGE.name)
     shutil.rmtree(engine.root, ignore_errors=True)
     if os.path.exists(engine.root):
         raise RuntimeError(f"could not remove {engine.root}")
