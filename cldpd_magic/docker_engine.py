@@ -204,18 +204,46 @@ class PrivateAPI:
         )
         api._raise_for_status(response)
         api._disable_socket_timeout(api._get_raw_response_socket(response))
-        try:
-            while True:
-                header = _read_exactly(response.raw, 8)
-                if len(header) < 8:
-                    return
-                kind, size = struct.unpack(">BxxxL", header)
-                data = _read_exactly(response.raw, size)
-                yield (None, data) if kind == 2 else (data, None)
-                if len(data) < size:
-                    return
-        finally:
-            response.close()
+        for kind, data in response_frames(response):
+            yield (None, data) if kind == 2 else (data, None)
+
+    @staticmethod
+    def service_logs(api: docker.APIClient, service: str, follow: bool) -> Any:
+        """A Swarm service's log as a streamed response of frames (:func:`response_frames`).
+
+        docker-py's ``service_logs`` merges stdout and stderr, like its ``logs``.
+        """
+        response = api._get(
+            api._url("/services/{0}/logs", service),
+            params={"stdout": 1, "stderr": 1, "follow": int(follow), "details": 0},
+            stream=True,
+            timeout=None,
+        )
+        api._raise_for_status(response)
+        if follow:
+            api._disable_socket_timeout(api._get_raw_response_socket(response))
+        return response
+
+    @staticmethod
+    def response_socket(api: docker.APIClient, response: Any) -> Any:
+        """The socket under a streamed response, to shut it down from another thread."""
+        return api._get_raw_response_socket(response)
+
+
+def response_frames(response: Any) -> Iterator[tuple[int, bytes]]:
+    """``(stream id, payload)`` frames of a multiplexed log response until it ends; closes it."""
+    try:
+        while True:
+            header = _read_exactly(response.raw, 8)
+            if len(header) < 8:
+                return
+            kind, size = struct.unpack(">BxxxL", header)
+            data = _read_exactly(response.raw, size)
+            yield kind, data
+            if len(data) < size:
+                return
+    finally:
+        response.close()
 
 
 def engine_errors(method: Callable[..., Any]) -> Callable[..., Any]:

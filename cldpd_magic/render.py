@@ -540,6 +540,8 @@ _MARKDOWN_LOCK = threading.Lock()
 #: markdown-it-py takes time quadratic in nested brackets (``"![" * 10000``: a second).
 MARKDOWN_MAX_CHARS = 200_000
 MARKDOWN_MAX_MARKS = 2_000
+#: Inline tokens whose text a reader sees, joined, once the Markdown is rendered.
+_SHOWN_TEXT = ("text", "code_inline", "softbreak", "hardbreak")
 
 
 def _mask_tokens(tokens: Iterable[Any], mask: Callable[[str], str]) -> None:
@@ -561,9 +563,6 @@ def _mask_tokens(tokens: Iterable[Any], mask: Callable[[str], str]) -> None:
             masked = mask(shown)
             if masked != shown:
                 token.children = [Token("text", "", 0, content=masked)]
-
-
-_SHOWN_TEXT = ("text", "code_inline", "softbreak", "hardbreak")
 
 
 def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str:

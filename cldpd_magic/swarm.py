@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -28,7 +27,13 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from .docker_engine import _read_exactly, _StreamDecoder, engine_errors, explain
+from .docker_engine import (
+    PrivateAPI,
+    _StreamDecoder,
+    engine_errors,
+    explain,
+    response_frames,
+)
 from .errors import (
     BuildFailedError,
     ContainerFailedError,
@@ -74,6 +79,12 @@ def _status(task: dict[str, Any] | None) -> str:
     return "created" if state in _WAITING else "exited"
 
 
+def _container_id(task: dict[str, Any] | None) -> str:
+    """The id of a task's container, "" before the node made one."""
+    status = (task or {}).get("Status") or {}
+    return (status.get("ContainerStatus") or {}).get("ContainerID") or ""
+
+
 def _not_run(task: dict[str, Any], name: str) -> ContainerFailedError:
     """One sentence for a task the swarm could not run, with the swarm's reason."""
     status = task.get("Status") or {}
@@ -100,9 +111,9 @@ class _LogFollower:
             with self._cond:
                 if self._closing:
                     return
-                response = _open_logs(api, self._service, follow=True)
-                self._socket = api._get_raw_response_socket(response)
-            for kind, data in _frames(response):
+                response = PrivateAPI.service_logs(api, self._service, follow=True)
+                self._socket = PrivateAPI.response_socket(api, response)
+            for kind, data in response_frames(response):
                 if kind not in self._writers:
                     continue  # the engine's own notes, such as a cancelled log read
                 self._writers[kind].feed(data)
@@ -126,36 +137,6 @@ class _LogFollower:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout)
-
-
-def _open_logs(api: docker.APIClient, service: str, follow: bool) -> Any:
-    """The service's log as a streamed response of multiplexed frames (stream ids kept)."""
-    response = api._get(
-        api._url("/services/{0}/logs", service),
-        params={"stdout": 1, "stderr": 1, "follow": int(follow), "details": 0},
-        stream=True,
-        timeout=None,
-    )
-    api._raise_for_status(response)
-    if follow:
-        api._disable_socket_timeout(api._get_raw_response_socket(response))
-    return response
-
-
-def _frames(response: Any) -> Iterator[tuple[int, bytes]]:
-    """``(stream id, payload)`` frames of a multiplexed log response, until it ends."""
-    try:
-        while True:
-            header = _read_exactly(response.raw, 8)
-            if len(header) < 8:
-                return
-            kind, size = struct.unpack(">BxxxL", header)
-            data = _read_exactly(response.raw, size)
-            yield kind, data
-            if len(data) < size:
-                return
-    finally:
-        response.close()
 
 
 class SwarmRunner:
@@ -227,10 +208,8 @@ class SwarmRunner:
         task = self._task(service)
         if task is None or _status(task) != "running":
             return None
-        cid = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID")
-        if not cid:
-            return None
-        return self._node(task["NodeID"]), cid
+        cid = _container_id(task)
+        return (self._node(task["NodeID"]), cid) if cid else None
 
     def _service(self, name: str) -> dict[str, Any] | None:
         try:
@@ -256,7 +235,7 @@ class SwarmRunner:
         """Bytes the service's log holds now, per stream."""
         counts = {1: 0, 2: 0}
         with self.manager.connection.streaming() as api:
-            for kind, data in _frames(_open_logs(api, service, follow=False)):
+            for kind, data in response_frames(PrivateAPI.service_logs(api, service, follow=False)):
                 if kind in counts:
                     counts[kind] += len(data)
         return counts
@@ -269,12 +248,9 @@ class SwarmRunner:
                 if self._service(service) is None:
                     return None
             else:
-                status = task.get("Status") or {}
-                if status.get("State") == "rejected":
+                if (task.get("Status") or {}).get("State") == "rejected":
                     raise _not_run(task, name)
-                if (status.get("ContainerStatus") or {}).get("ContainerID") or _status(
-                    task
-                ) == "exited":
+                if _container_id(task) or _status(task) == "exited":
                     return task
             time.sleep(self.poll)
 
@@ -286,8 +262,7 @@ class SwarmRunner:
         The node's engine serves a container's log directly, several times faster than
         the swarm gathers a service's log through the manager.
         """
-        status = (task or {}).get("Status") or {}
-        cid = (status.get("ContainerStatus") or {}).get("ContainerID")
+        cid = _container_id(task)
         if not cid:
             return None
         try:
@@ -317,8 +292,7 @@ class SwarmRunner:
                 be reached (the service is removed: its agent would wait forever).
         """
         task = self._first_container(service, name)
-        status = (task or {}).get("Status") or {}
-        cid = (status.get("ContainerStatus") or {}).get("ContainerID")
+        cid = _container_id(task)
         if task is None or not cid:
             return self._wait_end(service, name)[1]
         try:
