@@ -457,7 +457,9 @@ class SwarmRunner:
 
     def _push(self, tag: str, on_output: Callable[[str], None] | None) -> None:
         """Tag the manager's image for the registry and push it."""
-        repository, _, version = self._pulled(tag).rpartition(":")
+        reference = self._pulled(tag)
+        named = ":" in reference.rpartition("/")[2]
+        repository, version = reference.rsplit(":", 1) if named else (reference, "latest")
         api = self._api()
         api.tag(tag, repository, version)
         for chunk in api.push(repository, version, stream=True, decode=True):
@@ -470,10 +472,7 @@ class SwarmRunner:
 
     def _pulled(self, tag: str) -> str:
         """The reference nodes run an image by: in the registry when there is one."""
-        if not self.registry:
-            return tag
-        named = tag if ":" in tag.rpartition("/")[2] else f"{tag}:latest"
-        return f"{self.registry}/{named}"
+        return f"{self.registry}/{tag}" if self.registry else tag
 
     @engine_errors
     def run(

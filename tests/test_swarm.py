@@ -257,6 +257,14 @@ def test_with_a_registry_the_image_is_pushed_and_the_tasks_pull_it(swarm, tmp_pa
         assert image["Image"].startswith(f"{registry.address}/cldpd-swarm-pushed")
         assert runner.inspect(opts.name).image == opts.image
         runner.remove(opts.name)
+        untagged = swarm.opts("hi")
+        untagged.image = "cldpd-swarm-pushed"  # as a pod's default image: no tag
+        runner.build(untagged.image, str(context))
+        assert "latest" in registry.tags("cldpd-swarm-pushed")
+        runner.start(untagged)
+        assert runner.inspect(untagged.name).image == "cldpd-swarm-pushed"
+        runner.stop(untagged.name, timeout=5)
+        runner.remove(untagged.name)
     finally:
         stop_registry(registry)
     with pytest.raises(BuildFailedError) as refused:
