@@ -18,8 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Label on what the tests put on an extra engine, to find leftovers.
 TEST_LABEL = "cldpd.test"
@@ -240,6 +242,47 @@ def write_echo_pod(pods_dir: Path, name: str, pod_json: dict) -> Path:
     )
     (pod / "claude").write_text('#!/bin/sh\necho "agent ran with $1 $5"\n')
     return pod
+
+
+def found_again_by_a_new_dispatcher(
+    pods_dir: Path,
+    pod: str,
+    new_runner: Callable[[], Any],
+    while_kept: Callable[[], None] = lambda: None,
+) -> None:
+    """A keepAlive run of an echo pod, started by one dispatcher, found by a new one.
+
+    The new dispatcher lists it running, resumes it, attaches to it and stops it; then
+    it is gone. ``while_kept`` checks more while the run is kept alive.
+    """
+    from fakes import ISSUE_URL
+
+    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.session import EventType
+
+    def new_dispatcher() -> Dispatcher:
+        return Dispatcher(pods_dir, new_runner(), pods_dir.parent / "sessions")
+
+    def output(session: Any) -> str:
+        return "".join(e.data for e in session.events() if e.type == EventType.OUTPUT)
+
+    first = new_dispatcher().start_session(pod, ISSUE_URL)
+    assert first.wait(120) == 0
+    assert "agent ran with -p --session-id" in output(first)
+    later = new_dispatcher()
+
+    def runs() -> list[tuple[str, str]]:  # other tests' pods may run on the same engine
+        return [(r.container, r.status) for r in later.running() if r.pod == pod]
+
+    assert runs() == [(f"cldpd-{pod}", "running")]
+    while_kept()
+    resumed = later.resume_session(pod, "go on")
+    assert resumed.wait(60) == 0
+    assert "agent ran with -p --resume" in output(resumed)
+    attached = later.attach_session(pod)
+    later.stop(pod, 10)
+    attached.wait(60)
+    assert runs() == []  # a stopped keepAlive run is removed
 
 
 def init_swarm(engine: ExtraEngine) -> None:

@@ -28,6 +28,7 @@ from engines_util import (
     TEST_LABEL,
     ExtraEngine,
     SshEngine,
+    found_again_by_a_new_dispatcher,
     init_swarm,
     start_extra_engine,
     start_ssh_engine,
@@ -429,41 +430,21 @@ def test_an_engine_stopped_under_running_runs(docker_client):
 
 
 def test_resume_attach_and_stop_on_the_tls_engine_from_a_new_dispatcher(extra_engine, tmp_path):
-    from fakes import ISSUE_URL
-
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.session import EventType
-
     tls = parse_engine(extra_engine.entry)
     local = Engine("local", "unix:///var/run/docker.sock")
     write_echo_pod(tmp_path / "pods", "far", {"engine": "tls", "keepAlive": True})
-
-    def new_dispatcher() -> Dispatcher:
-        runner = MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))])
-        return Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions")
-
-    def output(session) -> str:
-        return "".join(e.data for e in session.events() if e.type == EventType.OUTPUT)
-
     client = _client(tls)
-    try:
-        first = new_dispatcher().start_session("far", ISSUE_URL)
-        assert first.wait(120) == 0
-        assert "agent ran with -p --session-id" in output(first)
-        later = new_dispatcher()
 
-        def far_runs() -> list[tuple[str, str]]:  # other tests' pods run on the local engine
-            return [(r.container, r.status) for r in later.running() if r.pod == "far"]
-
-        assert far_runs() == [("cldpd-far", "running")]
+    def on_the_tls_engine() -> None:
         assert client.containers.get("cldpd-far").status == "running"
-        resumed = later.resume_session("far", "go on")
-        assert resumed.wait(60) == 0
-        assert "agent ran with -p --resume" in output(resumed)
-        attached = later.attach_session("far")
-        later.stop("far", 10)
-        attached.wait(60)
-        assert far_runs() == []  # a stopped keepAlive run is removed
+
+    try:
+        found_again_by_a_new_dispatcher(
+            tmp_path / "pods",
+            "far",
+            lambda: MultiEngineRunner([(local, DockerRunner()), (tls, docker_runner_for(tls))]),
+            on_the_tls_engine,
+        )
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             client.api.remove_container("cldpd-far", force=True)

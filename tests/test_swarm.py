@@ -26,6 +26,7 @@ import pytest
 from engines_util import (
     TEST_LABEL,
     ExtraEngine,
+    found_again_by_a_new_dispatcher,
     free_port,
     init_swarm,
     start_extra_engine,
@@ -293,35 +294,11 @@ def test_a_swarm_entry_in_the_engines_setting(swarm):
 
 
 def test_resume_attach_and_stop_on_the_swarm_from_a_new_dispatcher(swarm, tmp_path):
-    from fakes import ISSUE_URL
-
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.session import EventType
-
     write_echo_pod(tmp_path / "pods", "herd", {"keepAlive": True})
-
-    def new_dispatcher() -> Dispatcher:
-        runner = MultiEngineRunner.from_settings([swarm.entry])
-        return Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions")
-
-    def output(session) -> str:
-        return "".join(e.data for e in session.events() if e.type == EventType.OUTPUT)
-
     swarm.made.append("cldpd-herd")
-    first = new_dispatcher().start_session("herd", ISSUE_URL)
-    assert first.wait(120) == 0
-    assert "agent ran with -p --session-id" in output(first)
-    later = new_dispatcher()
-    assert [(r.container, r.status) for r in later.running() if r.pod == "herd"] == [
-        ("cldpd-herd", "running")
-    ]
-    resumed = later.resume_session("herd", "go on")
-    assert resumed.wait(60) == 0
-    assert "agent ran with -p --resume" in output(resumed)
-    attached = later.attach_session("herd")
-    later.stop("herd", 10)
-    attached.wait(60)
-    assert [r for r in later.running() if r.pod == "herd"] == []
+    found_again_by_a_new_dispatcher(
+        tmp_path / "pods", "herd", lambda: MultiEngineRunner.from_settings([swarm.entry])
+    )
 
 
 def test_a_batch_of_eight_runs_on_the_swarm(swarm, tmp_path):
