@@ -113,6 +113,7 @@ def example_pod(
         config["image"] = pod_image
         config["buildArgs"].update(BASE_IMAGE=NODE_IMAGE, AGENT_UID=str(os.getuid() or 1000))
         config["network"] = "host"
+        config["unsafe"] = ["network:host"]  # the scripted model is on the host's loopback
         config["env"] = {
             "ANTHROPIC_BASE_URL": model_url,
             "CLAUDE_CODE_MAX_RETRIES": "1",

@@ -605,6 +605,7 @@ def test_the_real_cli_completes_a_turn_through_the_broker(
     pod = pods_dir / name
     shutil.copytree(repo / "cldpd_magic" / "templates" / "claude-offline", pod)
     config = json.loads((pod / "pod.json").read_text())
+    config.pop("unsafe", None)  # the template's waiver of "network": "host", replaced below
     tag = f"cldpd-test-egress-claude-{uuid.uuid4().hex[:8]}"
     with ScriptedModelServer(host=upstream_network, api_key=real_key) as model:
         config.update(

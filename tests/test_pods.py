@@ -206,6 +206,7 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
             "resources": {"cpus": 1.5, "memory": "2g", "pids": 256},
             "capAdd": ["CHOWN", "cap_net_bind_service"],
             "readOnlyRoot": True,
+            "unsafe": ["network:host"],
         },
     )
     assert discover_pod(pods_dir, "alpha").config == PodConfig(
@@ -221,12 +222,18 @@ def test_every_pod_json_key_is_parsed(pods_dir, tmp_path):
         resources=Resources(cpus=1.5, memory=2 * 1024**3, pids=256),
         cap_add=("CHOWN", "NET_BIND_SERVICE"),
         read_only_root=True,
+        unsafe=("network:host",),
+        unsafe_warnings=(
+            "unsafe: shares the host's network (the host's own network: every service of the "
+            "host and its loopback)",
+        ),
     )
 
 
 @pytest.mark.parametrize("network", ["none", "host", "bridge", "team-net", "net_2.a"])
 def test_network_modes_and_names_are_accepted(pods_dir, network):
-    write_pod(pods_dir, "alpha", {"network": network})
+    unsafe = ["network:host"] if network == "host" else []
+    write_pod(pods_dir, "alpha", {"network": network, "unsafe": unsafe})
     assert discover_pod(pods_dir, "alpha").config.network == network
 
 
@@ -304,7 +311,12 @@ def test_bad_resources_are_one_sentence(pods_dir, resources, expected):
 
 
 def test_capabilities_with_or_without_prefix_in_any_case(pods_dir):
-    write_pod(pods_dir, "alpha", {"capAdd": ["CAP_CHOWN", "net_admin", "CHOWN", "Sys_Ptrace"]})
+    unsafe = ["cap:NET_ADMIN", "cap:sys_ptrace"]
+    write_pod(
+        pods_dir,
+        "alpha",
+        {"capAdd": ["CAP_CHOWN", "net_admin", "CHOWN", "Sys_Ptrace"], "unsafe": unsafe},
+    )
     assert discover_pod(pods_dir, "alpha").config.cap_add == ("CHOWN", "NET_ADMIN", "SYS_PTRACE")
 
 
@@ -335,7 +347,8 @@ def test_tilde_expands_to_home_in_mount_sources(pods_dir, tmp_path, monkeypatch)
         {"source": "~", "target": "/home"},
         {"source": "~/x/y", "target": "/x"},
     ]
-    write_pod(pods_dir, "alpha", {"mounts": mounts})
+    # The home directory itself holds the user's keys: a mount of it is waived on purpose.
+    write_pod(pods_dir, "alpha", {"mounts": mounts, "unsafe": ["mount:~"]})
     got = discover_pod(pods_dir, "alpha").config.mounts
     assert [m.source for m in got] == [str(home), str(home / "x" / "y")]
 
