@@ -505,11 +505,13 @@ def _list(dispatcher: Dispatcher, out: TextIO, err: TextIO) -> int:
         rows.append((pod, image, r.run if r else "-", *engine, status))
 
     names = set()
+    warnings = []
     for name, pod, error in scan_pods(dispatcher.pods_dir):
         names.add(name)
         if pod is None:
             add(name, "-", f"broken: {error}")
             continue
+        warnings += [f"cldpd: {name}: {warning}" for warning in pod.unsafe_warnings]
         for r in runs.get(name) or [None]:  # type: ignore[list-item]
             add(name, pod.image, "?" if found is None else r.status if r else "-", r)
     for name in sorted(runs.keys() - names):
@@ -522,6 +524,8 @@ def _list(dispatcher: Dispatcher, out: TextIO, err: TextIO) -> int:
         for row in rows:
             cells = [f"{c:<{w}}" for c, w in zip(row, widths, strict=False)]
             out.write("  ".join([*cells, row[-1]]) + "\n")
+    for warning in warnings:  # what pod.json waives in "unsafe", on stderr as a warning
+        _say(err, clean_text(warning).replace("\n", " ") + "\n")
     return 1 if found is None else 0
 
 

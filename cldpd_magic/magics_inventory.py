@@ -24,6 +24,9 @@ from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
 
 logger = logging.getLogger(__name__)
 
+#: Marks a pod whose pod.json waives a danger (``"unsafe"``), and each of its warnings.
+UNSAFE_MARK = "\u26a0"
+
 
 @magics_class
 class InventoryMagics(Magics):
@@ -96,8 +99,10 @@ class InventoryMagics(Magics):
     def cldpd_pods(self, line: str = "") -> Table:
         """List the pods: image, workdir, mounts, forwarded variables, template, running.
 
-        Broken pods are listed with what is wrong with them. Returns the Table
-        (``.records()`` gives the rows as dictionaries).
+        Mount sources are shown resolved (through ``..`` and links). A pod whose pod.json
+        waives a danger in ``"unsafe"`` is marked in an ``unsafe`` column, and each danger
+        is said under the table. Broken pods are listed with what is wrong with them.
+        Returns the Table (``.records()`` gives the rows as dictionaries).
         """
         parse_args(self.cldpd_pods, line)
         pods_dir = self.core.dispatcher.pods_dir
@@ -116,27 +121,34 @@ class InventoryMagics(Magics):
         for name, pod, error in scan_pods(pods_dir):
             state = "?" if running is None else ("running" if name in running else "no")
             if pod is None:
-                rows.append((name, "", "", "", "", "", state, one_line(str(error))))
+                rows.append((name, "", "", "", "", "", state, "", one_line(str(error))))
                 continue
             config = pod.config
             mounts = ", ".join(
                 f"{m.source}:{m.target}{':ro' if m.read_only else ''}" for m in config.mounts
             )
+            unsafe = f"{UNSAFE_MARK} {', '.join(pod.unsafe)}" if pod.unsafe else ""
+            notes.extend(f"{UNSAFE_MARK} {name}: {warning}" for warning in pod.unsafe_warnings)
             rows.append((
                 name, pod.image, config.workdir or "(image default)", mounts,
-                ", ".join(config.inherit_env), "yes" if pod.template else "no", state, "",
+                ", ".join(config.inherit_env), "yes" if pod.template else "no", state, unsafe, "",
             ))  # fmt: skip
         if not rows:
             notes.append(
                 f"No pods in {pods_dir}: make one with %cldpd_new NAME (templates: "
                 f"{', '.join(template_names())}); a pod is a directory with a Dockerfile."
             )
-        columns = ("pod", "image", "workdir", "mounts", "forwards", "template", "running")
-        if any(row[-1] for row in rows):
-            columns += ("problem",)
-        else:
-            rows = [row[:-1] for row in rows]
-        return Table(columns, rows, title=f"Pods in {pods_dir}", notes=notes)
+        columns = ("pod", "image", "workdir", "mounts", "forwards", "template", "running",
+                   "unsafe", "problem")  # fmt: skip
+        # The last two columns only when a pod has waivers or is broken.
+        keep = [i for i, column in enumerate(columns)
+                if column not in ("unsafe", "problem") or any(row[i] for row in rows)]  # fmt: skip
+        return Table(
+            [columns[i] for i in keep],
+            [tuple(row[i] for i in keep) for row in rows],
+            title=f"Pods in {pods_dir}",
+            notes=notes,
+        )
 
     @magic_arguments()
     @line_magic

@@ -1059,6 +1059,9 @@ def _show_progress(bar: widgets.IntProgress, run: _Run) -> None:
 def pod_details_html(control: PodControl, pods_dir: str | os.PathLike[str]) -> str:
     """HTML describing a pod for the details pane: its configuration, secrets masked.
 
+    A pod whose pod.json waives a danger (``"unsafe"``) shows each warning first; mount
+    sources are shown resolved, as they reach Docker.
+
     Args:
         control: The pod's controller (a blank one when no pod is selected).
         pods_dir: The pods directory, named when there are no pods.
@@ -1092,6 +1095,7 @@ def pod_details_html(control: PodControl, pods_dir: str | os.PathLike[str]) -> s
     if len(template) > TEMPLATE_PREVIEW_LINES:
         preview += f"\n… (+{len(template) - TEMPLATE_PREVIEW_LINES} more lines)"
     rows = [
+        *(("unsafe", f"\u26a0 {w}") for w in pod.unsafe_warnings),
         ("image", pod.image),
         ("directory", display_path(pod.dir)),
         ("workdir", config.workdir or "(image default)"),

@@ -94,6 +94,24 @@ def test_list_shows_pods_and_broken_ones(pods_dir, make_pod, capsys):
     assert bad in out and "malformed JSON at line 1, column 2" in out
 
 
+def test_list_warns_on_stderr_of_what_each_pod_waives(pods_dir, make_pod, capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    waived = make_pod("echo hi", pod_json={"network": "host", "unsafe": ["network:host"]})
+    plain = make_pod("echo hi")
+    refused = make_pod("echo hi", pod_json={"capAdd": ["BPF"]})
+    assert main(["--pods-dir", str(pods_dir), "list"]) == 1  # no Docker: runs unknown
+    captured = capsys.readouterr()
+    assert f"{waived}  cldpd-{waived}" in captured.out and f"{plain}  cldpd-{plain}" in captured.out
+    assert "capAdd[0] adds BPF, which allows loading BPF programs" in captured.out
+    assert 'add "cap:BPF" to "unsafe"' in captured.out  # the refused pod is broken
+    warnings = [line for line in captured.err.splitlines() if "unsafe" in line]
+    assert warnings == [
+        f"cldpd: {waived}: unsafe: shares the host's network (the host's own network: "
+        "every service of the host and its loopback)"
+    ]
+    assert refused not in captured.err
+
+
 def test_list_without_docker_still_lists_the_pods(pods_dir, make_pod, capsys, monkeypatch):
     name = make_pod("echo hi")
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")

@@ -367,6 +367,47 @@ def test_pods_table_lists_good_and_broken_pods(ip, fake, make_pod, tmp_path):
     assert "<table" in html and "hush-hush-value" not in html + repr(table)
 
 
+def test_pods_table_marks_unsafe_pods_and_says_each_waived_danger(ip, fake, make_pod, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    waived = make_pod(
+        pod_json={
+            "network": "host",
+            "capAdd": ["sys_admin"],
+            "mounts": [
+                {"source": "/etc", "target": "/host-etc"}, {"source": str(link), "target": "/d"},
+            ],
+            "unsafe": ["network:host", "cap:SYS_ADMIN", "mount:/etc"],
+        },
+        name="a-waived",
+    )  # fmt: skip
+    plain = make_pod(name="b-plain")
+    table = ip.run_line_magic("cldpd_pods", "")
+    rows = {r["pod"]: r for r in table.records()}
+    assert rows[waived]["unsafe"] == "\u26a0 network:host, cap:SYS_ADMIN, mount:/etc"
+    assert rows[plain]["unsafe"] == "" and "problem" not in rows[plain]
+    assert rows[waived]["mounts"] == f"/etc:/host-etc, {data}:/d"  # the link, resolved
+    said = [n for n in table.notes if n.startswith(f"\u26a0 {waived}: ")]
+    assert said == [
+        f"\u26a0 {waived}: unsafe: shares the host's network (the host's own network: "
+        "every service of the host and its loopback)",
+        f"\u26a0 {waived}: unsafe: adds SYS_ADMIN (mount and most kernel administration: "
+        "the usual way out of a container)",
+        f"\u26a0 {waived}: unsafe: mounts /etc (the system directory /etc: the host's own files)",
+    ]
+    assert said[2] in repr(table) and "mounts /etc (the system directory" in table._repr_html_()
+
+
+def test_pods_table_names_a_dangerous_pod_json_as_broken(ip, fake, make_pod):
+    name = make_pod(pod_json={"mounts": [{"source": "/var/run/docker.sock", "target": "/s"}]})
+    row = ip.run_line_magic("cldpd_pods", "").records()[0]
+    assert row["pod"] == name and "unsafe" not in row
+    assert "the Docker API (root on the host)" in row["problem"]
+    assert 'add "mount:/run/docker.sock" to "unsafe"' in row["problem"]
+
+
 def test_pods_table_of_an_empty_directory_says_what_a_pod_is(ip, fake):
     table = ip.run_line_magic("cldpd_pods", "")
     assert len(table) == 0

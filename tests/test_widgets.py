@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import os
 import threading
 import time
 import uuid
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
+from html_safety import PAYLOADS, html_problems
 
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
 from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD, RunningPod
@@ -20,6 +23,8 @@ from cldpd_magic.session import MASK, EventType, RunState, Session
 from cldpd_magic.widgets import Controls, PodControl, _Run
 
 SECRET = "s3cr3t-t0ken-value"
+#: The style attributes of the details pane.
+PICKER_STYLES = ("text-align:left;padding-right:1em", "margin:2px 0")
 
 
 def wait_for(
@@ -143,6 +148,34 @@ def test_details_show_the_pod_with_secrets_masked(make_pod, fake, monkeypatch, t
     assert "order 7" not in details
     assert SECRET not in details and "k3y-value-1234" not in details
     assert name in details
+
+
+def test_details_warn_of_what_the_pod_json_waives_escaped(make_pod, fake, tmp_path):
+    # A remote mount's path is taken as written: any text, so hostile markup too.
+    payloads = [p for p in PAYLOADS if "\x00" not in p]
+    sources = [os.path.normpath("/etc/" + p) for p in payloads]
+    name = make_pod(
+        pod_json={
+            "capAdd": ["NET_ADMIN"],
+            "mounts": [{"source": s, "target": f"/m{i}", "remote": True}
+                       for i, s in enumerate(sources)],
+            "unsafe": ["cap:NET_ADMIN", *(f"mount:{s}" for s in sources)],
+        }
+    )  # fmt: skip
+    plain = make_pod()
+    picker, _ = fake()
+    picker.pod_select.value = name
+    details = picker.details.value
+    assert html_problems(details, allowed_styles=PICKER_STYLES) == []
+    assert (
+        '<th style="text-align:left;padding-right:1em">unsafe</th><td>\u26a0 unsafe: adds '
+        "NET_ADMIN (changing routes, firewall rules and interfaces: a way around the pod&#x27;s "
+        "network limits)</td>"
+    ) in details
+    assert details.count(">unsafe</th>") == 1 + len(sources)
+    assert html.escape("unsafe: mounts /etc/<script>window.pwned=1</script>") in details
+    picker.pod_select.value = plain
+    assert "unsafe" not in picker.details.value  # the control: no waiver, no warning
 
 
 def test_start_button_follows_the_url_as_it_is_typed(make_pod, fake):
