@@ -217,9 +217,11 @@ class Pod:
 
     @property
     def unsafe_warnings(self) -> tuple[str, ...]:
-        """One sentence per waived danger, such as
-        ``"unsafe: mounts /run/docker.sock (the Docker API: root on the host)"``;
-        empty for a pod without waivers. Shown wherever the pod is listed or run."""
+        """One warning sentence per danger pod.json waives; empty for a pod without waivers.
+
+        Such as ``"unsafe: mounts /run/docker.sock (the Docker API: root on the host)"``;
+        shown wherever the pod is listed or run.
+        """
         return self.config.unsafe_warnings
 
 
@@ -682,8 +684,11 @@ def _dangers(config: PodConfig, written: Sequence[str]) -> list[_Danger]:
 
 
 def _waiver_keys(path: Path, i: int, entry: str) -> set[str]:
-    """The canonical entries an ``"unsafe"`` entry may stand for (a mount's path, resolved
-    or only normalized, as its mount is remote or not)."""
+    """The canonical entries an ``"unsafe"`` entry may stand for.
+
+    A mount's path is given both resolved and only normalized: its mount may be local
+    (resolved) or remote (normalized), and a waiver may name the path as written.
+    """
     kind, colon, rest = entry.partition(":")
     kind = kind.strip().lower()
     if colon and kind == "cap":
@@ -796,7 +801,9 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
 
     Raises:
         PodConfigError: Malformed JSON (with line and column), a key given twice, JSON
-            nested too deeply, unknown keys, wrong types, an invalid image reference.
+            nested too deeply, unknown keys, wrong types, an invalid image reference, a
+            danger that ``"unsafe"`` does not waive or a waiver of nothing
+            (:func:`check_unsafe`).
     """
     if not text.strip():
         return PodConfig()
