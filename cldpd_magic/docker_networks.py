@@ -8,6 +8,9 @@ import docker.errors
 
 from .docker_engine import DockerConnection, engine_errors
 
+#: The bridge driver's option that leaves the host without an address on the network.
+INHIBIT_HOST_ADDRESS = "com.docker.network.bridge.inhibit_ipv4"
+
 
 class Networks:
     """Creates, lists and removes the bridge networks of one engine.
@@ -23,13 +26,26 @@ class Networks:
     def create_network(self, name: str, labels: dict[str, str], internal: bool = True) -> str:
         """Create a bridge network; an internal one has no way out but through its containers.
 
+        An internal network's bridge gets no address on the engine's host: its containers
+        then have no way to the host either (its services on any address, its other
+        networks), which an address there would give them through the host's INPUT chain.
+
         Returns:
             Its subnet, such as ``172.30.0.0/16``.
         """
         api = self.connection.control()
-        api.create_network(name, driver="bridge", internal=internal, labels=labels)
-        config = (api.inspect_network(name).get("IPAM") or {}).get("Config") or [{}]
-        return config[0].get("Subnet", "")
+        options = {INHIBIT_HOST_ADDRESS: "true"} if internal else None
+        api.create_network(name, driver="bridge", internal=internal, labels=labels, options=options)
+        return self._ipam(name).get("Subnet", "")
+
+    def _ipam(self, name: str) -> dict[str, str]:
+        config = (self.connection.control().inspect_network(name).get("IPAM") or {}).get("Config")
+        return (config or [{}])[0]
+
+    @engine_errors
+    def gateway(self, name: str) -> str:
+        """The gateway address the engine reserved on a network ("" when none)."""
+        return self._ipam(name).get("Gateway", "")
 
     @engine_errors
     def remove_network(self, name: str) -> None:

@@ -7,9 +7,15 @@ on that network and on the engine's default bridge and lets CONNECT and plain HT
 through only to the allowlist. Each refused attempt becomes an ``EGRESS_BLOCKED`` event.
 
 A pod that names ``credentials`` (``{"anthropic": "ANTHROPIC_API_KEY"}``) gets a
-placeholder key and a base URL pointing at the same egress container, which adds the
-real key and forwards upstream. The real key reaches that container on its stdin after
-start: it is in no container's environment, file, label or ``docker inspect`` output.
+random token of its run in place of the key, and a base URL pointing at the same egress
+container, which forwards only requests that carry that token, only to the configured
+API, with the real key in its place. The real key reaches that container on its stdin
+after start: it is in no container's environment, file, label or ``docker inspect`` output.
+
+Nothing else reaches the pod or its egress: the internal network's bridge has no
+address on the engine's host (no way to the host's services), Squid and the broker
+listen only on the pod's network, and the egress container has its own memory, process
+and CPU limits, no capability, and a read-only root.
 
 One egress container and network per run, not per policy: a blocked attempt belongs to
 exactly one run, two agents never share a network (one could not reach the other), and
@@ -27,7 +33,9 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -39,6 +47,7 @@ from .egress_policy import (
     EgressPolicy,
 )
 from .errors import CldpdError, ContainerFailedError
+from .pods import Resources
 from .protocol import RunOptions
 
 logger = logging.getLogger(__name__)
@@ -57,8 +66,10 @@ LABEL_EGRESS = "cldpd.egress"
 LABEL_EGRESS_OF = "cldpd.egress-of"
 PROXY_PORT = 3128
 BROKER_PORT = 8080
-#: What a pod sees in place of a brokered key.
-PLACEHOLDER = "cldpd-brokered-placeholder"
+#: How a pod's stand-in for a brokered key begins; a random token of the run follows.
+PLACEHOLDER = "cldpd-brokered-"
+#: The egress container's own limits: a pod cannot make it grow without bound.
+EGRESS_RESOURCES = Resources(cpus=1.0, memory=256 * 1024 * 1024, pids=128)
 #: The line the egress container prints once Squid listens.
 READY_LINE = "cldpd-egress ready"
 #: Seconds to wait for that line.
@@ -94,7 +105,7 @@ class EgressAttempt:
 
 _ACCESS_RE = re.compile(
     r"CLDPD-ACCESS (?P<ts>\d+(?:\.\d+)?) \S+ (?P<code>[A-Z_]+) (?P<status>\d+) "
-    r"(?P<method>[A-Z]+) (?P<host>[A-Za-z0-9.:\[\]_-]+) (?P<port>\d+)$"
+    r"(?P<method>[A-Z]+) (?P<host>[A-Za-z0-9.:\[\]%_-]+) (?P<port>\d+)$"
 )
 
 
@@ -106,7 +117,7 @@ def parse_access_line(line: str) -> EgressAttempt | None:
     denied = "DENIED" in match["code"] or match["status"] == "403"
     return EgressAttempt(
         datetime.fromtimestamp(float(match["ts"]), UTC),
-        match["host"][:253],
+        urllib.parse.unquote(match["host"])[:253],  # Squid writes [::1] as %5B::1%5D
         int(match["port"]),
         match["method"],
         not denied,
@@ -181,6 +192,8 @@ class EgressGuard:
     def __post_init__(self) -> None:
         # "cldpd_": no pod's container (always "cldpd-<pod>") can take these names.
         self.network = self.proxy = egress_name(self.container)
+        #: What the pod gets in place of each brokered key; the broker requires it.
+        self.token = PLACEHOLDER + secrets.token_hex(24)
         self._ready = threading.Event()
         self._came_up = False
         self._follower: threading.Thread | None = None
@@ -238,18 +251,14 @@ class EgressGuard:
                         "upstream": upstream,
                         "header": CREDENTIAL_KINDS[kind].header,
                         "value": value,
+                        "token": self.token,
+                        "methods": list(CREDENTIAL_KINDS[kind].methods),
+                        "paths": list(CREDENTIAL_KINDS[kind].paths),
                     }
                     for kind, value, upstream in self.credentials
                 },
             }
-            service = RunOptions(
-                image=image,
-                name=self.proxy,
-                cmd=[],
-                network=self.network,
-                labels=self.labels,
-                remove=False,
-            )
+            service = self.service_options(image)
             self.runner.start_service(service, ["bridge"], (json.dumps(config) + "\n").encode())
             self._start_following()
             if not (self._ready.wait(READY_TIMEOUT) and self._came_up):
@@ -258,7 +267,7 @@ class EgressGuard:
                     f"{READY_TIMEOUT:g} s; see docker logs {self.proxy}."
                 )
             address = self.runner.address(self.proxy, self.network)
-            self._check_isolation(image, subnet)
+            self._check_isolation(image, subnet, self.runner.gateway(self.network))
         except BaseException:
             self.remove()
             raise
@@ -269,32 +278,54 @@ class EgressGuard:
         env["NO_PROXY"] = env["no_proxy"] = f"localhost,127.0.0.1,{address}"
         for kind, _value, _upstream in self.credentials:
             credential = CREDENTIAL_KINDS[kind]
-            env[credential.key_env] = PLACEHOLDER
+            env[credential.key_env] = self.token
             env[credential.url_env] = f"http://{address}:{BROKER_PORT}"
         # Docker's embedded resolver forwards what it cannot answer to the container's
         # DNS servers, even from an internal network, and the host's addresses are
         # reachable from there: point it at the egress container, which serves no DNS.
         return replace(opts, env=env, network=self.network, dns=[address])
 
-    def _check_isolation(self, image: str, subnet: str) -> None:
-        """Refuse to go on unless the engine's firewall isolates the internal network.
+    def service_options(self, image: str) -> RunOptions:
+        """The egress container: confined like a pod, with limits of its own.
 
-        Two checks, both needed: the host's iptables rules must hold Docker's DROP rule
+        It runs as Squid's unprivileged user with no capability, a read-only root (its
+        configuration is written to /tmp), and :data:`EGRESS_RESOURCES`.
+        """
+        return RunOptions(
+            image=image,
+            name=self.proxy,
+            cmd=[],
+            env={"HOME": "/tmp"},
+            workdir="/tmp",
+            network=self.network,
+            labels=self.labels,
+            remove=False,
+            resources=EGRESS_RESOURCES,
+            read_only_root=True,
+        )
+
+    def _check_isolation(self, image: str, subnet: str, gateway: str) -> None:
+        """Refuse to go on unless the engine isolates the internal network, host included.
+
+        Three checks, all needed: the host's iptables rules must hold Docker's DROP rule
         for the network (an engine with --iptables=false makes none, and its networks are
-        then isolated only while some other party's policy happens to drop the traffic),
-        and a container on the network must not reach the egress container's bridge side.
+        then isolated only while some other party's policy happens to drop the traffic);
+        the host must hold no address on the network (an engine that ignores the option
+        asking for none would let the pod reach every host service through INPUT); and a
+        container on the network must not reach the egress container's bridge side.
         """
         if id(self.runner) in _ISOLATING_ENGINES:
             return
         not_enforced = ContainerFailedError(
             "This Docker engine does not isolate internal networks (it runs with "
-            "--iptables=false), so a network allowlist cannot be enforced; restart "
-            "dockerd with iptables on, or drop 'network.allow' from pod.json."
+            "--iptables=false, or gives the host an address on them), so a network "
+            "allowlist cannot be enforced; restart dockerd with iptables on, or drop "
+            "'network.allow' from pod.json."
         )
         firewall = RunOptions(
             image=rules_image_tag(image),
             name=f"{self.proxy}-rules",
-            cmd=["rules", subnet],
+            cmd=["rules", subnet, gateway],
             network="host",
             cap_add=["NET_ADMIN", "NET_RAW"],
             labels=self.labels,

@@ -27,12 +27,16 @@ class CredentialKind:
         url_env: The variable the agent reads the API's base URL from (it gets the broker).
         header: The request header the broker sets to the real key.
         upstream: Where the broker forwards, unless the pod's env sets ``url_env``.
+        methods: The HTTP methods the broker forwards.
+        paths: The path prefixes the broker forwards; anything else is refused.
     """
 
     key_env: str
     url_env: str
     header: str
     upstream: str
+    methods: tuple[str, ...] = ("GET", "POST", "DELETE")
+    paths: tuple[str, ...] = ("/v1/",)
 
 
 CREDENTIAL_KINDS = {

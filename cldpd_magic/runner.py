@@ -158,6 +158,10 @@ class DockerRunner:
         """Create a bridge network; its subnet (see :meth:`Networks.create_network`)."""
         return self.networks.create_network(name, labels, internal)
 
+    def gateway(self, network: str) -> str:
+        """The gateway address reserved on a network (see :meth:`Networks.gateway`)."""
+        return self.networks.gateway(network)
+
     def remove_network(self, name: str) -> None:
         """Remove a network, disconnecting what is on it; a missing one is fine."""
         self.networks.remove_network(name)

@@ -415,29 +415,42 @@ def test_dns_of_arbitrary_names_does_not_leave_the_internal_network(
 ):
     """Docker's embedded resolver forwards an internal network's queries to the host.
 
-    The control shows it: a container on that network whose DNS server is the host
-    (the network's gateway) gets its query there. A pod behind the egress proxy has
-    the egress container as its DNS server, which serves none: the same query reaches
-    nothing outside.
+    The control shows it: a container on a plain internal network whose DNS server is
+    the host (that network's gateway) gets its query there. A pod behind the egress
+    proxy has the egress container as its DNS server, which serves none, and no way to
+    the host: the same query, and one sent to the host directly, reach nothing outside.
     """
     from cldpd_magic.runner import DockerRunner
 
     runner = DockerRunner()
     container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    plain = docker_client.networks.create(
+        f"cldpd-test-dns-{uuid.uuid4().hex[:8]}", internal=True, labels=TEST_LABEL
+    )
+    made.append(plain)
     guard = EgressGuard(runner, container, EgressPolicy())
     opts = guard.setup(RunOptions(image="busybox:latest", name=container, cmd=[]))
     try:
-        gateway = docker_client.api.inspect_network(guard.network)["IPAM"]["Config"][0]["Gateway"]
+        # Docker gives the plain network's bridge its address when a container joins.
+        runner.run(RunOptions(image="busybox:latest", name=f"{container}-up", cmd=["true"],
+                              network=plain.name, labels=TEST_LABEL), io.StringIO())  # fmt: skip
+        gateway = docker_client.api.inspect_network(plain.id)["IPAM"]["Config"][0]["Gateway"]
         sink = _DnsSink(gateway)
         try:
             results = {}
-            for case, dns in (("control", [gateway]), ("pod", opts.dns)):
+            cases = (
+                ("control", plain.name, [gateway], ""),
+                ("pod", opts.network, opts.dns, ""),
+                ("pod-asks-the-host", opts.network, opts.dns, gateway),
+            )
+            for case, network, dns, server in cases:
                 marker = f"leak{uuid.uuid4().hex[:10]}"
                 run = RunOptions(
                     **{
                         **opts.__dict__,
                         "name": f"{container}-{case}",
-                        "cmd": ["sh", "-c", f"nslookup {marker}.example.com; true"],
+                        "cmd": ["sh", "-c", f"nslookup {marker}.example.com {server}; true"],
+                        "network": network,
                         "dns": dns,
                         "labels": TEST_LABEL,
                     }
@@ -448,7 +461,7 @@ def test_dns_of_arbitrary_names_does_not_leave_the_internal_network(
             sink.close()
     finally:
         guard.remove()
-    assert results == {"control": True, "pod": False}
+    assert results == {"control": True, "pod": False, "pod-asks-the-host": False}
     assert opts.dns and opts.dns[0] != gateway
 
 
@@ -481,7 +494,7 @@ def test_the_brokered_key_reaches_upstream_and_no_container_holds_it(
             echo "key=$ANTHROPIC_API_KEY"
             environ() { tr '\\0' '\\n' </proc/1/environ | grep -c "$1"; }
             echo "environ-holds-real=$(environ sk-ant-real)"
-            echo "environ-holds-placeholder=$(environ cldpd-brokered-placeholder)"
+            echo "environ-holds-placeholder=$(environ cldpd-brokered-)"
             sleep 2
             """,
             pod_json={
@@ -863,20 +876,27 @@ def test_squid_allows_only_the_allowlist_and_only_from_the_pods_network():
     spec = importlib.util.spec_from_file_location("cldpd_egress", DATA_DIR / "cldpd_egress.py")
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
-    policy = parse_network_allow(POD_JSON, {"allow": ["a.io", "*.b.io:8443"]})
+    policy = parse_network_allow(POD_JSON, {"allow": ["a.io", "*.b.io:8443", "10.1.2.3"]})
+    allow = [r.squid() for r in policy.allow]
     conf = entry.squid_conf(
-        {"subnet": "172.30.0.0/16", "proxy_port": 3128, "allow": [r.squid() for r in policy.allow]}
+        {"subnet": "172.30.0.0/16", "listen": "172.30.0.2", "proxy_port": 3128, "allow": allow}
     )
     access = [line for line in conf.splitlines() if line.startswith(("acl", "http_access"))]
     assert access == [
         "acl pods src 172.30.0.0/16",
         "acl default_ports port 80 443",
+        f"acl ip_literal dstdom_regex -n {entry.IP_LITERAL_PATTERNS}",
+        f"acl private_dst dst {entry.PRIVATE_RANGES}",
         "http_access deny !pods",
-        "acl allow0 dstdomain a.io",
-        "http_access allow allow0 default_ports",
-        "acl allow1 dstdomain .b.io",
+        "acl allow0 dstdomain -n a.io",
+        "http_access allow allow0 default_ports !private_dst",
+        "acl allow1 dstdomain -n .b.io",
         "acl port1 port 8443",
-        "http_access allow allow1 port1",
+        "http_access allow allow1 port1 !private_dst",
+        "acl allow2 dst 10.1.2.3",
+        "http_access allow ip_literal allow2 default_ports",
         "http_access deny all",
     ]
-    assert "cache deny all" in conf.splitlines()
+    lines = conf.splitlines()
+    assert "cache deny all" in lines and "httpd_suppress_version_string on" in lines
+    assert "http_port 172.30.0.2:3128" in lines
