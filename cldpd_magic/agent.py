@@ -3,6 +3,7 @@ arguments, forwarded variables and the secrets among them, and the kernel's limi
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -96,6 +97,40 @@ def agent_command(
     ]  # fmt: skip
 
 
+#: Seconds the container's own deadline runs after the run's timeout: a live client stops
+#: its run first (and says why); the container's deadline is for a client that died.
+DEADLINE_GRACE = 5
+#: Ends the agent in its container once its time is up, whoever watches: SIGINT (the agent
+#: ends its turn), SIGTERM, then SIGKILL. The watchdog polls the agent's process, so it
+#: ends with it and never signals a process that took its number later; ``exec`` keeps the
+#: agent the shell's process (signals from stop reach it, its stdin stays its own).
+DEADLINE_SCRIPT = (
+    "limit=$1; shift; agent=$$; ("
+    " waited=0;"
+    ' while kill -0 "$agent" 2>/dev/null; do'
+    '  if [ "$waited" -ge "$limit" ]; then'
+    '   kill -INT "$agent" 2>/dev/null; sleep 10;'
+    '   kill -0 "$agent" 2>/dev/null && kill -TERM "$agent" 2>/dev/null; sleep 5;'
+    '   kill -0 "$agent" 2>/dev/null && kill -KILL "$agent" 2>/dev/null; exit 0;'
+    "  fi;"
+    "  sleep 2; waited=$((waited + 2));"
+    ' done ) </dev/null >/dev/null 2>&1 & exec "$@"'
+)
+
+
+def with_deadline(cmd: list[str], seconds: float | None) -> list[str]:
+    """``cmd`` ending by itself in its container ``seconds`` (plus a grace) after it starts.
+
+    The run's timeout is enforced by the client too, which stops the run gracefully and
+    says why; this holds when the client is gone (a killed kernel or ``cldpd``). It needs
+    ``sh`` in the image, as the stop's signalling does. None leaves ``cmd`` as it is.
+    """
+    if seconds is None:
+        return cmd
+    limit = math.ceil(seconds) + DEADLINE_GRACE
+    return ["sh", "-c", DEADLINE_SCRIPT, "cldpd-deadline", str(limit), *cmd]
+
+
 def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix: str) -> None:
     """Refuse up front a command the kernel would refuse with "argument list too long".
 
@@ -156,7 +191,13 @@ class StartPlan:
     session_uuid: str
 
 
-def plan_start(pod: Pod, url: str, prompt: str = "", args: Sequence[str] = ()) -> StartPlan:
+def plan_start(
+    pod: Pod,
+    url: str,
+    prompt: str = "",
+    args: Sequence[str] = (),
+    timeout: float | None = None,
+) -> StartPlan:
     """The command, environment and secrets of a start of a pod on an issue.
 
     Args:
@@ -164,6 +205,8 @@ def plan_start(pod: Pod, url: str, prompt: str = "", args: Sequence[str] = ()) -
         url: The issue URL, validated.
         prompt: Text added after the start prompt, after a blank line.
         args: CLI arguments after the pod's own.
+        timeout: The run's timeout; None is pod.json's (``timeoutSeconds``). The agent's
+            container enforces it too (:func:`with_deadline`).
 
     Raises:
         InvalidRequestError: The prompt, an argument or an environment entry holds a NUL
@@ -183,4 +226,5 @@ def plan_start(pod: Pod, url: str, prompt: str = "", args: Sequence[str] = ()) -
         cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
         f"shorten {pod.dir / 'template.md'}",
     )  # fmt: skip
+    cmd = with_deadline(cmd, pod_limits(pod, timeout).timeout_seconds)
     return StartPlan(cmd, env, secrets, missing, brokered, session_uuid)

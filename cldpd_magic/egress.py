@@ -179,6 +179,8 @@ class EgressGuard:
         credentials: ``(kind, real value, upstream)`` triples to broker.
         on_attempt: Called, from a worker thread, with each attempt the proxy logs.
         on_build_output: Called with each line of the egress image's build log.
+        resources: The egress container's limits (pod.json ``egressResources``); a limit
+            left unset there is :data:`EGRESS_RESOURCES`'.
     """
 
     runner: Any
@@ -187,6 +189,7 @@ class EgressGuard:
     credentials: list[tuple[str, str, str]] = field(default_factory=list)
     on_attempt: Callable[[EgressAttempt], None] | None = None
     on_build_output: Callable[[str], None] | None = None
+    resources: Resources | None = None
     attempts: list[EgressAttempt] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -289,7 +292,7 @@ class EgressGuard:
         """The egress container: confined like a pod, with limits of its own.
 
         It runs as Squid's unprivileged user with no capability, a read-only root (its
-        configuration is written to /tmp), and :data:`EGRESS_RESOURCES`.
+        configuration is written to /tmp), and its own limits (:func:`egress_resources`).
         """
         return RunOptions(
             image=image,
@@ -300,7 +303,7 @@ class EgressGuard:
             network=self.network,
             labels=self.labels,
             remove=False,
-            resources=EGRESS_RESOURCES,
+            resources=egress_resources(self.resources),
             read_only_root=True,
         )
 
@@ -410,6 +413,17 @@ class EgressGuard:
         """The attempts refused so far."""
         with self._lock:
             return [a for a in self.attempts if not a.allowed]
+
+
+def egress_resources(given: Resources | None) -> Resources:
+    """An egress container's limits: those given, and :data:`EGRESS_RESOURCES` for the rest."""
+    given = given or Resources()
+    default = EGRESS_RESOURCES
+    return Resources(
+        default.cpus if given.cpus is None else given.cpus,
+        default.memory if given.memory is None else given.memory,
+        default.pids if given.pids is None else given.pids,
+    )
 
 
 def egress_name(container: str) -> str:

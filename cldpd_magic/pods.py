@@ -157,6 +157,7 @@ class PodConfig:
     cap_add: tuple[str, ...] = ()
     read_only_root: bool = False
     egress: EgressPolicy | None = None
+    egress_resources: Resources | None = None
     credentials: tuple[tuple[str, str], ...] = ()
     engine: str = ""
     max_cost_usd: float | None = None
@@ -407,6 +408,7 @@ _CONFIG_KEYS = {
     "keepAlive": "keep_alive",
     "network": "network",
     "resources": "resources",
+    "egressResources": "egress_resources",
     "capAdd": "cap_add",
     "readOnlyRoot": "read_only_root",
     "credentials": "credentials",
@@ -474,12 +476,12 @@ def parse_memory(value: str | int) -> int | None:
     return int(float(match[1]) * _MEMORY_UNITS[match[2].lower()])
 
 
-def _resources(path: Path, value: Any) -> Resources:
-    _expect(path, "resources", value, dict, "an object with cpus, memory and pids")
+def _resources(path: Path, value: Any, key: str = "resources") -> Resources:
+    _expect(path, key, value, dict, "an object with cpus, memory and pids")
     unknown = set(value) - {"cpus", "memory", "pids"}
     if unknown:
         raise PodConfigError(
-            f"{path}: unknown key {sorted(unknown)[0]!r} in resources; expected cpus, memory, pids."
+            f"{path}: unknown key {sorted(unknown)[0]!r} in {key}; expected cpus, memory, pids."
         )
     # A key given as null is a bad value, not an absent one.
     missing = object()
@@ -491,7 +493,7 @@ def _resources(path: Path, value: Any) -> Resources:
         or cpus < MIN_CPUS
     ):
         raise PodConfigError(
-            f"{path}: resources.cpus must be a number of CPUs of at least {MIN_CPUS}, "
+            f"{path}: {key}.cpus must be a number of CPUs of at least {MIN_CPUS}, "
             f"such as 1 or 1.5, got {str(cpus)[:40]!r}."
         )
     memory = value.get("memory", missing)
@@ -499,19 +501,19 @@ def _resources(path: Path, value: Any) -> Resources:
         size = parse_memory(memory)
         if size is None:
             raise PodConfigError(
-                f"{path}: resources.memory must be bytes or a size such as '512m' or '2g', "
+                f"{path}: {key}.memory must be bytes or a size such as '512m' or '2g', "
                 f"got {str(memory)[:40]!r}."
             )
         if size < MIN_MEMORY_BYTES:
             raise PodConfigError(
-                f"{path}: resources.memory {str(memory)[:40]!r} is below Docker's minimum "
+                f"{path}: {key}.memory {str(memory)[:40]!r} is below Docker's minimum "
                 "of 6 MiB; give at least '6m' (an agent needs far more, such as '2g')."
             )
         memory = size
     pids = value.get("pids", missing)
     if pids is not missing and (isinstance(pids, bool) or not isinstance(pids, int) or pids < 1):
         raise PodConfigError(
-            f"{path}: resources.pids must be a whole number of processes of at least 1, "
+            f"{path}: {key}.pids must be a whole number of processes of at least 1, "
             f"such as 256, got {str(pids)[:40]!r}."
         )
     return Resources(
@@ -845,8 +847,8 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
             values["egress" if isinstance(network, EgressPolicy) else "network"] = network
         elif key == "credentials":
             values["credentials"] = parse_credentials(path, value)
-        elif key == "resources":
-            values["resources"] = _resources(path, value)
+        elif key in ("resources", "egressResources"):
+            values[_CONFIG_KEYS[key]] = _resources(path, value, key)
         elif key == "capAdd":
             values["cap_add"] = _capabilities(path, value)
         elif key == "engine":
@@ -864,6 +866,11 @@ def parse_pod_config(path: Path, text: str) -> PodConfig:
                 f"{path}: buildArgs.{name} looks like a secret, and build args stay in the "
                 "image history; forward it at run time with inheritEnv instead."
             )
+    if "egress_resources" in values and "egress" not in values:
+        raise PodConfigError(
+            f"{path}: 'egressResources' sets the limits of the egress proxy, which only a "
+            "network allowlist has; give 'network' as {\"allow\": [...]}, or drop it."
+        )
     check_credentials(
         path, values.get("credentials", ()), values.get("egress"),
         values.get("env", {}), values.get("inherit_env", ()),

@@ -44,3 +44,18 @@ def test_options_written_with_equals_need_no_end_of_options():
     pod = Pod("p", Path("/x"), Path("/x/Dockerfile"), PodConfig(args=("--allowedTools=Bash",)))
     cmd = agent_command(pod, "go", session_uuid="u", resume=False)
     assert cmd[-2:] == ["--allowedTools=Bash", "go"]
+
+
+def test_a_run_with_a_timeout_ends_by_itself_in_its_container():
+    from cldpd_magic.agent import DEADLINE_GRACE, plan_start, with_deadline
+
+    timed = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"),
+                PodConfig(timeout_seconds=20.5))  # fmt: skip
+    plan = plan_start(timed, "https://github.com/o/r/issues/1")
+    assert plan.cmd[:2] == ["sh", "-c"]
+    assert plan.cmd[3:5] == ["cldpd-deadline", str(21 + DEADLINE_GRACE)]
+    assert plan.cmd[5:10] == HEAD and plan.cmd[-1].endswith("issues/1")
+    overridden = plan_start(timed, "https://github.com/o/r/issues/1", timeout=3)
+    assert overridden.cmd[4] == str(3 + DEADLINE_GRACE)
+    assert plan_start(POD, "https://github.com/o/r/issues/1").cmd[:5] == HEAD
+    assert with_deadline(["claude"], None) == ["claude"]

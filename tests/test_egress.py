@@ -900,3 +900,39 @@ def test_squid_allows_only_the_allowlist_and_only_from_the_pods_network():
     lines = conf.splitlines()
     assert "cache deny all" in lines and "httpd_suppress_version_string on" in lines
     assert "http_port 172.30.0.2:3128" in lines
+
+
+def test_egress_resources_parse_and_fill_in_the_defaults():
+    config = parse_pod_config(
+        POD_JSON,
+        json.dumps({"network": {"allow": []}, "egressResources": {"memory": "512m", "pids": 64}}),
+    )
+    limits = egress.egress_resources(config.egress_resources)
+    assert (limits.cpus, limits.memory, limits.pids) == (
+        egress.EGRESS_RESOURCES.cpus,
+        512 << 20,
+        64,
+    )
+    assert egress.egress_resources(None) == egress.EGRESS_RESOURCES
+    message = config_error({"egressResources": {"memory": "512m"}})
+    assert "'egressResources' sets the limits of the egress proxy" in message
+    assert "egressResources.pids" in config_error(
+        {"network": {"allow": []}, "egressResources": {"pids": 0}}
+    )
+
+
+@pytest.mark.docker
+def test_the_egress_container_gets_the_pods_egress_resources(egress_base, docker_client, guards):
+    from cldpd_magic.pods import Resources
+    from cldpd_magic.runner import DockerRunner
+
+    container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
+    guard = EgressGuard(
+        DockerRunner(), container, EgressPolicy(), resources=Resources(memory=96 << 20)
+    )
+    guards.append(guard)
+    guard.setup(RunOptions(image="busybox:latest", name=container, cmd=[]))
+    config = docker_client.api.inspect_container(guard.proxy)["HostConfig"]
+    assert config["Memory"] == 96 << 20
+    assert config["PidsLimit"] == egress.EGRESS_RESOURCES.pids
+    assert config["ReadonlyRootfs"] is True
