@@ -22,6 +22,22 @@ class Writer(Protocol):
         """Write a piece of text."""
 
 
+@runtime_checkable
+class LaunchGuard(Protocol):
+    """What a runner asks while it makes a run's container, so that a stop is never lost.
+
+    The run's session answers from its state: once the run is stopping, both methods
+    raise. The runner then makes nothing more and removes what it made, started or not,
+    and lets the error through.
+    """
+
+    def check(self) -> None:
+        """Called before the container is created and again before it starts."""
+
+    def started(self, info: ContainerInfo) -> None:
+        """Called once it has started: from then on a stop of the run finds it."""
+
+
 @dataclass
 class RunOptions:
     """How to run a pod's container.
@@ -43,6 +59,7 @@ class RunOptions:
             and the home directory stay writable.
         engine: The configured engine to run on ("" is the default, the first one).
         dns: DNS servers the engine's resolver forwards to (empty: the engine's default).
+        guard: The run's :class:`LaunchGuard`, asked by ``run`` and ``start`` (None: none).
     """
 
     image: str
@@ -60,6 +77,7 @@ class RunOptions:
     read_only_root: bool = False
     engine: str = ""
     dns: list[str] = field(default_factory=list)
+    guard: LaunchGuard | None = field(default=None, compare=False, repr=False)
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""
@@ -135,10 +153,10 @@ class Runner(Protocol):
         stderr: Writer | None = None,
         on_start: Callable[[ContainerInfo], None] | None = None,
     ) -> int:
-        """Run a container to its end and return its exit code."""
+        """Run a container to its end and return its exit code (asking ``opts.guard``)."""
 
     def start(self, opts: RunOptions) -> ContainerInfo:
-        """Create and start a container detached."""
+        """Create and start a container detached (asking ``opts.guard``)."""
 
     def exec(
         self,

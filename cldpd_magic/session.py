@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from .errors import CldpdError
 from .logs import log_swallowed
 from .secrets import MASK, Masker
 from .usage import Limits, Usage, UsageMeter
+
+if TYPE_CHECKING:
+    from .protocol import ContainerInfo
 
 __all__ = [
     "MASK",
@@ -27,6 +30,7 @@ __all__ = [
     "Event",
     "EventType",
     "Masker",
+    "RunGuard",
     "RunSnapshot",
     "RunState",
     "RunStatus",
@@ -201,6 +205,13 @@ class RunStatus:
     Every change goes through :meth:`move`, which allows only the moves in
     :data:`TRANSITIONS` and refuses (returns False for) the others, such as a stop asked
     for after the run exited. A :class:`Session` owns one; views read it.
+
+    Whether a stop was asked for is decided here and nowhere else: the move to STOPPING
+    sets :attr:`stop_requested`, which a job waits on and which its runner asks (through
+    :meth:`SessionControl.guard`) before it creates or starts the run's container.
+
+    Attributes:
+        stop_requested: Set once the run has moved to STOPPING; never cleared.
     """
 
     def __init__(self) -> None:
@@ -211,6 +222,7 @@ class RunStatus:
         self._since = time.monotonic()
         self._ended: float | None = None
         self._reason = ""
+        self.stop_requested = threading.Event()
 
     @property
     def state(self) -> RunState:
@@ -261,6 +273,8 @@ class RunStatus:
             self._exit_code = exit_code
         if to is RunState.RUNNING:
             self._since = time.monotonic()
+        elif to is RunState.STOPPING:
+            self.stop_requested.set()
         elif to.finished:
             self._ended = time.monotonic()
         return True
@@ -358,6 +372,34 @@ class SessionStopped(CldpdError):
     """Raised inside a job when the session was stopped before its container started."""
 
 
+class RunGuard:
+    """A run's :class:`~cldpd_magic.protocol.LaunchGuard`: what its runner asks while it
+    makes the run's container, answered from the run's state.
+
+    Made by :meth:`SessionControl.guard`; any runner that creates a container from
+    ``RunOptions`` (a run, a kept-alive start, a run attached to stdin) asks it, so a stop
+    that lands while the container is being made is never lost.
+    """
+
+    def __init__(self, control: SessionControl, stop: Callable[[str, float], None]) -> None:
+        self._control = control
+        self._stop = stop
+
+    def check(self) -> None:
+        """Raise SessionStopped once the run is stopping (before a create or a start)."""
+        self._control.check_cancelled()
+
+    def started(self, info: ContainerInfo) -> None:
+        """Register the started container, so a later stop stops it; raise if the run is
+        stopping already (the runner then removes the container).
+
+        Args:
+            info: The container.
+        """
+        name, stop = info.name, self._stop
+        self._control._launched(lambda timeout: stop(name, timeout))
+
+
 class _LineWriter:
     """A Writer that turns text chunks into one event per complete line."""
 
@@ -395,20 +437,42 @@ class _LineWriter:
 class SessionControl:
     """What a session's job uses to report and to learn of a stop.
 
+    A stop is the run's move to STOPPING (:class:`RunStatus`); this adds how to stop
+    what runs (the stopper), registered by the job or by its runner through
+    :meth:`guard`, under one lock with the check of the state, so that a stop either
+    finds the container or the job sees the stop before it makes one.
+
     Attributes:
         stdout: Writer whose lines become OUTPUT events.
         stderr: Writer whose lines become STDERR events.
-        cancelled: Set once the session is asked to stop.
     """
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self.stdout = _LineWriter(session, EventType.OUTPUT)
         self.stderr = _LineWriter(session, EventType.STDERR)
-        self.cancelled = threading.Event()
         self._stopper: Callable[[float], None] | None = None
         self._lock = threading.Lock()
         self._stop_timeout = 10.0
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set once the run is asked to stop (its :attr:`RunStatus.stop_requested`)."""
+        return self._session.status.stop_requested
+
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds the last stop gave the container before it is killed."""
+        return self._stop_timeout
+
+    def guard(self, stop: Callable[[str, float], None]) -> RunGuard:
+        """The guard a runner asks while it makes this run's container (``RunOptions.guard``).
+
+        Args:
+            stop: Stops a container by name gracefully within a timeout (the runner's
+                ``stop``): the stopper of the container once it has started.
+        """
+        return RunGuard(self, stop)
 
     def emit(self, etype: EventType, data: str = "", code: int | None = None) -> None:
         """Record an event (its data is masked)."""
@@ -430,10 +494,19 @@ class SessionControl:
         if self.cancelled.is_set():
             raise SessionStopped("The session was stopped before the agent started.")
 
+    def _launched(self, stopper: Callable[[float], None]) -> None:
+        """Register the stopper of a container that has just started, unless the run is
+        stopping: then raise SessionStopped and register nothing."""
+        with self._lock:
+            self.check_cancelled()
+            self._stopper = stopper
+
     def _stop(self, timeout: float) -> None:
+        # The move to STOPPING comes before the stopper is read, under this lock in
+        # _launched: a container either is registered by then, or its guard refuses it.
+        self._session.status.request_stop()
         with self._lock:
             self._stop_timeout = timeout
-            self.cancelled.set()
             stopper = self._stopper
         if stopper is not None:
             stopper(timeout)
@@ -917,7 +990,9 @@ class Session:
         """Stop the session gracefully and wait for it to end; calling it again is harmless.
 
         A start session stops its container (SIGINT, then SIGTERM, then SIGKILL within
-        ``timeout``); a resume session ends its exec only; a build in progress is abandoned.
+        ``timeout``), which is then removed, kept alive or not; a resume session ends its
+        exec only; a build in progress is abandoned. A stop while the container is being
+        made is never lost: the container is not made, or is removed at once.
 
         Args:
             timeout: Seconds before the container or exec is killed.

@@ -6,11 +6,13 @@ import itertools
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from cldpd_magic import BuildFailedError, CldpdError, Event, EventType, Session
+from cldpd_magic.protocol import ContainerInfo
 from cldpd_magic.session import (
     MASK,
     TRANSITIONS,
@@ -18,6 +20,7 @@ from cldpd_magic.session import (
     RunStatus,
     SessionControl,
     SessionKind,
+    SessionStopped,
     new_session_id,
     read_transcript,
 )
@@ -347,6 +350,110 @@ def test_stopper_registered_after_the_stop_runs_at_once(transcript_dir):
     session.stop(4)
     assert calls == [4]
     assert session.wait(0) == 130
+
+
+def test_the_move_to_stopping_is_the_stop_the_job_sees(transcript_dir):
+    """Whoever moves the run to STOPPING (a person, a cap, the dispatcher's expect_stop),
+    the job's cancelled and its guard see it: the state machine is the one place."""
+    release = threading.Event()
+    seen: list[bool] = []
+
+    def job(ctl: SessionControl) -> int:
+        release.wait(10)
+        seen.append(ctl.cancelled.is_set())
+        with pytest.raises(SessionStopped):
+            ctl.guard(lambda _name, _t: None).check()
+        return 0
+
+    session = make_session(transcript_dir, job)
+    assert not session._control.cancelled.is_set()
+    assert session.status.request_stop("over budget")
+    release.set()
+    assert session.wait(10) == 0
+    assert seen == [True] and session.state == "stopped" and session.stop_reason == "over budget"
+
+
+def test_a_guard_registers_the_started_container_for_a_later_stop(transcript_dir):
+    stops: list[tuple[str, float]] = []
+    go_on = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        guard = ctl.guard(lambda name, timeout: (stops.append((name, timeout)), go_on.set()))
+        guard.check()
+        guard.started(ContainerInfo("cldpd-pod", "id1", "running", {}))
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        go_on.wait(10)
+        return 130
+
+    session = make_session(transcript_dir, job)
+    until_state(session, RunState.RUNNING)
+    session.stop(3)
+    assert stops == [("cldpd-pod", 3)]
+    assert session.state == "stopped" and session.exit_code == 130
+
+
+def test_a_guard_refuses_a_container_started_after_the_stop(transcript_dir):
+    stops: list[str] = []
+    refused: list[str] = []
+    started = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        guard = ctl.guard(lambda name, _t: stops.append(name))
+        guard.check()
+        started.set()
+        ctl.cancelled.wait(10)
+        try:
+            guard.started(ContainerInfo("cldpd-pod", "id1", "running", {}))
+        except SessionStopped as exc:
+            refused.append(str(exc))
+            raise
+        return 0
+
+    session = make_session(transcript_dir, job)
+    started.wait(10)
+    session.stop(1)
+    assert refused and stops == []  # the runner removes it; no stopper to run
+    assert session.state == "stopped" and session.exit_code == -1 and session.error is None
+
+
+def test_a_stop_racing_a_start_is_either_refused_or_finds_the_container(transcript_dir):
+    """Many times over, a stop and a guard's started() at once, in both orders (the stop
+    goes at once, or after a pause that lets started() go first). Exactly one of them
+    acts: the guard refuses the container, or the stop runs its stopper; never neither."""
+    outcomes: set[tuple[int, int]] = set()
+    for attempt in range(300):
+        stops: list[str] = []
+        refused: list[bool] = []
+        ready = threading.Barrier(2)
+
+        def job(ctl: SessionControl, stops=stops, refused=refused, ready=ready) -> int:
+            guard = ctl.guard(lambda name, _t: stops.append(name))
+            ready.wait(10)
+            try:
+                guard.started(ContainerInfo("cldpd-pod", "id1", "running", {}))
+            except SessionStopped:
+                refused.append(True)
+            else:
+                ctl.cancelled.wait(10)  # the container runs until the stop
+            return 0
+
+        session = make_session(transcript_dir, job)
+        ready.wait(10)
+        if attempt % 3:
+            time.sleep(0.0001 * (attempt % 7))  # varies the interleaving; nothing is timed
+        session.stop(1)
+        assert session.done
+        assert len(stops) + len(refused) == 1, (stops, refused)
+        outcomes.add((len(stops), len(refused)))
+    assert outcomes == {(1, 0), (0, 1)}  # both orders were tried
+
+
+def until_state(session: Session, state: RunState) -> None:
+    for _ in range(2000):
+        if session.state is state:
+            return
+        threading.Event().wait(0.005)
+    raise AssertionError(f"{session} never reached {state}")
 
 
 def test_stop_during_a_build_is_not_an_error(transcript_dir):
