@@ -169,6 +169,26 @@ class Containers:
             force_remove(api, cid)
             raise container_error(opts, "start", exc) from None
 
+    def start_guarded(self, api: docker.APIClient, opts: RunOptions, cid: str) -> ContainerInfo:
+        """Start a created container, asking ``opts.guard`` before and after the start.
+
+        A guard that refuses (its run was asked to stop) has the container removed,
+        started or not, and its error goes through.
+        """
+        info = ContainerInfo(opts.name, cid, "running", opts.labels, opts.image)
+        guard = opts.guard
+        if guard is None:
+            self.start_or_remove(api, opts, cid)
+            return info
+        try:
+            guard.check()
+            self.start_or_remove(api, opts, cid)
+            guard.started(info)
+        except BaseException:
+            force_remove(api, cid)
+            raise
+        return info
+
     @staticmethod
     def _say_if_out_of_memory(
         api: docker.APIClient, container: str, code: int, stderr: Writer | None
@@ -209,6 +229,8 @@ class Containers:
             ContainerFailedError: The container could not be created or started.
         """
         with self.connection.streaming() as api:
+            if opts.guard is not None:
+                opts.guard.check()
             cid = self.create(api, opts)
             try:
                 try:
@@ -217,9 +239,9 @@ class Containers:
                     raise ContainerFailedError(
                         f"Could not attach to container {opts.name}: {explain(exc)}"
                     ) from None
-                self.start_or_remove(api, opts, cid)
+                info = self.start_guarded(api, opts, cid)
                 if on_start is not None:
-                    on_start(ContainerInfo(opts.name, cid, "running", opts.labels, opts.image))
+                    on_start(info)
                 pump(stream, stdout, stderr)
                 code = int(api.wait(cid)["StatusCode"])
                 self._say_if_out_of_memory(api, cid, code, stderr)
@@ -271,9 +293,10 @@ class Containers:
             ContainerFailedError: The container could not be created or started.
         """
         api = self.connection.control()
+        if opts.guard is not None:
+            opts.guard.check()
         cid = self.create(api, opts)
-        self.start_or_remove(api, opts, cid)
-        return ContainerInfo(opts.name, cid, "running", opts.labels, opts.image)
+        return self.start_guarded(api, opts, cid)
 
     @engine_errors
     def remove(self, container: str) -> None:

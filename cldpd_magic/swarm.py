@@ -346,7 +346,14 @@ class SwarmRunner:
                 api.remove_secret(secret["ID"])
 
     def _create(self, opts: RunOptions, gated: bool = False) -> str:
-        """Create the run's service; ``gated``: its agent waits for a line on stdin."""
+        """Create the run's service; ``gated``: its agent waits for a line on stdin.
+
+        ``opts.guard`` is asked before anything is made and just before the service is
+        created (a refusal removes the secrets made), and told of the service once it
+        exists (a refusal removes it): a service is created and started at once.
+        """
+        if opts.guard is not None:
+            opts.guard.check()
         if self._service(opts.name) is not None:
             raise PodRunningError(f"A run named {opts.name} already exists; stop it first.")
         env = opts.resolved_env()
@@ -387,6 +394,12 @@ class SwarmRunner:
             restart_policy=docker.types.RestartPolicy("none"),
             networks=[opts.network] if opts.network else None,
         )
+        if opts.guard is not None:
+            try:
+                opts.guard.check()  # the last moment before the swarm schedules the task
+            except BaseException:
+                self._remove_secrets(opts.name)
+                raise
         try:
             created = self._api().create_service(
                 template,
@@ -403,7 +416,16 @@ class SwarmRunner:
             raise ContainerFailedError(
                 f"The swarm refused the service {opts.name}: {one_line(explain(exc))}"
             ) from None
-        return created["ID"]
+        service = created["ID"]
+        if opts.guard is not None:
+            try:
+                opts.guard.started(
+                    ContainerInfo(opts.name, service, "running", opts.labels, opts.image)
+                )
+            except BaseException:
+                self.remove(opts.name)
+                raise
+        return service
 
     # -- the Runner protocol ---------------------------------------------------------
 
@@ -508,12 +530,15 @@ class SwarmRunner:
 
         Raises:
             PodRunningError: A service of that name exists.
-            ContainerFailedError: The swarm refused it, or its task did not start in time.
+            ContainerFailedError: The swarm refused it, its task did not start in time,
+                or it was removed meanwhile (its run was stopped).
         """
         service = self._create(opts)
         deadline = time.monotonic() + START_SECONDS
         while True:
             task = self._task(service)
+            if task is None and self._service(service) is None:
+                raise ContainerFailedError(f"{opts.name} was removed before its task started.")
             if ((task or {}).get("Status") or {}).get("State") == "rejected":
                 self.remove(opts.name)
                 raise _not_run(task, opts.name)  # type: ignore[arg-type]

@@ -123,6 +123,10 @@ class FakeRunner:
         built: Tags built.
         build_started: Set when a build begins.
         agent_started: Set when the agent of a run() or exec() begins.
+        on_step: Called as ``on_step(step, name)`` at each step of making a run: ``build``
+            (before a build, with the tag), ``built`` (after it), ``created`` (the
+            container exists, not started), ``started`` (it runs, before the runner
+            reports it) and ``exec`` (before an exec starts); a test injects a stop there.
     """
 
     def __init__(self, agent: Agent = echo_agent) -> None:
@@ -140,6 +144,7 @@ class FakeRunner:
         self.built: list[str] = []
         self.build_started = threading.Event()
         self.agent_started = threading.Event()
+        self.on_step: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._exec_stops: dict[str, tuple[str, threading.Event]] = {}
@@ -180,6 +185,7 @@ class FakeRunner:
     ) -> None:
         """Print build_lines, then fail, wait for a cancel or succeed."""
         self.calls.append(("build", (tag, context_dir, dict(build_args or {}))))
+        self._step("build", tag)
         self.built.append(tag)
         self.build_started.set()
         for line in self.build_lines:
@@ -191,17 +197,39 @@ class FakeRunner:
             raise BuildFailedError(f"Building image {tag} failed: the build was stopped")
         if self.build_error is not None:
             raise BuildFailedError(self.build_error, "\n".join(self.build_lines[-3:]))
+        self._step("built", tag)
+
+    def _step(self, step: str, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(step, name)
 
     def _create(self, opts: RunOptions) -> _Container:
+        """Create the container, then start it, as an engine would (``created`` first),
+        asking ``opts.guard`` as DockerRunner does; a refused container is removed."""
+        guard = opts.guard
+        if guard is not None:
+            guard.check()
         with self._lock:
             if opts.name in self.containers:
                 raise PodRunningError(f"A container named {opts.name} already exists.")
             info = ContainerInfo(
-                opts.name, f"id{next(self._ids)}", "running", dict(opts.labels), opts.image,
+                opts.name, f"id{next(self._ids)}", "created", dict(opts.labels), opts.image,
                 env=dict(opts.env),
             )  # fmt: skip
             container = self.containers[opts.name] = _Container(info, opts)
         self.runs.append(opts)
+        try:
+            self._step("created", opts.name)
+            if guard is not None:
+                guard.check()
+            self._set_status(opts.name, "running")
+            self._step("started", opts.name)
+            if guard is not None:
+                guard.started(container.info)
+        except BaseException:
+            container.stopped.set()
+            self.remove(opts.name)
+            raise
         return container
 
     def run(
@@ -243,10 +271,15 @@ class FakeRunner:
         found = self.containers.get(container)
         if found is None or not found.info.running:
             raise SessionNotFoundError(f"No running container named {container}.")
-        self.execs.append((container, list(cmd)))
+        self._step("exec", container)
         handle = ExecHandle(container, f"exec{next(self._ids)}", "/tmp/pid")
         stopped = threading.Event()
-        self._exec_stops[handle.exec_id] = (container, stopped)
+        with self._lock:  # an exec into a container being stopped ends with it
+            found = self.containers.get(container)
+            if found is None or not found.info.running:
+                raise SessionNotFoundError(f"No running container named {container}.")
+            self._exec_stops[handle.exec_id] = (container, stopped)
+        self.execs.append((container, list(cmd)))
         if on_start is not None:
             on_start(handle)
         self.agent_started.set()
@@ -259,16 +292,19 @@ class FakeRunner:
         self._exec_stops[handle.exec_id][1].set()
 
     def stop(self, container: str, timeout: float = 10.0) -> None:
-        """Stop a container; a missing one is fine."""
+        """Stop a running container; a missing one is fine, and one not started yet stays
+        (as an engine's stop does)."""
         self.calls.append(("stop", (container, timeout)))
         self.stops.append(container)
-        found = self.containers.get(container)
-        if found is not None:
-            found.stopped.set()
-            for name, stopped in self._exec_stops.values():
-                if name == container:
-                    stopped.set()
+        with self._lock:
+            found = self.containers.get(container)
+            if found is None or not found.info.running:
+                return
             self._set_status(container, "exited")
+            execs = [stopped for name, stopped in self._exec_stops.values() if name == container]
+        found.stopped.set()
+        for stopped in execs:
+            stopped.set()
 
     def remove(self, container: str) -> None:
         """Remove a container; a missing one is fine."""
