@@ -3,13 +3,14 @@ keepAlive), exec a resume, follow an attached container, and clean up after a ru
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
 from .egress import EgressAttempt, EgressGuard, egress_reports, remove_egress_of
 from .pods import Pod, container_name
 from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions
-from .run_registry import LABEL_POD
+from .run_registry import LABEL_POD, LABEL_SESSION
 from .session import EventType, SessionControl
 
 #: A session's job; a batch wraps it to queue the run until a slot is free.
@@ -53,6 +54,10 @@ class RunJobs:
     def start(self, pod: Pod, opts: RunOptions, missing: list[str], brokered: Brokered) -> Job:
         """The job of a start: build, set up egress, then run the agent (or idle and exec it).
 
+        A stop is never lost: the runner asks the run's state before it creates and before
+        it starts the container (``RunOptions.guard``), and a container of a run asked to
+        stop is stopped and removed before the job ends, whatever keepAlive says.
+
         Args:
             pod: The pod.
             opts: The agent's container.
@@ -89,15 +94,17 @@ class RunJobs:
                     self._egress[opts.name] = guard
                     run_opts = guard.setup(opts)
                     ctl.check_cancelled()
+                run_opts = dataclasses.replace(run_opts, guard=ctl.guard(runner.stop))
                 if pod.config.keep_alive:
                     return self._run_kept_alive(ctl, run_opts)
 
                 def started(info: ContainerInfo) -> None:
                     ctl.emit(EventType.CONTAINER_STARTED, info.name)
-                    ctl.set_stopper(lambda t: runner.stop(info.name, t))
 
                 return runner.run(run_opts, ctl.stdout, ctl.stderr, on_start=started)
             finally:
+                if ctl.cancelled.is_set():
+                    self._discard(opts, ctl.stop_timeout)
                 # A kept-alive pod keeps its egress until it is stopped (remove_if_ended).
                 if guard is not None and not (pod.config.keep_alive and runner.inspect(opts.name)):
                     guard.remove()
@@ -105,13 +112,24 @@ class RunJobs:
         return job
 
     def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
-        agent_cmd = opts.cmd
-        idle = RunOptions(**{**opts.__dict__, "cmd": IDLE_COMMAND, "remove": False})
-        runner = self.runner
-        info = runner.start(idle)
-        ctl.set_stopper(lambda t: runner.stop(info.name, t))
+        idle = dataclasses.replace(opts, cmd=IDLE_COMMAND, remove=False)
+        info = self.runner.start(idle)
         ctl.emit(EventType.CONTAINER_STARTED, info.name)
-        return runner.exec(info.name, agent_cmd, ctl.stdout, ctl.stderr)
+        ctl.check_cancelled()  # a stop since the start stops the container: no exec into it
+        return self.runner.exec(info.name, opts.cmd, ctl.stdout, ctl.stderr)
+
+    def _discard(self, opts: RunOptions, timeout: float) -> None:
+        """Stop and remove the container of a run asked to stop, if this run made it.
+
+        The stop may have stopped it already, or be stopping it now: stopping twice is
+        harmless, and what decides the removal is that the run was asked to stop.
+        """
+        info = self.runner.inspect(opts.name)
+        if info is None or info.labels.get(LABEL_SESSION) != opts.labels.get(LABEL_SESSION):
+            return  # gone already, or another run's container of that name
+        if info.running:
+            self.runner.stop(opts.name, timeout)
+        self.runner.remove(opts.name)
 
     def resume(self, container: str, cmd: list[str]) -> Job:
         """The job of a resume: exec the agent in the running container; a stop ends the exec."""
@@ -119,6 +137,7 @@ class RunJobs:
 
         def job(ctl: SessionControl) -> int:
             ctl.emit(EventType.CONTAINER_STARTED, container)
+            ctl.check_cancelled()  # an exec whose start races the stop is stopped at once
 
             def started(handle: ExecHandle) -> None:
                 ctl.set_stopper(lambda t: runner.stop_exec(handle, t))

@@ -381,6 +381,24 @@ def test_stopping_a_kept_alive_pod_lets_its_agents_end_their_turn(
     assert container(docker_client, name) is None
 
 
+@pytest.mark.parametrize("how", ["session", "cap"])
+def test_a_stopped_kept_alive_run_is_removed_whoever_stops_it(
+    how, dispatcher, make_pod, docker_client
+):
+    """Its own session's stop, or a cap passed (here the run's timeout): the container
+    goes as with Dispatcher.stop (it used to stay, exited, listed by running())."""
+    name = make_pod(IDLE, pod_json={"keepAlive": True})
+    start = dispatcher.start_session(name, URL, timeout=1 if how == "cap" else None)
+    until(start.events(), "ready")
+    if how == "session":
+        start.stop(10)
+    assert start.wait(30) == 130
+    assert output(start) == ["ready", "got INT"]
+    assert start.state == "stopped" and start.stop_reason == ("timed out" if how == "cap" else "")
+    assert container(docker_client, name) is None
+    assert [r for r in dispatcher.running() if r.pod == name] == []
+
+
 def test_a_resume_masks_what_the_container_was_given(
     dispatcher, make_pod, docker_client, monkeypatch
 ):

@@ -388,3 +388,62 @@ def test_a_two_node_swarm_runs_on_the_worker_through_its_endpoint_label(docker_c
         if worker_engine is not None:
             stop_extra_engine(worker_engine)
         stop_extra_engine(manager_engine)
+
+
+# -- a stop is never lost (the guard of a run's service) ---------------------------------
+
+
+def _slow_pod(pods_dir: Path, name: str, keep_alive: bool) -> None:
+    from test_stop_race import SLOW_AGENT
+
+    pod = write_echo_pod(pods_dir, name, {"keepAlive": keep_alive})
+    (pod / "claude").write_text("#!/bin/sh\n" + SLOW_AGENT)
+
+
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["run", "keepAlive"])
+@pytest.mark.parametrize("step", ["build", "built", "created", "started"])
+def test_a_stop_at_each_step_of_a_start_leaves_no_service(swarm, tmp_path, step, keep_alive):
+    """Steps: around the build on the nodes; ``created`` just before the service is
+    created (the swarm starts its task at once), ``started`` once it exists."""
+    from fakes import ISSUE_URL
+    from test_stop_race import InjectingRunner, StopInjector, agent_output
+
+    from cldpd_magic.dispatcher import Dispatcher
+
+    name = f"race-{step}-{int(keep_alive)}"
+    _slow_pod(tmp_path / "pods", name, keep_alive)
+    swarm.made.append(f"cldpd-{name}")
+    injector = StopInjector(step)
+    runner = InjectingRunner(MultiEngineRunner.from_settings([swarm.entry]), injector)
+    d = Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions")
+    session = d.start_session(name, ISSUE_URL)
+    injector.arm(lambda: d.stop(session.run, 2), lambda: f"cldpd-{name}" in runner.stopped)
+    injector.join()
+    assert session.done and session.state == "stopped" and session.error is None
+    assert agent_output(session) == [] and session.exit_code == -1
+    assert swarm.api.services(filters={"label": f"cldpd.pod={name}"}) == []
+
+
+def test_a_batch_stopped_while_it_fills_its_slots_leaves_no_service(swarm, tmp_path):
+    """Four runs, two at a time: the batch is stopped once the second run's service exists."""
+    from test_stop_race import InjectingRunner, StopInjector, agent_output
+
+    from cldpd_magic.dispatcher import Dispatcher
+
+    _slow_pod(tmp_path / "pods", "racers", False)
+    issues = [f"https://github.com/octocat/Hello-World/issues/{n}" for n in range(1, 5)]
+    swarm.made += [f"cldpd-racers-{n}" for n in range(1, 5)]
+    injector = StopInjector("started", occurrence=2)
+    runner = InjectingRunner(MultiEngineRunner.from_settings([swarm.entry]), injector)
+    batch = Dispatcher(tmp_path / "pods", runner, tmp_path / "sessions").dispatch(
+        "racers", issues, max_parallel=2
+    )
+    injector.arm(
+        lambda: batch.stop(2), lambda: all(r.status.stop_requested.is_set() for r in batch.runs)
+    )
+    injector.join()
+    assert batch.done and [r.state for r in batch.runs] == ["stopped"] * 4
+    outputs = [agent_output(r) for r in batch.runs]
+    assert not any("agent finished" in lines for lines in outputs)
+    assert outputs[2:] == [[], []]
+    assert swarm.api.services(filters={"label": "cldpd.pod=racers"}) == []
