@@ -1,17 +1,28 @@
-"""A second Docker engine for tests: its own dockerd on a loopback TCP port with TLS.
+"""Second Docker engines for tests: a dockerd on a loopback TCP port with TLS, and a
+dockerd with iptables on in a network namespace of its own.
 
-The engine keeps apart from the one other tests use: its own data root, exec root and
+The TLS engine keeps apart from the one other tests use: its own data root, exec root and
 pid file, no iptables rules, and a bridge of its own (``--bridge=none`` is no way to
 keep apart: a dockerd started so deletes the host's ``docker0``, the main engine's).
 Its certificates (a CA, a server certificate for 127.0.0.1 and a client certificate)
 are made here with openssl. The base image comes from the main engine
 (``docker save | load``), since nothing can be pulled.
+
+The isolated engine has iptables on, which two engines in one network namespace could
+not share (each would rewrite the other's chains on the host): it runs in a namespace
+made for it, with its own ``docker0`` there and a veth pair to the host on a private
+/30, its only way anywhere. The namespace has no default route, and the host forwards
+nothing that comes from it: its containers reach the host's end of the pair (where the
+test process serves them) and nothing further.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -229,6 +240,239 @@ def stop_extra_engine(engine: ExtraEngine) -> None:
     shutil.rmtree(engine.root, ignore_errors=True)
     if os.path.exists(engine.root):
         raise RuntimeError(f"could not remove {engine.root}")
+
+
+#: Where ``ip netns`` keeps its namespaces (a mount it makes on first use).
+NETNS_DIR = Path("/run/netns")
+#: The private range whose /30s link isolated engines to the host.
+ISOLATED_RANGE = ipaddress.ip_network("10.254.0.0/16")
+
+
+@dataclass
+class IsolatedEngine:
+    """A running dockerd with iptables on, in a network namespace of its own.
+
+    Attributes:
+        url: Its endpoint, ``unix://ROOT/docker.sock``.
+        namespace: Its network namespace (``ip netns`` name).
+        host_link: The host's end of the veth pair.
+        link: The namespace's end of it.
+        host_address: The host's address on the pair: servers of the test process bind
+            there, and the engine's containers reach it (masqueraded by the engine).
+        address: The namespace's address on the pair.
+        root: Directory holding its data root, exec root, pid file, socket and log.
+        process: The dockerd process, or None before it started.
+        netns_dir_before: Whether :data:`NETNS_DIR` existed before it (the first
+            ``ip netns add`` makes it, and a mount on it, which go with the engine).
+    """
+
+    url: str
+    namespace: str
+    host_link: str
+    link: str
+    host_address: str
+    address: str
+    root: Path
+    process: subprocess.Popen[bytes] | None = None
+    netns_dir_before: bool = True
+
+    def cli_args(self) -> list[str]:
+        """The docker CLI options that reach this engine."""
+        return ["-H", self.url]
+
+    def docker(self, *args: str, **kwargs) -> subprocess.CompletedProcess[bytes]:
+        """Run the docker CLI against this engine."""
+        return subprocess.run(
+            ["docker", *self.cli_args(), *args], check=True, capture_output=True, **kwargs
+        )
+
+    def in_namespace(self) -> list[str]:
+        """The start of a command that runs the rest in the engine's network namespace."""
+        return ["ip", "netns", "exec", self.namespace]
+
+    def ip(self, *args: str) -> str:
+        """``ip`` in the engine's network namespace; its output."""
+        return subprocess.run(
+            ["ip", "-n", self.namespace, *args], check=True, capture_output=True, text=True
+        ).stdout
+
+
+def _free_slash30() -> ipaddress.IPv4Network:
+    """A /30 of :data:`ISOLATED_RANGE` that no address or route of the host overlaps."""
+
+    def listing(*what: str) -> list[dict]:
+        out = subprocess.run(["ip", "-j", "-4", *what], check=True, capture_output=True).stdout
+        return json.loads(out or b"[]")
+
+    taken = [
+        ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+        for link in listing("addr")
+        for a in link.get("addr_info", [])
+    ]
+    taken += [ipaddress.ip_network(r["dst"]) for r in listing("route") if r["dst"] != "default"]
+    count = ISOLATED_RANGE.num_addresses // 4
+    for _ in range(100):
+        start = ISOLATED_RANGE.network_address + 4 * secrets.randbelow(count)
+        candidate = ipaddress.ip_network((start, 30))
+        if not any(candidate.overlaps(net) for net in taken):
+            return candidate
+    raise RuntimeError(f"no free /30 in {ISOLATED_RANGE} for an isolated engine")
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    Path("/proc/sys", path).write_text(value)
+
+
+def start_isolated_engine(
+    images: tuple[str, ...] | list[str] = ("busybox:latest",), timeout: float = 60
+) -> IsolatedEngine:
+    """Start a dockerd with iptables on in a new network namespace, and give it ``images``.
+
+    The namespace gets its loopback, a veth pair to the host on a free /30 of
+    :data:`ISOLATED_RANGE` and no default route; the engine makes its ``docker0`` there,
+    with the rules that masquerade its containers' traffic to the host's end. The host's
+    end forwards nothing (per-interface ``forwarding`` off): a packet from the namespace
+    reaches this host and goes no further. The images come from the main engine.
+
+    Raises:
+        RuntimeError: It did not come up in time (the message holds its log's tail), or
+            the images did not load.
+    """
+    tag = secrets.token_hex(4)
+    root = Path(tempfile.mkdtemp(prefix="cldpd-isolated-"))
+    pair = _free_slash30()
+    host_address, address = (str(a) for a in pair.hosts())
+    engine = IsolatedEngine(
+        url=f"unix://{root / 'docker.sock'}",
+        namespace=f"cldpd-iso-{tag}",
+        host_link=f"cldpdh{tag}",
+        link=f"cldpdn{tag}",
+        host_address=host_address,
+        address=address,
+        root=root,
+        netns_dir_before=NETNS_DIR.exists(),
+    )
+    try:
+        _ip("netns", "add", engine.namespace)
+        _ip("-n", engine.namespace, "link", "set", "lo", "up")
+        _ip("link", "add", engine.host_link, "type", "veth",
+            "peer", "name", engine.link, "netns", engine.namespace)  # fmt: skip
+        _write_sysctl(f"net/ipv4/conf/{engine.host_link}/forwarding", "0")
+        _ip("addr", "add", f"{host_address}/30", "dev", engine.host_link)
+        _ip("link", "set", engine.host_link, "up")
+        _ip("-n", engine.namespace, "addr", "add", f"{address}/30", "dev", engine.link)
+        _ip("-n", engine.namespace, "link", "set", engine.link, "up")
+        if engine.ip("route", "show", "default").strip():
+            raise RuntimeError(f"the namespace {engine.namespace} has a default route")
+        (root / "daemon.json").write_text("{}\n")  # the host's daemon.json is the main engine's
+        log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as the engine
+        engine.process = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={NETNS_DIR / engine.namespace}",
+                "dockerd",
+                f"--config-file={root / 'daemon.json'}",
+                f"--data-root={root / 'data'}",
+                f"--exec-root={root / 'exec'}",
+                f"--pidfile={root / 'dockerd.pid'}",
+                f"--host={engine.url}",
+                "--iptables=true",
+                "--ip6tables=false",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while subprocess.run(["docker", *engine.cli_args(), "version"],
+                             capture_output=True, timeout=30).returncode:  # fmt: skip
+            if engine.process.poll() is not None or time.monotonic() > deadline:
+                tail = (root / "dockerd.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the isolated dockerd did not start: {tail}")
+            time.sleep(0.3)
+        _copy_images(list(images), engine)
+    except BaseException:
+        stop_isolated_engine(engine)
+        raise
+    return engine
+
+
+def _copy_images(images: list[str], engine: IsolatedEngine) -> None:
+    """``docker save`` from the main engine into ``docker load`` of ``engine``, streamed."""
+    save = subprocess.Popen(
+        ["docker", "save", *images], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert save.stdout is not None
+    try:
+        load = subprocess.run(
+            ["docker", *engine.cli_args(), "load", "-q"], stdin=save.stdout, capture_output=True
+        )
+    finally:
+        save.stdout.close()
+        saved_err = save.stderr.read() if save.stderr else b""
+        save.wait()
+    if save.returncode or load.returncode:
+        raise RuntimeError(
+            f"could not copy {', '.join(images)} to the isolated engine: "
+            + (saved_err + load.stderr).decode(errors="replace").strip()
+        )
+
+
+def stop_isolated_engine(engine: IsolatedEngine) -> None:
+    """Remove its containers, stop it and everything in its namespace, and remove the
+    namespace, the veth pair and its directories (as much as exists of them).
+
+    Raises:
+        RuntimeError: Something of it is still on the host afterwards.
+    """
+    process = engine.process
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            ids = engine.docker("ps", "-aq", timeout=30).stdout.split()
+            if ids:
+                engine.docker("rm", "-f", *[i.decode() for i in ids], timeout=60)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    _kill_orphans(engine.root)
+    namespace = NETNS_DIR / engine.namespace
+    if namespace.exists():
+        # Whatever still runs in it (a container on the engine's host network, a shim).
+        pids = subprocess.run(["ip", "netns", "pids", engine.namespace],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        for line in reversed(Path("/proc/mounts").read_text().split("\n")):
+            parts = line.split()
+            if len(parts) > 1 and parts[1].startswith(str(engine.root)):
+                subprocess.run(["umount", "-l", parts[1]], capture_output=True)
+    with contextlib.suppress(subprocess.CalledProcessError):
+        _ip("link", "delete", engine.host_link)  # its peer goes with it
+    if namespace.exists():
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _ip("netns", "delete", engine.namespace)
+    if not engine.netns_dir_before and NETNS_DIR.exists():
+        with contextlib.suppress(OSError):
+            if not any(NETNS_DIR.iterdir()):  # no other namespace was made meanwhile
+                subprocess.run(["umount", str(NETNS_DIR)], capture_output=True)
+                NETNS_DIR.rmdir()
+    shutil.rmtree(engine.root, ignore_errors=True)
+    left = [
+        what
+        for what, there in (
+            (str(engine.root), engine.root.exists()),
+            (f"namespace {engine.namespace}", namespace.exists()),
+            (f"link {engine.host_link}", Path("/sys/class/net", engine.host_link).exists()),
+        )
+        if there
+    ]
+    if left:
+        raise RuntimeError(f"the isolated engine left {', '.join(left)} on the host")
 
 
 def write_echo_pod(pods_dir: Path, name: str, pod_json: dict) -> Path:
