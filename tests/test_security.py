@@ -5,9 +5,17 @@ image for the attacks busybox cannot make) against the real egress container (Sq
 the credential broker) on a real engine, and has a control that reaches its target, so
 that a check which could never see the attack fails. README "Security model" names them.
 
+The suite runs on two engines: the main one, and a second dockerd with iptables on in a
+network namespace of its own (tests/engines_util.py), whose "host" is that namespace:
+its addresses are the ones probed, its routes and addresses are checked, and its
+listener runs there. The test process serves both engines' containers (the brokered
+key's upstream, a DNS sink): the main engine's on its bridge's address, the isolated
+engine's on the host's end of the namespace's veth pair.
+
 Nothing here sends a packet off this machine: the host's own addresses, containers and
-servers of the test process are the only targets. No packet is sent from the host to a
-pod's internal network either (the host has no route there, so it would leave through
+servers of the test process are the only targets, and the isolated engine's namespace
+has no route beyond the host's end of its veth pair. No packet is sent from the host to
+a pod's internal network either (the host has no route there, so it would leave through
 the default route): the host side is checked through its addresses and routes.
 """
 
@@ -17,13 +25,16 @@ import contextlib
 import io
 import ipaddress
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -34,7 +45,7 @@ from cldpd_magic.egress import (
     PROXY_PORT,
     EgressGuard,
 )
-from cldpd_magic.egress_policy import parse_network_allow
+from cldpd_magic.egress_policy import EgressPolicy, parse_network_allow
 from cldpd_magic.protocol import RunOptions
 
 pytestmark = pytest.mark.docker
@@ -52,17 +63,41 @@ class Site:
         client: A docker-py client of it.
         host_address: An address of this test process that the engine's bridge
             containers (the egress container among them) reach.
+        namespace: The network namespace of the engine's host, when it is not this
+            process's (the isolated engine's).
+        uplink: That namespace's end of its veth pair to this host.
         host_addresses: Every address of the engine's host a container could aim at.
     """
 
     runner: object
     client: object
     host_address: str
+    namespace: str = ""
+    uplink: str = ""
+
+    def route(self, address: str) -> str:
+        """How the engine's host would send to ``address`` (its error when it has no way)."""
+        found = _ip(self.namespace, "route", "get", address, check=False)
+        return (found.stdout + found.stderr).strip()
+
+    def in_namespace(self) -> list[str]:
+        """The start of a command that runs the rest on the engine's host (its namespace)."""
+        return ["ip", "netns", "exec", self.namespace] if self.namespace else []
 
     @property
     def host_addresses(self) -> list[str]:
         """The host's own addresses and its default bridge's; not other tests' networks."""
-        return [self.host_address, *_host_addresses(*_own_links())]
+        if self.namespace:
+            bridge = self.client.api.inspect_network("bridge")["Options"]
+            return _host_addresses(self.namespace, bridge["com.docker.network.bridge.name"],
+                                   self.uplink)  # fmt: skip
+        return [self.host_address, *_host_addresses("", *_own_links())]
+
+
+def _ip(namespace: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``ip`` in a network namespace ("" for this process's)."""
+    where = ["-n", namespace] if namespace else []
+    return subprocess.run(["ip", *where, *args], capture_output=True, text=True, check=check)
 
 
 def _own_links() -> list[str]:
@@ -78,12 +113,12 @@ def _own_links() -> list[str]:
     ]
 
 
-def _host_addresses(*device: str) -> list[str]:
-    """This host's IPv4 addresses but loopback (of one device, when named)."""
+def _host_addresses(namespace: str, *device: str) -> list[str]:
+    """A namespace's IPv4 addresses but loopback (of the devices named, if any)."""
     listing = []
     for name in device or [""]:
-        show = ["ip", "-j", "-4", "addr", "show", *(["dev", name] if name else [])]
-        listing += json.loads(subprocess.run(show, capture_output=True, check=True).stdout)
+        show = ["-j", "-4", "addr", "show", *(["dev", name] if name else [])]
+        listing += json.loads(_ip(namespace, *show).stdout)
     return [
         info["local"]
         for link in listing
@@ -93,11 +128,22 @@ def _host_addresses(*device: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def site(request) -> Iterator[Site]:
-    """The main engine, with the egress image built from the offline Debian base."""
-    import os
+def _unavailable(message: str) -> NoReturn:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
+
+#: Every runner the suite made, kept: the egress module remembers engines it checked
+#: by the runner's id(), which a later runner (of another engine) could otherwise reuse.
+_RUNNERS: list[object] = []
+
+
+@pytest.fixture(scope="module", params=["main", "isolated"])
+def site(request) -> Iterator[Site]:
+    """The engine under attack: the main engine, or a dockerd with iptables on in a
+    network namespace of its own; the egress image built from the offline Debian base on
+    the main engine (and copied to the other)."""
     import docker
 
     from cldpd_magic.runner import DockerRunner
@@ -106,16 +152,45 @@ def site(request) -> Iterator[Site]:
     try:
         client.images.get(EGRESS_BASE)
     except Exception as exc:
-        message = f"no Docker engine with {EGRESS_BASE} ({type(exc).__name__}); run scripts/setup"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        client.close()
+        _unavailable(
+            f"no Docker engine with {EGRESS_BASE} ({type(exc).__name__}); run scripts/setup"
+        )
     mp = pytest.MonkeyPatch()
     mp.setenv("CLDPD_EGRESS_BASE", EGRESS_BASE)
-    bridge = client.api.inspect_network("bridge")["Options"]["com.docker.network.bridge.name"]
-    yield Site(DockerRunner(), client, _host_addresses(bridge)[0])
-    mp.undo()
-    client.close()
+    try:
+        if request.param == "main":
+            _RUNNERS.append(DockerRunner())
+            bridge = client.api.inspect_network("bridge")["Options"]
+            address = _host_addresses("", bridge["com.docker.network.bridge.name"])
+            yield Site(_RUNNERS[-1], client, address[0])
+            return
+        if os.geteuid() != 0:
+            _unavailable("the isolated engine needs root (a network namespace, a dockerd)")
+        from engines_util import start_isolated_engine, stop_isolated_engine
+
+        from cldpd_magic.egress import rules_image_tag
+
+        _RUNNERS.append(DockerRunner())
+        image = EgressGuard(_RUNNERS[-1], "cldpd-sec-image", EgressPolicy()).ensure_image()
+        engine = start_isolated_engine(
+            ["busybox:latest", EGRESS_BASE, image, rules_image_tag(image)]
+        )
+        try:
+            isolated = docker.DockerClient(base_url=engine.url)
+            _RUNNERS.append(DockerRunner(base_url=engine.url))
+            try:
+                yield Site(_RUNNERS[-1], isolated, engine.host_address, engine.namespace,
+                           engine.link)  # fmt: skip
+            finally:
+                isolated.close()
+            # Nothing the tests did gave the namespace a way off this machine.
+            assert engine.ip("route", "show", "default").strip() == ""
+        finally:
+            stop_isolated_engine(engine)
+    finally:
+        mp.undo()
+        client.close()
 
 
 @dataclass
@@ -250,13 +325,12 @@ def test_nothing_but_its_pod_reaches_the_broker_and_the_proxy(site, model):
         )  # fmt: skip
         out = io.StringIO()
         site.runner.run(neighbour, out, out)
-        held = [a for a in _host_addresses() if ipaddress.ip_address(a) in subnet]
-        route = subprocess.run(["ip", "route", "get", e.broker], capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
+        held = [a for a in _host_addresses(site.namespace) if ipaddress.ip_address(a) in subnet]
+        route = site.route(e.broker)
     assert inside.count("HTTP/1.1") == 2, inside
     assert "HTTP/" not in out.getvalue() and "neighbour-done" in out.getvalue()
     assert held == []
-    assert "docker" not in route and " br-" not in route, route
+    assert route and "docker" not in route and " br-" not in route, route
     assert len(model.requests) == 1
 
 
@@ -272,13 +346,12 @@ def test_a_plain_internal_network_would_give_the_host_an_address_and_a_route(sit
         # Docker makes the bridge when the first container joins.
         site.client.containers.run("busybox:latest", ["true"], network=network.name,
                                    labels=TEST_LABEL, remove=True)  # fmt: skip
-        held = [a for a in _host_addresses() if ipaddress.ip_address(a) in subnet]
-        route = subprocess.run(["ip", "route", "get", str(subnet.network_address + 2)],
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        held = [a for a in _host_addresses(site.namespace) if ipaddress.ip_address(a) in subnet]
+        route = site.route(str(subnet.network_address + 2))
     finally:
         network.remove()
     assert held == [ipam["Gateway"]]
-    assert " br-" in route
+    assert " br-" in route, route
 
 
 # --- 2. The pod chooses where the key goes --------------------------------------------
@@ -400,50 +473,74 @@ def test_the_egress_container_is_confined_and_survives_floods(site, model, pytho
 # --- 4. The host is reachable on every address ------------------------------------------
 
 
+#: Python on the engine's host: TCP and UDP on every address, one port; prints the port,
+#: then a line for each knock; at the end of its stdin, takes what has come and ends.
+LISTEN = """
+import select, socket, sys
+tcp = socket.create_server(("0.0.0.0", 0))
+port = tcp.getsockname()[1]
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", port))
+print(port, flush=True)
+
+def take(sock):
+    if sock is udp:
+        data, _ = udp.recvfrom(100)
+        print("udp", data.decode(errors="replace").strip(), flush=True)
+        return
+    conn, _ = tcp.accept()
+    with conn:
+        conn.settimeout(2)
+        try:
+            data = conn.recv(100)
+        except OSError:
+            return
+    print("tcp", data.decode(errors="replace").strip(), flush=True)
+
+while True:
+    ready = select.select([tcp, udp, sys.stdin], [], [])[0]
+    if sys.stdin in ready:
+        ready = select.select([tcp, udp], [], [], 0)[0]
+        if not ready:
+            break
+    for sock in ready:
+        take(sock)
+"""
+
+
 class HostListener:
-    """TCP and UDP on every address of this host, one port: who got through."""
+    """TCP and UDP on every address of the engine's host, one port: who got through.
 
-    def __init__(self) -> None:
-        self.tcp = socket.create_server(("0.0.0.0", 0))
-        self.port = self.tcp.getsockname()[1]
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("0.0.0.0", self.port))
+    It runs in the network namespace of the engine's host (this process's for the main
+    engine), as a child process.
+    """
+
+    def __init__(self, site: Site) -> None:
+        self._process = subprocess.Popen(
+            [*site.in_namespace(), sys.executable, "-c", LISTEN],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._process.stdout is not None
+        self.port = int(self._process.stdout.readline())
         self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._accept, daemon=True),
-                         threading.Thread(target=self._receive, daemon=True)]  # fmt: skip
-        for thread in self._threads:
-            thread.start()
-
-    def _accept(self) -> None:
-        self.tcp.settimeout(0.2)
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError):
-                conn, _ = self.tcp.accept()
-                with conn:
-                    conn.settimeout(2)
-                    self.seen.append("tcp " + conn.recv(100).decode(errors="replace").strip())
-
-    def _receive(self) -> None:
-        self.udp.settimeout(0.2)
-        while not self._stop.is_set():
-            with contextlib.suppress(OSError):
-                data, _ = self.udp.recvfrom(100)
-                self.seen.append("udp " + data.decode(errors="replace").strip())
 
     def close(self) -> None:
-        if self._stop.is_set():
+        """Stop listening once every knock that came is taken; ``seen`` then holds them."""
+        if self._process.returncode is not None:
             return
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-        self.tcp.close()
-        self.udp.close()
+        try:
+            out, _ = self._process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.communicate()
+            raise
+        self.seen = out.splitlines()
+        assert self._process.returncode == 0, out
 
 
 @pytest.fixture
-def listener() -> Iterator[HostListener]:
-    listening = HostListener()
+def listener(site) -> Iterator[HostListener]:
+    listening = HostListener(site)
     yield listening
     listening.close()
 
@@ -500,7 +597,7 @@ def test_an_allowlisted_pod_reaches_no_address_of_the_host(site, listener, pytho
         )  # fmt: skip
         out = io.StringIO()
         assert site.runner.run(control, out, out) == 0, out.getvalue()
-    listener.close()  # its threads have taken every datagram that came
+    listener.close()  # it has taken every datagram that came
     seen = sorted(listener.seen)
     assert not any("pod-" in s for s in seen) and "icmp" not in blocked, (seen, blocked)
     for address in site.host_addresses:
