@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from .agent import (
     plan_start,
     pod_limits,
     validate_issue_url,
+    with_deadline,
 )
 from .batch import Batch, Variant, plan_batch
 from .blocking import BlockingAPI
@@ -59,11 +61,15 @@ from .run_registry import (
     RunRegistry,
     run_of,
     start_options,
+    sweep_abandoned,
 )
 from .secrets import container_secrets
 from .session import Session, SessionKind, new_session_id
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two sweeps, by starts, of what killed processes left behind.
+SWEEP_INTERVAL = 60.0
 
 
 def default_transcript_dir() -> Path:
@@ -109,6 +115,7 @@ class Dispatcher(BlockingAPI):
         )
         self.registry = RunRegistry(runner)
         self.jobs = RunJobs(runner)
+        self._last_sweep = -SWEEP_INTERVAL
 
     @property
     def runner(self) -> Runner:
@@ -132,13 +139,27 @@ class Dispatcher(BlockingAPI):
         """Discover one pod by name (see :func:`discover_pod`)."""
         return discover_pod(self.pods_dir, name)
 
+    def _sweep_now_and_then(self) -> None:
+        """Sweep what killed processes left behind, at most once a minute (starts call it)."""
+        now = time.monotonic()
+        if now - self._last_sweep < SWEEP_INTERVAL:
+            return
+        self._last_sweep = now
+        try:
+            sweep_abandoned(self.runner, self.runner.list(LABEL_POD))
+        except CldpdError:
+            log_swallowed(logger, "sweeping abandoned runs failed")
+
     def running(self) -> list[RunningPod]:
         """Containers with a ``cldpd.pod`` label, from any process, sorted by name.
 
-        Egress that a killed kernel left behind (its run's container gone) goes on the way.
+        What a killed kernel or ``cldpd`` left behind goes on the way: the ended runs it
+        would have removed, and egress whose run's container is gone.
         """
+        found = self.runner.list(LABEL_POD)
+        swept = set(sweep_abandoned(self.runner, found))
         sweep_orphans(self.runner)
-        return [RunningPod.from_info(i) for i in self.runner.list(LABEL_POD)]
+        return [RunningPod.from_info(i) for i in found if i.name not in swept]
 
     def local_sessions(
         self, pod_name: str | None = None, *, active: bool = False, run: str | None = None
@@ -199,9 +220,10 @@ class Dispatcher(BlockingAPI):
             raise InvalidRequestError(
                 f"The timeout {timeout!r} is not a positive number of seconds."
             )
-        plan = plan_start(pod, url, prompt, args)
+        plan = plan_start(pod, url, prompt, args, timeout)
         session_id = new_session_id(pod.name)
         self.runner.preflight()
+        self._sweep_now_and_then()
         run = self.registry.name_run(pod, url, run, alone=_alone)
         try:
             self.registry.ensure_free(pod, run)
@@ -291,7 +313,7 @@ class Dispatcher(BlockingAPI):
         secrets = self.secrets(pod) + self.container_secrets(info)
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
         check_command_line(cmd, info.env, "The prompt", "shorten it")
-        job = self.jobs.resume(info.name, cmd)
+        job = self.jobs.resume(info.name, with_deadline(cmd, pod_limits(pod).timeout_seconds))
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
                           kind=SessionKind.RESUME, claude_session=session_uuid,
                           run=run_of(info), limits=pod_limits(pod))  # fmt: skip

@@ -348,6 +348,7 @@ class Containers:
             image=config.get("Image", ""),
             started_at=state.get("StartedAt", ""),
             env=dict(item.partition("=")[::2] for item in config.get("Env") or []),
+            finished_at=state.get("FinishedAt", "").removeprefix("0001-01-01T00:00:00Z"),
         )
 
     @engine_errors

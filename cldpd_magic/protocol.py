@@ -7,6 +7,7 @@ any future runner (another engine, a cluster) depend on this module alone.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,41 @@ class RunOptions:
         return env
 
 
+#: Label on a run's containers (its own and its egress): the process that started it, as
+#: :func:`this_client` says, so any later process can tell a run nobody follows any more.
+LABEL_CLIENT = "cldpd.client"
+
+
+def _start_ticks(pid: int) -> str:
+    """A process's start time in clock ticks since boot ("" when there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def this_client() -> str:
+    """This process as a ``cldpd.client`` label: host name, pid and start time.
+
+    The start time tells this process from a later one that got the same pid.
+    """
+    return f"{socket.gethostname()}/{os.getpid()}/{_start_ticks(os.getpid())}"
+
+
+def client_gone(label: str) -> bool:
+    """Whether the process a ``cldpd.client`` label names has ended.
+
+    Only a process on this host can be seen: for one elsewhere (or a label that names
+    none) this says False, and a sweep falls back on how long ago the run ended.
+    """
+    host, _, rest = label.partition("/")
+    pid, _, ticks = rest.partition("/")
+    if host != socket.gethostname() or not pid.isdigit() or not ticks:
+        return False
+    return _start_ticks(int(pid)) != ticks
+
+
 @dataclass(frozen=True)
 class ContainerInfo:
     """What the engine says about a container.
@@ -102,6 +138,7 @@ class ContainerInfo:
         started_at: Start time as the engine reports it (ISO 8601).
         env: Its environment.
         engine: The configured engine that holds it ("" when only one is configured).
+        finished_at: When it exited, as the engine reports it ("" while it runs, or unknown).
     """
 
     name: str
@@ -112,6 +149,7 @@ class ContainerInfo:
     started_at: str = ""
     env: dict[str, str] = field(default_factory=dict)
     engine: str = ""
+    finished_at: str = ""
 
     @property
     def running(self) -> bool:

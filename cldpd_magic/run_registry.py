@@ -3,15 +3,28 @@ new run is named, and which run a name means."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .agent import issue_number
-from .errors import InvalidRequestError, PodRunningError
+from .egress import ORPHAN_GRACE, remove_egress_of, seconds_since
+from .errors import CldpdError, InvalidRequestError, PodRunningError
+from .logs import log_swallowed
 from .pods import Pod, container_name, is_valid_pod_name, validate_pod_name
-from .protocol import ContainerInfo, Runner, RunOptions
+from .protocol import (
+    LABEL_CLIENT,
+    ContainerInfo,
+    Runner,
+    RunOptions,
+    client_gone,
+    this_client,
+)
 from .session import Session
+
+logger = logging.getLogger(__name__)
 
 LABEL_POD = "cldpd.pod"
 LABEL_SESSION = "cldpd.session"
@@ -67,6 +80,45 @@ class RunningPod:
             run=run_of(info),
             engine=info.engine,
         )
+
+
+def abandoned(info: ContainerInfo, now: datetime, grace: float = ORPHAN_GRACE) -> bool:
+    """Whether a run's container has ended with nobody left to remove it.
+
+    The process that starts a run removes its container when it ends (unless kept
+    alive); a container that ended while that process is gone, or ended longer than
+    ``grace`` seconds ago (its process on another host), is left behind.
+    """
+    if info.running or info.labels.get(LABEL_KEEP_ALIVE) == "true":
+        return False
+    if client_gone(info.labels.get(LABEL_CLIENT, "")):
+        return True
+    return bool(info.finished_at) and seconds_since(info.finished_at, now) >= grace
+
+
+def sweep_abandoned(runner: Runner, found: list[ContainerInfo]) -> list[str]:
+    """Remove the ended runs nobody will remove (see :func:`abandoned`), and their egress.
+
+    Args:
+        runner: The runner of the engine that holds them.
+        found: The run containers listed (``runner.list(LABEL_POD)``).
+
+    Returns:
+        The names of the containers removed.
+    """
+    now = datetime.now(UTC)
+    removed = []
+    for info in found:
+        if not abandoned(info, now):
+            continue
+        try:
+            runner.remove(info.name)
+            remove_egress_of(runner, info.name)
+        except CldpdError:
+            log_swallowed(logger, f"removing the abandoned run {info.name} failed")
+            continue
+        removed.append(info.name)
+    return removed
 
 
 def run_of(info: ContainerInfo) -> str:
@@ -265,5 +317,6 @@ def start_options(
             LABEL_PODS_DIR: str(pod.dir.parent),
             LABEL_INHERIT_ENV: ",".join(pod.config.inherit_env),
             LABEL_RUN: run,
+            LABEL_CLIENT: this_client(),
         },
     )
