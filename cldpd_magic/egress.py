@@ -36,6 +36,7 @@ import re
 import secrets
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,7 +49,7 @@ from .egress_policy import (
 )
 from .errors import CldpdError, ContainerFailedError
 from .pods import Resources
-from .protocol import RunOptions
+from .protocol import LABEL_CLIENT, RunOptions, client_gone, this_client
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,9 @@ class _Lines:
             self.on_line(line)
 
 
-#: Runner ids whose engine was seen to isolate internal networks.
-_ISOLATING_ENGINES: set[int] = set()
+#: Runners whose engine was seen to isolate internal networks (weakly held: a new runner
+#: never inherits the verdict of a freed one through a reused ``id()``).
+_ISOLATING_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 @dataclass
@@ -206,7 +208,11 @@ class EgressGuard:
     @property
     def labels(self) -> dict[str, str]:
         """Labels of the network and the egress container."""
-        return {LABEL_EGRESS: self.policy.digest, LABEL_EGRESS_OF: self.container}
+        return {
+            LABEL_EGRESS: self.policy.digest,
+            LABEL_EGRESS_OF: self.container,
+            LABEL_CLIENT: this_client(),
+        }
 
     def ensure_image(self) -> str:
         """Build the egress image unless the engine has it; return its tag.
@@ -317,7 +323,7 @@ class EgressGuard:
         asking for none would let the pod reach every host service through INPUT); and a
         container on the network must not reach the egress container's bridge side.
         """
-        if id(self.runner) in _ISOLATING_ENGINES:
+        if self.runner in _ISOLATING_ENGINES:
             return
         not_enforced = ContainerFailedError(
             "This Docker engine does not isolate internal networks (it runs with "
@@ -345,7 +351,7 @@ class EgressGuard:
         )
         if outside and self.runner.run(probe, _Lines(lambda _line: None)) == 0:
             raise not_enforced
-        _ISOLATING_ENGINES.add(id(self.runner))
+        _ISOLATING_ENGINES.add(self.runner)
 
     def _start_following(self) -> None:
         self._follower = threading.Thread(
@@ -440,9 +446,9 @@ def remove_egress_of(runner: Any, container: str) -> None:
         runner.remove_network(egress_name(container))
 
 
-def _age_seconds(started_at: str, now: datetime) -> float:
+def seconds_since(engine_time: str, now: datetime) -> float:
     """Seconds since an engine timestamp (nanoseconds and all); unreadable ones are old."""
-    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?", started_at)
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?", engine_time)
     if match is None:
         return float("inf")
     started = datetime.fromisoformat(match[1] + (match[2] or "")).replace(tzinfo=UTC)
@@ -453,8 +459,9 @@ def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
     """Remove the egress containers and networks whose run's container is gone.
 
     A killed kernel leaves them behind; this finds them from any process by their
-    labels. An egress container younger than ``grace`` is kept (its run may be starting);
-    a network goes with its container, or alone when it has none.
+    labels. An egress container younger than ``grace`` is kept while the process that
+    made it lives (its run may be starting); a network goes with its container, or alone
+    when it has none.
 
     Args:
         runner: The runner of one engine; a runner without networks has no egress.
@@ -481,7 +488,8 @@ def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
         kept = set()
         for info in proxies:
             run = info.labels.get(LABEL_EGRESS_OF, "")
-            if run_exists(run) or _age_seconds(info.started_at, now) < grace:
+            young = seconds_since(info.started_at, now) < grace
+            if run_exists(run) or (young and not client_gone(info.labels.get(LABEL_CLIENT, ""))):
                 kept.add(egress_name(run))
                 continue
             runner.remove(info.name)

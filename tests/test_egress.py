@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from engines_util import ExtraEngine, start_extra_engine, stop_extra_engine
 
 from cldpd_magic import Dispatcher, egress
 from cldpd_magic.egress import (
+    LABEL_EGRESS,
     LABEL_EGRESS_OF,
     PLACEHOLDER,
     EgressGuard,
@@ -746,7 +748,8 @@ def test_a_sweep_removes_egress_whose_run_is_gone_and_keeps_the_rest(
     young = orphan(runner, guards)
     removed = egress.sweep_orphans(runner, grace=2)
     assert egress_leftovers(docker_client, gone) == []
-    assert sorted(removed) == [egress.egress_name(gone)] * 2
+    ours = {egress.egress_name(n) for n in (gone, alive, young)}
+    assert sorted(n for n in removed if n in ours) == [egress.egress_name(gone)] * 2
     assert len(egress_leftovers(docker_client, alive)) == 2  # its run's container is there
     assert len(egress_leftovers(docker_client, young)) == 2  # it may be starting
 
@@ -936,3 +939,43 @@ def test_the_egress_container_gets_the_pods_egress_resources(egress_base, docker
     assert config["Memory"] == 96 << 20
     assert config["PidsLimit"] == egress.EGRESS_RESOURCES.pids
     assert config["ReadonlyRootfs"] is True
+
+
+@pytest.mark.docker
+def test_a_sweep_removes_young_egress_whose_process_is_gone(egress_base, docker_client, guards):
+    """Egress made by a killed process goes at once, however young; a live one's stays."""
+    from cldpd_magic.protocol import LABEL_CLIENT
+    from cldpd_magic.runner import DockerRunner
+
+    runner = DockerRunner()
+    young = orphan(runner, guards)
+    ours = egress.egress_name(young)
+    assert egress.egress_name(young) not in egress.sweep_orphans(runner)  # the control
+    dead = subprocess.run(
+        [sys.executable, "-c", "from cldpd_magic.protocol import this_client as t; print(t())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    killed = EgressGuard(runner, f"cldpd-egress-test-{uuid.uuid4().hex[:8]}", EgressPolicy())
+    guards.append(killed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EgressGuard, "labels", property(lambda self: {
+            LABEL_EGRESS: self.policy.digest, LABEL_EGRESS_OF: self.container,
+            LABEL_CLIENT: dead}))  # fmt: skip
+        killed.setup(RunOptions(image="busybox:latest", name=killed.container, cmd=[]))
+    removed = egress.sweep_orphans(runner)
+    assert sorted(n for n in removed if n == killed.proxy) == [killed.proxy] * 2
+    assert ours not in removed and len(egress_leftovers(docker_client, young)) == 2
+
+
+def test_a_freed_runner_leaves_no_verdict_for_a_new_one():
+    import gc
+
+    class Runner:
+        pass
+
+    checked = Runner()
+    egress._ISOLATING_ENGINES.add(checked)
+    del checked
+    gc.collect()
+    assert not any(isinstance(r, Runner) for r in egress._ISOLATING_ENGINES)
+    assert Runner() not in egress._ISOLATING_ENGINES

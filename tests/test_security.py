@@ -134,11 +134,6 @@ def _unavailable(message: str) -> NoReturn:
     pytest.skip(message)
 
 
-#: Every runner the suite made, kept: the egress module remembers engines it checked
-#: by the runner's id(), which a later runner (of another engine) could otherwise reuse.
-_RUNNERS: list[object] = []
-
-
 @pytest.fixture(scope="module", params=["main", "isolated"])
 def site(request) -> Iterator[Site]:
     """The engine under attack: the main engine, or a dockerd with iptables on in a
@@ -160,10 +155,9 @@ def site(request) -> Iterator[Site]:
     mp.setenv("CLDPD_EGRESS_BASE", EGRESS_BASE)
     try:
         if request.param == "main":
-            _RUNNERS.append(DockerRunner())
             bridge = client.api.inspect_network("bridge")["Options"]
             address = _host_addresses("", bridge["com.docker.network.bridge.name"])
-            yield Site(_RUNNERS[-1], client, address[0])
+            yield Site(DockerRunner(), client, address[0])
             return
         if os.geteuid() != 0:
             _unavailable("the isolated engine needs root (a network namespace, a dockerd)")
@@ -171,17 +165,15 @@ def site(request) -> Iterator[Site]:
 
         from cldpd_magic.egress import rules_image_tag
 
-        _RUNNERS.append(DockerRunner())
-        image = EgressGuard(_RUNNERS[-1], "cldpd-sec-image", EgressPolicy()).ensure_image()
+        image = EgressGuard(DockerRunner(), "cldpd-sec-image", EgressPolicy()).ensure_image()
         engine = start_isolated_engine(
             ["busybox:latest", EGRESS_BASE, image, rules_image_tag(image)]
         )
         try:
             isolated = docker.DockerClient(base_url=engine.url)
-            _RUNNERS.append(DockerRunner(base_url=engine.url))
             try:
-                yield Site(_RUNNERS[-1], isolated, engine.host_address, engine.namespace,
-                           engine.link)  # fmt: skip
+                yield Site(DockerRunner(base_url=engine.url), isolated, engine.host_address,
+                           engine.namespace, engine.link)  # fmt: skip
             finally:
                 isolated.close()
             # Nothing the tests did gave the namespace a way off this machine.
