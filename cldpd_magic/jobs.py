@@ -68,6 +68,8 @@ class RunJobs:
 
         def job(ctl: SessionControl) -> int:
             ctl.emit(EventType.BUILD_STARTED, pod.image)
+            for warning in pod.unsafe_warnings:
+                ctl.emit(EventType.BUILD_OUTPUT, f"cldpd: {warning}")
             if missing:
                 ctl.emit(
                     EventType.BUILD_OUTPUT,
@@ -84,6 +86,7 @@ class RunJobs:
                 guard = EgressGuard(
                     runner, opts.name, pod.config.egress, brokered, on_attempt=on_attempt,
                     on_build_output=lambda line: ctl.emit(EventType.BUILD_OUTPUT, line),
+                    resources=pod.config.egress_resources,
                 )  # fmt: skip
                 guard.ensure_image()
             ctl.check_cancelled()

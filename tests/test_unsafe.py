@@ -518,9 +518,6 @@ def test_the_docker_socket_is_refused_and_with_the_waiver_runs_marked(
 
 @pytest.mark.docker
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=True, reason="the run's start says each warning once jobs.py emits pod.unsafe_warnings"
-)
 def test_a_run_of_a_waived_pod_says_each_warning_in_its_cell(docker_client, make_pod, ip):
     mount = {"source": "/var/run/docker.sock", "target": "/docker.sock"}
     name = make_pod(SOCKET_POD, pod_json={"mounts": [mount], "unsafe": [f"mount:{SOCKET}"]})
