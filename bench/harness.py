@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cldpd_magic import Dispatcher, EventType, Pod, Session
-from cldpd_magic import session as session_module
-from cldpd_magic.dispatcher import agent_command, build_prompt
-from cldpd_magic.session import Event
+from cldpd_magic.events import Event
+from cldpd_magic.runs import session as session_module
+from cldpd_magic.runs.agent import agent_command, build_prompt
 
 BASE_IMAGE = "busybox:latest"
 ISSUE_URL = "https://github.com/o/r/issues/1"

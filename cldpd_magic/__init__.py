@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .batch import Batch, RunSpec, Variant
-from .dispatcher import Dispatcher, RunningPod
+from .engines import Runner, RunOptions
 from .errors import (
     BuildFailedError,
     CldpdError,
@@ -24,11 +23,20 @@ from .errors import (
     SessionNotFoundError,
     StopFailedError,
 )
-from .pods import Mount, Pod, PodConfig, default_pods_dir, discover_all, discover_pod
-from .protocol import Runner, RunOptions
-from .scaffold import Scaffold, Template, create_pod, list_templates
-from .session import Event, EventType, RunState, Session, StopReason
-from .usage import Limits, Usage
+from .events import Event, EventType, RunState, Usage
+from .pods import (
+    Mount,
+    Pod,
+    PodConfig,
+    Scaffold,
+    Template,
+    create_pod,
+    default_pods_dir,
+    discover_all,
+    discover_pod,
+    list_templates,
+)
+from .runs import Batch, Dispatcher, Limits, RunningPod, RunSpec, Session, StopReason, Variant
 
 __version__ = "0.1.0"
 
@@ -81,11 +89,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The widget and the magics import ipywidgets and IPython; load them only when asked.
     if name == "PodPicker":
-        from .widgets import PodPicker
+        from .picker import PodPicker
 
         return PodPicker
     if name == "DockerRunner":  # docker-py and requests load only when asked for
-        from .runner import DockerRunner
+        from .engines.docker import DockerRunner
 
         return DockerRunner
     raise AttributeError(f"module 'cldpd_magic' has no attribute {name!r}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import queue
 import shlex
@@ -27,14 +26,24 @@ from types import FrameType
 from typing import Any, TextIO
 
 from . import __version__
-from .dispatcher import Dispatcher, validate_issue_url
-from .errors import CldpdError, DockerUnavailableError, InvalidRequestError, one_line
+from .arguments import non_negative, parse_variant
+from .errors import CldpdError, DockerUnavailableError, one_line
+from .events import Event
 from .logs import disable_logging, enable_logging, log_swallowed, parse_level
-from .pods import container_name, default_pods_dir, scan_pods, validate_pod_name
+from .pods import (
+    DEFAULT_TEMPLATE,
+    container_name,
+    create_pod,
+    default_pods_dir,
+    scan_pods,
+    template_names,
+    validate_pod_name,
+)
 from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text
-from .run_registry import LABEL_POD, RunningPod
-from .scaffold import DEFAULT_TEMPLATE, create_pod, template_names
-from .session import Event, Session, SessionKind
+from .runs import LABEL_POD, Dispatcher, RunningPod, Session, SessionKind, validate_issue_url
+
+logger = logging.getLogger(__name__)
+
 
 EPILOG = """examples:
   cldpd init myrepo --template claude-code
@@ -52,7 +61,6 @@ environment:
   CLDPD_LOG        log level of the package's log on stderr (debug, info, ...); off when unset
 """
 
-logger = logging.getLogger(__name__)
 
 #: Signals that stop a followed run: Ctrl+C, ``kill`` and a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -144,42 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the batch's budget in US dollars: past it no run starts and running ones stop",
     )  # fmt: skip
     return parser
-
-
-def non_negative(text: str) -> float:
-    """A number of seconds or dollars: finite and not negative."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of 0 or more")
-    return value
-
-
-def parse_variant(spec: str) -> dict[str, object]:
-    """Read a variant given as ``NAME`` or ``NAME=ARGS`` (ARGS split as a shell would).
-
-    Args:
-        spec: The variant, e.g. ``opus=--model opus``.
-
-    Returns:
-        ``{"name": NAME, "args": [ARG, ...]}``, as ``Dispatcher.dispatch`` takes it.
-
-    Raises:
-        InvalidRequestError: No name, or unbalanced quotes in ARGS.
-    """
-    name, _, args = spec.partition("=")
-    name = name.strip()
-    if not name:
-        raise InvalidRequestError(
-            f"The variant {spec!r} has no name; write NAME or NAME=ARGS, e.g. opus='--model opus'."
-        )
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise InvalidRequestError(f"Cannot read the variant {name}'s arguments ({exc}).") from None
-    return {"name": name, "args": words}
 
 
 def _say(stream: TextIO, text: str) -> None:

@@ -1,6 +1,8 @@
 """The package's logging: errors it swallows are logged at debug level, masked, off by default.
 
-Every module logs to ``logging.getLogger(__name__)``, under the ``cldpd_magic`` logger,
+Every module logs to its folder's logger (``logging.getLogger(__package__)``:
+``cldpd_magic.render``, ``cldpd_magic.runs``), or at the top of the package to
+``logging.getLogger(__name__)`` (``cldpd_magic.cli``), under the ``cldpd_magic`` logger,
 which holds only a :class:`logging.NullHandler`: nothing is printed unless asked for.
 Turn it on with
 

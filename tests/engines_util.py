@@ -501,8 +501,8 @@ def found_again_by_a_new_dispatcher(
     """
     from fakes import ISSUE_URL
 
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.session import EventType
+    from cldpd_magic.events import EventType
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     def new_dispatcher() -> Dispatcher:
         return Dispatcher(pods_dir, new_runner(), pods_dir.parent / "sessions")
@@ -531,7 +531,7 @@ def found_again_by_a_new_dispatcher(
 
 def init_swarm(engine: ExtraEngine) -> None:
     """Make the engine a one-node swarm's manager, advertising a loopback address."""
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     api = DockerRunner(base_url=engine.url, tls=engine.tls_files()).connection.control()
     api.init_swarm(advertise_addr="127.0.0.1", listen_addr=f"127.0.0.1:{free_port()}")

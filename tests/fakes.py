@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, RunOptions, Writer
 from cldpd_magic.errors import BuildFailedError, PodRunningError, SessionNotFoundError
-from cldpd_magic.protocol import ContainerInfo, ExecHandle, RunOptions, Writer
 
 #: The GitHub issue every test starts its pods on.
 ISSUE_URL = "https://github.com/octocat/Hello-World/issues/1"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cldpd_magic import Dispatcher
-from cldpd_magic.egress import LABEL_EGRESS_OF
-from cldpd_magic.protocol import LABEL_CLIENT, client_gone, this_client
+from cldpd_magic.engines.protocol import LABEL_CLIENT, client_gone, this_client
+from cldpd_magic.runs.egress import LABEL_EGRESS_OF
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -25,7 +25,7 @@ EGRESS_BASE = "cldpd-debian:bookworm"
 
 def test_this_process_is_alive_and_a_finished_one_is_gone():
     assert not client_gone(this_client())
-    code = "from cldpd_magic.protocol import this_client; print(this_client())"
+    code = "from cldpd_magic.engines import this_client; print(this_client())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip()  # fmt: skip
     assert done.split("/")[1] != str(os.getpid())
@@ -104,8 +104,8 @@ def status(docker_client, container: str) -> str:
 
 def test_a_live_clients_ended_run_is_not_swept(docker_client, make_pod, pods_dir, transcript_dir):
     """The control: an ended run of a live process is that process's to remove."""
-    from cldpd_magic.run_registry import LABEL_KEEP_ALIVE, LABEL_POD, sweep_abandoned
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
+    from cldpd_magic.runs.registry import LABEL_KEEP_ALIVE, LABEL_POD, sweep_abandoned
 
     name = make_pod("true")
     container = docker_client.containers.create(

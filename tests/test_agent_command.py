@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cldpd_magic.dispatcher import agent_command
-from cldpd_magic.pods import Pod, PodConfig
+from cldpd_magic.pods.pod import Pod, PodConfig
+from cldpd_magic.runs.agent import agent_command
 
 POD = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"), PodConfig(args=("--model", "opus")))
 HEAD = ["claude", "-p", "--output-format", "stream-json", "--verbose"]
@@ -47,7 +47,7 @@ def test_options_written_with_equals_need_no_end_of_options():
 
 
 def test_a_run_with_a_timeout_ends_by_itself_in_its_container():
-    from cldpd_magic.agent import DEADLINE_GRACE, plan_start, with_deadline
+    from cldpd_magic.runs.agent import DEADLINE_GRACE, plan_start, with_deadline
 
     timed = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"),
                 PodConfig(timeout_seconds=20.5))  # fmt: skip

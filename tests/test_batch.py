@@ -9,9 +9,9 @@ import pytest
 from fakes import AgentCall, FakeRunner, write_pod
 
 from cldpd_magic import Batch, CldpdError, Dispatcher, InvalidRequestError
-from cldpd_magic.batch import RESULT_KEYS
-from cldpd_magic.runner import DockerRunner
-from cldpd_magic.session import EventType
+from cldpd_magic.engines.docker.runner import DockerRunner
+from cldpd_magic.events import EventType
+from cldpd_magic.runs.batch import RESULT_KEYS
 
 ISSUES = [f"https://github.com/octocat/Hello-World/issues/{n}" for n in range(1, 21)]
 

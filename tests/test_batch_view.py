@@ -11,8 +11,11 @@ from typing import Any, NamedTuple
 import pytest
 from html_safety import PAYLOADS, html_problems
 
-from cldpd_magic.render import _CSS, _TABLE_CSS, BatchFeed, BatchView
-from cldpd_magic.session import EventType, Session
+from cldpd_magic.events import EventType
+from cldpd_magic.render.feeds import BatchFeed
+from cldpd_magic.render.tables import _TABLE_CSS, BatchView
+from cldpd_magic.render.views import _CSS
+from cldpd_magic.runs.session import Session
 
 
 class _Usage(NamedTuple):
@@ -210,7 +213,7 @@ def _until(predicate, timeout: float = 30) -> None:
 
 
 def test_a_panel_shows_the_table_and_the_chosen_runs_output_in_one_entry(tmp_path):
-    from cldpd_magic.widgets import BatchPanel
+    from cldpd_magic.picker.widgets import BatchPanel
 
     runs = [_session(tmp_path, f"p{i}", [f"out-of-p{i}"]) for i in range(3)]
     panel = BatchPanel(FakeBatch(runs), interval=0.02)
@@ -227,7 +230,7 @@ def test_a_panel_shows_the_table_and_the_chosen_runs_output_in_one_entry(tmp_pat
 
 
 def test_a_panel_stops_one_run_while_its_siblings_go_on_then_all(tmp_path):
-    from cldpd_magic.widgets import BatchPanel
+    from cldpd_magic.picker.widgets import BatchPanel
 
     runs = [_idle(tmp_path, "one"), _idle(tmp_path, "two")]
     batch = StoppableBatch(runs)
@@ -250,8 +253,8 @@ def test_a_panel_stops_one_run_while_its_siblings_go_on_then_all(tmp_path):
 def test_the_picker_shows_a_batch_below_its_pods(tmp_path, pods_dir, transcript_dir):
     from fakes import FakeRunner
 
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.widgets import PodPicker
+    from cldpd_magic.picker.widgets import PodPicker
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     picker = PodPicker(pods_dir, Dispatcher(pods_dir, FakeRunner(), transcript_dir))
     try:
@@ -288,7 +291,7 @@ URL2 = "https://github.com/octocat/Hello-World/issues/2"
 @pytest.fixture
 def dispatched(monkeypatch, tmp_path) -> list[dict]:
     """Replace Dispatcher.dispatch: record each call, run one session per pod and issue."""
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     calls: list[dict] = []
 
@@ -461,7 +464,7 @@ def test_cldpd_batch_runs_a_pod_on_several_issues_at_once(
 
 
 def test_a_run_cldpd_stopped_says_why_and_a_failed_one_says_what_failed(tmp_path):
-    from cldpd_magic.session import StopReason
+    from cldpd_magic.runs.session import StopReason
 
     capped = _idle(tmp_path, "capped")
 

@@ -25,7 +25,7 @@ import pytest
 from test_real_claude import CLAUDE_CODE_VERSION, cell_text, pinned_version, result_of, stream
 
 from cldpd_magic import Dispatcher
-from cldpd_magic.testing import ScriptedModelServer, ToolCall, Turn
+from cldpd_magic.model_server.server import ScriptedModelServer, ToolCall, Turn
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
 

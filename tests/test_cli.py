@@ -15,7 +15,7 @@ import pytest
 from fakes import ISSUE_URL as URL
 
 from cldpd_magic.cli import build_parser, main
-from cldpd_magic.dispatcher import Dispatcher
+from cldpd_magic.runs.dispatcher import Dispatcher
 
 CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]
 

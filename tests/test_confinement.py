@@ -9,9 +9,9 @@ from test_docker_dispatcher import IDLE, URL, container, output, until
 from test_docker_runner import Text, opts, run
 
 from cldpd_magic import Dispatcher, DockerRunner, Mount
-from cldpd_magic.dispatcher import IDLE_COMMAND
-from cldpd_magic.pods import Resources
-from cldpd_magic.runner import LABEL_VOLUME_OF, out_of_memory_line
+from cldpd_magic.engines.docker.containers import LABEL_VOLUME_OF, out_of_memory_line
+from cldpd_magic.pods.pod import Resources
+from cldpd_magic.runs.jobs import IDLE_COMMAND
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 

@@ -24,17 +24,17 @@ from cldpd_magic import (
     Runner,
     SessionNotFoundError,
 )
-from cldpd_magic.dispatcher import (
-    IDLE_COMMAND,
+from cldpd_magic.runs.agent import MAX_ARGUMENT_BYTES, MAX_COMMAND_LINE_BYTES
+from cldpd_magic.runs.jobs import IDLE_COMMAND
+from cldpd_magic.runs.registry import (
     LABEL_CLAUDE_SESSION,
     LABEL_KEEP_ALIVE,
     LABEL_POD,
     LABEL_SESSION,
-    MAX_ARGUMENT_BYTES,
-    MAX_COMMAND_LINE_BYTES,
     RunningPod,
 )
-from cldpd_magic.session import MASK, Session
+from cldpd_magic.runs.session import Session
+from cldpd_magic.secrets import MASK
 
 E = EventType
 DIRECTIVE = f"Work on this GitHub issue: {URL}"

@@ -28,13 +28,10 @@ from cldpd_magic import (
     Session,
     SessionNotFoundError,
 )
-from cldpd_magic.dispatcher import (
-    LABEL_CLAUDE_SESSION,
-    LABEL_POD,
-    LABEL_SESSION,
-    MAX_ARGUMENT_BYTES,
-)
-from cldpd_magic.session import MASK, read_transcript
+from cldpd_magic.runs.agent import MAX_ARGUMENT_BYTES
+from cldpd_magic.runs.registry import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
+from cldpd_magic.runs.session import read_transcript
+from cldpd_magic.secrets import MASK
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 

@@ -21,8 +21,8 @@ from cldpd_magic import (
     RunOptions,
     SessionNotFoundError,
 )
-from cldpd_magic.dispatcher import IDLE_COMMAND
-from cldpd_magic.runner import ExecHandle
+from cldpd_magic.engines.protocol import ExecHandle
+from cldpd_magic.runs.jobs import IDLE_COMMAND
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 

@@ -26,8 +26,17 @@ from pathlib import Path
 import pytest
 from engines_util import ExtraEngine, start_extra_engine, stop_extra_engine
 
-from cldpd_magic import Dispatcher, egress
-from cldpd_magic.egress import (
+from cldpd_magic import Dispatcher
+from cldpd_magic.engines.multi import docker_runner_for
+from cldpd_magic.engines.protocol import RunOptions
+from cldpd_magic.engines.setting import parse_engine
+from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
+from cldpd_magic.events import Event, EventType
+from cldpd_magic.pods.pod import parse_pod_config
+from cldpd_magic.pods.policy import AllowRule, EgressPolicy, parse_network_allow
+from cldpd_magic.render.views import RunLines
+from cldpd_magic.runs import egress
+from cldpd_magic.runs.egress import (
     LABEL_EGRESS,
     LABEL_EGRESS_OF,
     PLACEHOLDER,
@@ -35,13 +44,7 @@ from cldpd_magic.egress import (
     parse_access_line,
     rules_image_tag,
 )
-from cldpd_magic.egress_policy import AllowRule, EgressPolicy, parse_network_allow
-from cldpd_magic.engines import docker_runner_for, parse_engine
-from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
-from cldpd_magic.pods import parse_pod_config
-from cldpd_magic.protocol import RunOptions
-from cldpd_magic.render import RunLines
-from cldpd_magic.session import Event, EventType, read_transcript
+from cldpd_magic.runs.session import read_transcript
 
 TEST_LABEL = {"cldpd.test": "egress"}
 EGRESS_BASE = "cldpd-debian:bookworm"
@@ -331,7 +334,7 @@ def test_setup_failure_and_the_run_end_leave_no_egress_behind(
 
 @pytest.mark.docker
 def test_an_engine_that_does_not_isolate_is_refused_in_one_sentence(egress_base, docker_client):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     class LeakyEngine(DockerRunner):
         """The real engine, whose isolation probe is made to succeed (as on --iptables=false)."""
@@ -351,7 +354,7 @@ def test_an_engine_that_does_not_isolate_is_refused_in_one_sentence(egress_base,
 @pytest.fixture
 def iptables_off_engine(egress_base) -> Iterator[ExtraEngine]:
     """A second dockerd started with --iptables=false, holding the egress images."""
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     tag = EgressGuard(DockerRunner(), "cldpd-egress-image", EgressPolicy()).ensure_image()
     engine = start_extra_engine()
@@ -422,7 +425,7 @@ def test_dns_of_arbitrary_names_does_not_leave_the_internal_network(
     proxy has the egress container as its DNS server, which serves none, and no way to
     the host: the same query, and one sent to the host directly, reach nothing outside.
     """
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     runner = DockerRunner()
     container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
@@ -481,7 +484,7 @@ def upstream_network(docker_client, made) -> str:
 def test_the_brokered_key_reaches_upstream_and_no_container_holds_it(
     egress_base, upstream_network, make_pod, pods_dir, transcript_dir, docker_client, monkeypatch
 ):
-    from cldpd_magic.testing import ScriptedModelServer
+    from cldpd_magic.model_server.server import ScriptedModelServer
 
     real_key = f"sk-ant-real-{uuid.uuid4().hex}"
     monkeypatch.setenv("CLDPD_TEST_BROKERED_KEY", real_key)
@@ -600,7 +603,7 @@ def test_the_real_cli_completes_a_turn_through_the_broker(
     import re
     import shutil
 
-    from cldpd_magic.testing import ScriptedModelServer
+    from cldpd_magic.model_server.server import ScriptedModelServer
 
     repo = Path(__file__).resolve().parent.parent
     setup = (repo / "scripts" / "setup").read_text(encoding="utf-8")
@@ -733,7 +736,7 @@ def guards() -> Iterator[list]:
 def test_a_sweep_removes_egress_whose_run_is_gone_and_keeps_the_rest(
     egress_base, docker_client, made, guards
 ):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     runner = DockerRunner()
     gone = orphan(runner, guards)
@@ -758,7 +761,7 @@ def test_a_sweep_removes_egress_whose_run_is_gone_and_keeps_the_rest(
 def test_starting_an_allowlisted_run_sweeps_egress_a_killed_kernel_left(
     egress_base, make_pod, pods_dir, transcript_dir, docker_client, guards, monkeypatch
 ):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     left = orphan(DockerRunner(), guards)
     assert len(egress_leftovers(docker_client, left)) == 2
@@ -774,7 +777,7 @@ def test_starting_an_allowlisted_run_sweeps_egress_a_killed_kernel_left(
 def test_listing_runs_sweeps_egress_a_killed_kernel_left(
     egress_base, pods_dir, transcript_dir, docker_client, guards, monkeypatch
 ):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     left = orphan(DockerRunner(), guards)
     monkeypatch.setattr(egress, "ORPHAN_GRACE", 2.0)
@@ -795,7 +798,7 @@ def wait_for(found: list, count: int) -> list:
 def test_attempts_go_to_the_session_that_is_running_also_from_a_new_process(egress_base, guards):
     """A kept-alive pod's start session has ended when it is resumed: its proxy's
     blocked attempts go to the resume, in the process that started it or another one."""
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     runner = DockerRunner()
     container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
@@ -861,7 +864,7 @@ def test_the_egress_base_is_the_offline_debian_when_the_engine_has_it(
 def test_without_the_variable_the_real_engine_builds_from_its_offline_debian(
     egress_base, monkeypatch
 ):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     monkeypatch.delenv("CLDPD_EGRESS_BASE")
     runner = DockerRunner()
@@ -874,7 +877,7 @@ def test_without_the_variable_the_real_engine_builds_from_its_offline_debian(
 def test_squid_allows_only_the_allowlist_and_only_from_the_pods_network():
     import importlib.util
 
-    from cldpd_magic.egress import DATA_DIR
+    from cldpd_magic.runs.egress import DATA_DIR
 
     spec = importlib.util.spec_from_file_location("cldpd_egress", DATA_DIR / "cldpd_egress.py")
     entry = importlib.util.module_from_spec(spec)
@@ -926,8 +929,8 @@ def test_egress_resources_parse_and_fill_in_the_defaults():
 
 @pytest.mark.docker
 def test_the_egress_container_gets_the_pods_egress_resources(egress_base, docker_client, guards):
-    from cldpd_magic.pods import Resources
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
+    from cldpd_magic.pods.pod import Resources
 
     container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
     guard = EgressGuard(
@@ -944,15 +947,15 @@ def test_the_egress_container_gets_the_pods_egress_resources(egress_base, docker
 @pytest.mark.docker
 def test_a_sweep_removes_young_egress_whose_process_is_gone(egress_base, docker_client, guards):
     """Egress made by a killed process goes at once, however young; a live one's stays."""
-    from cldpd_magic.protocol import LABEL_CLIENT
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
+    from cldpd_magic.engines.protocol import LABEL_CLIENT
 
     runner = DockerRunner()
     young = orphan(runner, guards)
     ours = egress.egress_name(young)
     assert egress.egress_name(young) not in egress.sweep_orphans(runner)  # the control
     dead = subprocess.run(
-        [sys.executable, "-c", "from cldpd_magic.protocol import this_client as t; print(t())"],
+        [sys.executable, "-c", "from cldpd_magic.engines import this_client as t; print(t())"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     killed = EgressGuard(runner, f"cldpd-egress-test-{uuid.uuid4().hex[:8]}", EgressPolicy())

@@ -10,16 +10,11 @@ import threading
 import pytest
 from fakes import FakeRunner, lines_agent
 
-from cldpd_magic.engines import (
-    UNREACHABLE,
-    Engine,
-    MultiEngineRunner,
-    parse_engine,
-    parse_engines,
-)
+from cldpd_magic.engines.multi import UNREACHABLE, MultiEngineRunner
+from cldpd_magic.engines.protocol import Runner, RunOptions
+from cldpd_magic.engines.setting import Engine, parse_engine, parse_engines
 from cldpd_magic.errors import DockerUnavailableError, PodConfigError, SessionNotFoundError
-from cldpd_magic.pods import Mount, parse_pod_config
-from cldpd_magic.protocol import Runner, RunOptions
+from cldpd_magic.pods.pod import Mount, parse_pod_config
 
 LOCAL = Engine("local", "unix:///var/run/docker.sock")
 REMOTE = Engine("far", "tcp://10.1.2.3:2376")
@@ -279,8 +274,8 @@ def test_bad_engine_keys_are_one_sentence(tmp_path, data, says):
 
 
 def test_the_dispatcher_builds_its_runner_from_the_setting(pods_dir, monkeypatch):
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     monkeypatch.delenv("CLDPD_ENGINES", raising=False)
     assert isinstance(Dispatcher(pods_dir).runner, DockerRunner)
@@ -296,7 +291,7 @@ def test_the_dispatcher_builds_its_runner_from_the_setting(pods_dir, monkeypatch
 def test_a_pinned_pod_builds_and_runs_on_its_engine(pods_dir, transcript_dir, two):
     from fakes import ISSUE_URL, write_pod
 
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     multi, near, far = two
     write_pod(pods_dir, "pinned", {"engine": "far"})
@@ -313,7 +308,7 @@ def test_a_pod_with_local_mounts_on_a_remote_engine_fails_with_one_sentence(
 ):
     from fakes import ISSUE_URL, write_pod
 
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     multi, _, far = two
     mounts = [{"source": str(pods_dir), "target": "/src"}]
@@ -325,7 +320,7 @@ def test_a_pod_with_local_mounts_on_a_remote_engine_fails_with_one_sentence(
 
 
 def test_the_inventory_finds_runs_on_every_engine(pods_dir, transcript_dir, two):
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     multi, near, far = two
     near.add_container("cldpd-a", {"cldpd.pod": "a"})
@@ -337,8 +332,8 @@ def test_the_inventory_finds_runs_on_every_engine(pods_dir, transcript_dir, two)
 
 
 def test_the_sessions_table_has_an_engine_column_with_several_engines(two, pods_dir):
-    from cldpd_magic.magics import CldpdMagics
-    from cldpd_magic.magics_inventory import InventoryMagics
+    from cldpd_magic.magics.inventory import InventoryMagics
+    from cldpd_magic.magics.run import CldpdMagics
 
     multi, near, far = two
     near.add_container("cldpd-a", {"cldpd.pod": "a"})
@@ -361,7 +356,7 @@ def test_cldpd_takes_engines():
 
 
 def test_the_magics_take_engines_from_config(monkeypatch):
-    from cldpd_magic.magics import CldpdMagics
+    from cldpd_magic.magics.run import CldpdMagics
 
     monkeypatch.delenv("CLDPD_ENGINES", raising=False)
     magics = CldpdMagics(shell=None)
@@ -372,7 +367,7 @@ def test_the_magics_take_engines_from_config(monkeypatch):
 
 
 def test_one_engine_alone_refuses_a_pinned_pod_without_touching_docker(tmp_path):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     runner = DockerRunner(base_url="unix:///nonexistent.sock")
     with pytest.raises(PodConfigError, match="pinned to engine 'far', but no engines are"):
@@ -385,8 +380,8 @@ def test_a_pinned_pod_on_one_engine_fails_its_start_with_one_sentence(
 ):
     from fakes import ISSUE_URL, write_pod
 
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     write_pod(pods_dir, "pinned", {"engine": "far"})
     session = Dispatcher(pods_dir, DockerRunner(), transcript_dir).start_session(

@@ -7,7 +7,7 @@ import inspect
 import pytest
 from fakes import FakeRunner
 
-from cldpd_magic.protocol import Runner
+from cldpd_magic.engines.protocol import Runner
 
 PROTOCOL_METHODS = sorted(
     name for name, value in vars(Runner).items() if inspect.isfunction(value) and name[0] != "_"

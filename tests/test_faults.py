@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from cldpd_magic import BuildFailedError, Event, EventType, Session
-from cldpd_magic import session as session_module
-from cldpd_magic.session import SessionControl
+from cldpd_magic.runs import session as session_module
+from cldpd_magic.runs.session import SessionControl
 
 E = EventType
 SECRET = 'pa"ss/wörd&<42>😀'

@@ -23,8 +23,9 @@ SETUP = """
 %config CldpdMagics.transcript_dir = {transcripts!r}
 %config CldpdMagics.flush_interval = 0.1
 import time
-from cldpd_magic.dispatcher import Dispatcher
-from cldpd_magic.session import EventType, Session
+from cldpd_magic.runs import Dispatcher
+from cldpd_magic.events import EventType
+from cldpd_magic.runs import Session
 
 def printer(name, seconds={seconds}):
     def job(ctl):

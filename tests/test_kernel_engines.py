@@ -23,7 +23,7 @@ from fakes import ISSUE_URL
 from kernel_util import KernelSession, outputs, text_of
 from test_kernel_magics import first_display, update_with
 
-from cldpd_magic.engines import MultiEngineRunner
+from cldpd_magic.engines.multi import MultiEngineRunner
 
 pytestmark = [pytest.mark.docker, pytest.mark.kernel, pytest.mark.timeout(300)]
 

@@ -19,7 +19,7 @@ from traitlets.config import Config
 from cldpd_magic import Dispatcher, DockerUnavailableError
 from cldpd_magic.cli import main
 from cldpd_magic.logs import PACKAGE_LOGGER, log_swallowed
-from cldpd_magic.render import StreamRenderer
+from cldpd_magic.render.stream import StreamRenderer
 from cldpd_magic.secrets import Masker
 
 SECRET = "s3cr3t-t0ken-value"
@@ -101,7 +101,7 @@ def test_the_picker_logs_the_error_it_shows_as_a_sentence(caplog, monkeypatch, t
     finally:
         picker.close()
     text = debug_text(caplog)
-    assert "cldpd_magic.widgets: pod p: no run started" in text
+    assert "cldpd_magic.picker: pod p: no run started" in text
     assert "DockerUnavailableError: Docker refused ********; start it." in text
     assert SECRET not in text
 

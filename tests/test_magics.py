@@ -21,15 +21,15 @@ from IPython.utils.capture import capture_output
 from traitlets import TraitError
 from traitlets.config import Config
 
-from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
 from cldpd_magic.errors import DockerUnavailableError
-from cldpd_magic.magics import (
+from cldpd_magic.magics.run import (
     CldpdMagics,
     HideFollowedResult,
     keep_question_marks,
     split_prompt,
 )
-from cldpd_magic.session import Session
+from cldpd_magic.runs.registry import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
+from cldpd_magic.runs.session import Session
 
 MAGICS = (
     "cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_pods", "cldpd_sessions",
@@ -434,12 +434,12 @@ def test_attach_to_a_pod_not_running_says_so(ip, fake):
 
 
 def test_picker_import_failure_is_one_sentence(ip, monkeypatch):
-    monkeypatch.setitem(sys.modules, "cldpd_magic.widgets", None)
+    monkeypatch.setitem(sys.modules, "cldpd_magic.picker", None)
     one_line_error(ip, "cldpd_picker", "", "^The pod picker cannot be loaded")
 
 
 def test_picker_is_displayed(ip, fake, make_pod):
-    pytest.importorskip("cldpd_magic.widgets")
+    pytest.importorskip("cldpd_magic.picker")
     make_pod()
     with capture_output() as captured:
         assert ip.run_line_magic("cldpd_picker", "") is None

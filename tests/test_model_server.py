@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cldpd_magic.testing import (
+from cldpd_magic.model_server.server import (
     DONE_REPLY,
     SIDE_REPLY,
     Scenario,
@@ -309,7 +309,7 @@ def test_serve_command_line_serves_until_interrupted(tmp_path, stop_signal) -> N
         [
             sys.executable,
             "-m",
-            "cldpd_magic.testing",
+            "cldpd_magic.model_server",
             "serve",
             "--scenario",
             str(scenario),

@@ -20,7 +20,7 @@ from cldpd_magic import (
     discover_all,
     discover_pod,
 )
-from cldpd_magic.pods import (
+from cldpd_magic.pods.pod import (
     IMAGE_REFERENCE_RE,
     MAX_POD_NAME_LENGTH,
     MAX_REPOSITORY_LENGTH,

@@ -29,8 +29,10 @@ from typing import Any
 import pytest
 
 from cldpd_magic import Dispatcher
-from cldpd_magic.session import MASK, EventType, Session, read_transcript
-from cldpd_magic.testing import Scenario, ScriptedModelServer, ToolCall, Turn
+from cldpd_magic.events import EventType
+from cldpd_magic.model_server.server import Scenario, ScriptedModelServer, ToolCall, Turn
+from cldpd_magic.runs.session import Session, read_transcript
+from cldpd_magic.secrets import MASK
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
 

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from cldpd_magic.render import (
-    LiveFeed,
-    Report,
-    SessionView,
-    StreamRenderer,
-    Table,
-    TextFeed,
-    markdown_to_html,
-    render_output_line,
-)
-from cldpd_magic.session import Event, EventType, Masker, RunState, Session
+from cldpd_magic.events import Event, EventType, RunState
+from cldpd_magic.render.feeds import LiveFeed, TextFeed
+from cldpd_magic.render.markdown import markdown_to_html
+from cldpd_magic.render.stream import StreamRenderer, render_output_line
+from cldpd_magic.render.tables import Report, Table
+from cldpd_magic.render.views import SessionView
+from cldpd_magic.runs.session import Session
+from cldpd_magic.secrets import Masker
 
 
 def rendered(obj: dict) -> list[tuple[str, str]]:

@@ -21,8 +21,11 @@ from typing import Any
 import pytest
 from html_safety import PAYLOADS, hostile_lines, html_problems
 
-from cldpd_magic.render import _CSS, SessionView, markdown_to_html, render_output_line
-from cldpd_magic.session import Event, EventType, Masker
+from cldpd_magic.events import Event, EventType
+from cldpd_magic.render.markdown import markdown_to_html
+from cldpd_magic.render.stream import render_output_line
+from cldpd_magic.render.views import _CSS, SessionView
+from cldpd_magic.secrets import Masker
 
 SEED = int(os.environ.get("CLDPD_FUZZ_SEED", "20261203"))
 EXAMPLES = int(os.environ.get("CLDPD_FUZZ_EXAMPLES", "20000"))

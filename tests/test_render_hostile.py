@@ -21,19 +21,15 @@ from fakes import AgentCall, FakeRunner, write_pod
 from html_safety import PAYLOADS, hostile_lines, html_problems
 
 from cldpd_magic import Dispatcher, PodPicker
-from cldpd_magic import render as render_module
-from cldpd_magic.render import (
-    _CSS,
-    _TABLE_CSS,
-    LiveFeed,
-    Report,
-    SessionView,
-    StreamRenderer,
-    Table,
-    markdown_to_html,
-    render_output_line,
-)
-from cldpd_magic.session import MASK, Event, EventType, Masker, Session
+from cldpd_magic.events import Event, EventType
+from cldpd_magic.render import stream as render_module
+from cldpd_magic.render.feeds import LiveFeed
+from cldpd_magic.render.markdown import markdown_to_html
+from cldpd_magic.render.stream import StreamRenderer, render_output_line
+from cldpd_magic.render.tables import _TABLE_CSS, Report, Table
+from cldpd_magic.render.views import _CSS, SessionView
+from cldpd_magic.runs.session import Session
+from cldpd_magic.secrets import MASK, Masker
 
 #: Characters no text form may hold: C0/C1 controls (tab and newline excepted), ESC.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")

@@ -38,11 +38,12 @@ from engines_util import (
 )
 from test_docker_runner import Text
 
-from cldpd_magic.engines import Engine, MultiEngineRunner, docker_runner_for, parse_engine
+from cldpd_magic.engines.docker.runner import DockerRunner, _PrivateAPI
+from cldpd_magic.engines.multi import MultiEngineRunner, docker_runner_for
+from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
+from cldpd_magic.engines.setting import Engine, parse_engine
+from cldpd_magic.engines.swarm.runner import SwarmRunner
 from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
-from cldpd_magic.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
-from cldpd_magic.runner import DockerRunner, _PrivateAPI
-from cldpd_magic.swarm import SwarmRunner
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 

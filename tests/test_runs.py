@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from cldpd_magic import Dispatcher, InvalidRequestError
-from cldpd_magic.runner import DockerRunner
-from cldpd_magic.session import Event, EventType
+from cldpd_magic.engines.docker.runner import DockerRunner
+from cldpd_magic.events import Event, EventType
 
 pytestmark = pytest.mark.docker
 

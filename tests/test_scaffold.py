@@ -18,10 +18,10 @@ from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
 import cldpd_magic
-from cldpd_magic import scaffold
 from cldpd_magic.errors import InvalidPodError, InvalidRequestError
-from cldpd_magic.pods import discover_pod
-from cldpd_magic.scaffold import TEMPLATES_DIR, create_pod, get_template, template_names
+from cldpd_magic.pods import scaffold
+from cldpd_magic.pods.pod import discover_pod
+from cldpd_magic.pods.scaffold import TEMPLATES_DIR, create_pod, get_template, template_names
 
 REPO = Path(__file__).resolve().parent.parent
 CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]

@@ -38,15 +38,15 @@ from typing import NoReturn
 
 import pytest
 
-from cldpd_magic.egress import (
+from cldpd_magic.engines.protocol import RunOptions
+from cldpd_magic.pods.policy import EgressPolicy, parse_network_allow
+from cldpd_magic.runs.egress import (
     BROKER_PORT,
     EGRESS_RESOURCES,
     LABEL_EGRESS_OF,
     PROXY_PORT,
     EgressGuard,
 )
-from cldpd_magic.egress_policy import EgressPolicy, parse_network_allow
-from cldpd_magic.protocol import RunOptions
 
 pytestmark = pytest.mark.docker
 
@@ -141,7 +141,7 @@ def site(request) -> Iterator[Site]:
     the main engine (and copied to the other)."""
     import docker
 
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     client = docker.from_env()
     try:
@@ -163,7 +163,7 @@ def site(request) -> Iterator[Site]:
             _unavailable("the isolated engine needs root (a network namespace, a dockerd)")
         from engines_util import start_isolated_engine, stop_isolated_engine
 
-        from cldpd_magic.egress import rules_image_tag
+        from cldpd_magic.runs.egress import rules_image_tag
 
         image = EgressGuard(DockerRunner(), "cldpd-sec-image", EgressPolicy()).ensure_image()
         engine = start_isolated_engine(
@@ -240,7 +240,7 @@ def egress(
 @pytest.fixture
 def model(site) -> Iterator[object]:
     """The scripted model API on the host, as the brokered key's upstream."""
-    from cldpd_magic.testing import ScriptedModelServer
+    from cldpd_magic.model_server.server import ScriptedModelServer
 
     key = f"sk-ant-real-{uuid.uuid4().hex}"
     with ScriptedModelServer(host=site.host_address, api_key=key) as server:
@@ -419,7 +419,7 @@ print("after", ask(ok % token.encode() + b"Content-Length: 2\\r\\n\\r\\n{}"), fl
 @pytest.fixture(scope="module")
 def python_image(site) -> Iterator[str]:
     """An image with Python for attacks busybox cannot make: the egress image, plain."""
-    from cldpd_magic.egress import egress_image_tag
+    from cldpd_magic.runs.egress import egress_image_tag
 
     tag = f"cldpd-test-python:{uuid.uuid4().hex[:8]}"
     base = egress_image_tag(EGRESS_BASE)

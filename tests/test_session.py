@@ -12,18 +12,16 @@ from collections.abc import Callable
 import pytest
 
 from cldpd_magic import BuildFailedError, CldpdError, Event, EventType, Session
-from cldpd_magic.protocol import ContainerInfo
-from cldpd_magic.session import (
-    MASK,
-    TRANSITIONS,
-    RunState,
-    RunStatus,
+from cldpd_magic.engines.protocol import ContainerInfo
+from cldpd_magic.events import TRANSITIONS, RunState, RunStatus
+from cldpd_magic.runs.session import (
     SessionControl,
     SessionKind,
     SessionStopped,
     new_session_id,
     read_transcript,
 )
+from cldpd_magic.secrets import MASK
 
 E = EventType
 SECRET = "s3cr3t-value-42"

@@ -24,8 +24,9 @@ from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, idle_agent, write_pod
 
 from cldpd_magic import Dispatcher, PodRunningError
-from cldpd_magic.protocol import ContainerInfo, LaunchGuard, RunOptions
-from cldpd_magic.session import EventType, RunState, Session
+from cldpd_magic.engines.protocol import ContainerInfo, LaunchGuard, RunOptions
+from cldpd_magic.events import EventType, RunState
+from cldpd_magic.runs.session import Session
 
 #: The steps of a start a stop is injected at.
 STEPS = ["build", "built", "created", "started"]
@@ -295,7 +296,7 @@ def start_with_a_stop_at(
     step: str, pod: str, pods_dir, transcript_dir, guarded: bool = True
 ) -> tuple[Session, InjectingRunner]:
     """Start a run of ``pod`` on the engine, stopping it (Dispatcher.stop) at ``step``."""
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     injector = StopInjector(step)
     runner = InjectingRunner(DockerRunner(), injector, guarded)
@@ -342,7 +343,7 @@ def test_without_the_guard_a_stop_after_create_is_lost_engine(
 def test_a_resume_stopped_as_its_exec_starts_ends_that_exec_engine(
     make_pod, pods_dir, transcript_dir, docker_client, no_leftovers
 ):
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     pod = make_pod('[ "$5" = "--resume" ] || exit 0\n' + SLOW_AGENT, pod_json={"keepAlive": True})
     no_leftovers.append(pod)
@@ -367,7 +368,7 @@ def test_a_batch_stopped_while_it_fills_its_slots_leaves_nothing_engine(
 ):
     """Four runs, two at a time: the batch is stopped as the second run to go reaches
     the step."""
-    from cldpd_magic.runner import DockerRunner
+    from cldpd_magic.engines.docker.runner import DockerRunner
 
     pod = make_pod(SLOW_AGENT)
     no_leftovers.append(pod)

@@ -37,7 +37,11 @@ from engines_util import (
 )
 from test_runner_conformance import Text, agent_context
 
-from cldpd_magic.engines import MultiEngineRunner, parse_engine
+from cldpd_magic.engines.docker.runner import DockerRunner
+from cldpd_magic.engines.multi import MultiEngineRunner
+from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, RunOptions
+from cldpd_magic.engines.setting import parse_engine
+from cldpd_magic.engines.swarm.runner import LABEL_SECRET_OF, SwarmRunner
 from cldpd_magic.errors import (
     BuildFailedError,
     ContainerFailedError,
@@ -45,10 +49,7 @@ from cldpd_magic.errors import (
     PodConfigError,
     SessionNotFoundError,
 )
-from cldpd_magic.pods import Resources
-from cldpd_magic.protocol import ContainerInfo, ExecHandle, RunOptions
-from cldpd_magic.runner import DockerRunner
-from cldpd_magic.swarm import LABEL_SECRET_OF, SwarmRunner
+from cldpd_magic.pods.pod import Resources
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -304,8 +305,8 @@ def test_resume_attach_and_stop_on_the_swarm_from_a_new_dispatcher(swarm, tmp_pa
 def test_a_batch_of_eight_runs_on_the_swarm(swarm, tmp_path):
     from fakes import write_pod
 
-    from cldpd_magic.dispatcher import Dispatcher
-    from cldpd_magic.session import EventType
+    from cldpd_magic.events import EventType
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     pod = write_pod(tmp_path / "pods", "eight", {})
     (pod / "Dockerfile").write_text(
@@ -336,7 +337,7 @@ def test_a_batch_of_eight_runs_on_the_swarm(swarm, tmp_path):
 
 def test_a_two_node_swarm_runs_on_the_worker_through_its_endpoint_label(docker_client, tmp_path):
     """The manager drained: the run lands on the worker; build, exec and stop reach it."""
-    from cldpd_magic.engines import docker_runner_for
+    from cldpd_magic.engines.multi import docker_runner_for
 
     manager_engine = start_extra_engine()
     worker_engine = None
@@ -408,7 +409,7 @@ def test_a_stop_at_each_step_of_a_start_leaves_no_service(swarm, tmp_path, step,
     from fakes import ISSUE_URL
     from test_stop_race import InjectingRunner, StopInjector, agent_output
 
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     name = f"race-{step}-{int(keep_alive)}"
     _slow_pod(tmp_path / "pods", name, keep_alive)
@@ -428,7 +429,7 @@ def test_a_batch_stopped_while_it_fills_its_slots_leaves_no_service(swarm, tmp_p
     """Four runs, two at a time: the batch is stopped once the second run's service exists."""
     from test_stop_race import InjectingRunner, StopInjector, agent_output
 
-    from cldpd_magic.dispatcher import Dispatcher
+    from cldpd_magic.runs.dispatcher import Dispatcher
 
     _slow_pod(tmp_path / "pods", "racers", False)
     issues = [f"https://github.com/octocat/Hello-World/issues/{n}" for n in range(1, 5)]

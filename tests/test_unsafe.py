@@ -35,8 +35,8 @@ from cldpd_magic import (
     PodConfigError,
     discover_pod,
 )
-from cldpd_magic.docker_containers import SECURITY_OPT
-from cldpd_magic.pods import (
+from cldpd_magic.engines.docker.containers import SECURITY_OPT
+from cldpd_magic.pods.pod import (
     ESCAPE_CAPABILITIES,
     SYSTEM_DIRS,
     Mount,

@@ -11,8 +11,9 @@ from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, write_pod
 
 from cldpd_magic import Dispatcher, PodConfigError, Usage, discover_pod
-from cldpd_magic.session import RunState, StopReason
-from cldpd_magic.usage import Limits, UsageMeter, estimate_cost, usage_from_transcript
+from cldpd_magic.events import RunState
+from cldpd_magic.runs.session import StopReason
+from cldpd_magic.runs.usage import Limits, UsageMeter, estimate_cost, usage_from_transcript
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
 

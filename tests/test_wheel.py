@@ -27,7 +27,7 @@ import pytest
 from fakes import ISSUE_URL as URL
 
 import cldpd_magic
-from cldpd_magic.scaffold import TEMPLATES_DIR
+from cldpd_magic.pods.scaffold import TEMPLATES_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 #: The template a new user tries first: the real CLI against the scripted model.
@@ -139,7 +139,7 @@ def scripted_model(fresh_venv, user, tmp_path) -> Iterator[str]:
     scenario = tmp_path / "scenario.json"
     scenario.write_text(json.dumps({"turns": [{"text": ANSWER}]}))
     server = subprocess.Popen(
-        [str(fresh_venv / "bin" / "python"), "-m", "cldpd_magic.testing", "serve",
+        [str(fresh_venv / "bin" / "python"), "-m", "cldpd_magic.model_server", "serve",
          "--host", "127.0.0.1", "--port", "0", "--scenario", str(scenario)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=user, cwd=user["HOME"],
     )  # fmt: skip

@@ -16,11 +16,13 @@ from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
 from html_safety import PAYLOADS, html_problems
 
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
-from cldpd_magic.dispatcher import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD, RunningPod
 from cldpd_magic.errors import SessionNotFoundError
-from cldpd_magic.render import SessionView
-from cldpd_magic.session import MASK, EventType, RunState, Session
-from cldpd_magic.widgets import Controls, PodControl, _Run
+from cldpd_magic.events import EventType, RunState
+from cldpd_magic.picker.widgets import Controls, PodControl, _Run
+from cldpd_magic.render.views import SessionView
+from cldpd_magic.runs.registry import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD, RunningPod
+from cldpd_magic.runs.session import Session
+from cldpd_magic.secrets import MASK
 
 SECRET = "s3cr3t-t0ken-value"
 #: The style attributes of the details pane.
@@ -554,7 +556,7 @@ def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, t
 def test_paths_show_as_a_person_writes_them(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from cldpd_magic.widgets import display_path
+    from cldpd_magic.picker.widgets import display_path
 
     monkeypatch.chdir(tmp_path)
     assert display_path(tmp_path / "pods" / "demo") == "pods/demo"

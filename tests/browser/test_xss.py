@@ -25,7 +25,7 @@ CORPUS_CELL = """\
 import base64, json
 from IPython.display import display
 from cldpd_magic.render import Report, SessionView, Table
-from cldpd_magic.session import Event, EventType
+from cldpd_magic.events import Event, EventType
 corpus = json.loads(base64.b64decode("{data}").decode())
 view = SessionView("xss-corpus", max_lines=100_000, transcript=corpus["payloads"][0])
 for kind, data in corpus["events"]:

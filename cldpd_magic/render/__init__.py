@@ -1,0 +1,32 @@
+"""Typed events to text and HTML: cleaning, the stream-json reader, Markdown, views,
+feeds, tables.
+"""
+
+from .clean import clean_text
+from .feeds import DEFAULT_FLUSH_INTERVAL, BatchFeed, LiveFeed, RunSource, TextFeed
+from .markdown import markdown_to_html
+from .stream import Line, StreamRenderer, render_output_line, render_stream_json
+from .tables import SELECTED_MARK, BatchView, Report, Table, run_name
+from .views import DEFAULT_MAX_LINES, RunLines, SessionView
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "DEFAULT_MAX_LINES",
+    "SELECTED_MARK",
+    "BatchFeed",
+    "BatchView",
+    "Line",
+    "LiveFeed",
+    "Report",
+    "RunLines",
+    "RunSource",
+    "SessionView",
+    "StreamRenderer",
+    "Table",
+    "TextFeed",
+    "clean_text",
+    "markdown_to_html",
+    "render_output_line",
+    "render_stream_json",
+    "run_name",
+]

@@ -1,0 +1,70 @@
+"""Cleaning text for a terminal or a page: escapes, controls, surrogates, bidi marks."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+#: Longest line shown in a cell; the transcript keeps the whole line.
+MAX_SHOWN_CHARS = 2000
+
+
+#: Terminal escape sequences (CSI, OSC, DCS/PM/APC strings, two-character escapes) and
+#: control characters other than tab and newline: what must never reach a terminal or a page.
+_TERMINAL_RE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[@-Z\\-_]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]"
+    r"|[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+#: Bidirectional overrides and isolates: they make a terminal show text in another order.
+_BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_text(text: str) -> str:
+    """Remove terminal escape sequences and control characters (tab and newline stay).
+
+    Agent output is hostile input: colours, cursor moves, window titles and clear-screen
+    sequences are dropped, so that what is shown is only the text. Bidirectional
+    overrides go too, and lone surrogates (which no page or terminal can encode) become
+    U+FFFD.
+    """
+    if not text:
+        return text
+    text = _BIDI_RE.sub("", _TERMINAL_RE.sub("", text))
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
+def _clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit:,} more characters in the transcript]"
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    first = text.strip().split("\n", 1)[0]
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (strings, null, bools, huge ints)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A scalar's one-line form, clipped."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return _first_line(text, limit)

@@ -1,0 +1,296 @@
+"""Feeds: a session's lines published to a cell a few times a second, or written as text."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from ..engines import Writer
+from ..events import Event, EventType
+from ..logs import log_swallowed
+from .tables import BatchView
+from .views import RunLines, SessionView
+
+if TYPE_CHECKING:
+    from ..runs import Session
+
+
+log = logging.getLogger(__package__)
+
+
+DEFAULT_FLUSH_INTERVAL = 0.25
+
+
+#: Line kinds a running text writes to stderr; the rest go to stdout.
+_NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
+
+
+class LiveFeed:
+    """Consumes a session's events in a worker thread and publishes its view, batched.
+
+    ``publish(view)`` runs at most once per ``interval`` while output flows, about once
+    a second while the agent is quiet (for the elapsed time), and once more at the end.
+    It runs on a worker thread, so it must write only through display handles,
+    ``Output.append_*`` or widget traits. That thread runs in a copy of the context
+    the feed was created in, so in a kernel its messages carry the parent header of
+    the cell that created the feed, whichever cell runs meanwhile.
+
+    Args:
+        session: The session to follow.
+        view: The view to fill.
+        publish: Called with the view when it should be shown again.
+        interval: Seconds between publications while output flows.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        view: SessionView,
+        publish: Callable[[SessionView], None],
+        interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        self.session = session
+        self.view = view
+        view.bind(session)
+        self.publish = publish
+        self.interval = max(0.02, float(interval))
+        self.publications = 0
+        self._consumed = threading.Event()
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True, name="cldpd-feed-read")
+        # The writer runs in a copy of the creator's context: a kernel keeps the parent
+        # message there, so updates stay tied to the cell that started the feed.
+        context = contextvars.copy_context()
+        self._writer = threading.Thread(
+            target=context.run, args=(self._write,), daemon=True, name="cldpd-feed-pub"
+        )
+        self._reader.start()
+        self._writer.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.session.events():
+                self.view.add(event)
+        except BaseException as exc:  # the feed must end even if a transcript read fails
+            log_swallowed(log, "reading the session's events failed", self.session.mask)
+            self.error = exc
+            self.view.fail(f"could not read the session's events: {exc}")
+        finally:
+            self._consumed.set()
+            self._wake.set()
+
+    def _publish(self) -> None:
+        try:
+            self.publish(self.view)
+            self.publications += 1
+        except Exception as exc:  # a frontend going away must not kill the feed
+            log_swallowed(log, "publishing the view failed", self.session.mask)
+            self.error = exc
+
+    def _write(self) -> None:
+        shown_version = -1
+        shown_second = -1
+        while not self._consumed.is_set():
+            self._wake.wait(self.interval)
+            if self._consumed.is_set():
+                break
+            second = int(self.view.elapsed())
+            if self.view.version != shown_version or second != shown_second:
+                shown_version, shown_second = self.view.version, second
+                self._publish()
+        self._publish()
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the final view has been published."""
+        return self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the final view is published; True if it was."""
+        return self._done.wait(timeout)
+
+
+class TextFeed:
+    """Writes a session's events as lines of text: the one text consumer of a run.
+
+    It serves the ``cldpd`` command and the blocking :meth:`Dispatcher.start` /
+    :meth:`Dispatcher.resume`. Its lines are those of :class:`SessionView` (one
+    :class:`RunLines`): the agent's output, rendered, goes to ``out``; its stderr and
+    cldpd's own notes (building, running in container ...) go to ``err``. The final
+    answer shows once, and secrets are masked after JSON decoding, so a secret written
+    with ``\\uXXXX`` escapes is masked too. The run's error is not written: ``wait()``
+    raises it.
+
+    Args:
+        session: The session to write.
+        out: Receives the agent's output lines (anything with ``write(str)``).
+        err: Receives stderr and notes; ``out`` when None.
+        raw: Write the agent's stdout and stderr lines verbatim (masked as raw text,
+            terminal escapes kept) instead of rendered.
+        verbose: Also write the image build log.
+        notes: Write cldpd's notes (building image ..., running in container ...).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        out: Writer,
+        err: Writer | None = None,
+        *,
+        raw: bool = False,
+        verbose: bool = False,
+        notes: bool = True,
+    ) -> None:
+        self.session = session
+        self.out = out
+        self.err = err if err is not None else out
+        self.raw = raw
+        self.verbose = verbose
+        self.notes = notes
+        self.model = RunLines(session.mask, session.kind)
+
+    def write(self, events: Iterable[Event]) -> None:
+        """Write a batch of events (one write per stream)."""
+        shown: list[str] = []
+        noted: list[str] = []
+        for event in events:
+            if self.raw and event.type is EventType.OUTPUT:
+                shown.append(event.data)
+                continue
+            if self.raw and event.type is EventType.STDERR:
+                noted.append(event.data)
+                continue
+            for line in self.model.lines(event):
+                if not self._wanted(line.kind):
+                    continue
+                (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
+        if shown:
+            self.out.write("\n".join(shown) + "\n")
+        if noted:
+            self.err.write("\n".join(noted) + "\n")
+
+    def _wanted(self, kind: str) -> bool:
+        if kind == "error":
+            return False
+        if kind in ("status", "build"):
+            return self.notes
+        return kind != "build_log" or (self.verbose and self.notes)
+
+    def follow(self) -> None:
+        """Write every event of the session, from the first, until it ends."""
+        for batch in self.session.event_batches():
+            self.write(batch)
+
+
+class RunSource:
+    """What :class:`BatchFeed` follows: a batch's runs, which may grow, and whether it is done.
+
+    A :class:`~cldpd_magic.runs.Batch` is one; so is any object with ``runs`` (a list of
+    sessions) and ``done``.
+    """
+
+    runs: list[Session]
+    done: bool
+
+
+class BatchFeed:
+    """Follows every run of a batch in worker threads and publishes its view, batched.
+
+    One reader thread per run takes its events into the :class:`BatchView`; one writer
+    thread publishes the whole view at most once per ``interval`` while output flows and
+    about once a second while the runs are quiet, and once more at the end. So a batch of
+    fifty runs sends no more frontend messages per second than one :class:`LiveFeed`.
+    Like LiveFeed, the writer runs in a copy of the context the feed was created in, so
+    in a kernel its messages stay tied to the cell that created the feed.
+
+    Args:
+        batch: The batch to follow (``runs`` and ``done``; runs may be added while it runs).
+        view: The view to fill.
+        publish: Called with the view when it should be shown again.
+        interval: Seconds between publications while output flows.
+    """
+
+    def __init__(
+        self,
+        batch: RunSource,
+        view: BatchView,
+        publish: Callable[[BatchView], None],
+        interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        self.batch = batch
+        self.view = view
+        state_of = getattr(batch, "state_of", None)
+        if callable(state_of) and view.is_queued is None:
+            view.is_queued = lambda session: state_of(batch.runs.index(session)) == "queued"
+        self.publish = publish
+        self.interval = max(0.02, float(interval))
+        self.publications = 0
+        self.error: BaseException | None = None
+        self._readers: list[threading.Thread] = []
+        self._done = threading.Event()
+        context = contextvars.copy_context()  # see LiveFeed: updates stay in their cell
+        self._writer = threading.Thread(
+            target=context.run, args=(self._write,), daemon=True, name="cldpd-batch-pub"
+        )
+        self._writer.start()
+
+    def _follow_new_runs(self) -> bool:
+        """Start a reader for each run not followed yet; True when the batch is complete."""
+        done = bool(self.batch.done)  # read first: the runs of a done batch are final
+        for session in list(self.batch.runs):
+            if self.view.track(session):
+                reader = threading.Thread(
+                    target=self._read, args=(session,), daemon=True, name="cldpd-batch-read"
+                )
+                self._readers.append(reader)
+                reader.start()
+        return done
+
+    def _read(self, session: Session) -> None:
+        row = self.view.row(session)
+        try:
+            for events in session.event_batches():
+                for event in events:
+                    row.add(event)
+        except BaseException as exc:  # the feed must end even if a transcript read fails
+            log_swallowed(log, "reading a batch run's events failed", session.mask)
+            self.error = exc
+            row.fail(f"could not read the session's events: {exc}")
+
+    def _publish(self) -> None:
+        try:
+            self.publish(self.view)
+            self.publications += 1
+        except Exception as exc:  # a frontend going away must not kill the feed
+            log_swallowed(log, "publishing the batch view failed")
+            self.error = exc
+
+    def _write(self) -> None:
+        shown: tuple[int, int] = (-1, -1)
+        while True:
+            complete = self._follow_new_runs()
+            if complete and not any(r.is_alive() for r in self._readers):
+                break
+            state = (self.view.version, self.view.elapsed_second())
+            if state != shown:
+                shown = state
+                self._publish()
+            time.sleep(self.interval)  # one publication per interval, however many runs
+        self._publish()
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the final view has been published."""
+        return self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the final view is published; True if it was."""
+        return self._done.wait(timeout)
