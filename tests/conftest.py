@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_PODS = REPO / "examples" / "pods"
 
 
+#: Fixtures that reach the real engine: a test using one, directly or through another
+#: fixture, is marked ``docker`` (so ``scripts/test --fast`` never collects it).
+ENGINE_FIXTURES = frozenset({"docker_client", "build_containers"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses an engine fixture as a docker test."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
+
+
 def _docker_client():
     import docker
 

@@ -71,6 +71,7 @@ def source_templates() -> dict[str, bytes]:
     }
 
 
+@pytest.mark.wheel  # builds with pip in an isolated environment, which fetches from PyPI
 def test_the_wheel_holds_every_template_file_and_no_test_or_notebook(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
