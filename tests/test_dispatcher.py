@@ -24,8 +24,9 @@ from cldpd_magic import (
     Runner,
     SessionNotFoundError,
 )
+from cldpd_magic.pods import Pod, PodConfig
 from cldpd_magic.runs.agent import MAX_ARGUMENT_BYTES, MAX_COMMAND_LINE_BYTES
-from cldpd_magic.runs.jobs import IDLE_COMMAND
+from cldpd_magic.runs.jobs import IDLE_COMMAND, RunJobs
 from cldpd_magic.runs.registry import (
     LABEL_CLAUDE_SESSION,
     LABEL_KEEP_ALIVE,
@@ -676,3 +677,76 @@ def test_a_resume_prompt_the_kernel_would_refuse_is_one_sentence(dispatcher, run
         dispatcher.resume_session("p", "é" * (MAX_ARGUMENT_BYTES // 2 + 1))
     assert runner.execs == []
     assert dispatcher.resume_session("p", "é" * (MAX_ARGUMENT_BYTES // 2)).wait(10) == 0
+
+
+# -- RunJobs: one build lock per image, while builds of it are under way -------------------
+
+
+class _HeldBuilds:
+    """A runner whose builds wait for ``release``; a tag in ``failing`` then fails."""
+
+    def __init__(self) -> None:
+        self.entered: list[str] = []
+        self.release = threading.Event()
+        self.failing: set[str] = set()
+
+    def build(self, tag, context_dir, build_args=None, on_output=None, cancel=None, engine=""):
+        self.entered.append(tag)
+        assert self.release.wait(30)
+        if tag in self.failing:
+            raise BuildFailedError(f"Building image {tag} failed: on purpose")
+
+
+class _Ctl:
+    """What RunJobs.build asks of a session's control."""
+
+    cancelled = threading.Event()
+
+    def check_cancelled(self) -> None:
+        pass
+
+    def emit(self, *_args) -> None:
+        pass
+
+
+def _pod(tmp_path, image: str) -> Pod:
+    return Pod(image, tmp_path, tmp_path / "Dockerfile", PodConfig(image=image))
+
+
+def _users(jobs: RunJobs, image: str) -> int:
+    entry = jobs._build_locks.get(image)
+    return 0 if entry is None else entry.users
+
+
+def test_builds_of_one_image_take_turns_and_leave_no_lock_behind(tmp_path):
+    builds = _HeldBuilds()
+    jobs = RunJobs(builds)
+    pod = _pod(tmp_path, "one")
+    threads = [threading.Thread(target=jobs.build, args=(pod, _Ctl())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in range(3000):  # until all three hold or wait for the image's lock
+        if _users(jobs, "one") == 3:
+            break
+        threading.Event().wait(0.01)
+    # The control: while the builds are under way the map holds the image, with its users.
+    assert list(jobs._build_locks) == ["one"] and _users(jobs, "one") == 3
+    assert builds.entered == ["one"]  # the others wait: one build at a time
+    builds.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert builds.entered == ["one"] * 3
+    assert jobs._build_locks == {}
+
+
+def test_a_build_lock_goes_with_its_last_build_failed_or_not(tmp_path):
+    builds = _HeldBuilds()
+    builds.release.set()
+    builds.failing = {"bad"}
+    jobs = RunJobs(builds)
+    for i in range(50):
+        jobs.build(_pod(tmp_path, f"image{i}"), _Ctl())
+    with pytest.raises(BuildFailedError):
+        jobs.build(_pod(tmp_path, "bad"), _Ctl())
+    assert builds.entered[-1] == "bad" and len(builds.entered) == 51
+    assert jobs._build_locks == {}

@@ -3,9 +3,10 @@ keepAlive), exec a resume, follow an attached container, and clean up after a ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..engines import ContainerInfo, ExecHandle, Runner, RunOptions
 from ..events import EventType
@@ -24,6 +25,14 @@ IDLE_COMMAND = ["sh", "-c", "trap 'exit 0' INT TERM; while :; do sleep 3600 & wa
 Brokered = list[tuple[str, str, str]]
 
 
+@dataclasses.dataclass
+class _BuildLock:
+    """The lock of one image's builds, and how many builds hold or wait for it."""
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class RunJobs:
     """Makes the jobs of a dispatcher's sessions, on one runner.
 
@@ -34,14 +43,29 @@ class RunJobs:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self._lock = threading.Lock()
-        self._build_locks: dict[str, threading.Lock] = {}
+        # An image's entry lives while a build of it holds or waits for its lock: the
+        # last one out removes it, so the map never outlives the builds under way.
+        self._build_locks: dict[str, _BuildLock] = {}
         self._egress: dict[str, EgressGuard] = {}
+
+    @contextlib.contextmanager
+    def _image_lock(self, image: str) -> Iterator[None]:
+        """Hold the build lock of ``image``; it is forgotten when its last user is done."""
+        with self._lock:
+            entry = self._build_locks.setdefault(image, _BuildLock())
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._build_locks[image]
 
     def build(self, pod: Pod, ctl: SessionControl) -> None:
         """Build the pod's image; runs of one image build one at a time (the rest hit the cache)."""
-        with self._lock:
-            lock = self._build_locks.setdefault(pod.image, threading.Lock())
-        with lock:
+        with self._image_lock(pod.image):
             ctl.check_cancelled()
             self.runner.build(
                 pod.image,
