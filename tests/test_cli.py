@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from fakes import ISSUE_URL as URL
+from fakes import FakeRunner
 
+from cldpd_magic import cli
 from cldpd_magic.cli import build_parser, main
 from cldpd_magic.runs.dispatcher import Dispatcher
+from cldpd_magic.runs.registry import LABEL_POD
 
 CLDPD = [sys.executable, "-m", "cldpd_magic.cli"]
 
@@ -85,12 +88,17 @@ def test_bad_url_is_refused(pods_dir, make_pod, capsys):
     assert "is not an issue URL" in capsys.readouterr().err
 
 
-def test_list_shows_pods_and_broken_ones(pods_dir, make_pod, capsys):
+def test_list_shows_pods_and_broken_ones(pods_dir, make_pod, capsys, monkeypatch, tmp_path):
+    runner = FakeRunner()  # the engine's answer: one run of the good pod
+    monkeypatch.setattr(
+        cli, "Dispatcher", lambda pods_dir, engines: Dispatcher(pods_dir, runner, tmp_path)
+    )
     good = make_pod("echo hi")
     bad = make_pod("echo hi", pod_json="{nope")
+    runner.add_container(f"cldpd-{good}", {LABEL_POD: good})
     assert main(["--pods-dir", str(pods_dir), "list"]) == 0
     out = capsys.readouterr().out
-    assert f"{good}  cldpd-{good}" in out
+    assert re.search(rf"^{good}  cldpd-{good}  {good}  running$", out, re.MULTILINE), out
     assert bad in out and "malformed JSON at line 1, column 2" in out
 
 
