@@ -20,13 +20,11 @@ from cldpd_magic import (
     discover_all,
     discover_pod,
 )
-from cldpd_magic.pods.pod import (
+from cldpd_magic.pods import Resources, parse_memory, scan_pods
+from cldpd_magic.pods.model import (
     IMAGE_REFERENCE_RE,
     MAX_POD_NAME_LENGTH,
     MAX_REPOSITORY_LENGTH,
-    Resources,
-    parse_memory,
-    scan_pods,
 )
 
 

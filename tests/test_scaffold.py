@@ -19,8 +19,7 @@ from traitlets.config import Config
 
 import cldpd_magic
 from cldpd_magic.errors import InvalidPodError, InvalidRequestError
-from cldpd_magic.pods import scaffold
-from cldpd_magic.pods.pod import discover_pod
+from cldpd_magic.pods import discover_pod, scaffold
 from cldpd_magic.pods.scaffold import TEMPLATES_DIR, create_pod, get_template, template_names
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,14 +36,8 @@ from cldpd_magic import (
     discover_pod,
 )
 from cldpd_magic.engines.docker.containers import SECURITY_OPT
-from cldpd_magic.pods.pod import (
-    ESCAPE_CAPABILITIES,
-    SYSTEM_DIRS,
-    Mount,
-    check_unsafe,
-    mount_danger,
-    parse_pod_config,
-)
+from cldpd_magic.pods import Mount, check_unsafe, mount_danger, parse_pod_config
+from cldpd_magic.pods.unsafe import ESCAPE_CAPABILITIES, SYSTEM_DIRS
 
 BASE_IMAGE = "busybox:latest"
 SOCKET = os.path.realpath("/var/run/docker.sock")

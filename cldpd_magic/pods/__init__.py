@@ -1,25 +1,24 @@
-"""What a pod is: the model, pod.json (network, credentials too), discovery, templates."""
+"""What a pod is: the model, pod.json (network, credentials too), discovery, templates.
 
-from .pod import (
+``model`` (Pod, PodConfig, Mount, Resources, names and images), ``config`` (pod.json, a
+parser per key), ``unsafe`` (the dangers pod.json may only waive), ``policy`` (network
+allowlists and credentials), ``discovery`` (pods in a directory), ``scaffold`` (new pods
+from templates).
+"""
+
+from .config import json_type, parse_memory, parse_pod_config, validate_image
+from .discovery import discover_all, discover_pod, scan_pods
+from .model import (
     Mount,
     Pod,
     PodConfig,
     Resources,
-    check_unsafe,
     container_name,
     default_image,
     default_pods_dir,
-    discover_all,
-    discover_pod,
     is_valid_pod_name,
-    json_type,
-    mount_danger,
-    parse_memory,
-    parse_pod_config,
     pod_name_problem,
     resolve_source,
-    scan_pods,
-    validate_image,
     validate_pod_name,
 )
 from .policy import (
@@ -43,6 +42,7 @@ from .scaffold import (
     list_templates,
     template_names,
 )
+from .unsafe import check_unsafe, mount_danger
 
 __all__ = [
     "CREDENTIAL_KINDS",

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError, PodConfigError
 from ..secrets import looks_secret
-from .pod import default_pods_dir, parse_pod_config, validate_pod_name
+from .config import parse_pod_config
+from .model import default_pods_dir, validate_pod_name
 
 #: Where the templates are, inside the installed package.
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"
