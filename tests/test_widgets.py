@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import html
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,7 +21,8 @@ from html_safety import PAYLOADS, html_problems
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
 from cldpd_magic.errors import SessionNotFoundError
 from cldpd_magic.events import EventType, RunState
-from cldpd_magic.picker.widgets import Controls, PodControl, _Run
+from cldpd_magic.picker import Controls, PodControl
+from cldpd_magic.picker.state import FollowedRun
 from cldpd_magic.render.views import SessionView
 from cldpd_magic.runs.registry import LABEL_CLAUDE_SESSION, LABEL_KEEP_ALIVE, LABEL_POD, RunningPod
 from cldpd_magic.runs.session import Session
@@ -556,7 +560,7 @@ def test_docker_pod_running_before_the_picker_opened(make_pod, real, pods_dir, t
 def test_paths_show_as_a_person_writes_them(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from cldpd_magic.picker.widgets import display_path
+    from cldpd_magic.picker.details import display_path
 
     monkeypatch.chdir(tmp_path)
     assert display_path(tmp_path / "pods" / "demo") == "pods/demo"
@@ -582,8 +586,8 @@ def held_session(transcript_dir: Path, kind: str = "start") -> tuple[Session, th
     return session, release
 
 
-def followed(session: Session) -> _Run:
-    return _Run(session, SessionView("p", session=session))
+def followed(session: Session) -> FollowedRun:
+    return FollowedRun(session, SessionView("p", session=session))
 
 
 def test_controls_follow_the_sessions_state(transcript_dir):
@@ -640,3 +644,41 @@ def test_a_look_up_shows_a_pod_started_elsewhere_unless_the_picker_knows_better(
     control.begin_stop()
     control.stop_done()
     assert control.status_text() == "p: stopped" and control.outside is None
+
+
+# -- what is free of ipywidgets ------------------------------------------------------------
+
+PICKER = Path(__file__).resolve().parent.parent / "cldpd_magic" / "picker"
+#: What the picker knows and does, and the details pane: none of them imports ipywidgets.
+WIDGET_FREE = ("state", "actions", "details")
+
+
+def test_state_actions_and_details_import_no_ipywidgets():
+    for name in WIDGET_FREE:
+        tree = ast.parse((PICKER / f"{name}.py").read_text(encoding="utf-8"))
+        imported = [
+            alias.name if isinstance(node, ast.Import) else node.module or ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        ]
+        assert not [n for n in imported if n.split(".")[0] == "ipywidgets"], name
+    # At run time too, through everything they import: with ipywidgets made unimportable,
+    # they load and work; the layout, the control, cannot.
+    code = (
+        "import sys\n"
+        "sys.modules['ipywidgets'] = None\n"
+        "from cldpd_magic.picker import Controls, PodActions, PodControl, pod_details_html\n"
+        "import cldpd_magic.picker.state, cldpd_magic.picker.actions, cldpd_magic.picker.details\n"
+        "control = PodControl('p', None, None)\n"
+        "print(control.controls(True), control.status_text())\n"
+        "try:\n"
+        "    from cldpd_magic.picker import PodPicker\n"
+        "except ImportError:\n"
+        "    print('the layout needs ipywidgets')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "Controls(start=False, resume=False, stop=False, attach=False) p: not running",
+        "the layout needs ipywidgets",
+    ]

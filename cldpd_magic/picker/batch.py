@@ -1,0 +1,153 @@
+"""A batch in widgets: its live table over the chosen run's output; stop one run or all."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import ipywidgets as widgets
+
+from ..render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, BatchFeed, BatchView
+from ..runs import Session
+from ._tree import close_tree
+from .actions import Workers
+
+
+class BatchPanel:
+    """A batch in widgets: its live table over the selected run's output; stop one or all.
+
+    One Output holds one display entry, the whole :class:`~cldpd_magic.render.BatchView`
+    (a row per run, then the selected run's status and tail), replaced by assigning the
+    ``outputs`` trait at each batched publication of a
+    :class:`~cldpd_magic.render.BatchFeed`: a batch of any size sends one update per
+    interval, as one run does. Choosing a run in the dropdown shows its output at once.
+
+    Args:
+        batch: The batch (a :class:`~cldpd_magic.runs.Batch`, or anything with ``runs``,
+            ``done`` and ``stop()``).
+        title: What the summary line names.
+        max_lines: Lines each run's tail keeps.
+        interval: Seconds between batched updates while output flows.
+        stop_timeout: Seconds a stopped run gets before it is killed.
+
+    Attributes:
+        batch: The batch.
+        view: What is shown.
+        feed: Follows the runs and publishes the view.
+        run_select: The run whose output shows.
+        stop_button: Stops the selected run.
+        stop_all_button: Stops the batch: no new run starts, running ones stop.
+        output: The table and the selected run's output.
+        notice: Messages about the batch as a whole.
+        widget: The top-level widget.
+    """
+
+    def __init__(
+        self,
+        batch: Any,
+        *,
+        title: str = "batch",
+        max_lines: int = DEFAULT_MAX_LINES,
+        interval: float = DEFAULT_FLUSH_INTERVAL,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.batch = batch
+        self.stop_timeout = stop_timeout
+        self.view = BatchView(title, max_lines)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._updating = False
+        self._workers = Workers(self._set_notice)
+        self.run_select = widgets.Dropdown(options=[], description="run")
+        self.stop_button = widgets.Button(description="Stop run", icon="stop")
+        self.stop_all_button = widgets.Button(
+            description="Stop all", icon="stop", button_style="danger"
+        )
+        self.output = widgets.Output(layout=widgets.Layout(border="1px solid #e0e0e0"))
+        self.notice = widgets.Label(value="")
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.run_select, self.stop_button, self.stop_all_button]),
+                self.output,
+                self.notice,
+            ]
+        )
+        self.run_select.observe(self._on_select, names="value")
+        self.stop_button.on_click(self._on_stop)
+        self.stop_all_button.on_click(self._on_stop_all)
+        self.feed = BatchFeed(batch, self.view, self._publish, interval)
+
+    def _set_notice(self, text: str) -> None:
+        if not self._closed:
+            self.notice.value = text
+
+    def _session(self, run: str) -> Session | None:
+        return next((r.session for r in self.view.rows() if r.title == run), None)
+
+    def _on_select(self, change: dict[str, Any]) -> None:
+        if not self._updating:
+            self.view.select(change["new"] or "")
+            self._publish(self.view)
+
+    def _on_stop(self, _button: Any = None) -> None:
+        session = self._session(self.run_select.value or "")
+        if session is None or session.done:
+            return
+        self._set_notice(f"stopping {self.run_select.value}…")
+        self._workers.spawn(self._stop_worker, session)
+
+    def _stop_worker(self, session: Session) -> None:
+        session.stop(self.stop_timeout)
+        self._set_notice("")
+
+    def _on_stop_all(self, _button: Any = None) -> None:
+        self.stop_all_button.disabled = True
+        self._set_notice("stopping the batch…")
+        self._workers.spawn(self._stop_all_worker)
+
+    def _stop_all_worker(self) -> None:
+        self.batch.stop()
+        self._set_notice("")
+
+    def _publish(self, view: BatchView) -> None:
+        entry = {"output_type": "display_data", "data": view.bundle(), "metadata": {}}
+        names = view.run_names()
+        with self._lock:
+            if self._closed:
+                return
+            if list(self.run_select.options) != names:
+                self._updating = True
+                try:
+                    self.run_select.options = names
+                    self.run_select.value = view.selected if view.selected in names else None
+                finally:
+                    self._updating = False
+            self.output.outputs = (entry,)
+            if self._ended(view):
+                self.stop_button.disabled = self.stop_all_button.disabled = True
+
+    def _ended(self, view: BatchView) -> bool:
+        return bool(self.batch.done) and view.finished
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the batch's final view is shown and stops asked for are done."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.feed.join(timeout):
+            return False
+        return self._workers.join(None if deadline is None else deadline - time.monotonic())
+
+    def __repr__(self) -> str:
+        return self.view.text()
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        render = self.widget._repr_mimebundle_
+        bundle = dict(render(**kwargs) or {}) if render else {}
+        bundle["text/plain"] = repr(self)
+        return bundle
+
+    def close(self) -> None:
+        """Stop showing the batch and close the widgets; its runs go on."""
+        with self._lock:
+            self._closed = True
+            close_tree(self.widget)
