@@ -8,6 +8,10 @@ import shlex
 
 from .errors import InvalidRequestError
 
+#: The help of a positional RUN: ``cldpd resume`` and ``stop``, ``%cldpd_resume``,
+#: ``%cldpd_attach`` and ``%cldpd_stop``.
+RUN_HELP = "a run, or a pod with one run"
+
 
 def non_negative(text: str) -> float:
     """A number of seconds or dollars: finite and not negative."""

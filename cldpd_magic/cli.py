@@ -23,10 +23,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
-from .arguments import non_negative, parse_variant
+from .arguments import RUN_HELP, non_negative, parse_variant
 from .errors import CldpdError, DockerUnavailableError, one_line
 from .events import Event
 from .logs import disable_logging, enable_logging, log_swallowed, parse_level
@@ -43,6 +43,9 @@ from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_
 from .runs import LABEL_POD, Dispatcher, RunningPod, Session, SessionKind, validate_issue_url
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 EPILOG = """examples:
@@ -71,6 +74,9 @@ STOP_TIMEOUT = 10.0
 _REPEAT_WINDOW = 0.25
 
 
+PODS_DIR_HELP = "the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cldpd`` command."""
     parser = argparse.ArgumentParser(
@@ -79,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pods_dir_help = "the pods directory (default: $CLDPD_PODS_DIR or ~/.cldpd/pods)"
-    parser.add_argument("--pods-dir", help=pods_dir_help)
+    parser.add_argument("--pods-dir", help=PODS_DIR_HELP)
     parser.add_argument(
         "--engine",
         action="append",
@@ -97,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(same as CLDPD_LOG=debug)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_init, _add_start, _add_resume, _add_stop, _add_list, _add_batch):
+        add(sub)
+    return parser
+
+
+def _add_init(sub: Subparsers) -> None:
     init = sub.add_parser("init", help="write a new pod from a template into the pods directory")
     init.add_argument("pod", help="the new pod's name")
     init.add_argument(
@@ -104,27 +115,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TEMPLATE,
         help=f"the template: {', '.join(template_names())} (default: {DEFAULT_TEMPLATE})",
     )
-    init.add_argument("--pods-dir", default=argparse.SUPPRESS, help=pods_dir_help)
+    init.add_argument("--pods-dir", default=argparse.SUPPRESS, help=PODS_DIR_HELP)
+
+
+def _add_output_options(command: argparse.ArgumentParser) -> None:
+    """The options of a command that follows a run: --raw and -v."""
+    command.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the agent's stdout and stderr lines verbatim, terminal escape "
+        "sequences included (by default they are rendered and escapes are dropped)",
+    )
+    command.add_argument("-v", "--verbose", action="store_true", help="show the image build log")
+
+
+def _add_start(sub: Subparsers) -> None:
     start = sub.add_parser("start", help="build a pod and run its agent on a GitHub issue")
     start.add_argument("pod")
     start.add_argument("--issue", required=True, metavar="URL", help="the GitHub issue URL")
+    _add_output_options(start)
+
+
+def _add_resume(sub: Subparsers) -> None:
     resume = sub.add_parser("resume", help="send a follow-up prompt to a running pod")
-    resume.add_argument("pod")
+    resume.add_argument("run", metavar="RUN", help=RUN_HELP)
     resume.add_argument("--prompt", required=True, help="the follow-up prompt")
-    for command in (start, resume):
-        command.add_argument(
-            "--raw",
-            action="store_true",
-            help="print the agent's stdout and stderr lines verbatim, terminal escape "
-            "sequences included (by default they are rendered and escapes are dropped)",
-        )
-        command.add_argument(
-            "-v", "--verbose", action="store_true", help="show the image build log"
-        )
+    _add_output_options(resume)
+
+
+def _add_stop(sub: Subparsers) -> None:
     stop = sub.add_parser("stop", help="stop a running pod gracefully")
-    stop.add_argument("pod")
+    stop.add_argument("run", metavar="RUN", help=RUN_HELP)
     stop.add_argument("--timeout", type=non_negative, default=10.0, help="seconds before a kill")
+
+
+def _add_list(sub: Subparsers) -> None:
     sub.add_parser("list", help="list pods and their runs")
+
+
+def _add_batch(sub: Subparsers) -> None:
     batch = sub.add_parser(
         "batch",
         help="run pods on several issues at once: a line per run's change, results at the end",
@@ -151,7 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=non_negative, metavar="USD",
         help="the batch's budget in US dollars: past it no run starts and running ones stop",
     )  # fmt: skip
-    return parser
 
 
 def _say(stream: TextIO, text: str) -> None:
@@ -331,7 +359,7 @@ def _run(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: Tex
             if args.command == "start":
                 session = dispatcher.start_session(args.pod, args.issue)
             else:
-                session = dispatcher.resume_session(args.pod, args.prompt)
+                session = dispatcher.resume_session(args.run, args.prompt)
             signals.raising = False
         except _Interrupted as exc:
             for started in dispatcher.local_sessions(active=True):
@@ -444,14 +472,14 @@ def _batch(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: T
 
 
 def _stop(dispatcher: Dispatcher, args: argparse.Namespace, err: TextIO) -> int:
-    validate_pod_name(args.pod)
+    validate_pod_name(args.run)
     dispatcher.runner.preflight()
-    run = dispatcher.resolve_run(args.pod, "stop")
+    run = dispatcher.resolve_run(args.run, "stop")
     info = dispatcher.runner.inspect(container_name(run))
     running = info is not None and info.running
     if info is not None:
         dispatcher.stop(run, args.timeout)  # an ended container is removed too
-    pod = info.labels.get(LABEL_POD, args.pod) if info is not None else args.pod
+    pod = info.labels.get(LABEL_POD, args.run) if info is not None else args.run
     what = f"pod {pod}" if run == pod else f"run {run} of pod {pod}"
     if not running:
         _say(err, f"cldpd: {what} is not running; nothing to stop\n")

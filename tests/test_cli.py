@@ -75,6 +75,18 @@ def test_parser_needs_issue_for_start():
         build_parser().parse_args(["start", "pod"])
 
 
+def test_resume_and_stop_take_a_run(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["resume", "p-2", "--prompt", "go"]).run == "p-2"
+    assert parser.parse_args(["stop", "p"]).run == "p"
+    assert parser.parse_args(["start", "p", "--issue", URL]).pod == "p"  # a pod, not a run
+    for command in ("resume", "stop"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        shown = capsys.readouterr().out
+        assert "RUN" in shown and "a run, or a pod with one run" in shown
+
+
 def test_unknown_pod_is_one_line_on_stderr(pods_dir, capsys):
     assert main(["--pods-dir", str(pods_dir), "start", "nope", "--issue", URL]) == 1
     err = capsys.readouterr().err

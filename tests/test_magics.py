@@ -21,11 +21,13 @@ from IPython.utils.capture import capture_output
 from traitlets import TraitError
 from traitlets.config import Config
 
+from cldpd_magic.arguments import RUN_HELP
 from cldpd_magic.errors import DockerUnavailableError
 from cldpd_magic.magics.run import (
     CldpdMagics,
     HideFollowedResult,
     keep_question_marks,
+    positional_names,
     split_prompt,
 )
 from cldpd_magic.runs.registry import LABEL_CLAUDE_SESSION, LABEL_POD, LABEL_SESSION
@@ -141,7 +143,7 @@ def test_split_prompt_keeps_the_prompt_verbatim(line, expected):
 @pytest.mark.parametrize(
     ("line", "match"),
     [
-        ("", "Name the pod"),
+        ("", "Name the run"),
         ("-x pod hi", "Unknown option -x"),
         ("pod", "The prompt is empty"),
         ("pod ''", "The prompt is empty"),
@@ -472,6 +474,15 @@ def test_pod_names_complete_after_pod_magics(ip, make_pod, tmp_path):
     assert "alpha" not in completions(ip, "%cldpd_start alpha ")
     assert "alpha" not in completions(ip, "%cldpd_pods ")
     assert "%cldpd_start" in completions(ip, "%cldpd_sta")
+
+
+def test_resume_attach_and_stop_take_a_run(ip):
+    magics = magics_of(ip)
+    for name in ("cldpd_resume", "cldpd_attach", "cldpd_stop"):
+        parser = getattr(magics, name).parser
+        assert positional_names(parser)[0] == "run", name
+        assert "RUN" in parser.format_usage() and RUN_HELP in parser.format_help(), name
+    assert positional_names(magics.cldpd_start.parser)[0] == "pod"  # the control: a pod
 
 
 def test_the_completer_reads_each_magics_parser(ip, make_pod, tmp_path):

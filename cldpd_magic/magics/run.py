@@ -23,7 +23,7 @@ extension): stop them first with ``%cldpd_stop`` if they should end.
 
 Each magic has one argparse parser, the one its help (``%cldpd_start?``) shows: it parses
 the magic's options, and the completer reads its options and positions from it. A prompt
-is the verbatim rest of the line after the parsed ``[options] POD``.
+is the verbatim rest of the line after the parsed ``[options] RUN``.
 
 ``%config CldpdMagics.log_level = "DEBUG"`` logs what the package does, and every error it
 swallows with its traceback (masked), to the kernel's stderr: the terminal that runs
@@ -53,7 +53,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import CaselessStrEnum, Float, Integer, List, Unicode, observe
 
-from ..arguments import non_negative
+from ..arguments import RUN_HELP, non_negative
 from ..engines import MultiEngineRunner, Runner
 from ..errors import one_line
 from ..logs import LEVELS, disable_logging, enable_logging, log_swallowed
@@ -76,21 +76,23 @@ from .support import (
 
 #: Magics that follow a run in their cell; a bare blocking call leaves no result under it.
 FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach", "cldpd_batch"})
-#: Magics whose first positional argument is a pod name (completed with Tab).
+#: Magics whose first positional argument is a pod, or a run (completed with Tab).
 POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
+#: The positional argument the completer fills: a pod (start) or a run (the others).
+NAME_ARGUMENTS = ("pod", "run")
 logger = logging.getLogger(__package__)
 
 
 def split_prompt(line: str) -> tuple[bool, str, str]:
-    """Split ``%cldpd_resume``'s ``[-b] POD PROMPT...`` into (background, pod, prompt).
+    """Split ``%cldpd_resume``'s ``[-b] RUN PROMPT...`` into (background, run, prompt).
 
     The prompt is verbatim (see :func:`parse_verbatim`).
 
     Raises:
-        UsageError: An unknown option, or no pod name.
+        UsageError: An unknown option, or no run.
     """
     args = parse_verbatim(CldpdMagics.cldpd_resume, line)
-    return args.background, args.pod, args.prompt
+    return args.background, args.run, args.prompt
 
 
 @magics_class
@@ -312,8 +314,9 @@ class CldpdMagics(Magics):
             return nothing
         parser = getattr(self, name).parser
         found = scan_arguments(parser, before, strict=False)
-        pod_position = positional_names(parser).index("pod")
-        if found.pending is not None or len(found.positionals) != pod_position:
+        names = positional_names(parser)
+        position = next(i for i, n in enumerate(names) if n in NAME_ARGUMENTS)
+        if found.pending is not None or len(found.positionals) != position:
             return nothing
         try:
             pods_dir = unquote(found.values.get("pods_dir", "")) or None
@@ -347,7 +350,7 @@ class CldpdMagics(Magics):
 
     @magic_arguments()
     @BACKGROUND
-    @argument("pod", help="the running pod")
+    @argument("run", metavar="RUN", help=RUN_HELP)
     @argument(
         "prompt", nargs="*",
         help="the follow-up prompt, verbatim to the end of the line (no $var or {x} "
@@ -358,29 +361,29 @@ class CldpdMagics(Magics):
     def cldpd_resume(self, line: str, cell: str | None = None) -> Session:
         """Send a follow-up prompt to a running pod, streaming the answer into this cell.
 
-        ``%cldpd_resume [-b] POD PROMPT...`` takes the rest of the line as the prompt;
-        ``%%cldpd_resume [-b] POD`` takes the cell body. Blocks until the agent answers
-        unless -b is given; interrupting the kernel ends the agent's turn, then stops the
-        pod. Returns the Session.
+        ``%cldpd_resume [-b] RUN PROMPT...`` takes the rest of the line as the prompt;
+        ``%%cldpd_resume [-b] RUN`` takes the cell body; RUN is a run, or a pod with one
+        run. Blocks until the agent answers unless -b is given; interrupting the kernel
+        ends the agent's turn, then stops the pod. Returns the Session.
         """
         args = parse_verbatim(self.cldpd_resume, line)
-        background, pod, prompt = args.background, args.pod, args.prompt
+        background, run, prompt = args.background, args.run, args.prompt
         if cell is not None:
             if prompt:
                 raise UsageError(
-                    "With %%cldpd_resume the prompt is the cell body; leave the line at [-b] POD."
+                    "With %%cldpd_resume the prompt is the cell body; leave the line at [-b] RUN."
                 )
             prompt = cell.strip("\n")
         if not prompt.strip():
-            raise UsageError(f"The prompt is empty; say what pod {pod} should do next.")
+            raise UsageError(f"The prompt is empty; say what pod {run} should do next.")
         with user_errors():
-            session = self.dispatcher.resume_session(pod, prompt)
+            session = self.dispatcher.resume_session(run, prompt)
         first = prompt.strip().splitlines()[0]
-        return self._follow(session, f"{pod} resume", background, note=f"prompt: {first}")
+        return self._follow(session, f"{run} resume", background, note=f"prompt: {first}")
 
     @magic_arguments()
     @BACKGROUND
-    @argument("pod", help="the running pod")
+    @argument("run", metavar="RUN", help=RUN_HELP)
     @line_magic
     def cldpd_attach(self, line: str) -> Session:
         """Stream the output of a pod already running (e.g. started before a kernel restart).
@@ -391,12 +394,12 @@ class CldpdMagics(Magics):
         """
         args = parse_args(self.cldpd_attach, line)
         with user_errors():
-            validate_pod_name(args.pod)
-            session = self.dispatcher.attach_session(args.pod)
-        return self._follow(session, f"{args.pod} attach", args.background)
+            validate_pod_name(args.run)
+            session = self.dispatcher.attach_session(args.run)
+        return self._follow(session, f"{args.run} attach", args.background)
 
     @magic_arguments()
-    @argument("pod", help="the pod to stop")
+    @argument("run", metavar="RUN", help=RUN_HELP)
     @argument(
         "--timeout", type=non_negative, help="seconds before it is killed (default: stop_timeout)"
     )
@@ -409,16 +412,16 @@ class CldpdMagics(Magics):
         args = parse_args(self.cldpd_stop, line)
         timeout = self.stop_timeout if args.timeout is None else max(0.0, args.timeout)
         with user_errors():
-            validate_pod_name(args.pod)
-            if not self._stop_pod(args.pod, timeout):
-                if args.pod not in self._pod_names(None, running=False):
+            validate_pod_name(args.run)
+            if not self._stop_pod(args.run, timeout):
+                if args.run not in self._pod_names(None, running=False):
                     raise UsageError(
-                        f"No pod named {args.pod!r} in {self.dispatcher.pods_dir}, and none "
+                        f"No pod named {args.run!r} in {self.dispatcher.pods_dir}, and none "
                         "is running."
                     )
-                print(f"Pod {args.pod} is not running; nothing to stop.")
+                print(f"Pod {args.run} is not running; nothing to stop.")
                 return
-        print(f"Pod {args.pod} stopped.")
+        print(f"Pod {args.run} stopped.")
 
 
 #: Per shell: the registered magics (settings first), the completer and the AST transformer.

@@ -175,7 +175,7 @@ def scan_arguments(
 
 
 def parse_verbatim(magic: Any, line: str) -> argparse.Namespace:
-    """Parse ``[options] POD REST`` with the magic's own parser, REST kept verbatim.
+    """Parse ``[options] RUN REST`` with the magic's own parser, REST kept verbatim.
 
     The options and every positional but the last are parsed by the parser that the
     magic's help shows; the last positional (the prompt) is the rest of the line as
@@ -183,7 +183,8 @@ def parse_verbatim(magic: Any, line: str) -> argparse.Namespace:
     touched (no quote processing, no ``$x`` or ``{x}`` expansion).
 
     Raises:
-        UsageError: An unknown option, a bad option value or a missing pod.
+        UsageError: An unknown option, a bad option value or a missing positional (the
+            run).
     """
     parser = _parser_of(magic)
     names = positional_names(parser)
