@@ -390,3 +390,71 @@ def test_a_pinned_pod_on_one_engine_fails_its_start_with_one_sentence(
     with pytest.raises(PodConfigError, match="no engines are configured") as info:
         session.wait(60)
     assert "\n" not in str(info.value)
+
+
+# -- confinement: one reading of RunOptions for every engine ------------------------
+
+
+def _settings(image=None, exec_tmpfs=True, **kwargs):
+    from cldpd_magic.engines.docker import container_settings
+
+    return container_settings(
+        RunOptions("img", "cldpd-p", [], **kwargs), image, exec_tmpfs=exec_tmpfs
+    )
+
+
+def test_a_container_drops_every_capability_but_those_named_and_gets_no_swap():
+    from cldpd_magic.pods.pod import Resources
+
+    s = _settings(
+        cap_add=["CHOWN"], resources=Resources(cpus=0.5, memory=64 << 20, pids=100),
+        mounts=[Mount("/srv/src", "/src", read_only=True)], network="n", dns=["10.0.0.2"],
+    )  # fmt: skip
+    assert (s.cap_drop, s.cap_add, s.no_new_privileges, s.init) == (
+        ("ALL",),
+        ("CHOWN",),
+        True,
+        True,
+    )
+    assert (s.nano_cpus, s.memory, s.memory_swap, s.pids) == (500_000_000, 64 << 20, 64 << 20, 100)
+    assert [(m.kind, m.source, m.target, m.read_only) for m in s.mounts] == [
+        ("bind", "/srv/src", "/src", True)
+    ]
+    assert (s.read_only_root, s.network, s.dns) == (False, "n", ("10.0.0.2",))
+    assert _settings().memory_swap is None
+
+
+def test_a_read_only_root_keeps_workdir_home_and_tmp_writable():
+    from cldpd_magic.engines.docker import LABEL_VOLUME_OF, TMP_TMPFS_OPTIONS, ImageFacts
+
+    agent = ImageFacts.from_config({"WorkingDir": "/home/agent/work", "User": "agent", "Env": []})
+    s = _settings(agent, read_only_root=True)
+    assert s.read_only_root
+    # The home holds the workdir: one volume keeps both writable.
+    assert [(m.kind, m.target, m.labels, m.options) for m in s.mounts] == [
+        ("volume", "/home/agent", {LABEL_VOLUME_OF: "cldpd-p"}, ""),
+        ("tmpfs", "/tmp", {}, TMP_TMPFS_OPTIONS),
+    ]
+    root = ImageFacts.from_config({"WorkingDir": "", "User": "", "Env": ["HOME=/root"]})
+    s = _settings(root, read_only_root=True, workdir="/srv")
+    assert [m.target for m in s.mounts] == ["/root", "/srv", "/tmp"]
+    # A swarm's service tmpfs cannot allow exec: /tmp is a volume there.
+    s = _settings(root, exec_tmpfs=False, read_only_root=True, workdir="/srv")
+    assert [(m.kind, m.target) for m in s.mounts] == [
+        ("volume", "/root"), ("volume", "/srv"), ("volume", "/tmp")
+    ]  # fmt: skip
+
+
+def test_a_read_only_root_uses_the_mounts_that_cover_its_directories():
+    from cldpd_magic.engines.docker import ImageFacts
+
+    image = ImageFacts(workdir="/work", user="1000")
+    mounts = [Mount("/h/work", "/work"), Mount("/h/tmp", "/tmp")]
+    s = _settings(image, read_only_root=True, mounts=mounts, env={"HOME": "/work"})
+    assert [m.kind for m in s.mounts] == ["bind", "bind"]
+    # A numeric user's home cannot be told without running the image.
+    assert [m.target for m in _settings(image, read_only_root=True).mounts] == ["/work", "/tmp"]
+    # Without the image, only what the options say is known.
+    s = _settings(None, read_only_root=True, workdir="/w", env={"HOME": "/h"})
+    assert [m.target for m in s.mounts] == ["/h", "/w", "/tmp"]
+    assert _settings(image).mounts == ()  # the control: a writable root needs none

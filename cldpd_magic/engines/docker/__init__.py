@@ -1,5 +1,15 @@
-"""The Runner on one Docker engine, through docker-py: one module per resource."""
+"""The Runner on one Docker engine, through docker-py: one module per resource, and the
+confinement of a container that a swarm shares."""
 
+from .confinement import (
+    LABEL_VOLUME_OF,
+    SECURITY_OPT,
+    TMP_TMPFS_OPTIONS,
+    ContainerSettings,
+    ImageFacts,
+    MountSpec,
+    container_settings,
+)
 from .containers import Containers, out_of_memory_line
 from .engine import (
     DockerConnection,
@@ -20,14 +30,21 @@ from .processes import Processes
 from .runner import DockerRunner
 
 __all__ = [
+    "LABEL_VOLUME_OF",
+    "SECURITY_OPT",
+    "TMP_TMPFS_OPTIONS",
+    "ContainerSettings",
     "Containers",
     "DockerConnection",
     "DockerRunner",
     "ImageBuilder",
+    "ImageFacts",
+    "MountSpec",
     "Networks",
     "PrivateAPI",
     "Processes",
     "container_error",
+    "container_settings",
     "engine_errors",
     "explain",
     "force_remove",

@@ -18,6 +18,9 @@ from ...errors import (
     SessionNotFoundError,
 )
 from ..protocol import ContainerInfo, RunOptions, Writer
+from .confinement import LABEL_VOLUME_OF as LABEL_VOLUME_OF
+from .confinement import SECURITY_OPT, ContainerSettings, ImageFacts, container_settings
+from .confinement import TMP_TMPFS_OPTIONS as TMP_TMPFS_OPTIONS
 from .engine import (
     DockerConnection,
     PrivateAPI,
@@ -29,12 +32,6 @@ from .engine import (
     refuse_engine_pin,
 )
 
-#: Every pod container runs with these: no process gains privileges (setuid, file caps).
-SECURITY_OPT = ["no-new-privileges"]
-#: The /tmp of a read-only root: exec allowed (tools run scripts from /tmp), no devices.
-TMP_TMPFS_OPTIONS = "rw,exec,nosuid,nodev,mode=1777"
-#: Label on the anonymous volumes that keep a read-only root's directories writable.
-LABEL_VOLUME_OF = "cldpd.volume-of"
 #: SIGKILL's exit code, which the kernel's OOM killer leaves.
 KILLED_EXIT_CODE = 137
 
@@ -60,19 +57,35 @@ def out_of_memory_line(limit: int, exit_code: int) -> str:
     return f"cldpd: the agent ran out of memory{where} and was killed.\n"
 
 
-def _is_under(path: str, parent: str) -> bool:
-    parent = parent.rstrip("/")
-    return path == parent or path.startswith(parent + "/")
+def _host_config(api: docker.APIClient, settings: ContainerSettings) -> dict[str, Any]:
+    """A container's host config from its settings.
 
-
-def _home_of(user: str, env: dict[str, str]) -> str:
-    """The home directory of an image's user, "" when it cannot be told without running it."""
-    if env.get("HOME"):
-        return env["HOME"]
-    name = user.partition(":")[0]
-    if name in ("", "root", "0"):
-        return "/root"
-    return "" if name.isdigit() else f"/home/{name}"
+    A tmpfs goes in ``Tmpfs``, whose options string allows exec, not in ``Mounts``,
+    whose tmpfs is always mounted noexec (before API 1.46).
+    """
+    mounts = [
+        docker.types.Mount(
+            m.target, m.source or None, type=m.kind, read_only=m.read_only, labels=m.labels or None
+        )
+        for m in settings.mounts
+        if m.kind != "tmpfs"
+    ]
+    tmpfs = {m.target: m.options for m in settings.mounts if m.kind == "tmpfs"}
+    return api.create_host_config(
+        init=settings.init,
+        mounts=mounts,
+        network_mode=settings.network or None,
+        cap_drop=list(settings.cap_drop),
+        cap_add=list(settings.cap_add) or None,
+        security_opt=SECURITY_OPT if settings.no_new_privileges else None,
+        read_only=settings.read_only_root or None,
+        tmpfs=tmpfs or None,
+        nano_cpus=settings.nano_cpus,
+        mem_limit=settings.memory,
+        memswap_limit=settings.memory_swap,
+        pids_limit=settings.pids,
+        dns=list(settings.dns) or None,
+    )
 
 
 class Containers:
@@ -86,61 +99,18 @@ class Containers:
         self.connection = connection
 
     @staticmethod
-    def _writable_dirs(api: docker.APIClient, opts: RunOptions) -> list[str]:
-        """The working and home directories a read-only root keeps writable with volumes.
-
-        Directories already under a mount or /tmp need none; neither does "/".
-        """
+    def _image_facts(api: docker.APIClient, image: str) -> ImageFacts | None:
+        """What the engine's image says of its process; None when there is no such image."""
         try:
-            config = api.inspect_image(opts.image).get("Config") or {}
+            return ImageFacts.from_config(api.inspect_image(image).get("Config") or {})
         except docker.errors.NotFound:
-            return []  # creating the container says so
-        image_env = dict(item.partition("=")[::2] for item in config.get("Env") or [])
-        candidates = [
-            opts.workdir or config.get("WorkingDir") or "",
-            _home_of(config.get("User") or "", {**image_env, **opts.env}),
-        ]
-        covered = ["/tmp", *(m.target for m in opts.mounts)]
-        chosen: list[str] = []
-        for path in sorted(p.rstrip("/") for p in candidates if p.startswith("/")):
-            if path and not any(_is_under(path, c) for c in covered + chosen):
-                chosen.append(path)
-        return chosen
+            return None  # creating the container says so
 
     def create(self, api: docker.APIClient, opts: RunOptions, stdin_open: bool = False) -> str:
-        """Create a confined container (no capabilities but ``cap_add``, init, limits); its id."""
+        """Create a confined container (see :func:`container_settings`); its id."""
         refuse_engine_pin(opts.engine, opts.name)
-        mounts = [
-            docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
-            for m in opts.mounts
-        ]
-        tmpfs = None
-        if opts.read_only_root:
-            # Volumes, not tmpfs: the image's files there are copied in, and they take
-            # disk rather than the container's memory limit.
-            labels = {LABEL_VOLUME_OF: opts.name}
-            mounts += [
-                docker.types.Mount(path, None, type="volume", labels=labels)
-                for path in self._writable_dirs(api, opts)
-            ]
-            if not any(_is_under("/tmp", m.target) for m in opts.mounts):
-                tmpfs = {"/tmp": TMP_TMPFS_OPTIONS}
-        limits = opts.resources
-        host_config = api.create_host_config(
-            init=True,
-            mounts=mounts,
-            network_mode=opts.network or None,
-            cap_drop=["ALL"],
-            cap_add=list(opts.cap_add) or None,
-            security_opt=SECURITY_OPT,
-            read_only=opts.read_only_root or None,
-            tmpfs=tmpfs,
-            nano_cpus=None if limits.cpus is None else round(limits.cpus * 1e9),
-            mem_limit=limits.memory,
-            memswap_limit=limits.memory,
-            pids_limit=limits.pids,
-            dns=opts.dns or None,
-        )
+        facts = self._image_facts(api, opts.image) if opts.read_only_root else None
+        host_config = _host_config(api, container_settings(opts, facts))
         try:
             created = api.create_container(
                 image=opts.image,

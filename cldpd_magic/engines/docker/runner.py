@@ -5,7 +5,8 @@ The pieces, each in its own runner-layer module (the only modules that import do
 errors), :class:`~cldpd_magic.engines.docker.ImageBuilder` (builds),
 :class:`~cldpd_magic.engines.docker.Containers` (create, run, inspect, logs),
 :class:`~cldpd_magic.engines.docker.Processes` (exec and the graceful stop) and
-:class:`~cldpd_magic.engines.docker.Networks` (egress networks).
+:class:`~cldpd_magic.engines.docker.Networks` (egress networks); what confines a container
+is read from its options once, in ``confinement.py``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
-from .containers import (
-    KILLED_EXIT_CODE,
-    LABEL_VOLUME_OF,
-    SECURITY_OPT,
-    TMP_TMPFS_OPTIONS,
-    Containers,
-    out_of_memory_line,
-)
+from .confinement import LABEL_VOLUME_OF, SECURITY_OPT, TMP_TMPFS_OPTIONS
+from .containers import KILLED_EXIT_CODE, Containers, out_of_memory_line
 from .engine import DockerConnection, PrivateAPI
 from .images import LABEL_CONTEXT, ImageBuilder
 from .networks import Networks
