@@ -458,3 +458,32 @@ def test_a_read_only_root_uses_the_mounts_that_cover_its_directories():
     s = _settings(None, read_only_root=True, workdir="/w", env={"HOME": "/h"})
     assert [m.target for m in s.mounts] == ["/h", "/w", "/tmp"]
     assert _settings(image).mounts == ()  # the control: a writable root needs none
+
+
+def test_a_swarm_task_is_confined_as_a_container_but_for_what_its_api_cannot_say():
+    from cldpd_magic.engines.docker import ImageFacts
+    from cldpd_magic.engines.swarm import UNSUPPORTED_ON_SWARM
+    from cldpd_magic.engines.swarm.services import task_template
+    from cldpd_magic.pods.pod import Resources
+
+    s = _settings(
+        ImageFacts(workdir="/w"), exec_tmpfs=False, read_only_root=True, cap_add=["CHOWN"],
+        resources=Resources(cpus=1.0, memory=64 << 20, pids=50), dns=["10.0.0.2"], network="n",
+        mounts=[Mount("/srv/src", "/src", read_only=True)],
+    )  # fmt: skip
+    template = task_template(s, {"image": "img", "command": ["agent"]}, "1.41")
+    spec = template["ContainerSpec"]
+    assert (spec["CapabilityDrop"], spec["CapabilityAdd"]) == (["ALL"], ["CHOWN"])
+    assert spec["ReadOnly"] and spec["Init"]
+    assert spec["DNSConfig"]["Nameservers"] == ["10.0.0.2"]
+    assert [(m["Type"], m["Target"], m["ReadOnly"]) for m in spec["Mounts"]] == [
+        ("bind", "/src", True), ("volume", "/root", False), ("volume", "/w", False),
+        ("volume", "/tmp", False),
+    ]  # fmt: skip
+    assert template["Resources"]["Limits"] == {"NanoCPUs": 10**9, "MemoryBytes": 64 << 20,
+                                               "Pids": 50}  # fmt: skip
+    assert [n["Target"] for n in template["Networks"]] == ["n"]
+    # No-new-privileges, where the manager's API can say it.
+    assert "Privileges" not in spec and "no_new_privileges" in UNSUPPORTED_ON_SWARM
+    newer = task_template(s, {"image": "img"}, "1.46")["ContainerSpec"]
+    assert newer["Privileges"] == {"NoNewPrivileges": True}

@@ -142,7 +142,7 @@ def _no_endpoint(node_id: str) -> None:
 
 def test_without_a_node_endpoint_the_services_log_carries_the_run(swarm, monkeypatch):
     """The swarm's own log path: every line in order, streams apart, the task's exit code."""
-    monkeypatch.setattr(swarm.runner, "_node", _no_endpoint)
+    monkeypatch.setattr(swarm.runner.nodes, "runner_of", _no_endpoint)
     code, out, err, _ = run(swarm, "split")
     assert (code, out, err) == (0, "out-1\nout-2\n", "err-1\nerr-2\n")
     code, out, _, _ = run(swarm, "lines", "20000")
