@@ -25,6 +25,7 @@ UNITS = [
     "render",  # typed events -> text and HTML
     "engines",  # the Runner protocol, the engines setting; docker/, swarm/
     "pods",  # what a pod is: model, pod.json, discovery, templates
+    "stream_json",  # Claude Code's stream-json as typed events: read by runs and render
     "events",  # what a run reports (events, states, usage): read by runs and render
     "secrets",
     "logs",

@@ -1,0 +1,970 @@
+"""Claude Code's stream-json, read once: one typed event per output line.
+
+The CLI (``claude -p --output-format stream-json --verbose``, and in streaming-input mode
+``--input-format stream-json --permission-prompt-tool stdio``) prints one JSON object per
+line. :func:`read_line` turns a line into one frozen :class:`ClaudeEvent`, or None when the
+line is no event (plain text, malformed or truncated JSON, a JSON value that is no object,
+an object without a string ``type``). What the renderer, the usage meter and the approvals
+read is these events, not the JSON.
+
+Agent output is hostile input: the events are built defensively, field by field. A field
+of the wrong type is read as absent (numbers: :func:`json_number`; text: ``""``), and
+nothing here raises, whatever the line (too deep, too long, not UTF-8, NaN, 1e400).
+Every event keeps the decoded object in ``raw`` (read-only at its top level) for the
+fields it does not type.
+
+A line is parsed once while it is recent: the session's writer thread, which meters the
+run, and every view of the run (a cell, the picker, a terminal) get the same event for
+the same line object (:class:`RecentLines`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+log = logging.getLogger(__package__)
+
+__all__ = [
+    "ApiRetry",
+    "AssistantMessage",
+    "Block",
+    "CanUseTool",
+    "ClaudeEvent",
+    "Compacted",
+    "ControlCancel",
+    "ControlRequest",
+    "ControlResponse",
+    "Denial",
+    "HookCallback",
+    "OtherBlock",
+    "OtherEvent",
+    "OtherSystem",
+    "PermissionDenied",
+    "RateLimit",
+    "RecentLines",
+    "Result",
+    "SessionStateChanged",
+    "SystemInit",
+    "SystemStatus",
+    "TextBlock",
+    "ThinkingBlock",
+    "TokenUsage",
+    "ToolResult",
+    "ToolUse",
+    "UserMessage",
+    "decode_line",
+    "interpret",
+    "json_number",
+    "read_line",
+]
+
+#: The read-only mapping of an event without one.
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def json_number(value: Any, minimum: float | None = None) -> float | None:
+    """A JSON number as a float; None for anything else.
+
+    Strings, null, booleans, NaN, infinities and integers too large for a float are not
+    numbers here.
+
+    Args:
+        value: A decoded JSON value.
+        minimum: The smallest number accepted (e.g. 0 for counts and costs); None
+            accepts any finite number.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    if not math.isfinite(number) or (minimum is not None and number < minimum):
+        return None
+    return number
+
+
+def _text(value: Any) -> str:
+    """A scalar as text: a string as it is, None as "", anything else as its JSON."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _name(value: Any) -> str:
+    """A name (a tool's): "" when absent or empty, else its ``str``."""
+    return str(value) if value else ""
+
+
+def _str(value: Any) -> str:
+    """A string field; "" for anything that is not a string."""
+    return value if isinstance(value, str) else ""
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """An object field, read-only; empty for anything that is not an object."""
+    return MappingProxyType(value) if isinstance(value, dict) else EMPTY
+
+
+def text_of(content: Any) -> str:
+    """The text of a message or tool-result content: a string, or a list of blocks.
+
+    Text blocks (and bare strings) are joined by newlines; an image block is ``[image]``;
+    anything else is its JSON.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                if part.get("type") == "image":
+                    parts.append("[image]")
+                elif isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(parts)
+    return "" if content is None else json.dumps(content)
+
+
+# --- the events -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaudeEvent:
+    """One line of Claude Code's stream-json.
+
+    Attributes:
+        raw: The decoded JSON object (read-only at its top level; never change what is
+            under it): every field, typed or not.
+    """
+
+    raw: Mapping[str, Any] = field(default_factory=lambda: EMPTY, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        """The line's ``type`` (``assistant``, ``result``, ``control_request`` ...)."""
+        return _str(self.raw.get("type"))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenUsage:
+    """Tokens as a message or a result reports them.
+
+    Each is a finite JSON number as a float (negative ones kept: readers decide), or
+    None when absent or not a number.
+
+    Attributes:
+        input_tokens: Input tokens not read from or written to the prompt cache.
+        output_tokens: Output tokens.
+        cache_read_tokens: Input tokens read from the prompt cache.
+        cache_creation_tokens: Input tokens written to the prompt cache.
+        cost_usd: Their cost, where the CLI says it (``modelUsage``), else None.
+    """
+
+    input_tokens: float | None = None
+    output_tokens: float | None = None
+    cache_read_tokens: float | None = None
+    cache_creation_tokens: float | None = None
+    cost_usd: float | None = None
+
+    @property
+    def all_input(self) -> float:
+        """Input tokens of every kind (absent ones count 0)."""
+        return (
+            (self.input_tokens or 0)
+            + (self.cache_read_tokens or 0)
+            + (self.cache_creation_tokens or 0)
+        )
+
+
+def _model_usage(value: Any) -> Mapping[str, TokenUsage] | None:
+    """``modelUsage``-style ``{model: {inputTokens, ..., costUSD}}``; None when no object."""
+    if not isinstance(value, dict):
+        return None
+    return MappingProxyType(
+        {
+            str(model): TokenUsage(
+                input_tokens=json_number(item.get("inputTokens")),
+                output_tokens=json_number(item.get("outputTokens")),
+                cache_read_tokens=json_number(item.get("cacheReadInputTokens")),
+                cache_creation_tokens=json_number(item.get("cacheCreationInputTokens")),
+                cost_usd=json_number(item.get("costUSD")),
+            )
+            for model, item in value.items()
+            if isinstance(item, dict)
+        }
+    )
+
+
+def _usage(value: Any) -> TokenUsage | None:
+    if not isinstance(value, dict):
+        return None
+    return TokenUsage(
+        input_tokens=json_number(value.get("input_tokens")),
+        output_tokens=json_number(value.get("output_tokens")),
+        cache_read_tokens=json_number(value.get("cache_read_input_tokens")),
+        cache_creation_tokens=json_number(value.get("cache_creation_input_tokens")),
+    )
+
+
+# System lines ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemInit(ClaudeEvent):
+    """``system/init``: the CLI starts (in streaming-input mode, at every turn).
+
+    Attributes:
+        session_id: Claude Code's session id ("" when absent).
+        model: The model ("" when absent).
+        permission_mode: The permission mode (``default``, ``acceptEdits`` ...).
+        claude_code_version: The CLI's version.
+        cwd: The working directory.
+        tools: The tools' names; None when the line gives no list.
+        mcp_servers: The MCP servers as given; None when the line gives no list.
+    """
+
+    session_id: str = ""
+    model: str = ""
+    permission_mode: str = ""
+    claude_code_version: str = ""
+    cwd: str = ""
+    tools: tuple[str, ...] | None = None
+    mcp_servers: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemStatus(ClaudeEvent):
+    """``system/status``: what the CLI is doing, or a permission mode that changed.
+
+    Attributes:
+        status: ``requesting``, ``compacting`` ...; None when null or empty (a mode change).
+        permission_mode: The new permission mode, when the line says one ("" otherwise).
+    """
+
+    status: str | None = None
+    permission_mode: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiRetry(ClaudeEvent):
+    """``system/api_retry``: a model request failed and is tried again.
+
+    Attributes:
+        attempt: Which attempt this is.
+        max_retries: How many the CLI makes.
+        retry_delay_ms: Milliseconds before the next one.
+        error_status: The HTTP status as text ("" when none).
+        error: The error ("" when none).
+    """
+
+    attempt: float | None = None
+    max_retries: float | None = None
+    retry_delay_ms: float | None = None
+    error_status: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compacted(ClaudeEvent):
+    """``system/compact_boundary``: the conversation was compacted.
+
+    Attributes:
+        trigger: ``auto`` or ``manual`` ("" when absent).
+        pre_tokens: Tokens before compaction.
+    """
+
+    trigger: str = ""
+    pre_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PermissionDenied(ClaudeEvent):
+    """``system/permission_denied``: the CLI refused a tool call by itself.
+
+    Attributes:
+        tool_name: The tool ("" when absent).
+        tool_use_id: The refused call.
+        message: Why.
+    """
+
+    tool_name: str = ""
+    tool_use_id: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionStateChanged(ClaudeEvent):
+    """``system/session_state_changed`` (``CLAUDE_CODE_EMIT_SESSION_STATE_EVENTS=1``).
+
+    Attributes:
+        state: ``running``, ``requires_action`` (an approval is asked) or ``idle`` (the
+            last turn is over and nothing is queued).
+    """
+
+    state: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtherSystem(ClaudeEvent):
+    """Any other ``system`` line (``hook_response``, ``thinking_tokens`` ...).
+
+    Attributes:
+        subtype: Its subtype as text; None when absent.
+    """
+
+    subtype: str | None = None
+
+
+# Messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TextBlock:
+    """Text the model (or the user) wrote.
+
+    Attributes:
+        text: The text, as written.
+    """
+
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThinkingBlock:
+    """The model's thinking.
+
+    Attributes:
+        text: The thinking ("" when redacted).
+        redacted: Whether it came redacted.
+    """
+
+    text: str = ""
+    redacted: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolUse:
+    """A tool call in an assistant message.
+
+    Attributes:
+        id: The call's id (``toolu_...``), which a ``can_use_tool`` and its result name.
+        name: The tool ("" when absent).
+        input: Its input as given (an object for every real tool).
+        kind: ``tool_use``, ``server_tool_use`` or ``mcp_tool_use``.
+    """
+
+    id: str = ""
+    name: str = ""
+    input: Any = None
+    kind: str = "tool_use"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ToolResult:
+    """A tool's result in a user message.
+
+    Attributes:
+        tool_use_id: The call it answers.
+        text: Its text (see :func:`text_of`).
+        is_error: Whether the tool failed or the call was refused.
+    """
+
+    tool_use_id: str = ""
+    text: str = ""
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtherBlock:
+    """A content block of another type, or one that is no object.
+
+    Attributes:
+        type: Its ``type`` when it is a string, else None.
+        value: The block as given.
+    """
+
+    type: str | None = None
+    value: Any = None
+
+
+Block = TextBlock | ThinkingBlock | ToolUse | ToolResult | OtherBlock
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AssistantMessage(ClaudeEvent):
+    """An ``assistant`` line: the model's message, or (2.x) one content block of it.
+
+    The CLI repeats a message's id and usage on every line of it.
+
+    Attributes:
+        message_id: ``message.id`` as text; None when absent.
+        model: The model ("" when absent).
+        blocks: The content blocks; None when ``message`` or its content is malformed.
+        usage: ``message.usage``; None when absent or not an object.
+        parent_tool_use_id: The tool call of the subagent that wrote it, if any.
+        session_id: Claude Code's session id.
+    """
+
+    message_id: str | None = None
+    model: str = ""
+    blocks: tuple[TextBlock | ThinkingBlock | ToolUse | OtherBlock, ...] | None = None
+    usage: TokenUsage | None = None
+    parent_tool_use_id: str | None = None
+    session_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UserMessage(ClaudeEvent):
+    """A ``user`` line: tool results, an interruption note, or a replayed prompt.
+
+    Attributes:
+        blocks: Tool results and text (a string content is one text block); None when
+            ``message`` or its content is malformed.
+        is_replay: Whether the CLI echoes a message written to it (``isReplay``: with
+            ``--replay-user-messages``, and after ``set_model``), not one of its own.
+        parent_tool_use_id: The tool call of the subagent it belongs to, if any.
+        uuid: The line's uuid ("" when absent).
+        session_id: Claude Code's session id.
+    """
+
+    blocks: tuple[TextBlock | ToolResult | OtherBlock, ...] | None = None
+    is_replay: bool = False
+    parent_tool_use_id: str | None = None
+    uuid: str = ""
+    session_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit(ClaudeEvent):
+    """A ``rate_limit_event``.
+
+    Attributes:
+        status: ``rate_limit_info.status`` (``allowed``, ``allowed_warning``, ...).
+        info: ``rate_limit_info``; None when it is no object.
+    """
+
+    status: str = ""
+    info: Mapping[str, Any] | None = None
+
+
+# The result ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Denial:
+    """A tool call refused during the turn (``permission_denials``).
+
+    Attributes:
+        tool_name: The tool ("" when absent).
+        tool_use_id: The call.
+        tool_input: Its input as given.
+    """
+
+    tool_name: str = ""
+    tool_use_id: str = ""
+    tool_input: Any = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result(ClaudeEvent):
+    """A ``result`` line: the end of a run (``-p``) or of one turn (streaming input).
+
+    In a process that takes several user messages, ``turns``, ``usage``,
+    ``turn_model_usage`` and ``duration_ms`` are those of this turn alone, while
+    ``cost_usd`` and ``model_usage`` are cumulative: the process's, and after
+    ``--resume`` the session's. A turn refused for the budget reports ``usage`` 0 for
+    tokens it spent; ``turn_model_usage`` counts them.
+
+    Attributes:
+        subtype: ``success``, ``error_max_turns``, ``error_during_execution``,
+            ``error_max_budget_usd``, ... as text; None when absent.
+        is_error: Whether the turn failed (a ``success`` subtype may still be an error).
+        answer: The final answer (``result``), stripped.
+        errors: The ``errors`` strings.
+        turns: ``num_turns``.
+        duration_ms: ``duration_ms``.
+        cost_usd: ``total_cost_usd``, or the older ``cost_usd`` when that is absent.
+        usage: ``usage``; None when absent or not an object.
+        model_usage: ``modelUsage`` by model (cumulative); None when absent.
+        turn_model_usage: ``model_usage_since_last_result`` by model (this turn's);
+            None when absent (CLIs before 2.1).
+        session_id: Claude Code's session id ("" when absent).
+        denials: The tool calls refused during the turn.
+        terminal_reason: Why the turn ended (``completed``, ``aborted_tools``,
+            ``aborted_streaming``, ``budget_exhausted`` ...; "" when absent).
+        index: ``result_index``: 0, 1, 2 ... in one process.
+    """
+
+    subtype: str | None = None
+    is_error: bool = False
+    answer: str = ""
+    errors: tuple[str, ...] = ()
+    turns: float | None = None
+    duration_ms: float | None = None
+    cost_usd: float | None = None
+    usage: TokenUsage | None = None
+    model_usage: Mapping[str, TokenUsage] | None = None
+    turn_model_usage: Mapping[str, TokenUsage] | None = None
+    session_id: str = ""
+    denials: tuple[Denial, ...] = ()
+    terminal_reason: str = ""
+    index: float | None = None
+
+
+# Control frames (streaming-input mode) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlRequest(ClaudeEvent):
+    """A ``control_request`` the CLI sends; it waits for a ``control_response``.
+
+    Requests of subtypes not typed below (and the typed ones too) keep their fields in
+    ``request``.
+
+    Attributes:
+        request_id: What the answer must name ("" when the line gives no string).
+        subtype: ``request.subtype`` ("" when absent).
+        request: The ``request`` object, read-only.
+    """
+
+    request_id: str = ""
+    subtype: str = ""
+    request: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CanUseTool(ControlRequest):
+    """``control_request/can_use_tool``: the CLI asks whether a tool call may run.
+
+    Answer with a ``control_response`` naming ``request_id``: ``{"behavior": "allow"}``
+    (optionally ``updatedInput``, ``updatedPermissions``) or ``{"behavior": "deny",
+    "message": ...}``. The CLI never times out; a later ``control_cancel_request`` with the
+    same id withdraws the question.
+
+    Attributes:
+        tool_name: The tool ("" when absent).
+        display_name: How the CLI names it.
+        input: The call's input, read-only.
+        description: What the call does, in the model's words.
+        permission_suggestions: Rules the CLI proposes for "always allow", as given
+            (``addRules``, ``addDirectories``, ``setMode``; each has a ``destination``).
+        tool_use_id: The tool call (its ``ToolUse.id``).
+        blocked_path: The path that needs the approval, when the CLI says one.
+    """
+
+    tool_name: str = ""
+    display_name: str = ""
+    input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    description: str = ""
+    permission_suggestions: tuple[Mapping[str, Any], ...] = ()
+    tool_use_id: str = ""
+    blocked_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HookCallback(ControlRequest):
+    """``control_request/hook_callback``: a hook registered by ``initialize`` fires.
+
+    Attributes:
+        callback_id: The hook's id as registered (``hook_0`` ...).
+        input: What the hook gets (``hook_event_name``, ``tool_name``, ...), read-only.
+        tool_use_id: The id the CLI gives the call.
+    """
+
+    callback_id: str = ""
+    input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    tool_use_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlResponse(ClaudeEvent):
+    """A ``control_response``: the CLI's answer to a request written to it (or, with
+    ``--replay-user-messages``, the echo of an answer written to it).
+
+    Attributes:
+        request_id: The request it answers ("" when absent).
+        subtype: ``success`` or ``error``.
+        response: The success payload, read-only (empty on an error).
+        error: The error's text ("" on success).
+    """
+
+    request_id: str = ""
+    subtype: str = ""
+    response: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request succeeded."""
+        return self.subtype == "success"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControlCancel(ClaudeEvent):
+    """A ``control_cancel_request``: the CLI withdraws a request it sent (an interrupt
+    while a ``can_use_tool`` was pending); an answer written later is ignored.
+
+    Attributes:
+        request_id: The withdrawn request.
+    """
+
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtherEvent(ClaudeEvent):
+    """A line of another type (``stream_event``, ``command_lifecycle``, new ones ...)."""
+
+
+# --- reading a line ---------------------------------------------------------------------------
+
+
+def _system(obj: dict[str, Any], raw: Mapping[str, Any]) -> ClaudeEvent:
+    subtype = obj.get("subtype")
+    if subtype == "init":
+        tools, servers = obj.get("tools"), obj.get("mcp_servers")
+        return SystemInit(
+            raw=raw,
+            session_id=_text(obj.get("session_id") or None),
+            model=_text(obj.get("model") or None),
+            permission_mode=_text(obj.get("permissionMode") or None),
+            claude_code_version=_text(obj.get("claude_code_version") or None),
+            cwd=_str(obj.get("cwd")),
+            tools=tuple(map(_text, tools)) if isinstance(tools, list) else None,
+            mcp_servers=tuple(servers) if isinstance(servers, list) else None,
+        )
+    if subtype == "status":
+        status = obj.get("status")
+        return SystemStatus(
+            raw=raw,
+            status=None if status in (None, "") else _text(status),
+            permission_mode=_str(obj.get("permissionMode")),
+        )
+    if subtype == "api_retry":
+        status = obj.get("error_status")
+        error = obj.get("error")
+        return ApiRetry(
+            raw=raw,
+            attempt=json_number(obj.get("attempt")),
+            max_retries=json_number(obj.get("max_retries")),
+            retry_delay_ms=json_number(obj.get("retry_delay_ms")),
+            error_status="" if status in (None, "") else _text(status),
+            error="" if error in (None, "") else _text(error),
+        )
+    if subtype == "compact_boundary":
+        meta = obj.get("compact_metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        return Compacted(
+            raw=raw,
+            trigger=_text(meta.get("trigger") or None),
+            pre_tokens=json_number(meta.get("pre_tokens")),
+        )
+    if subtype == "permission_denied":
+        return PermissionDenied(
+            raw=raw,
+            tool_name=_name(obj.get("tool_name")),
+            tool_use_id=_str(obj.get("tool_use_id")),
+            message=text_of(obj.get("message")),
+        )
+    if subtype == "session_state_changed":
+        return SessionStateChanged(raw=raw, state=_str(obj.get("state")))
+    return OtherSystem(raw=raw, subtype=None if subtype is None else str(subtype))
+
+
+def _assistant_block(block: Any) -> TextBlock | ThinkingBlock | ToolUse | OtherBlock:
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "text":
+        return TextBlock(text=text_of(block.get("text")))
+    if kind == "thinking":
+        return ThinkingBlock(text=text_of(block.get("thinking")))
+    if kind == "redacted_thinking":
+        return ThinkingBlock(redacted=True)
+    if kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
+        return ToolUse(
+            id=_str(block.get("id")), name=_name(block.get("name")), input=block.get("input"),
+            kind=kind,
+        )  # fmt: skip
+    return OtherBlock(type=kind if isinstance(kind, str) else None, value=block)
+
+
+def _user_block(block: Any) -> TextBlock | ToolResult | OtherBlock:
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "tool_result":
+        return ToolResult(
+            tool_use_id=_str(block.get("tool_use_id")),
+            text=text_of(block.get("content")),
+            is_error=bool(block.get("is_error")),
+        )
+    if kind == "text":
+        return TextBlock(text=str(block.get("text") or ""))
+    return OtherBlock(type=kind if isinstance(kind, str) else None, value=block)
+
+
+def _content(message: Any) -> list[Any] | None:
+    """A message's content blocks (a string is one text block); None when malformed."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return content if isinstance(content, list) else None
+
+
+def _assistant(obj: dict[str, Any], raw: Mapping[str, Any]) -> AssistantMessage:
+    message = obj.get("message")
+    message = message if isinstance(message, dict) else {}
+    content = _content(message)
+    msg_id = message.get("id")
+    parent = obj.get("parent_tool_use_id")
+    return AssistantMessage(
+        raw=raw,
+        message_id=None if msg_id is None else _text(msg_id),
+        model=_str(message.get("model")),
+        blocks=None if content is None else tuple(map(_assistant_block, content)),
+        usage=_usage(message.get("usage")),
+        parent_tool_use_id=parent if isinstance(parent, str) else None,
+        session_id=_str(obj.get("session_id")),
+    )
+
+
+def _user(obj: dict[str, Any], raw: Mapping[str, Any]) -> UserMessage:
+    content = _content(obj.get("message"))
+    parent = obj.get("parent_tool_use_id")
+    return UserMessage(
+        raw=raw,
+        blocks=None if content is None else tuple(map(_user_block, content)),
+        is_replay=obj.get("isReplay") is True,
+        parent_tool_use_id=parent if isinstance(parent, str) else None,
+        uuid=_str(obj.get("uuid")),
+        session_id=_str(obj.get("session_id")),
+    )
+
+
+def _denials(value: Any) -> tuple[Denial, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        Denial(
+            tool_name=_name(item.get("tool_name")),
+            tool_use_id=_str(item.get("tool_use_id")),
+            tool_input=item.get("tool_input"),
+        )
+        for item in value
+        if isinstance(item, dict)
+    )
+
+
+def _result(obj: dict[str, Any], raw: Mapping[str, Any]) -> Result:
+    subtype = obj.get("subtype")
+    errors = obj.get("errors")
+    cost = obj["total_cost_usd"] if "total_cost_usd" in obj else obj.get("cost_usd")
+    return Result(
+        raw=raw,
+        subtype=None if subtype is None else str(subtype),
+        is_error=bool(obj.get("is_error")),
+        answer=text_of(obj.get("result")).strip(),
+        errors=tuple(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else (),
+        turns=json_number(obj.get("num_turns")),
+        duration_ms=json_number(obj.get("duration_ms")),
+        cost_usd=json_number(cost),
+        usage=_usage(obj.get("usage")),
+        model_usage=_model_usage(obj.get("modelUsage")),
+        turn_model_usage=_model_usage(obj.get("model_usage_since_last_result")),
+        session_id=_text(obj.get("session_id") or None),
+        denials=_denials(obj.get("permission_denials")),
+        terminal_reason=_str(obj.get("terminal_reason")),
+        index=json_number(obj.get("result_index")),
+    )
+
+
+def _control_request(obj: dict[str, Any], raw: Mapping[str, Any]) -> ControlRequest:
+    request = obj.get("request")
+    request = request if isinstance(request, dict) else {}
+    common = {
+        "raw": raw,
+        "request_id": _str(obj.get("request_id")),
+        "subtype": _str(request.get("subtype")),
+        "request": _mapping(request),
+    }
+    if common["subtype"] == "can_use_tool":
+        suggestions = request.get("permission_suggestions")
+        blocked = request.get("blocked_path")
+        return CanUseTool(
+            **common,
+            tool_name=_name(request.get("tool_name")),
+            display_name=_str(request.get("display_name")),
+            input=_mapping(request.get("input")),
+            description=_str(request.get("description")),
+            permission_suggestions=tuple(
+                MappingProxyType(s) for s in suggestions if isinstance(s, dict)
+            )
+            if isinstance(suggestions, list)
+            else (),
+            tool_use_id=_str(request.get("tool_use_id")),
+            blocked_path=blocked if isinstance(blocked, str) else None,
+        )
+    if common["subtype"] == "hook_callback":
+        return HookCallback(
+            **common,
+            callback_id=_str(request.get("callback_id")),
+            input=_mapping(request.get("input")),
+            tool_use_id=_str(request.get("tool_use_id")),
+        )
+    return ControlRequest(**common)
+
+
+def _control_response(obj: dict[str, Any], raw: Mapping[str, Any]) -> ControlResponse:
+    response = obj.get("response")
+    response = response if isinstance(response, dict) else {}
+    error = response.get("error")
+    return ControlResponse(
+        raw=raw,
+        request_id=_str(response.get("request_id")),
+        subtype=_str(response.get("subtype")),
+        response=_mapping(response.get("response")),
+        error="" if error in (None, "") else _text(error),
+    )
+
+
+def _rate_limit(obj: dict[str, Any], raw: Mapping[str, Any]) -> RateLimit:
+    info = obj.get("rate_limit_info")
+    if not isinstance(info, dict):
+        return RateLimit(raw=raw)
+    return RateLimit(raw=raw, status=_str(info.get("status")), info=MappingProxyType(info))
+
+
+_READERS = {
+    "system": _system,
+    "assistant": _assistant,
+    "user": _user,
+    "result": _result,
+    "rate_limit_event": _rate_limit,
+    "control_request": _control_request,
+    "control_response": _control_response,
+    "control_cancel_request": lambda obj, raw: ControlCancel(
+        raw=raw, request_id=_str(obj.get("request_id"))
+    ),
+}
+
+
+def interpret(obj: Any) -> ClaudeEvent | None:
+    """The typed event of one decoded stream-json object; never raises.
+
+    Args:
+        obj: A decoded JSON value.
+
+    Returns:
+        The event, or None when ``obj`` is no object with a string ``type`` (or, for a
+        bug of this module, when it cannot be read: that is logged).
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        return None
+    try:
+        raw = MappingProxyType(obj)
+        reader = _READERS.get(obj["type"])
+        return OtherEvent(raw=raw) if reader is None else reader(obj, raw)
+    except Exception as exc:  # hostile output must never end a session or its readers
+        # Only the exception's type: its message may hold decoded (unmasked) text.
+        log.debug("reading a stream-json event failed (%s); it is no event", type(exc).__name__)
+        return None
+
+
+def decode_line(text: str) -> ClaudeEvent | None:
+    """Parse one output line into its typed event; never raises, never caches.
+
+    Only a line that is a JSON object (``{`` ... ``}`` once stripped) is decoded, so
+    plain text costs no JSON decoding.
+
+    Args:
+        text: One output line.
+
+    Returns:
+        The event, or None when the line is no stream-json event.
+    """
+    stripped = text.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return None
+    try:
+        obj = json.loads(stripped)
+    except (ValueError, RecursionError):  # malformed, or nested deeper than the decoder goes
+        return None
+    return interpret(obj)
+
+
+class RecentLines:
+    """The events of recent lines, so that each line is parsed once by all its readers.
+
+    Keyed by the line object itself (its identity, held while cached): the session's
+    writer thread and every view of the run read the very string the session stored.
+    A line read again from a transcript is a new object and is parsed again. The oldest
+    lines go first once there are more than ``max_lines`` or they hold more than
+    ``max_chars`` characters. Safe to use from any thread.
+
+    Args:
+        max_lines: How many lines are kept.
+        max_chars: How many characters of line text are kept.
+    """
+
+    def __init__(self, max_lines: int = 8192, max_chars: int = 16 * 1024 * 1024) -> None:
+        self._lock = threading.Lock()
+        self._events: OrderedDict[int, tuple[str, ClaudeEvent | None]] = OrderedDict()
+        self._chars = 0
+        self.max_lines = max_lines
+        self.max_chars = max_chars
+        #: How many lines were parsed, and how many were found parsed (for tests and benches).
+        self.parsed = 0
+        self.found = 0
+
+    def read(self, text: str) -> ClaudeEvent | None:
+        """The typed event of an output line, parsed at most once while it is recent."""
+        if not text.startswith("{") and not text[:1].isspace():
+            return None  # no JSON object (decode_line would say so): nothing to keep
+        key = id(text)
+        with self._lock:
+            entry = self._events.get(key)
+            if entry is not None and entry[0] is text:
+                self.found += 1
+                return entry[1]
+        event = decode_line(text)
+        with self._lock:
+            self.parsed += 1
+            if key not in self._events:
+                self._events[key] = (text, event)
+                self._chars += len(text)
+            while self._events and (
+                len(self._events) > self.max_lines or self._chars > self.max_chars
+            ):
+                _key, (old, _event) = self._events.popitem(last=False)
+                self._chars -= len(old)
+        return event
+
+    def clear(self) -> None:
+        """Forget every line."""
+        with self._lock:
+            self._events.clear()
+            self._chars = 0
+
+
+#: The one cache of the process: every session's lines, every reader.
+RECENT = RecentLines()
+
+
+def read_line(text: str) -> ClaudeEvent | None:
+    """The typed event of one output line, or None when it is no stream-json event.
+
+    Parsed once while recent (:data:`RECENT`): the usage meter and every view of a run
+    share the parse. Never raises.
+
+    Args:
+        text: One output line (a session's masked line).
+    """
+    return RECENT.read(text)
