@@ -185,6 +185,7 @@ MALFORMED = [
     + "}" * 900
     + "}]}}",
     "{" * DEEP + "}" * DEEP,
+    '{"usage":' + "[" * DEEP + "]" * DEEP + ',"total_cost_usd":1}',
     "[" * DEEP + "]" * DEEP,
     "{\ufffd\ufffd invalid utf-8 replaced \ufffd}",
     "\x00\x01\x02 binary \x7f\x9b2J",
@@ -208,7 +209,7 @@ def test_any_line_renders_and_nothing_raises(line):
     lines = render_output_line(line, mask=Masker(["secret-value"]))
     for rendered in lines:
         assert not CONTROL.search(rendered.text)
-        assert len(rendered.text) <= render_module.MAX_MARKDOWN_CHARS + 100
+        assert len(rendered.text) <= render_module.MAX_MARKDOWN_LINE_CHARS + 100
         assert html_problems(rendered.to_html()) == []
         rendered.to_html().encode("utf-8")
     view = SessionView("pod")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
@@ -53,15 +52,9 @@ def _first_line(text: str, limit: int = 160) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
-def _number(value: Any) -> float | None:
-    """A JSON number as a float; None for anything else (strings, null, bools, huge ints)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
+def format_count(value: float | None) -> str:
+    """A count as ``1,234`` (rounded), or ``?`` when it is not known."""
+    return "?" if value is None else f"{value:,.0f}"
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -82,7 +82,7 @@ _MARKDOWN_LOCK = threading.Lock()
 
 #: Markdown larger than this, or with more link and emphasis marks, is shown as text:
 #: markdown-it-py takes time quadratic in nested brackets (``"![" * 10000``: a second).
-MARKDOWN_MAX_CHARS = 200_000
+MARKDOWN_PARSE_MAX_CHARS = 200_000
 MARKDOWN_MAX_MARKS = 2_000
 #: Inline tokens whose text a reader sees, joined, once the Markdown is rendered.
 _SHOWN_TEXT = ("text", "code_inline", "softbreak", "hardbreak")
@@ -125,7 +125,7 @@ def markdown_to_html(text: str, mask: Callable[[str], str] | None = None) -> str
         The HTML; on any failure of the Markdown library, the escaped text.
     """
     text = clean_text(text)
-    if len(text) > MARKDOWN_MAX_CHARS or sum(map(text.count, "[*_")) > MARKDOWN_MAX_MARKS:
+    if len(text) > MARKDOWN_PARSE_MAX_CHARS or sum(map(text.count, "[*_")) > MARKDOWN_MAX_MARKS:
         return f"<pre>{html.escape(mask(text) if mask else text)}</pre>"
     try:
         with _MARKDOWN_LOCK:  # the parser and renderer are not documented as thread-safe

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import html
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..logs import log_swallowed
 from ..secrets import MASK
-from .clean import _clip, _first_line, _number, _short, clean_text
+from ..stream_json import (
+    ApiRetry,
+    AssistantMessage,
+    ClaudeEvent,
+    Compacted,
+    OtherBlock,
+    OtherSystem,
+    PermissionDenied,
+    RateLimit,
+    Result,
+    SessionStateChanged,
+    SystemInit,
+    SystemStatus,
+    TextBlock,
+    ThinkingBlock,
+    ToolResult,
+    ToolUse,
+    UserMessage,
+    read_line,
+)
+from .clean import _clip, _first_line, _short, clean_text, format_count
 from .markdown import _MASK_STAND_IN, markdown_to_html
 
 log = logging.getLogger(__package__)
@@ -50,8 +69,8 @@ _QUIET_TYPES = frozenset({"stream_event", "tool_progress", "keep_alive"})
 _QUIET_SYSTEM = frozenset({"thinking_tokens"})
 #: Fields left out of the summary of an unknown event.
 _SUMMARY_SKIP = frozenset({"type", "subtype", "uuid", "session_id", "parent_tool_use_id"})
-#: Longest Markdown text rendered as Markdown; the transcript keeps the whole text.
-MAX_MARKDOWN_CHARS = 20000
+#: Longest text of one rendered Markdown line (an answer); the transcript keeps the whole.
+MAX_MARKDOWN_LINE_CHARS = 20000
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +101,7 @@ class Line:
         return f'<div class="cldpd-{self.kind}">{html.escape(self.text)}</div>'
 
 
-def _count(value: Any) -> str:
-    number = _number(value)
-    return "?" if number is None else f"{number:,.0f}"
-
-
-def _summary(obj: dict[str, Any], limit: int = 160) -> str:
+def _summary(obj: Mapping[str, Any], limit: int = 160) -> str:
     """``key=value`` of an event's scalar fields, for events this renderer does not know."""
     parts = [
         f"{key}={_short(value)}"
@@ -100,29 +114,11 @@ def _summary(obj: dict[str, Any], limit: int = 160) -> str:
     return _first_line(" ".join(parts), limit)
 
 
-def _text_of(content: Any) -> str:
-    """The text of a message or tool-result content: a string, or a list of blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                if part.get("type") == "image":
-                    parts.append("[image]")
-                elif isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-            elif isinstance(part, str):
-                parts.append(part)
-        return "\n".join(parts)
-    return "" if content is None else json.dumps(content)
-
-
-def _tool_call(name: Any, args: Any) -> str:
+def _tool_call(name: str, args: Any) -> str:
     """``Name: key argument`` of a tool call (the argument that says what it does)."""
-    name = _first_line(str(name or "tool"), 60)
+    name = _first_line(name or "tool", 60)
     value: Any = None
-    if isinstance(args, dict):
+    if isinstance(args, Mapping):
         key = _KEY_ARGS.get(name)
         value = args.get(key) if key else None
         if value is None:
@@ -136,23 +132,44 @@ def _tool_call(name: Any, args: Any) -> str:
 
 
 def _markdown_line(text: str, kind: str = "markdown") -> Line:
-    text = _clip(text.strip(), MAX_MARKDOWN_CHARS)
+    text = _clip(text.strip(), MAX_MARKDOWN_LINE_CHARS)
     return Line(kind, text, text.count("\n") + 1)
 
 
-def _duration(value: Any) -> str:
-    number = _number(value)
-    return "? s" if number is None else f"{number / 1000:.1f} s"
+def _duration(value: float | None) -> str:
+    return "? s" if value is None else f"{value / 1000:.1f} s"
+
+
+def _event_line(name: str, raw: Mapping[str, Any]) -> Line:
+    """The compact line of an event this renderer shows only in brief."""
+    return Line("event", f"· {name}: {_summary(raw)}".rstrip(": "))
+
+
+#: Which method renders which event (looked up on the instance, so a test may patch one).
+_HANDLERS: dict[type[ClaudeEvent], str] = {
+    SystemInit: "_on_init",
+    SystemStatus: "_on_status",
+    ApiRetry: "_on_api_retry",
+    Compacted: "_on_compacted",
+    PermissionDenied: "_on_permission_denied",
+    SessionStateChanged: "_on_other_system",
+    OtherSystem: "_on_other_system",
+    AssistantMessage: "_on_assistant",
+    UserMessage: "_on_user",
+    RateLimit: "_on_rate_limit",
+    Result: "_on_result",
+}
 
 
 class StreamRenderer:
     """Renders one agent's output lines, keeping what it must remember between them.
 
-    It remembers the last assistant text shown, so that the final ``result`` event does
-    not show the same answer again. Every line it produces is free of terminal escapes
-    and masked with ``mask`` *after* JSON decoding, so a secret written with ``\\uXXXX``
-    escapes is masked too. Rendering never raises: a line that cannot be rendered as an
-    event is shown as text.
+    It reads each line's typed event (:func:`~cldpd_magic.stream_json.read_line`, parsed
+    once however many read it) and only formats it. It remembers the last assistant text
+    shown, so that the final ``result`` event does not show the same answer again. Every
+    line it produces is free of terminal escapes and masked with ``mask`` *after* JSON
+    decoding, so a secret written with ``\\uXXXX`` escapes is masked too. Rendering never
+    raises: a line that cannot be rendered as an event is shown as text.
 
     Args:
         mask: Applied to the text of every produced line (e.g. a session's ``Masker``).
@@ -165,7 +182,8 @@ class StreamRenderer:
     def render(self, text: str) -> list[Line]:
         """Render one output line: a Claude Code stream-json event, or plain text."""
         try:
-            lines = self._render(text)
+            event = read_line(text)
+            lines = None if event is None else self.render_event(event)
         except Exception:  # hostile output must never end a session or its consumer
             log_swallowed(log, "rendering an output line failed; shown as text", self.mask)
             lines = None
@@ -190,193 +208,152 @@ class StreamRenderer:
         markup = self.mask(markdown_to_html(source, self.mask)).replace(_MASK_STAND_IN, MASK)
         return Line(line.kind, self.mask(text), line.lines, f'<div class="cldpd-md">{markup}</div>')
 
-    def _render(self, text: str) -> list[Line] | None:
-        stripped = text.strip()
-        if not (stripped.startswith("{") and stripped.endswith("}")):
-            return None
-        try:
-            obj = json.loads(stripped)
-        except (ValueError, RecursionError):
-            return None
-        return self.render_event(obj) if isinstance(obj, dict) else None
-
-    def render_event(self, obj: dict[str, Any]) -> list[Line] | None:
-        """Render one decoded stream-json event; None when it is no event (shown as text).
+    def render_event(self, event: ClaudeEvent) -> list[Line] | None:
+        """Render one typed stream-json event.
 
         Args:
-            obj: A decoded JSON line.
+            event: The event of a line.
 
         Returns:
-            Rendered lines (none for events that stay quiet), or None when the object
-            has no string ``type``.
+            Rendered lines (none for events that stay quiet), or None when the event
+            cannot be shown as one (a message without readable content): the line is
+            then shown as text.
         """
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            return None
-        handler = getattr(self, f"_on_{kind}", None) if kind.isidentifier() else None
-        if kind in _QUIET_TYPES:
-            return []
-        if handler is None:
-            return [Line("event", f"· {_first_line(kind, 40)}: {_summary(obj)}".rstrip(": "))]
-        return handler(obj)
+        handler = _HANDLERS.get(type(event))
+        if handler is None:  # control frames and unknown types, in brief
+            kind = event.type
+            return [] if kind in _QUIET_TYPES else [_event_line(_first_line(kind, 40), event.raw)]
+        return getattr(self, handler)(event)
 
-    def _on_system(self, obj: dict[str, Any]) -> list[Line]:
-        subtype = obj.get("subtype")
-        if subtype == "init":
-            tools = obj.get("tools")
-            servers = obj.get("mcp_servers")
-            parts = [
-                f"● Claude Code {_short(obj.get('claude_code_version') or '')}".rstrip(),
-                f"model {_short(obj.get('model') or '?')}",
-                f"permission mode {_short(obj.get('permissionMode') or '?')}",
-                f"{len(tools) if isinstance(tools, list) else '?'} tools",
-            ]
-            if isinstance(servers, list) and servers:
-                parts.append(f"{len(servers)} MCP servers")
-            if obj.get("session_id"):
-                parts.append(f"session {_short(obj['session_id'])}")
-            return [Line("system", " · ".join(parts))]
-        if subtype == "api_retry":
-            status = obj.get("error_status")
-            error = " ".join(_short(v) for v in (status, obj.get("error")) if v not in (None, ""))
-            return [
-                Line(
-                    "retry",
-                    f"↻ API retry {_count(obj.get('attempt'))}/{_count(obj.get('max_retries'))}"
-                    f" in {_duration(obj.get('retry_delay_ms'))}" + (f": {error}" if error else ""),
-                )
-            ]
-        if subtype == "compact_boundary":
-            meta = obj.get("compact_metadata")
-            meta = meta if isinstance(meta, dict) else {}
-            trigger = _short(meta.get("trigger") or "?")
-            return [
-                Line(
-                    "system",
-                    f"── conversation compacted ({trigger}, "
-                    f"{_count(meta.get('pre_tokens'))} tokens before) ──",
-                )
-            ]
-        if subtype == "permission_denied":
-            call = _tool_call(obj.get("tool_name"), None)
-            reason = _first_line(_text_of(obj.get("message")), 200)
-            return [
-                Line("denied", f"⊘ permission denied: {call}" + (f": {reason}" if reason else ""))
-            ]
-        if subtype == "status" and obj.get("status") in (None, ""):
-            return []
+    def _on_init(self, event: SystemInit) -> list[Line]:
+        parts = [
+            f"● Claude Code {_short(event.claude_code_version)}".rstrip(),
+            f"model {_short(event.model or '?')}",
+            f"permission mode {_short(event.permission_mode or '?')}",
+            f"{'?' if event.tools is None else len(event.tools)} tools",
+        ]
+        if event.mcp_servers:
+            parts.append(f"{len(event.mcp_servers)} MCP servers")
+        if event.session_id:
+            parts.append(f"session {_short(event.session_id)}")
+        return [Line("system", " · ".join(parts))]
+
+    def _on_status(self, event: SystemStatus) -> list[Line]:
+        return [] if event.status is None else self._on_other_system(event)
+
+    def _on_api_retry(self, event: ApiRetry) -> list[Line]:
+        error = " ".join(_short(v) for v in (event.error_status, event.error) if v)
+        attempts = f"{format_count(event.attempt)}/{format_count(event.max_retries)}"
+        return [
+            Line(
+                "retry",
+                f"↻ API retry {attempts} in {_duration(event.retry_delay_ms)}"
+                + (f": {error}" if error else ""),
+            )
+        ]
+
+    def _on_compacted(self, event: Compacted) -> list[Line]:
+        return [
+            Line(
+                "system",
+                f"── conversation compacted ({_short(event.trigger or '?')}, "
+                f"{format_count(event.pre_tokens)} tokens before) ──",
+            )
+        ]
+
+    def _on_permission_denied(self, event: PermissionDenied) -> list[Line]:
+        call = _tool_call(event.tool_name, None)
+        reason = _first_line(event.message, 200)
+        return [Line("denied", f"⊘ permission denied: {call}" + (f": {reason}" if reason else ""))]
+
+    def _on_other_system(self, event: ClaudeEvent) -> list[Line]:
+        subtype = event.raw.get("subtype")
         if isinstance(subtype, str) and subtype in _QUIET_SYSTEM:
             return []
         name = f"system/{_first_line(str(subtype), 40)}" if subtype is not None else "system"
-        return [Line("event", f"· {name}: {_summary(obj)}".rstrip(": "))]
+        return [_event_line(name, event.raw)]
 
-    def _on_assistant(self, obj: dict[str, Any]) -> list[Line] | None:
-        message = obj.get("message")
-        if not isinstance(message, dict):
-            return None
-        content = message.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list):
+    def _on_assistant(self, event: AssistantMessage) -> list[Line] | None:
+        if event.blocks is None:
             return None
         lines: list[Line] = []
-        for block in content:
-            btype = block.get("type") if isinstance(block, dict) else None
-            if btype == "text":
-                text = _text_of(block.get("text"))
-                if text.strip():
-                    self.last_text = text.strip()
-                    lines.append(_markdown_line(text))
-            elif btype == "thinking":
-                thought = _text_of(block.get("thinking"))
-                if thought.strip():
-                    lines.append(Line("thinking", f"✻ {_first_line(thought, 120)}"))
-            elif btype == "redacted_thinking":
-                lines.append(Line("thinking", "✻ (redacted thinking)"))
-            elif btype in ("tool_use", "server_tool_use", "mcp_tool_use"):
-                lines.append(Line("tool", f"▸ {_tool_call(block.get('name'), block.get('input'))}"))
-            elif isinstance(btype, str):
-                lines.append(Line("event", f"· {_first_line(btype, 40)} block"))
-            else:
-                lines.append(Line("event", f"· content block: {_short(block, 120)}"))
+        for block in event.blocks:
+            if isinstance(block, TextBlock):
+                if block.text.strip():
+                    self.last_text = block.text.strip()
+                    lines.append(_markdown_line(block.text))
+            elif isinstance(block, ThinkingBlock):
+                if block.redacted:
+                    lines.append(Line("thinking", "✻ (redacted thinking)"))
+                elif block.text.strip():
+                    lines.append(Line("thinking", f"✻ {_first_line(block.text, 120)}"))
+            elif isinstance(block, ToolUse):
+                lines.append(Line("tool", f"▸ {_tool_call(block.name, block.input)}"))
+            elif isinstance(block, OtherBlock) and block.type is not None:
+                lines.append(Line("event", f"· {_first_line(block.type, 40)} block"))
+            elif isinstance(block, OtherBlock):
+                lines.append(Line("event", f"· content block: {_short(block.value, 120)}"))
         return lines
 
-    def _on_rate_limit_event(self, obj: dict[str, Any]) -> list[Line]:
-        info = obj.get("rate_limit_info")
-        if isinstance(info, dict) and info.get("status") == "allowed":
+    def _on_rate_limit(self, event: RateLimit) -> list[Line]:
+        if event.info is not None and event.status == "allowed":
             return []
-        summary = _summary(info) if isinstance(info, dict) else _summary(obj)
+        summary = _summary(event.info if event.info is not None else event.raw)
         return [Line("retry", f"⚠ rate limit: {summary}")]
 
-    def _on_user(self, obj: dict[str, Any]) -> list[Line] | None:
-        message = obj.get("message")
-        if not isinstance(message, dict):
-            return None
-        content = message.get("content")
-        if isinstance(content, str):
-            return [Line("user", f"▷ {_first_line(content)}")] if content.strip() else []
-        if not isinstance(content, list):
+    def _on_user(self, event: UserMessage) -> list[Line] | None:
+        if event.blocks is None:
             return None
         lines: list[Line] = []
-        for block in content:
-            if not isinstance(block, dict):
-                continue
-            if block.get("type") == "tool_result":
-                text = _text_of(block.get("content")).strip()
+        for block in event.blocks:
+            if isinstance(block, ToolResult):
+                text = block.text.strip()
                 count = len(text.splitlines())
                 more = f" (+{count - 1} lines)" if count > 1 else ""
-                if block.get("is_error"):
+                if block.is_error:
                     lines.append(Line("tool_error", f"  ✗ {_first_line(text)}{more}"))
                 else:
                     lines.append(Line("tool_result", f"  ↳ {_first_line(text)}{more}"))
-            elif block.get("type") == "text" and str(block.get("text") or "").strip():
-                lines.append(Line("user", f"▷ {_first_line(str(block['text']))}"))
+            elif isinstance(block, TextBlock) and block.text.strip():
+                lines.append(Line("user", f"▷ {_first_line(block.text)}"))
         return lines
 
-    def _on_result(self, obj: dict[str, Any]) -> list[Line]:
-        subtype = obj.get("subtype")
-        answer = _text_of(obj.get("result")).strip()
-        errors = obj.get("errors")
-        reason = (
-            next((e for e in errors if isinstance(e, str) and e.strip()), "")
-            if (isinstance(errors, list))
-            else ""
-        )
-        if subtype == "success" and not obj.get("is_error"):
-            head = "✓ done"
-        elif subtype == "success" or subtype is None:
-            head = f"✗ failed: {_first_line(reason or answer or 'no reason given', 300)}"
-        else:
-            name = _RESULT_NAMES.get(subtype) if isinstance(subtype, str) else None
-            head = f"✗ {name or _first_line(str(subtype), 60)}"
-            if reason:
-                head += f": {_first_line(reason, 300)}"
-        turns = _count(obj.get("num_turns"))
+    def _on_result(self, event: Result) -> list[Line]:
+        head = _result_head(event)
+        turns = format_count(event.turns)
         turns += " turn" if turns == "1" else " turns"
-        parts = [head, turns, _duration(obj.get("duration_ms"))]
-        cost = _number(obj.get("total_cost_usd", obj.get("cost_usd")))
-        if cost is not None:
-            parts.append(f"${cost:.4f}")
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            tokens_in = sum(
-                _number(usage.get(k)) or 0
-                for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        parts = [head, turns, _duration(event.duration_ms)]
+        if event.cost_usd is not None:
+            parts.append(f"${event.cost_usd:.4f}")
+        if event.usage is not None:
+            tokens_in = event.usage.all_input
+            parts.append(
+                f"{tokens_in:,.0f} in / {format_count(event.usage.output_tokens)} out tokens"
             )
-            parts.append(f"{tokens_in:,.0f} in / {_count(usage.get('output_tokens'))} out tokens")
-        if obj.get("session_id"):
-            parts.append(f"session {_short(obj['session_id'])}")
+        if event.session_id:
+            parts.append(f"session {_short(event.session_id)}")
         lines = [Line("result" if head.startswith("✓") else "failed", " · ".join(parts))]
-        denials = obj.get("permission_denials")
-        for denial in denials if isinstance(denials, list) else []:
-            if isinstance(denial, dict):
-                call = _tool_call(denial.get("tool_name"), denial.get("tool_input"))
-                lines.append(Line("denied", f"⊘ permission denied: {call}"))
+        for denial in event.denials:
+            call = _tool_call(denial.tool_name, denial.tool_input)
+            lines.append(Line("denied", f"⊘ permission denied: {call}"))
         # The answer is usually the last assistant text, already shown: not twice. A
         # failure's one-line reason is in the summary line already.
+        answer = event.answer
         if answer and answer != self.last_text and (head.startswith("✓") or "\n" in answer):
             lines.append(_markdown_line(answer))
         return lines
+
+
+def _result_head(event: Result) -> str:
+    """``✓ done``, or ``✗`` and why the run (or turn) failed."""
+    reason = next((e for e in event.errors if e.strip()), "")
+    subtype = event.subtype
+    if subtype == "success" and not event.is_error:
+        return "✓ done"
+    if subtype == "success" or subtype is None:
+        return f"✗ failed: {_first_line(reason or event.answer or 'no reason given', 300)}"
+    head = f"✗ {_RESULT_NAMES.get(subtype) or _first_line(subtype, 60)}"
+    return head + (f": {_first_line(reason, 300)}" if reason else "")
 
 
 def render_output_line(text: str, mask: Callable[[str], str] | None = None) -> list[Line]:
@@ -390,8 +367,3 @@ def render_output_line(text: str, mask: Callable[[str], str] | None = None) -> l
         The rendered lines; never raises.
     """
     return StreamRenderer(mask).render(text)
-
-
-def render_stream_json(obj: dict[str, Any]) -> list[Line] | None:
-    """Render one decoded Claude Code stream-json event; None when it is no event."""
-    return StreamRenderer().render_event(obj)

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..events import Event, RunState
 from ..logs import log_swallowed
-from .clean import _first_line, _number, clean_text
+from ..stream_json import json_number
+from .clean import _first_line, clean_text
 from .stream import Line
 from .views import DEFAULT_MAX_LINES, SessionView
 
@@ -148,8 +149,8 @@ def run_name(session: Session) -> str:
 def _usage_cells(session: Session) -> tuple[str, str]:
     """The turns and cost of a run so far, as table cells ("-" while unknown)."""
     usage = getattr(session, "usage", None)
-    turns = _number(getattr(usage, "turns", None))
-    cost = _number(getattr(usage, "cost_usd", None))
+    turns = json_number(getattr(usage, "turns", None))
+    cost = json_number(getattr(usage, "cost_usd", None))
     return (
         "-" if not turns else f"{turns:,.0f}",
         "-" if cost is None or (not cost and not turns) else f"${cost:.4f}",
@@ -295,8 +296,8 @@ class BatchView:
             state = "queued" if self._queued(row.session) else str(row.state)
             counts[state] = counts.get(state, 0) + 1
             usage = getattr(row.session, "usage", None)
-            turns += _number(getattr(usage, "turns", None)) or 0
-            cost += _number(getattr(usage, "cost_usd", None)) or 0
+            turns += json_number(getattr(usage, "turns", None)) or 0
+            cost += json_number(getattr(usage, "cost_usd", None)) or 0
         states = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no runs yet"
         return f"{self.title}: {states} · {turns:,.0f} turns · ${cost:.4f}"
 
