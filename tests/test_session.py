@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import re
@@ -612,3 +613,66 @@ def test_a_session_is_stopping_from_the_stop_until_its_end(transcript_dir):
     session.stop(1)
     assert seen == [RunState.STOPPING]
     assert session.state is RunState.STOPPED and session.exit_code == 0
+
+
+# -- one parse per line for the usage meter and every view --------------------------------
+
+
+def test_each_line_is_parsed_once_for_the_meter_and_every_view(transcript_dir, monkeypatch):
+    from collections import Counter
+
+    from cldpd_magic import stream_json
+    from cldpd_magic.render import SessionView, TextFeed
+
+    parsed: Counter[str] = Counter()
+    decode = stream_json.decode_line
+
+    def counting(text: str):
+        parsed[text] += 1
+        return decode(text)
+
+    monkeypatch.setattr(stream_json, "decode_line", counting)
+    usage = {"input_tokens": 10, "output_tokens": 2}
+    lines = [
+        json.dumps({"type": "system", "subtype": "init", "model": "m", "tools": []}),
+        json.dumps({"type": "assistant", "message": {"id": "m1", "model": "m", "usage": usage,
+                    "content": [{"type": "text", "text": "Hello."}]}}),
+        json.dumps({"type": "user", "message": {"content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}}),
+        json.dumps({"type": "result", "subtype": "success", "num_turns": 1, "usage": usage,
+                    "total_cost_usd": 0.01, "result": "Hello."}),
+        "plain text",
+    ]  # fmt: skip
+
+    release = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        ctl.stdout.write("".join(line + "\n" for line in lines))
+        release.wait(10)
+        return 0
+
+    session = make_session(transcript_dir, job)
+    while session.event_count < 1 + len(lines):
+        threading.Event().wait(0.01)
+    # The meter (the session's writer thread) parsed what can carry usage, and only that.
+    assert parsed == Counter({lines[1]: 1, lines[3]: 1})
+    assert session.usage.turns == 1 and session.usage.cost_usd == 0.01
+    # Two views of the running session: still one parse per JSON line, none of text.
+    view = SessionView("pod", session=session)
+    out = io.StringIO()
+    text = TextFeed(session, out)
+    for batch in session.event_batches():
+        for event in batch:
+            view.add(event)
+        text.write(batch)
+        if len(batch) and batch[-1].data == "plain text":
+            break
+    assert "✓ done · 1 turn" in view.text() and "✓ done · 1 turn" in out.getvalue()
+    assert parsed == Counter({line: 1 for line in lines[:4]})
+    release.set()
+    assert session.wait(10) == 0
+    # The control: a line read back from the transcript is a new object, parsed again.
+    replayed = [e.data for e in read_transcript(session.transcript) if e.type is E.OUTPUT]
+    SessionView("pod").add(Event(E.OUTPUT, replayed[1]))
+    assert parsed[lines[1]] == 2

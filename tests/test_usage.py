@@ -11,7 +11,7 @@ from fakes import ISSUE_URL as URL
 from fakes import AgentCall, FakeRunner, write_pod
 
 from cldpd_magic import Dispatcher, PodConfigError, Usage, discover_pod
-from cldpd_magic.events import RunState
+from cldpd_magic.events import EventType, RunState
 from cldpd_magic.runs.session import StopReason
 from cldpd_magic.runs.usage import Limits, UsageMeter, estimate_cost, usage_from_transcript
 
@@ -60,6 +60,86 @@ def test_real_cli_output_gives_the_cli_totals():
         meter.feed(line)
     assert meter.usage == Usage(4, 1860, 132, 300, 0, pytest.approx(0.01014))
     assert meter.result_subtype == "success"
+
+
+# --- Several results in one process (streaming input: one result per turn) -------------------
+
+INTERACTIVE = FIXTURES / "interactive"
+
+
+def fixture_lines(name: str) -> list[str]:
+    """The real CLI's lines of one streaming-input process (see interactive/README.md)."""
+    return (INTERACTIVE / f"{name}.jsonl").read_text().splitlines()
+
+
+def results_of(lines: list[str]) -> list[dict]:
+    return [o for o in map(json.loads, lines) if o.get("type") == "result"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # per turn: (1, 120 in, 24 out, $0.00096 cumulative), (1, 120, 24, $0.00192)
+        ("two_turns", Usage(2, 240, 48, 0, 0, pytest.approx(0.00192))),
+        ("cancel", Usage(6, 480, 96, 0, 0, pytest.approx(0.00384))),
+        ("modes", Usage(5, 600, 120, 0, 0, pytest.approx(0.0048))),
+        ("replay_state", Usage(4, 480, 96, 0, 0, pytest.approx(0.00384))),
+        ("hooks", Usage(2, 240, 48, 0, 0, pytest.approx(0.00192))),
+        # the second turn passed the budget: "usage" says 0 for the 120/24 it spent
+        ("budget", Usage(3, 240, 48, 0, 0, pytest.approx(0.00192))),
+    ],
+)
+def test_turns_and_tokens_add_up_over_results_and_the_cost_is_the_last(name, expected):
+    lines = fixture_lines(name)
+    meter = UsageMeter()
+    for line in lines:
+        meter.feed(line)
+    assert meter.usage == expected
+    # The process's own cumulative figures agree: every model's tokens, the total cost.
+    last = results_of(lines)[-1]
+    models = last["modelUsage"].values()
+    assert meter.usage.input_tokens == sum(m["inputTokens"] for m in models)
+    assert meter.usage.output_tokens == sum(m["outputTokens"] for m in models)
+    assert meter.usage.cost_usd == last["total_cost_usd"]
+
+
+def test_taking_the_last_result_as_the_totals_would_be_wrong():
+    """The control: the last result alone is one turn of the two."""
+    (first, last) = results_of(fixture_lines("two_turns"))
+    assert (first["num_turns"], first["usage"]["input_tokens"]) == (1, 120)
+    assert (last["num_turns"], last["usage"]["input_tokens"]) == (1, 120)
+    assert last["total_cost_usd"] == 2 * first["total_cost_usd"]
+    meter = UsageMeter()
+    meter.feed(json.dumps(last))
+    assert (meter.usage.turns, meter.usage.input_tokens) == (1, 120)
+
+
+def test_between_results_the_new_turn_is_estimated_then_replaced():
+    lines = fixture_lines("two_turns")
+    first_result = next(i for i, line in enumerate(lines) if '"type":"result"' in line)
+    meter = UsageMeter()
+    for line in lines[: first_result + 1]:
+        meter.feed(line)
+    assert meter.usage == Usage(1, 120, 24, 0, 0, pytest.approx(0.00096))
+    second_turn = lines[first_result + 1 :]
+    for line in second_turn[:-1]:  # the second turn's init and answer, not its result
+        meter.feed(line)
+    estimate = meter.usage
+    assert (estimate.turns, estimate.input_tokens) == (2, 240)
+    assert 24 < estimate.output_tokens < 48  # a message's usage while it streams: not final
+    assert estimate.cost_usd > 0.00096
+    meter.feed(second_turn[-1])
+    assert meter.usage == Usage(2, 240, 48, 0, 0, pytest.approx(0.00192))
+    assert meter.result_subtype == "success"
+
+
+def test_a_result_without_usage_keeps_the_tokens_of_its_messages():
+    meter = UsageMeter()
+    meter.feed(assistant("msg_1", 100, 10))
+    meter.feed(json.dumps({"type": "result", "subtype": "success", "num_turns": 1}))
+    meter.feed(assistant("msg_2", 50, 5))
+    meter.feed(json.dumps({"type": "result", "subtype": "success", "cost_usd": 0.5}))
+    assert meter.usage == Usage(2, 150, 15, 0, 0, 0.5)  # the older "cost_usd" is read too
 
 
 def test_plain_text_and_hostile_lines_change_nothing():
@@ -212,3 +292,33 @@ def test_caps_in_pod_json_are_read(pods_dir):
     write_pod(pods_dir, "p", {"maxCostUsd": 2, "maxTurns": 30, "timeoutSeconds": 1800})
     config = discover_pod(pods_dir, "p").config
     assert (config.max_cost_usd, config.max_turns, config.timeout_seconds) == (2.0, 30, 1800.0)
+
+
+# --- Hostile lines never end a run -----------------------------------------------------------
+
+#: A JSON line nested deeper than the decoder's recursion limit, with the meter's keys in it.
+DEEP = '{"usage":' + "[" * 100_000 + "]" * 100_000 + ', "total_cost_usd": 1}'
+
+
+def test_a_deeply_nested_line_is_ignored_not_raised():
+    meter = UsageMeter()
+    assert meter.feed(DEEP) is False
+    assert meter.usage == Usage()
+    meter.feed(assistant("msg_1", 10, 1))  # the meter goes on counting
+    assert meter.usage.turns == 1
+
+
+def test_a_run_printing_a_deeply_nested_line_keeps_every_line(tmp_path):
+    from cldpd_magic.runs.session import Session
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        ctl.stdout.write(f"before\n{DEEP}\n{assistant('msg_1', 10, 1)}\nafter\n")
+        return 0
+
+    session = Session("pod", "c", job, tmp_path)
+    assert session.wait(30) == 0
+    assert session.state is RunState.EXITED
+    output = [e.data for e in session.events() if e.type is EventType.OUTPUT]
+    assert output == ["before", DEEP, assistant("msg_1", 10, 1), "after"]
+    assert session.usage.turns == 1

@@ -1,22 +1,32 @@
 """What a run used (turns, tokens, cost), read live from Claude Code's stream-json output.
 
-A ``result`` event carries the authoritative totals of the CLI run so far
-(``num_turns``, ``usage``, ``total_cost_usd``). Between results, each assistant message
-adds its ``usage`` (counted once per message id: the CLI repeats a message's usage on
-every content block) and a cost estimated from list prices, so a budget can act before
-the turn after next. Lines that are not stream-json are ignored.
+Each ``result`` closes a turn with the CLI's own figures: that turn's ``num_turns`` and
+``usage``, and the process's cumulative ``total_cost_usd`` (one result per run with
+``-p``; one per user message in streaming-input mode). Between results, each assistant
+message adds its ``usage`` (counted once per message id: the CLI repeats a message's
+usage on every content block) and a cost estimated from list prices, so a budget can act
+before the turn after next. Lines that are not stream-json are ignored.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..events import Usage
+from ..stream_json import (
+    AssistantMessage,
+    ClaudeEvent,
+    Result,
+    TokenUsage,
+    decode_line,
+    json_number,
+    read_line,
+)
 
 __all__ = [
     "Limits",
@@ -72,26 +82,19 @@ def estimate_cost(model: str, usage: Usage) -> float:
     ) / 1e6
 
 
-def _number(value: object) -> float | None:
-    """A JSON number that can be a count or a cost (finite, not negative), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+def _count(value: float | None) -> int:
+    """A count or a number of tokens: a whole number, 0 unless a finite number >= 0."""
+    return 0 if value is None or value < 0 else int(value)
 
 
-def _int(value: object) -> int:
-    number = _number(value)
-    return 0 if number is None else int(number)
-
-
-def _tokens(raw: object) -> Usage:
-    if not isinstance(raw, dict):
+def _tokens(usage: TokenUsage | None) -> Usage:
+    if usage is None:
         return Usage()
     return Usage(
-        input_tokens=_int(raw.get("input_tokens")),
-        output_tokens=_int(raw.get("output_tokens")),
-        cache_read_tokens=_int(raw.get("cache_read_input_tokens")),
-        cache_creation_tokens=_int(raw.get("cache_creation_input_tokens")),
+        input_tokens=_count(usage.input_tokens),
+        output_tokens=_count(usage.output_tokens),
+        cache_read_tokens=_count(usage.cache_read_tokens),
+        cache_creation_tokens=_count(usage.cache_creation_tokens),
     )
 
 
@@ -106,12 +109,25 @@ MAX_LINKS = 50
 class UsageMeter:
     """Follows one run's output lines and keeps its :class:`Usage` and printed links.
 
+    It reads the lines' typed events (:mod:`cldpd_magic.stream_json`). A ``result``
+    closes a turn: in one-shot ``-p`` runs there is one for the whole run; a process that
+    takes several user messages writes one per turn, whose ``num_turns`` and tokens
+    (``model_usage_since_last_result``, else ``usage``) are that turn's alone while
+    ``total_cost_usd`` is cumulative. So turns and tokens are summed over the results,
+    and the cost is the last result's. Assistant messages since the last result add an
+    estimate (a turn each, their tokens, list prices), replaced by the figures of the
+    next result.
+
     Safe to read from any thread while one thread feeds it.
+
+    Attributes:
+        result_subtype: The last result's subtype ("" before one).
+        links: Pull request, branch and commit links printed, in order.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._base = Usage()
+        self._results = Usage()
         self._messages: dict[str, tuple[str, Usage]] = {}
         self._usage = Usage()
         self.result_subtype = ""
@@ -123,71 +139,82 @@ class UsageMeter:
         return self._usage
 
     def feed(self, line: str) -> bool:
-        """Take one output line; return whether the usage changed."""
+        """Take one output line; return whether the usage changed. Never raises."""
+        return self._feed(line, read_line)
+
+    def _feed(self, line: str, read: Callable[[str], ClaudeEvent | None]) -> bool:
         if "://" in line:
             self._collect_links(line)
-        if '"usage"' not in line and '"total_cost_usd"' not in line:
+        # Only these lines can change the usage; the others are parsed by whoever shows them.
+        if '"usage"' not in line and '"total_cost_usd"' not in line and '"cost_usd"' not in line:
             return False
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return False
-        if not isinstance(event, dict):
-            return False
-        kind = event.get("type")
+        return self.take(read(line))
+
+    def take(self, event: ClaudeEvent | None) -> bool:
+        """Take one line's typed event; return whether the usage changed.
+
+        Args:
+            event: The event (None, and events other than results and assistant
+                messages, change nothing).
+        """
         with self._lock:
-            if kind == "result":
+            if isinstance(event, Result):
                 self._on_result(event)
-            elif kind == "assistant" and isinstance(event.get("message"), dict):
-                if not self._on_assistant(event["message"]):
-                    return False
-            else:
+            elif not (isinstance(event, AssistantMessage) and self._on_assistant(event)):
                 return False
             self._usage = self._total()
         return True
 
-    def _on_result(self, event: dict) -> None:
-        tokens = _tokens(event.get("usage"))
-        cost = _number(event.get("total_cost_usd"))
+    def _on_result(self, result: Result) -> None:
+        since = self._since_result()
+        turns = _count(result.turns) or since.turns
+        if result.turn_model_usage is not None:
+            # The turn's tokens by model: right also where "usage" says 0 (over budget).
+            tokens = sum(map(_tokens, result.turn_model_usage.values()), Usage())
+        elif result.usage is not None:
+            tokens = _tokens(result.usage)
+        else:
+            tokens = since
+        cost = json_number(result.cost_usd, minimum=0)
         if cost is None:
-            cost = self._total().cost_usd
-        turns = _int(event.get("num_turns")) or self._total().turns
-        self._base = Usage(
-            turns,
-            tokens.input_tokens,
-            tokens.output_tokens,
-            tokens.cache_read_tokens,
-            tokens.cache_creation_tokens,
-            float(cost),
+            cost = self._results.cost_usd + since.cost_usd
+        done = self._results
+        self._results = Usage(
+            done.turns + turns,
+            done.input_tokens + tokens.input_tokens,
+            done.output_tokens + tokens.output_tokens,
+            done.cache_read_tokens + tokens.cache_read_tokens,
+            done.cache_creation_tokens + tokens.cache_creation_tokens,
+            cost,
         )
         self._messages.clear()
-        subtype = event.get("subtype")
-        self.result_subtype = subtype if isinstance(subtype, str) else ""
+        self.result_subtype = result.subtype or ""
 
-    def _on_assistant(self, message: dict) -> bool:
-        if message.get("id") is None or not isinstance(message.get("usage"), dict):
+    def _on_assistant(self, message: AssistantMessage) -> bool:
+        if message.message_id is None or message.usage is None:
             return False
-        model = message.get("model")
-        entry = (model if isinstance(model, str) else "", _tokens(message["usage"]))
-        key = str(message["id"])
-        if self._messages.get(key) == entry:
+        entry = (message.model, _tokens(message.usage))
+        if self._messages.get(message.message_id) == entry:
             return False
-        self._messages[key] = entry
+        self._messages[message.message_id] = entry
         return True
 
-    def _total(self) -> Usage:
-        total = self._base
+    def _since_result(self) -> Usage:
+        """The messages since the last result: a turn each, their tokens, estimated cost."""
+        total = Usage()
         for model, tokens in self._messages.values():
-            cost = estimate_cost(model, tokens)
             total = total + Usage(
                 1,
                 tokens.input_tokens,
                 tokens.output_tokens,
                 tokens.cache_read_tokens,
                 tokens.cache_creation_tokens,
-                cost,
+                estimate_cost(model, tokens),
             )
         return total
+
+    def _total(self) -> Usage:
+        return self._results + self._since_result()
 
     def _collect_links(self, line: str) -> None:
         for link in _LINK.findall(line):
@@ -202,5 +229,6 @@ def usage_from_transcript(path: str | Path) -> Usage:
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.startswith('{"type":"output"'):
-                meter.feed(json.loads(line)["data"])
+                # Parsed here only: these lines are no view's, not worth keeping as recent.
+                meter._feed(json.loads(line)["data"], decode_line)
     return meter.usage
