@@ -102,7 +102,8 @@ def _variants(variants: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, l
     return found
 
 
-def _count(what: str, value: object) -> int:
+def _positive_int(what: str, value: object) -> int:
+    """``value`` if it is a whole number of at least 1, else InvalidRequestError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequestError(f"{what} must be a whole number of at least 1, got {value!r}.")
     return value
@@ -125,8 +126,8 @@ def plan_batch(
     pod_names = _names("pod", pods)
     urls = _names("issue URL", issues)
     ways = _variants(variants)
-    _count("repeats", repeats)
-    _count("max_parallel", max_parallel)
+    _positive_int("repeats", repeats)
+    _positive_int("max_parallel", max_parallel)
     if budget_usd is not None and (
         isinstance(budget_usd, bool)
         or not isinstance(budget_usd, int | float)
