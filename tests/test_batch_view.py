@@ -493,3 +493,56 @@ def test_the_batch_cell_magic_on_the_real_engine(ip, docker_client, make_pod, ca
     ]  # fmt: skip
     assert all(r["exit_code"] == 0 for r in batch.results())
     assert _no_containers_of(docker_client, name) == []
+
+
+def test_a_batch_feed_keeps_the_first_error_of_its_many_threads(tmp_path):
+    first = RuntimeError("the frontend went away first")
+    published = threading.Event()
+    failing = threading.Barrier(8)
+
+    def publish(_view: BatchView) -> None:
+        if not published.is_set():
+            published.set()
+            raise first
+        raise RuntimeError("and again")
+
+    def reader_failing(n: int):
+        def event_batches():
+            published.wait(30)
+            failing.wait(30)  # the eight readers fail together
+            raise OSError(f"transcript {n} is gone")
+            yield  # pragma: no cover
+
+        return event_batches
+
+    sessions = [_session(tmp_path, f"p{n}", ["x"]) for n in range(8)]
+    for n, session in enumerate(sessions):
+        session.event_batches = reader_failing(n)  # type: ignore[method-assign]
+    view = BatchView()
+    feed = BatchFeed(FakeBatch(sessions), view, publish, 0.02)
+    assert feed.join(60)
+    assert feed.error is first
+    assert [str(row.state) for row in view.rows()] == ["failed"] * 8  # each says so
+
+
+def test_the_first_error_of_racing_threads_is_kept_and_never_replaced():
+    from cldpd_magic.render.feeds import _FirstError
+
+    errors = [OSError(n) for n in range(16)]
+    holder = _FirstError()
+    start = threading.Barrier(len(errors))
+
+    def record(exc: BaseException) -> None:
+        start.wait(30)
+        holder._record(exc)
+        assert holder.error is not None
+
+    threads = [threading.Thread(target=record, args=(e,)) for e in errors]
+    for thread in threads:
+        thread.start()
+    seen = holder.error
+    for thread in threads:
+        thread.join(30)
+    assert holder.error in errors and (seen is None or holder.error is seen)
+    holder._record(RuntimeError("later"))
+    assert holder.error in errors

@@ -585,3 +585,29 @@ def test_the_status_line_shows_usage_and_why_cldpd_stopped_a_run(tmp_path):
     stopped.status.request_stop("over budget")
     stopped.status.finish(130)
     assert stopped.status_text() == "pod: stopped: over budget (exit 130)"
+
+
+def test_a_feed_keeps_the_first_error_of_its_threads(tmp_path):
+    first = RuntimeError("the frontend went away first")
+    published = threading.Event()
+
+    def publish(view: SessionView) -> None:
+        if not published.is_set():
+            published.set()
+            raise first
+        raise RuntimeError("and again")
+
+    def events():
+        published.wait(30)  # the reader fails after the publisher
+        raise OSError("the transcript is gone")
+        yield  # pragma: no cover
+
+    session = _session(tmp_path, 1000)
+    session.events = events  # type: ignore[method-assign]
+    view = SessionView("pod")
+    feed = LiveFeed(session, view, publish, interval=0.02)
+    assert feed.join(30)
+    assert feed.error is first  # neither the reader's error nor a later publication's
+    assert "could not read the session's events: the transcript is gone" in view.text()
+    with pytest.raises(AttributeError):
+        feed.error = None  # type: ignore[misc]

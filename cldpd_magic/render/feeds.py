@@ -29,7 +29,26 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 _NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
 
 
-class LiveFeed:
+class _FirstError:
+    """The first error of a feed whose threads (readers, the publisher) may each fail."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first error recorded, if any."""
+        return self._error
+
+    def _record(self, exc: BaseException) -> None:
+        """Keep ``exc`` unless an error came first (any thread may call it)."""
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+
+
+class LiveFeed(_FirstError):
     """Consumes a session's events in a worker thread and publishes its view, batched.
 
     ``publish(view)`` runs at most once per ``interval`` while output flows, about once
@@ -44,6 +63,10 @@ class LiveFeed:
         view: The view to fill.
         publish: Called with the view when it should be shown again.
         interval: Seconds between publications while output flows.
+
+    Attributes:
+        error: The first error of its reader or publisher (the feed goes on after a
+            publication fails, and ends after its reader fails).
     """
 
     def __init__(
@@ -53,6 +76,7 @@ class LiveFeed:
         publish: Callable[[SessionView], None],
         interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
+        super().__init__()
         self.session = session
         self.view = view
         view.bind(session)
@@ -62,7 +86,6 @@ class LiveFeed:
         self._consumed = threading.Event()
         self._wake = threading.Event()
         self._done = threading.Event()
-        self.error: BaseException | None = None
         self._reader = threading.Thread(target=self._read, daemon=True, name="cldpd-feed-read")
         # The writer runs in a copy of the creator's context: a kernel keeps the parent
         # message there, so updates stay tied to the cell that started the feed.
@@ -79,7 +102,7 @@ class LiveFeed:
                 self.view.add(event)
         except BaseException as exc:  # the feed must end even if a transcript read fails
             log_swallowed(log, "reading the session's events failed", self.session.mask)
-            self.error = exc
+            self._record(exc)
             self.view.fail(f"could not read the session's events: {exc}")
         finally:
             self._consumed.set()
@@ -91,7 +114,7 @@ class LiveFeed:
             self.publications += 1
         except Exception as exc:  # a frontend going away must not kill the feed
             log_swallowed(log, "publishing the view failed", self.session.mask)
-            self.error = exc
+            self._record(exc)
 
     def _write(self) -> None:
         shown_version = -1
@@ -200,7 +223,7 @@ class RunSource:
     done: bool
 
 
-class BatchFeed:
+class BatchFeed(_FirstError):
     """Follows every run of a batch in worker threads and publishes its view, batched.
 
     One reader thread per run takes its events into the :class:`BatchView`; one writer
@@ -215,6 +238,10 @@ class BatchFeed:
         view: The view to fill.
         publish: Called with the view when it should be shown again.
         interval: Seconds between publications while output flows.
+
+    Attributes:
+        error: The first error of its readers or publisher (each run's reader, and the
+            publisher, go on after another one fails).
     """
 
     def __init__(
@@ -224,6 +251,7 @@ class BatchFeed:
         publish: Callable[[BatchView], None],
         interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
+        super().__init__()
         self.batch = batch
         self.view = view
         state_of = getattr(batch, "state_of", None)
@@ -232,7 +260,6 @@ class BatchFeed:
         self.publish = publish
         self.interval = max(0.02, float(interval))
         self.publications = 0
-        self.error: BaseException | None = None
         self._readers: list[threading.Thread] = []
         self._done = threading.Event()
         context = contextvars.copy_context()  # see LiveFeed: updates stay in their cell
@@ -261,7 +288,7 @@ class BatchFeed:
                     row.add(event)
         except BaseException as exc:  # the feed must end even if a transcript read fails
             log_swallowed(log, "reading a batch run's events failed", session.mask)
-            self.error = exc
+            self._record(exc)
             row.fail(f"could not read the session's events: {exc}")
 
     def _publish(self) -> None:
@@ -270,7 +297,7 @@ class BatchFeed:
             self.publications += 1
         except Exception as exc:  # a frontend going away must not kill the feed
             log_swallowed(log, "publishing the batch view failed")
-            self.error = exc
+            self._record(exc)
 
     def _write(self) -> None:
         shown: tuple[int, int] = (-1, -1)
