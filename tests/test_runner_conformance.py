@@ -38,12 +38,14 @@ from engines_util import (
 )
 from test_docker_runner import Text
 
+from cldpd_magic.engines.docker import LABEL_VOLUME_OF
 from cldpd_magic.engines.docker.runner import DockerRunner, _PrivateAPI
 from cldpd_magic.engines.multi import MultiEngineRunner, docker_runner_for
 from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
 from cldpd_magic.engines.setting import Engine, parse_engine
 from cldpd_magic.engines.swarm.runner import SwarmRunner
 from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
+from cldpd_magic.runs.session import SessionStopped
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -69,6 +71,7 @@ def agent_context(directory: Path) -> Path:
     (directory / "agent").write_text(AGENT)
     (directory / "Dockerfile").write_text(
         "FROM busybox:latest\nCOPY agent /usr/local/bin/agent\nRUN chmod +x /usr/local/bin/agent\n"
+        "WORKDIR /work\n"
     )
     return directory
 
@@ -99,6 +102,11 @@ class Target:
     def _force_remove(self, name: str) -> None:
         self.client.api.remove_container(name, force=True, v=True)
 
+    def volumes_of(self, name: str) -> list[str]:
+        """The anonymous volumes a read-only root of a run had, still on the engine."""
+        found = self.client.api.volumes(filters={"label": f"{LABEL_VOLUME_OF}={name}"})
+        return [v["Name"] for v in found.get("Volumes") or []]
+
     def cleanup(self) -> list[str]:
         """Remove what the tests made and did not remove; return those names."""
         leaked = []
@@ -121,6 +129,15 @@ class SwarmTarget(Target):
 
     def _force_remove(self, name: str) -> None:
         self.client.api.remove_service(name)
+
+    def volumes_of(self, name: str) -> list[str]:
+        """The node removes a task's container, and its volumes, after its service went."""
+        for _ in range(300):
+            left = super().volumes_of(name)
+            if not left:
+                return []
+            threading.Event().wait(0.2)
+        return left
 
 
 @pytest.fixture(scope="session")
@@ -366,6 +383,93 @@ def test_missing_containers(target):
 
 def test_preflight(target):
     target.runner.preflight()
+
+
+#: Writes in the working directory (the image's), the home directory and /tmp, runs a
+#: program from /tmp, and tries the root elsewhere.
+WRITES = (
+    "touch /etc/x 2>/dev/null && echo root-writable; "
+    "echo w >w && echo wrote-workdir; "
+    'echo h >"$HOME/h" && echo wrote-home; '
+    "printf '#!/bin/sh\\necho ran-from-tmp\\n' >/tmp/s && chmod +x /tmp/s && /tmp/s; "
+    'pwd; echo "$HOME"'
+)
+
+
+def test_a_read_only_root_keeps_workdir_home_and_tmp_writable(target):
+    opts = target.opts(read_only_root=True)
+    opts.cmd = ["sh", "-c", WRITES]
+    out, err = Text(), Text()
+    assert target.runner.run(opts, out, err) == 0, err.value
+    said = ["wrote-workdir", "wrote-home", "ran-from-tmp", "/work", "/root", ""]
+    assert out.value.split("\n") == said, err.value
+    assert target.volumes_of(opts.name) == []
+    # The control: a writable root is written.
+    opts = target.opts()
+    opts.cmd = ["sh", "-c", WRITES]
+    out = Text()
+    target.runner.run(opts, out, Text())
+    assert out.value.split("\n") == ["root-writable", *said]
+
+
+# -- the launch guard: a stop while the container is made is never lost -----------------
+
+
+class Guard:
+    """A run's guard that refuses at one point, as a run asked to stop there does.
+
+    Args:
+        refuse: ``create`` (its first check), ``start`` (its second), ``started`` (once
+            the container runs), or "" (never).
+    """
+
+    def __init__(self, refuse: str = "") -> None:
+        self.refuse = refuse
+        self.checks = 0
+        self.started_with: list[ContainerInfo] = []
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.refuse == ("create" if self.checks == 1 else "start"):
+            raise SessionStopped(f"The run was stopped before its container's {self.refuse}.")
+
+    def started(self, info: ContainerInfo) -> None:
+        self.started_with.append(info)
+        if self.refuse == "started":
+            raise SessionStopped("The run was stopped as its container started.")
+
+
+def test_the_guard_is_asked_twice_and_told_once_the_container_runs(target):
+    guard = Guard()
+    opts = target.opts("hi", guard=guard)
+    assert target.runner.run(opts, Text(), Text()) == 0
+    assert guard.checks == 2 and [i.name for i in guard.started_with] == [opts.name]
+    guard = Guard()
+    opts = target.opts("idle", guard=guard)
+    target.runner.start(opts)
+    assert guard.checks == 2 and [i.name for i in guard.started_with] == [opts.name]
+    # The control: the check below sees a container that is there.
+    assert target.runner.inspect(opts.name) is not None
+    target.runner.stop(opts.name, timeout=5)
+    target.runner.remove(opts.name)
+
+
+@pytest.mark.parametrize("how", ["run", "start"])
+@pytest.mark.parametrize("refuse", ["create", "start", "started"])
+def test_a_refusing_guard_leaves_no_container(target, refuse, how):
+    """Refused before the create, nothing is made; before the start or once started, what
+    was made is removed; the guard's error goes through."""
+    guard = Guard(refuse)
+    opts = target.opts("hi" if how == "run" else "idle", guard=guard)
+    with pytest.raises(SessionStopped):
+        if how == "run":
+            target.runner.run(opts, Text(), Text())
+        else:
+            target.runner.start(opts)
+    assert guard.checks == (1 if refuse == "create" else 2)
+    assert len(guard.started_with) == (refuse == "started")
+    assert target.runner.inspect(opts.name) is None
+    assert target.cleanup() == []
 
 
 # -- an engine that goes away -------------------------------------------------------

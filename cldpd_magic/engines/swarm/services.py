@@ -13,7 +13,7 @@ import docker.errors
 import docker.types
 import docker.utils
 
-from ...errors import ContainerFailedError, PodRunningError, one_line
+from ...errors import ContainerFailedError, DockerUnavailableError, PodRunningError, one_line
 from ...secrets import looks_secret
 from ..docker import ContainerSettings, ImageFacts, container_settings, explain
 from ..protocol import ContainerInfo, Runner, RunOptions
@@ -84,7 +84,7 @@ def not_run(task: dict[str, Any], name: str) -> ContainerFailedError:
 
 def service_mounts(settings: ContainerSettings) -> list[docker.types.Mount]:
     """A service's mounts: binds, and the anonymous volumes a read-only root keeps writable
-    (the node removes them with the task's container)."""
+    (removed with the task's container: :meth:`Services.remove`)."""
     return [
         docker.types.Mount(
             m.target, m.source or None, type=m.kind, read_only=m.read_only, labels=m.labels or None
@@ -149,12 +149,16 @@ class Services:
 
     # -- tasks ---------------------------------------------------------------------
 
+    def tasks(self, service: str) -> list[dict[str, Any]]:
+        """The service's tasks (none before the swarm made one, or without the service)."""
+        try:
+            return self.nodes.api().tasks(filters={"service": service})
+        except docker.errors.NotFound:
+            return []
+
     def task(self, service: str) -> dict[str, Any] | None:
         """The service's newest task, None before the swarm made one."""
-        try:
-            tasks = self.nodes.api().tasks(filters={"service": service})
-        except docker.errors.NotFound:
-            return None
+        tasks = self.tasks(service)
         if not tasks:
             return None
         return max(tasks, key=lambda t: (t.get("Version") or {}).get("Index", 0))
@@ -335,9 +339,22 @@ class Services:
     # -- the rest ------------------------------------------------------------------
 
     def remove(self, name: str) -> None:
-        """Remove a run's service and its secrets; a missing one is fine."""
+        """Remove a run's service, its task's container and its secrets; what is missing
+        is fine.
+
+        A node keeps the container of a removed service's task, and the volumes that kept
+        its read-only root writable: they go here, through the node's engine, as a plain
+        container's do.
+        """
+        tasks = self.tasks(name)
         with contextlib.suppress(docker.errors.NotFound):
             self.nodes.api().remove_service(name)
+        for task in tasks:
+            cid = container_id(task)
+            if cid:
+                # A node without an endpoint is left to the swarm.
+                with contextlib.suppress(DockerUnavailableError):
+                    self.nodes.runner_of(task["NodeID"]).remove(cid)
         self.remove_secrets(name)
 
     def info(self, service: dict[str, Any]) -> ContainerInfo:
