@@ -64,6 +64,7 @@ __all__ = [
     "interpret",
     "json_number",
     "read_line",
+    "text_of",
 ]
 
 #: The read-only mapping of an event without one.
@@ -904,47 +905,52 @@ class RecentLines:
     """The events of recent lines, so that each line is parsed once by all its readers.
 
     Keyed by the line object itself (its identity, held while cached): the session's
-    writer thread and every view of the run read the very string the session stored.
-    A line read again from a transcript is a new object and is parsed again. The oldest
-    lines go first once there are more than ``max_lines`` or they hold more than
-    ``max_chars`` characters. Safe to use from any thread.
+    writer thread and every live view of the run read the very string the session
+    stored. A line read again from a transcript is a new object and is parsed again, as
+    is a line a view reaches after ``max_lines`` newer ones (a burst): the cache saves
+    work, it is never needed. The oldest lines go first once there are more than
+    ``max_lines`` or they hold more than ``max_chars`` characters; a decoded line takes
+    about six times its size in memory, so the defaults keep under about 8 MB. Safe to
+    use from any thread.
 
     Args:
         max_lines: How many lines are kept.
         max_chars: How many characters of line text are kept.
+
+    Attributes:
+        parsed: How many lines were parsed (for tests and benches; approximate when
+            several threads read).
+        found: How many were found parsed (likewise).
     """
 
-    def __init__(self, max_lines: int = 8192, max_chars: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_lines: int = 1024, max_chars: int = 1_000_000) -> None:
         self._lock = threading.Lock()
         self._events: OrderedDict[int, tuple[str, ClaudeEvent | None]] = OrderedDict()
         self._chars = 0
         self.max_lines = max_lines
         self.max_chars = max_chars
-        #: How many lines were parsed, and how many were found parsed (for tests and benches).
         self.parsed = 0
         self.found = 0
 
     def read(self, text: str) -> ClaudeEvent | None:
         """The typed event of an output line, parsed at most once while it is recent."""
-        if not text.startswith("{") and not text[:1].isspace():
+        first = text[:1]
+        if first != "{" and not first.isspace():
             return None  # no JSON object (decode_line would say so): nothing to keep
         key = id(text)
-        with self._lock:
-            entry = self._events.get(key)
-            if entry is not None and entry[0] is text:
-                self.found += 1
-                return entry[1]
+        entry = self._events.get(key)  # one C call: atomic under the GIL
+        if entry is not None and entry[0] is text:
+            self.found += 1
+            return entry[1]
         event = decode_line(text)
+        self.parsed += 1
         with self._lock:
-            self.parsed += 1
             if key not in self._events:
                 self._events[key] = (text, event)
                 self._chars += len(text)
-            while self._events and (
-                len(self._events) > self.max_lines or self._chars > self.max_chars
-            ):
-                _key, (old, _event) = self._events.popitem(last=False)
-                self._chars -= len(old)
+                events = self._events
+                while events and (len(events) > self.max_lines or self._chars > self.max_chars):
+                    self._chars -= len(events.popitem(last=False)[1][0])
         return event
 
     def clear(self) -> None:
