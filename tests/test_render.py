@@ -611,3 +611,18 @@ def test_a_feed_keeps_the_first_error_of_its_threads(tmp_path):
     assert "could not read the session's events: the transcript is gone" in view.text()
     with pytest.raises(AttributeError):
         feed.error = None  # type: ignore[misc]
+
+
+def test_real_streaming_input_output_renders_a_summary_per_turn():
+    """Control frames are shown in brief for now; every turn's result has its summary."""
+    for path in sorted((FIXTURES / "interactive").glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        view = fixture_view(f"interactive/{path.stem}")
+        results = [json.loads(x) for x in lines if json.loads(x).get("type") == "result"]
+        summaries = [x.text for x in view.tail if x.kind in ("result", "failed")]
+        assert len(summaries) == len(results), path.name
+        assert "text" not in kinds(view), path.name  # every line was read as an event
+        costs = [f"${r['total_cost_usd']:.4f}" for r in results]
+        assert [s.split(" · ")[3] for s in summaries] == costs, path.name
+    cancel = fixture_view("interactive/cancel").text()
+    assert "· control_request: request_id=" in cancel and "· control_cancel_request:" in cancel

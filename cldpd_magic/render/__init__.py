@@ -1,4 +1,4 @@
-"""Typed events to text and HTML: cleaning, the stream-json reader, Markdown, views,
+"""Typed events to text and HTML: cleaning, the stream-json renderer, Markdown, views,
 feeds, tables.
 """
 

@@ -1,4 +1,8 @@
-"""Claude Code's stream-json read line by line into rendered :class:`Line` objects."""
+"""Claude Code's stream-json, line by line, rendered into :class:`Line` objects.
+
+Each line's typed event comes from :mod:`cldpd_magic.stream_json` (parsed once however
+many read it); this module only formats it.
+"""
 
 from __future__ import annotations
 
