@@ -484,7 +484,8 @@ def test_errors_are_cldpd_errors_with_a_message(transcript_dir):
 
 def test_session_id_format_and_uniqueness(transcript_dir):
     ids = {new_session_id("my-pod.1") for _ in range(5000)}
-    assert len(ids) == 5000
+    # 32 random bits: two of 5,000 ids are alike about 3 times in 1,000 runs (a birthday).
+    assert len(ids) >= 4990
     assert all(re.fullmatch(r"my-pod\.1-[0-9a-f]{8}", i) for i in ids)
     sessions = [make_session(transcript_dir, lines_job(0)) for _ in range(20)]
     for session in sessions:
