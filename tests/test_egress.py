@@ -982,3 +982,23 @@ def test_a_freed_runner_leaves_no_verdict_for_a_new_one():
     gc.collect()
     assert not any(isinstance(r, Runner) for r in egress._ISOLATING_ENGINES)
     assert Runner() not in egress._ISOLATING_ENGINES
+
+
+def test_only_a_single_engines_runner_sets_up_egress():
+    """EgressRunner, the runner protocol egress needs: a DockerRunner meets it; several
+    engines, a swarm and the fake do not, and egress leaves them alone."""
+    from fakes import FakeRunner
+
+    from cldpd_magic.engines import EgressRunner, Engine, MultiEngineRunner
+    from cldpd_magic.engines.docker import DockerRunner
+    from cldpd_magic.engines.swarm import SwarmRunner
+
+    nowhere = DockerRunner(base_url="unix:///nonexistent/docker.sock")
+    assert isinstance(nowhere, EgressRunner)
+    multi = MultiEngineRunner([(Engine("x", "unix:///nonexistent/docker.sock"), nowhere)])
+    for runner in (multi, SwarmRunner(nowhere), FakeRunner()):
+        assert not isinstance(runner, EgressRunner)
+        assert egress.sweep_orphans(runner) == []
+        egress.remove_egress_of(runner, "cldpd-p")  # no egress to remove, and no engine asked
+        with pytest.raises(ContainerFailedError, match="single Docker engine"):
+            EgressGuard(runner, "cldpd-p", EgressPolicy()).ensure_image()

@@ -9,6 +9,7 @@ from .multi import UNREACHABLE, MultiEngineRunner, check_mounts, docker_runner_f
 from .protocol import (
     LABEL_CLIENT,
     ContainerInfo,
+    EgressRunner,
     ExecHandle,
     LaunchGuard,
     Runner,
@@ -24,6 +25,7 @@ __all__ = [
     "LABEL_CLIENT",
     "UNREACHABLE",
     "ContainerInfo",
+    "EgressRunner",
     "Engine",
     "EngineSetting",
     "ExecHandle",

@@ -223,3 +223,34 @@ class Runner(Protocol):
 
     def logs(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
         """Follow a container's output from its start to its end; return its exit code."""
+
+
+@runtime_checkable
+class EgressRunner(Runner, Protocol):
+    """A Runner that can put a run behind an egress proxy: images, networks, a service.
+
+    What ``runs/egress.py`` needs of an engine beyond :class:`Runner`. A single Docker
+    engine's runner is one; a runner over several engines or a swarm is not (yet), and
+    an allowlist is refused there in one sentence.
+    """
+
+    def image_exists(self, tag: str) -> bool:
+        """Whether the engine has an image of this tag."""
+
+    def create_network(self, name: str, labels: dict[str, str], internal: bool = True) -> str:
+        """Create a bridge network (an internal one has no way out); return its subnet."""
+
+    def gateway(self, network: str) -> str:
+        """The gateway address the engine reserved on a network ("" when none)."""
+
+    def remove_network(self, name: str) -> None:
+        """Remove a network, disconnecting what is on it; a missing one is fine."""
+
+    def list_networks(self, label: str) -> list[str]:
+        """Names of the networks that carry a label (``key`` or ``key=value``)."""
+
+    def address(self, container: str, network: str) -> str:
+        """A container's IP address on a network ("" when it is not on it)."""
+
+    def start_service(self, opts: RunOptions, networks: list[str], stdin: bytes) -> ContainerInfo:
+        """Start a detached container on ``opts.network`` and ``networks``, fed ``stdin``."""

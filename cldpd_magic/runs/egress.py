@@ -21,8 +21,9 @@ One egress container and network per run, not per policy: a blocked attempt belo
 exactly one run, two agents never share a network (one could not reach the other), and
 the run's end removes both without counting users across kernels.
 
-The policy itself (the pod.json forms) is parsed in egress_policy.py, below pods.py;
-this module enforces it and reaches the engine through the runner protocol.
+The policy itself (the pod.json forms) is parsed in pods/policy.py; this module enforces
+it and reaches the engine through the runner protocol, :class:`EgressRunner` (a Runner
+with images, networks and a service container).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from ..engines import LABEL_CLIENT, RunOptions, client_gone, this_client
+from ..engines import LABEL_CLIENT, EgressRunner, Runner, RunOptions, client_gone, this_client
 from ..errors import CldpdError, ContainerFailedError
+from ..logs import log_swallowed
 from ..pods import CREDENTIAL_KINDS, EgressPolicy, Resources
+from ..secrets import Masker
 
 logger = logging.getLogger(__package__)
 
@@ -136,7 +138,7 @@ def rules_image_tag(egress_tag: str) -> str:
     return f"{egress_tag}-rules"
 
 
-def egress_base(runner: Any) -> str:
+def egress_base(runner: EgressRunner) -> str:
     """The egress image's base on a runner's engine.
 
     ``$CLDPD_EGRESS_BASE`` when set; else the Debian image scripts/setup made offline,
@@ -163,7 +165,7 @@ class _Lines:
 
 #: Runners whose engine was seen to isolate internal networks (weakly held: a new runner
 #: never inherits the verdict of a freed one through a reused ``id()``).
-_ISOLATING_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+_ISOLATING_ENGINES: weakref.WeakSet[EgressRunner] = weakref.WeakSet()
 
 
 @dataclass
@@ -171,7 +173,8 @@ class EgressGuard:
     """The egress network and container of one run.
 
     Args:
-        runner: The runner of the run's engine (a DockerRunner).
+        runner: The runner of the run's engine; an :class:`EgressRunner` (a DockerRunner)
+            for the egress to be set up, any Runner to follow what exists.
         container: The run's container name; the egress names derive from it.
         policy: Its allowlist.
         credentials: ``(kind, real value, upstream)`` triples to broker.
@@ -181,7 +184,7 @@ class EgressGuard:
             left unset there is :data:`EGRESS_RESOURCES`'.
     """
 
-    runner: Any
+    runner: Runner
     container: str
     policy: EgressPolicy
     credentials: list[tuple[str, str, str]] = field(default_factory=list)
@@ -200,6 +203,8 @@ class EgressGuard:
         self._follower: threading.Thread | None = None
         self._lock = threading.Lock()
         self._since: datetime | None = None  # attempts before it are another process's
+        #: Masks the brokered keys and the token in what this logs.
+        self._mask = Masker([value for _kind, value, _upstream in self.credentials] + [self.token])
 
     @property
     def labels(self) -> dict[str, str]:
@@ -210,6 +215,20 @@ class EgressGuard:
             LABEL_CLIENT: this_client(),
         }
 
+    @property
+    def engine(self) -> EgressRunner:
+        """The runner, as one that can set up egress.
+
+        Raises:
+            ContainerFailedError: It cannot (several engines, a swarm).
+        """
+        if not isinstance(self.runner, EgressRunner):
+            raise ContainerFailedError(
+                f"{self.container} asks for a network allowlist, which cldpd enforces on a "
+                "single Docker engine only for now; drop the engines setting or 'network.allow'."
+            )
+        return self.runner
+
     def ensure_image(self) -> str:
         """Build the egress image unless the engine has it; return its tag.
 
@@ -217,18 +236,14 @@ class EgressGuard:
             ContainerFailedError: The runner cannot make networks (several engines).
             BuildFailedError: The egress image did not build.
         """
-        if not hasattr(self.runner, "create_network"):
-            raise ContainerFailedError(
-                f"{self.container} asks for a network allowlist, which cldpd enforces on a "
-                "single Docker engine only for now; drop the engines setting or 'network.allow'."
-            )
-        base = egress_base(self.runner)
+        engine = self.engine
+        base = egress_base(engine)
         tag = egress_image_tag(base)
-        if not self.runner.image_exists(tag):
-            self.runner.build(tag, str(DATA_DIR), {"BASE": base}, on_output=self.on_build_output)
+        if not engine.image_exists(tag):
+            engine.build(tag, str(DATA_DIR), {"BASE": base}, on_output=self.on_build_output)
         rules_tag = rules_image_tag(tag)
-        if not self.runner.image_exists(rules_tag):
-            self.runner.build(
+        if not engine.image_exists(rules_tag):
+            engine.build(
                 rules_tag, str(DATA_DIR / "rules"), {"EGRESS": tag}, on_output=self.on_build_output
             )
         return tag
@@ -242,9 +257,10 @@ class EgressGuard:
             BuildFailedError: The egress image did not build.
         """
         image = self.ensure_image()
-        sweep_orphans(self.runner)
+        engine = self.engine
+        sweep_orphans(engine)
         self.remove()  # what a killed kernel may have left of an earlier run of this name
-        subnet = self.runner.create_network(self.network, self.labels, internal=True)
+        subnet = engine.create_network(self.network, self.labels, internal=True)
         try:
             config = {
                 "subnet": subnet,
@@ -264,15 +280,15 @@ class EgressGuard:
                 },
             }
             service = self.service_options(image)
-            self.runner.start_service(service, ["bridge"], (json.dumps(config) + "\n").encode())
+            engine.start_service(service, ["bridge"], (json.dumps(config) + "\n").encode())
             self._start_following()
             if not (self._ready.wait(READY_TIMEOUT) and self._came_up):
                 raise ContainerFailedError(
                     f"The egress proxy of {self.container} did not start within "
                     f"{READY_TIMEOUT:g} s; see docker logs {self.proxy}."
                 )
-            address = self.runner.address(self.proxy, self.network)
-            self._check_isolation(image, subnet, self.runner.gateway(self.network))
+            address = engine.address(self.proxy, self.network)
+            self._check_isolation(engine, image, subnet, engine.gateway(self.network))
         except BaseException:
             self.remove()
             raise
@@ -309,7 +325,7 @@ class EgressGuard:
             read_only_root=True,
         )
 
-    def _check_isolation(self, image: str, subnet: str, gateway: str) -> None:
+    def _check_isolation(self, engine: EgressRunner, image: str, subnet: str, gateway: str) -> None:
         """Refuse to go on unless the engine isolates the internal network, host included.
 
         Three checks, all needed: the host's iptables rules must hold Docker's DROP rule
@@ -319,7 +335,7 @@ class EgressGuard:
         asking for none would let the pod reach every host service through INPUT); and a
         container on the network must not reach the egress container's bridge side.
         """
-        if self.runner in _ISOLATING_ENGINES:
+        if engine in _ISOLATING_ENGINES:
             return
         not_enforced = ContainerFailedError(
             "This Docker engine does not isolate internal networks (it runs with "
@@ -335,9 +351,9 @@ class EgressGuard:
             cap_add=["NET_ADMIN", "NET_RAW"],
             labels=self.labels,
         )
-        if self.runner.run(firewall, _Lines(lambda _line: None)) == 1:
+        if engine.run(firewall, _Lines(lambda _line: None)) == 1:
             raise not_enforced
-        outside = self.runner.address(self.proxy, "bridge")
+        outside = engine.address(self.proxy, "bridge")
         probe = RunOptions(
             image=image,
             name=f"{self.proxy}-probe",
@@ -345,9 +361,9 @@ class EgressGuard:
             network=self.network,
             labels=self.labels,
         )
-        if outside and self.runner.run(probe, _Lines(lambda _line: None)) == 0:
+        if outside and engine.run(probe, _Lines(lambda _line: None)) == 0:
             raise not_enforced
-        _ISOLATING_ENGINES.add(self.runner)
+        _ISOLATING_ENGINES.add(engine)
 
     def _start_following(self) -> None:
         self._follower = threading.Thread(
@@ -395,19 +411,22 @@ class EgressGuard:
                 try:
                     on_attempt(attempt)
                 except Exception:
-                    logger.debug("egress attempt callback failed", exc_info=True)
+                    log_swallowed(logger, "egress attempt callback failed", self._mask)
 
         try:
             self.runner.logs(self.proxy, _Lines(on_line), None)
         except Exception:
-            logger.debug("following the egress log of %s failed", self.container, exc_info=True)
+            log_swallowed(
+                logger, f"following the egress log of {self.container} failed", self._mask
+            )
         finally:
             self._ready.set()  # a proxy that died is no longer awaited
 
     def remove(self) -> None:
         """Remove the egress container and network; what is missing is fine."""
         self.runner.remove(self.proxy)
-        self.runner.remove_network(self.network)
+        if isinstance(self.runner, EgressRunner):
+            self.runner.remove_network(self.network)
         if self._follower is not None:
             self._follower.join(timeout=10)
 
@@ -433,9 +452,9 @@ def egress_name(container: str) -> str:
     return "cldpd_egress-" + container.removeprefix("cldpd-")
 
 
-def remove_egress_of(runner: Any, container: str) -> None:
+def remove_egress_of(runner: Runner, container: str) -> None:
     """Remove what egress a run's container had (after a stop, or a crash); none is fine."""
-    if not hasattr(runner, "remove_network"):
+    if not isinstance(runner, EgressRunner):
         return  # a runner without networks never made any egress
     with contextlib.suppress(CldpdError):
         runner.remove(egress_name(container))
@@ -451,7 +470,7 @@ def seconds_since(engine_time: str, now: datetime) -> float:
     return (now - started).total_seconds()
 
 
-def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
+def sweep_orphans(runner: Runner, grace: float | None = None) -> list[str]:
     """Remove the egress containers and networks whose run's container is gone.
 
     A killed kernel leaves them behind; this finds them from any process by their
@@ -466,7 +485,7 @@ def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
     Returns:
         The names removed, containers and networks.
     """
-    if not hasattr(runner, "list_networks"):
+    if not isinstance(runner, EgressRunner):
         return []
     grace = ORPHAN_GRACE if grace is None else grace
     now = datetime.now(UTC)
@@ -496,14 +515,14 @@ def sweep_orphans(runner: Any, grace: float | None = None) -> list[str]:
                 runner.remove_network(network)
                 removed.append(network)
     except CldpdError:
-        logger.debug("sweeping orphaned egress failed", exc_info=True)
+        log_swallowed(logger, "sweeping orphaned egress failed")
     return removed
 
 
 @contextlib.contextmanager
 def egress_reports(
     guards: dict[str, EgressGuard],
-    runner: Any,
+    runner: Runner,
     container: str,
     on_attempt: Callable[[EgressAttempt], None],
 ) -> Iterator[None]:
@@ -524,7 +543,7 @@ def egress_reports(
     if guard is None or not guard.following:
         proxy = egress_name(container)
         try:
-            exists = hasattr(runner, "list_networks") and runner.inspect(proxy) is not None
+            exists = isinstance(runner, EgressRunner) and runner.inspect(proxy) is not None
         except CldpdError:
             exists = False
         if not exists:
