@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from IPython.utils.capture import capture_output
 from traitlets import TraitError
 from traitlets.config import Config
 
-from cldpd_magic import Dispatcher, DockerUnavailableError
+from cldpd_magic import BuildFailedError, Dispatcher, DockerUnavailableError
 from cldpd_magic.cli import main
 from cldpd_magic.logs import PACKAGE_LOGGER, log_swallowed
 from cldpd_magic.render.stream import StreamRenderer
@@ -103,6 +107,98 @@ def test_the_picker_logs_the_error_it_shows_as_a_sentence(caplog, monkeypatch, t
     text = debug_text(caplog)
     assert "cldpd_magic.picker: pod p: no run started" in text
     assert "DockerUnavailableError: Docker refused ********; start it." in text
+    assert SECRET not in text
+
+
+# -- what the engines and the egress swallow ---------------------------------------------
+
+
+class _NoBuilds:
+    """An engine connection that has no image and drops every build request."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def control(self) -> _NoBuilds:
+        return self
+
+    def inspect_image(self, image: str) -> None:
+        import docker.errors
+
+        raise docker.errors.ImageNotFound(f"No such image: {image}")
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        raise self.error
+        yield
+
+
+def test_a_dropped_build_logs_its_secret_build_args_masked(caplog, tmp_path):
+    """Build args travel in the request's URL, which a dropped request's error holds."""
+    import requests.exceptions
+
+    from cldpd_magic.engines.docker import ImageBuilder
+
+    caplog.set_level(logging.DEBUG, PACKAGE_LOGGER)
+    value = f"{SECRET}/+"  # written %2F%2B in a URL
+    args = {"API_TOKEN": value, "PLAIN": "plain-value"}
+    query = urllib.parse.urlencode({"t": "cldpd-x", "buildargs": json.dumps(args)})
+    url = f"/v1.41/build?{query}"
+    assert urllib.parse.quote_plus(value) in url
+    dropped = requests.exceptions.ConnectionError(f"Max retries exceeded with url: {url}")
+    (tmp_path / "Dockerfile").write_text("FROM busybox:latest\n")
+    builder = ImageBuilder(_NoBuilds(dropped), containers=None)  # type: ignore[arg-type]
+    with pytest.raises(BuildFailedError) as failed:
+        builder.build("cldpd-x", str(tmp_path), args)
+    (record,) = caplog.records
+    assert record.getMessage() == "build stream failed" and record.exc_info is None
+    text = debug_text(caplog)
+    # The control: the URL is in the log; only the secret's value is masked.
+    assert "ConnectionError: Max retries exceeded" in text and "plain-value" in text
+    assert SECRET not in text
+    assert "plain-value" in str(failed.value) and SECRET not in str(failed.value)
+
+
+class _ProxyLog:
+    """A runner whose egress proxy logs a refused attempt, or whose log fails."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def logs(self, container: str, stdout, stderr=None) -> int:
+        if self.error is not None:
+            raise self.error
+        stdout.write(
+            f"CLDPD-ACCESS {time.time() + 60:.3f} - TCP_DENIED 403 CONNECT x.example 443\n"
+        )
+        return 0
+
+    def remove(self, container: str) -> None:
+        pass
+
+
+def test_the_egress_logs_what_it_swallows_with_its_keys_masked(caplog):
+    from cldpd_magic.pods.policy import EgressPolicy
+    from cldpd_magic.runs.egress import EgressGuard
+
+    caplog.set_level(logging.DEBUG, PACKAGE_LOGGER)
+    brokered = [("anthropic", SECRET, "https://api.anthropic.com")]
+
+    def on_attempt(attempt) -> None:
+        raise ValueError(f"the callback got {attempt.target} with {SECRET}")
+
+    for runner in (_ProxyLog(), _ProxyLog(RuntimeError(f"the log broke at {SECRET}"))):
+        guard = EgressGuard(runner, "cldpd-p", EgressPolicy(), brokered, on_attempt=on_attempt)
+        guard.follow_existing()
+        guard.remove()  # waits for the follower
+    said = [(r.getMessage(), r.exc_info) for r in caplog.records]
+    assert said == [
+        ("egress attempt callback failed", None),
+        ("following the egress log of cldpd-p failed", None),
+    ]
+    text = debug_text(caplog)
+    assert "ValueError: the callback got x.example:443 with ********" in text
+    assert "RuntimeError: the log broke at ********" in text
     assert SECRET not in text
 
 

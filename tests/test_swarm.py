@@ -134,6 +134,8 @@ def test_a_run_is_a_replicated_job_removed_at_its_end(swarm):
     assert "ReplicatedJob" in specs[0]["Mode"]
     assert specs[0]["Labels"]["cldpd.run"] == opts.name
     assert swarm.runner.inspect(opts.name) is None
+    # The node would keep the task's container: the removal took it.
+    assert swarm.api.containers(all=True, filters={"label": f"cldpd.run={opts.name}"}) == []
 
 
 def _no_endpoint(node_id: str) -> None:

@@ -11,6 +11,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
@@ -23,6 +24,8 @@ from docker.types.daemon import CancellableStream
 from docker.utils import build as build_utils
 
 from ...errors import BuildFailedError
+from ...logs import log_swallowed
+from ...secrets import Masker, looks_secret
 from .containers import Containers
 from .engine import (
     DockerConnection,
@@ -55,6 +58,13 @@ def _build_context(context_dir: str) -> IO[bytes]:
             exclude += [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
     exclude.append("pod.json")  # last, so that no "!pod.json" can bring it back
     return build_utils.tar(context_dir, exclude=exclude)
+
+
+def _url_mask(build_args: dict[str, str]) -> Masker:
+    """Masks the secret build args (by their names), also as a request's URL writes them:
+    build args travel in the URL, which the error of a failed request holds."""
+    values = [value for name, value in build_args.items() if looks_secret(name)]
+    return Masker(values + [urllib.parse.quote_plus(json.dumps(v)[1:-1]) for v in values])
 
 
 class _BuildLog:
@@ -148,7 +158,7 @@ class ImageBuilder:
                 "buildargs": json.dumps(build_args or {}),
                 "labels": json.dumps({LABEL_CONTEXT: digest or ""}),
             }
-            error = self._stream_build(context, params, log, cancel)
+            error = self._stream_build(context, params, log, cancel, _url_mask(build_args or {}))
         finally:
             context.close()
         log.close()
@@ -167,8 +177,12 @@ class ImageBuilder:
         params: dict[str, Any],
         log: _BuildLog,
         cancel: threading.Event | None,
+        mask: Callable[[str], str] | None = None,
     ) -> str:
-        """Run a build, feeding its log to ``log``; return the engine's error ("" if none)."""
+        """Run a build, feeding its log to ``log``; return the engine's error ("" if none).
+
+        ``mask`` masks the error of a failed request and what is logged of it.
+        """
         error = ""
         try:
             with self.connection.streaming() as api:
@@ -189,8 +203,8 @@ class ImageBuilder:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             if cancel is not None and cancel.is_set():
                 return "the build was stopped"
-            logger.debug("build stream failed", exc_info=True)
-            return explain(exc)
+            log_swallowed(logger, "build stream failed", mask)
+            return explain(exc) if mask is None else mask(explain(exc))
         return error
 
     def _discard(self, containers: list[str], timeout: float = 10.0) -> None:
