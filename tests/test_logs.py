@@ -75,8 +75,8 @@ def test_the_renderer_logs_hostile_output_it_could_not_render(caplog, monkeypatc
     caplog.set_level(logging.DEBUG, PACKAGE_LOGGER)
     renderer = StreamRenderer(Masker([SECRET]))
 
-    def broken(obj):
-        raise KeyError(obj["text"])
+    def broken(event):
+        raise KeyError(SECRET)  # as a renderer tripping over the line's content would
 
     monkeypatch.setattr(renderer, "render_event", broken)
     (line,) = renderer.render(json.dumps({"type": "assistant", "text": SECRET}))
