@@ -20,7 +20,7 @@ import docker.errors
 from cldpd_magic.engines.multi import docker_runner_for
 from cldpd_magic.engines.protocol import Runner, RunOptions
 from cldpd_magic.engines.setting import SWARM_PREFIX, parse_engine
-from cldpd_magic.pods.pod import Pod
+from cldpd_magic.pods import Pod
 from cldpd_magic.runs.agent import agent_command, build_prompt
 from tests.engines_util import ExtraEngine, free_port, start_extra_engine, stop_extra_engine
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cldpd_magic.pods.pod import Pod, PodConfig
+from cldpd_magic.pods import Pod, PodConfig
 from cldpd_magic.runs.agent import agent_command
 
 POD = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"), PodConfig(args=("--model", "opus")))

@@ -213,7 +213,7 @@ def _until(predicate, timeout: float = 30) -> None:
 
 
 def test_a_panel_shows_the_table_and_the_chosen_runs_output_in_one_entry(tmp_path):
-    from cldpd_magic.picker.widgets import BatchPanel
+    from cldpd_magic.picker import BatchPanel
 
     runs = [_session(tmp_path, f"p{i}", [f"out-of-p{i}"]) for i in range(3)]
     panel = BatchPanel(FakeBatch(runs), interval=0.02)
@@ -230,7 +230,7 @@ def test_a_panel_shows_the_table_and_the_chosen_runs_output_in_one_entry(tmp_pat
 
 
 def test_a_panel_stops_one_run_while_its_siblings_go_on_then_all(tmp_path):
-    from cldpd_magic.picker.widgets import BatchPanel
+    from cldpd_magic.picker import BatchPanel
 
     runs = [_idle(tmp_path, "one"), _idle(tmp_path, "two")]
     batch = StoppableBatch(runs)
@@ -253,7 +253,7 @@ def test_a_panel_stops_one_run_while_its_siblings_go_on_then_all(tmp_path):
 def test_the_picker_shows_a_batch_below_its_pods(tmp_path, pods_dir, transcript_dir):
     from fakes import FakeRunner
 
-    from cldpd_magic.picker.widgets import PodPicker
+    from cldpd_magic.picker import PodPicker
     from cldpd_magic.runs.dispatcher import Dispatcher
 
     picker = PodPicker(pods_dir, Dispatcher(pods_dir, FakeRunner(), transcript_dir))

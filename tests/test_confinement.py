@@ -10,7 +10,7 @@ from test_docker_runner import Text, opts, run
 
 from cldpd_magic import Dispatcher, DockerRunner, Mount
 from cldpd_magic.engines.docker.containers import LABEL_VOLUME_OF, out_of_memory_line
-from cldpd_magic.pods.pod import Resources
+from cldpd_magic.pods import Resources
 from cldpd_magic.runs.jobs import IDLE_COMMAND
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]

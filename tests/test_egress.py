@@ -32,7 +32,7 @@ from cldpd_magic.engines.protocol import RunOptions
 from cldpd_magic.engines.setting import parse_engine
 from cldpd_magic.errors import ContainerFailedError, InvalidRequestError, PodConfigError
 from cldpd_magic.events import Event, EventType
-from cldpd_magic.pods.pod import parse_pod_config
+from cldpd_magic.pods import parse_pod_config
 from cldpd_magic.pods.policy import AllowRule, EgressPolicy, parse_network_allow
 from cldpd_magic.render.views import RunLines
 from cldpd_magic.runs import egress
@@ -930,7 +930,7 @@ def test_egress_resources_parse_and_fill_in_the_defaults():
 @pytest.mark.docker
 def test_the_egress_container_gets_the_pods_egress_resources(egress_base, docker_client, guards):
     from cldpd_magic.engines.docker.runner import DockerRunner
-    from cldpd_magic.pods.pod import Resources
+    from cldpd_magic.pods import Resources
 
     container = f"cldpd-egress-test-{uuid.uuid4().hex[:8]}"
     guard = EgressGuard(

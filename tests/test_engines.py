@@ -14,7 +14,7 @@ from cldpd_magic.engines.multi import UNREACHABLE, MultiEngineRunner
 from cldpd_magic.engines.protocol import Runner, RunOptions
 from cldpd_magic.engines.setting import Engine, parse_engine, parse_engines
 from cldpd_magic.errors import DockerUnavailableError, PodConfigError, SessionNotFoundError
-from cldpd_magic.pods.pod import Mount, parse_pod_config
+from cldpd_magic.pods import Mount, parse_pod_config
 
 LOCAL = Engine("local", "unix:///var/run/docker.sock")
 REMOTE = Engine("far", "tcp://10.1.2.3:2376")
@@ -404,7 +404,7 @@ def _settings(image=None, exec_tmpfs=True, **kwargs):
 
 
 def test_a_container_drops_every_capability_but_those_named_and_gets_no_swap():
-    from cldpd_magic.pods.pod import Resources
+    from cldpd_magic.pods import Resources
 
     s = _settings(
         cap_add=["CHOWN"], resources=Resources(cpus=0.5, memory=64 << 20, pids=100),
@@ -464,7 +464,7 @@ def test_a_swarm_task_is_confined_as_a_container_but_for_what_its_api_cannot_say
     from cldpd_magic.engines.docker import ImageFacts
     from cldpd_magic.engines.swarm import UNSUPPORTED_ON_SWARM
     from cldpd_magic.engines.swarm.services import task_template
-    from cldpd_magic.pods.pod import Resources
+    from cldpd_magic.pods import Resources
 
     s = _settings(
         ImageFacts(workdir="/w"), exec_tmpfs=False, read_only_root=True, cap_add=["CHOWN"],

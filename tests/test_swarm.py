@@ -49,7 +49,7 @@ from cldpd_magic.errors import (
     PodConfigError,
     SessionNotFoundError,
 )
-from cldpd_magic.pods.pod import Resources
+from cldpd_magic.pods import Resources
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
