@@ -29,6 +29,12 @@ class EventType(enum.Enum):
     ERROR = "error"
     #: The egress proxy refused a connection; data is ``host:port``.
     EGRESS_BLOCKED = "egress_blocked"
+    #: A tool call waits for a person's approval; data is JSON: ``request_id``, ``tool``,
+    #: ``summary`` (the call's key argument), ``input``, ``suggestions``.
+    PERMISSION_REQUEST = "permission_request"
+    #: An approval was answered; data is JSON: ``request_id``, ``tool``, ``allow``,
+    #: ``message``, ``always``, ``by`` (``user``, ``policy``, ``timeout``, ``cancelled``).
+    PERMISSION_DECISION = "permission_decision"
 
 
 TERMINAL = frozenset({EventType.CONTAINER_EXITED, EventType.ERROR})

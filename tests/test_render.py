@@ -626,3 +626,39 @@ def test_real_streaming_input_output_renders_a_summary_per_turn():
         assert [s.split(" · ")[3] for s in summaries] == costs, path.name
     cancel = fixture_view("interactive/cancel").text()
     assert "· control_request: request_id=" in cancel and "· control_cancel_request:" in cancel
+
+
+def test_approval_events_show_as_one_line_each():
+    import json
+
+    from cldpd_magic.events import Event, EventType
+    from cldpd_magic.render import RunLines
+    from cldpd_magic.secrets import Masker
+
+    lines = RunLines(Masker(["sk-secret-value"]))
+
+    def shown(etype, **fields):
+        return [(x.kind, x.text) for x in lines.lines(Event(etype, json.dumps(fields)))]
+
+    ask = {"request_id": "r1", "tool": "Bash", "input": {"command": "touch x sk-secret-value"}}
+    assert shown(EventType.PERMISSION_REQUEST, **ask) == [
+        ("approval", "⚠ approval needed: Bash: touch x ********")
+    ]
+    assert shown(EventType.PERMISSION_DECISION, tool="Bash", allow=True, by="user") == [
+        ("allowed", "✓ allowed Bash (by you)")
+    ]
+    assert shown(EventType.PERMISSION_DECISION, tool="Bash", allow=True, always=True) == [
+        ("allowed", "✓ allowed Bash (always, this run)")
+    ]
+    assert shown(EventType.PERMISSION_DECISION, tool="Bash", allow=False, message="no") == [
+        ("denied", "⊘ denied Bash: no")
+    ]
+    timeout = shown(EventType.PERMISSION_DECISION, tool="Bash", allow=False, by="timeout",
+                    message="no answer within 600 s; denied")  # fmt: skip
+    assert timeout == [("denied", "⏱ denied Bash: no answer within 600 s; denied")]
+    assert shown(EventType.PERMISSION_DECISION, tool="Bash", allow=False, by="cancelled") == [
+        ("denied", "⊘ Bash: the agent withdrew its request")
+    ]
+    # Hostile data never breaks the line.
+    assert lines.lines(Event(EventType.PERMISSION_REQUEST, "not json"))[0].kind == "approval"
+    assert lines.lines(Event(EventType.PERMISSION_DECISION, "[1, 2]"))[0].kind == "denied"

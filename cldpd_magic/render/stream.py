@@ -118,7 +118,7 @@ def _summary(obj: Mapping[str, Any], limit: int = 160) -> str:
     return _first_line(" ".join(parts), limit)
 
 
-def _tool_call(name: str, args: Any) -> str:
+def tool_call(name: str, args: Any) -> str:
     """``Name: key argument`` of a tool call (the argument that says what it does)."""
     name = _first_line(name or "tool", 60)
     value: Any = None
@@ -266,7 +266,7 @@ class StreamRenderer:
         ]
 
     def _on_permission_denied(self, event: PermissionDenied) -> list[Line]:
-        call = _tool_call(event.tool_name, None)
+        call = tool_call(event.tool_name, None)
         reason = _first_line(event.message, 200)
         return [Line("denied", f"⊘ permission denied: {call}" + (f": {reason}" if reason else ""))]
 
@@ -292,7 +292,7 @@ class StreamRenderer:
                 elif block.text.strip():
                     lines.append(Line("thinking", f"✻ {_first_line(block.text, 120)}"))
             elif isinstance(block, ToolUse):
-                lines.append(Line("tool", f"▸ {_tool_call(block.name, block.input)}"))
+                lines.append(Line("tool", f"▸ {tool_call(block.name, block.input)}"))
             elif isinstance(block, OtherBlock) and block.type is not None:
                 lines.append(Line("event", f"· {_first_line(block.type, 40)} block"))
             elif isinstance(block, OtherBlock):
@@ -338,7 +338,7 @@ class StreamRenderer:
             parts.append(f"session {_short(event.session_id)}")
         lines = [Line("result" if head.startswith("✓") else "failed", " · ".join(parts))]
         for denial in event.denials:
-            call = _tool_call(denial.tool_name, denial.tool_input)
+            call = tool_call(denial.tool_name, denial.tool_input)
             lines.append(Line("denied", f"⊘ permission denied: {call}"))
         # The answer is usually the last assistant text, already shown: not twice. A
         # failure's one-line reason is in the summary line already.

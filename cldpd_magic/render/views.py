@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ..events import Event, EventType, RunState, RunStatus, Usage
 from ..logs import log_swallowed
 from ..secrets import Masker
+from .approvals import approval_lines
 from .clean import _clip, clean_text
 from .stream import Line, StreamRenderer
 
@@ -38,8 +39,9 @@ _CSS = (
     ".cldpd-body{max-height:480px;overflow-y:auto;display:flex;flex-direction:column-reverse;}"
     ".cldpd-text,.cldpd-stderr,.cldpd-tool,.cldpd-tool_result,.cldpd-tool_error,"
     ".cldpd-result,.cldpd-failed,.cldpd-system,.cldpd-build,.cldpd-error,.cldpd-elided,"
-    ".cldpd-thinking,.cldpd-retry,.cldpd-denied,.cldpd-event,.cldpd-user"
-    "{white-space:pre-wrap;word-break:break-all;}"
+    ".cldpd-thinking,.cldpd-retry,.cldpd-denied,.cldpd-event,.cldpd-user,.cldpd-approval,"
+    ".cldpd-allowed{white-space:pre-wrap;word-break:break-all;}"
+    ".cldpd-approval{color:#e65100;font-weight:bold;}.cldpd-allowed{color:#2e7d32;}"
     ".cldpd-stderr,.cldpd-tool_error,.cldpd-error,.cldpd-denied{color:#c62828;}"
     ".cldpd-tool{color:#1565c0;}.cldpd-tool_result,.cldpd-system,.cldpd-build,.cldpd-elided,"
     ".cldpd-event,.cldpd-user{color:#757575;}"
@@ -116,6 +118,8 @@ class RunLines:
             return [Line("error", self._clean(data))]
         if etype is EventType.EGRESS_BLOCKED:
             return [Line("stderr", self._clean(f"⛔ egress blocked: {_clip(data)}"))]
+        if etype in (EventType.PERMISSION_REQUEST, EventType.PERMISSION_DECISION):
+            return approval_lines(event, self.mask)
         return []
 
 
