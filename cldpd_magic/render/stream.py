@@ -17,6 +17,7 @@ from ..secrets import MASK
 from ..stream_json import (
     ApiRetry,
     AssistantMessage,
+    CanUseTool,
     ClaudeEvent,
     Compacted,
     OtherBlock,
@@ -68,9 +69,14 @@ _RESULT_NAMES = {
     "error_max_structured_output_retries": "no valid structured output",
 }
 #: Event types that carry nothing a person needs to read (partial messages, tool ticks).
-_QUIET_TYPES = frozenset({"stream_event", "tool_progress", "keep_alive"})
-#: System subtypes that only tick (thinking token estimates while the model thinks).
-_QUIET_SYSTEM = frozenset({"thinking_tokens"})
+#: An interactive run's control answers and withdrawals are cldpd's own business: an
+#: approval and its answer show as PERMISSION_REQUEST and PERMISSION_DECISION events.
+_QUIET_TYPES = frozenset(
+    {"stream_event", "tool_progress", "keep_alive", "control_response", "control_cancel_request"}
+)
+#: System subtypes that only tick (thinking token estimates while the model thinks), or
+#: say what cldpd already shows (an interactive run's turn is running, waiting, idle).
+_QUIET_SYSTEM = frozenset({"thinking_tokens", "session_state_changed"})
 #: Fields left out of the summary of an unknown event.
 _SUMMARY_SKIP = frozenset({"type", "subtype", "uuid", "session_id", "parent_tool_use_id"})
 #: Longest text of one rendered Markdown line (an answer); the transcript keeps the whole.
@@ -223,6 +229,8 @@ class StreamRenderer:
             cannot be shown as one (a message without readable content): the line is
             then shown as text.
         """
+        if isinstance(event, CanUseTool):
+            return []  # its PERMISSION_REQUEST event says it
         handler = _HANDLERS.get(type(event))
         if handler is None:  # control frames and unknown types, in brief
             kind = event.type
