@@ -308,6 +308,7 @@ POD_JSON_KEYS: dict[str, tuple[str, KeyParser]] = {
     "maxCostUsd": ("max_cost_usd", _cap(whole=False, example="2.5")),
     "maxTurns": ("max_turns", _cap(whole=True, example="30")),
     "timeoutSeconds": ("timeout_seconds", _cap(whole=False, example="1800")),
+    "changesMaxBytes": ("changes_max_bytes", _cap(whole=True, example="20971520")),
     "unsafe": ("unsafe", _str_list),
 }
 

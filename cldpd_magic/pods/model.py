@@ -35,6 +35,9 @@ IMAGE_REFERENCE_RE = re.compile(
 MAX_REPOSITORY_LENGTH = 255 - len("docker.io/library/")
 #: Image ``cldpd-<name>``, plus ``-<8 hex>`` for a name with capitals, within the limit.
 MAX_POD_NAME_LENGTH = MAX_REPOSITORY_LENGTH - len("cldpd-") - 9
+#: pod.json ``changesMaxBytes`` when absent: the largest patch of a run's changes kept
+#: (beyond it, the list of changed files with their sizes).
+DEFAULT_CHANGES_MAX_BYTES = 20 * 1024 * 1024
 
 
 def default_pods_dir() -> Path:
@@ -156,6 +159,7 @@ class PodConfig:
     max_cost_usd: float | None = None
     max_turns: int | None = None
     timeout_seconds: float | None = None
+    changes_max_bytes: int = DEFAULT_CHANGES_MAX_BYTES
     unsafe: tuple[str, ...] = ()
     unsafe_warnings: tuple[str, ...] = ()
 
