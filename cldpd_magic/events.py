@@ -30,7 +30,7 @@ class EventType(enum.Enum):
     #: The egress proxy refused a connection; data is ``host:port``.
     EGRESS_BLOCKED = "egress_blocked"
     #: A tool call waits for a person's approval; data is JSON: ``request_id``, ``tool``,
-    #: ``summary`` (the call's key argument), ``input``, ``suggestions``.
+    #: ``input``, ``suggestions``.
     PERMISSION_REQUEST = "permission_request"
     #: An approval was answered; data is JSON: ``request_id``, ``tool``, ``allow``,
     #: ``message``, ``always``, ``by`` (``user``, ``policy``, ``timeout``, ``cancelled``).

@@ -1,0 +1,518 @@
+"""Working with an agent while it runs: approvals, follow-up messages, interrupts.
+
+An interactive run's Claude Code reads JSON lines on its stdin
+(``--input-format stream-json --permission-prompt-tool stdio``): user messages and
+control requests (``interrupt``, ``set_permission_mode``, ``set_model``); it asks on its
+stdout whether a tool call may run (``control_request`` ``can_use_tool``) and waits for
+the answer. One :class:`Conversation` per run holds its stdin and follows its output:
+each question becomes a :class:`PermissionRequest`, pending until a person (the cell, the
+picker, code), a policy callable or the approval timeout answers it; each answer is a
+PERMISSION_DECISION event. When a turn is over and nothing more was sent, the agent's
+stdin is closed so that it ends as a one-shot run does, unless the pod is kept alive:
+then it waits for follow-ups until stopped, or for ``idleTimeoutSeconds``.
+
+Everything the agent writes is hostile: a malformed or unknown frame never breaks the
+run, and only JSON that cldpd made itself is ever written to the agent's stdin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ..errors import CldpdError, InvalidRequestError
+from ..events import EventType
+from ..logs import log_swallowed
+from ..stream_json import (
+    AssistantMessage,
+    CanUseTool,
+    ControlCancel,
+    ControlResponse,
+    Result,
+    SessionStateChanged,
+    SystemInit,
+    read_line,
+)
+
+logger = logging.getLogger(__package__)
+
+#: What a policy answers: allow or not, or that with the message the agent is told.
+Decision = bool | tuple[bool, str]
+#: ``Dispatcher(can_use_tool=...)``: decides a run's tool calls, ``(run, tool, input)``.
+ToolPolicy = Callable[[str, str, Mapping[str, Any]], Decision]
+
+#: Seconds a pending approval waits for an answer unless pod.json says otherwise.
+DEFAULT_APPROVAL_TIMEOUT = 600.0
+#: Seconds cldpd waits for the CLI's answer to one of its control requests.
+CONTROL_TIMEOUT = 30.0
+#: Seconds after a result with no sign of another turn before the turn counts as the
+#: last (a CLI that emits no session state events).
+RESULT_GRACE = 1.5
+#: Permission modes Claude Code takes at run time (``bypassPermissions`` only when the
+#: CLI was started allowing it; the CLI says so).
+PERMISSION_MODES = ("default", "acceptEdits", "plan", "dontAsk", "auto", "bypassPermissions")
+
+
+class InputPipe(Protocol):
+    """What a conversation writes to: a run's stdin (``engines.StdinPipe``)."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the input was closed."""
+
+    def write_line(self, text: str) -> None:
+        """Send one line (a newline is added)."""
+
+    def close(self) -> None:
+        """End the input: the agent reads EOF once what was written is read."""
+
+
+@dataclass(frozen=True)
+class PermissionRequest:
+    """A tool call the agent asks to run, waiting for an answer.
+
+    Attributes:
+        request_id: The CLI's id of the request; :meth:`Conversation.decide` takes it.
+        tool: The tool's name (``Bash``, ``Write``, ...).
+        input: The call's input as the agent wrote it (masked).
+        suggestions: The CLI's suggested permission updates (masked).
+        time: When it came (UTC).
+        run: The run that asks.
+    """
+
+    request_id: str
+    tool: str
+    input: Mapping[str, Any]
+    suggestions: tuple[Mapping[str, Any], ...] = ()
+    time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    run: str = ""
+
+
+def _decision(answer: Any) -> tuple[bool, str]:
+    """A policy's answer as (allow, message); anything but a bool or a pair is a deny."""
+    if isinstance(answer, bool):
+        return answer, ""
+    if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], bool):
+        return answer[0], str(answer[1])
+    return False, "the approval policy gave no yes or no"
+
+
+def deny_unattended(run: str, tool: str, tool_input: Mapping[str, Any]) -> Decision:
+    """The policy of a run nobody watches (``cldpd`` without a terminal, a CLI batch).
+
+    The pod's ``settings.json`` rules decide first (the CLI asks only for what they do not
+    allow); what is asked anyway is denied, and the agent is told why.
+    """
+    return False, (
+        f"cldpd: no one is here to approve {tool}; allow it in the pod's settings.json, "
+        "or run the pod where a person can answer."
+    )
+
+
+class _Waiter:
+    """One control request of cldpd's, waiting for the CLI's answer."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: ControlResponse | None = None
+
+
+class Conversation:
+    """The stdin and the questions of one interactive run.
+
+    Args:
+        run: The run's name (what a policy and a PermissionRequest are told).
+        pipe: The agent's stdin.
+        keep_alive: Whether the pod is kept alive: its agent then waits for follow-ups
+            after a turn instead of ending.
+        approval_timeout: Seconds a question waits for an answer before it is denied.
+        idle_timeout: Seconds a kept-alive agent waits for a follow-up before its input
+            is closed (None: until stopped).
+        policy: Decides questions as they come (``Dispatcher(can_use_tool=...)``).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        pipe: InputPipe,
+        *,
+        keep_alive: bool = False,
+        approval_timeout: float | None = None,
+        idle_timeout: float | None = None,
+        policy: ToolPolicy | None = None,
+    ) -> None:
+        self.run = run
+        self.pipe = pipe
+        self.keep_alive = keep_alive
+        self.approval_timeout = (
+            DEFAULT_APPROVAL_TIMEOUT if approval_timeout is None else approval_timeout
+        )
+        self.idle_timeout = idle_timeout
+        self.policy = policy
+        self._emit: Callable[[EventType, str], None] = lambda _etype, _data: None
+        self._lock = threading.Lock()
+        self._pending: dict[str, PermissionRequest] = {}
+        self._timers: dict[str, threading.Timer] = {}
+        self._waiters: dict[str, _Waiter] = {}
+        self._always: set[str] = set()
+        self._ids = itertools.count(1)
+        self._activity = 0  # bumped by every sign of a turn: a check of idleness compares it
+        self._idle_timer: threading.Timer | None = None
+        self._turn_listeners: list[Callable[[Result], None]] = []
+        self.ended = threading.Event()
+
+    # --- wiring --------------------------------------------------------------------------
+
+    def attach(self, emit: Callable[[EventType, str], None]) -> None:
+        """Record the run's events through ``emit(event type, data)`` (the start session's)."""
+        self._emit = emit
+
+    def add_turn_listener(self, listener: Callable[[Result], None]) -> None:
+        """Call ``listener(result)`` at the end of every turn (on the session's reader)."""
+        self._turn_listeners.append(listener)
+
+    def remove_turn_listener(self, listener: Callable[[Result], None]) -> None:
+        """Stop calling a listener added with :meth:`add_turn_listener`."""
+        if listener in self._turn_listeners:
+            self._turn_listeners.remove(listener)
+
+    @property
+    def live(self) -> bool:
+        """Whether the agent still takes messages (its process runs, its input is open)."""
+        return not self.ended.is_set() and not self.pipe.closed
+
+    # --- writing -------------------------------------------------------------------------
+
+    def _write(self, frame: Mapping[str, Any]) -> None:
+        try:
+            self.pipe.write_line(json.dumps(frame, ensure_ascii=False))
+        except CldpdError:
+            raise
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"The agent of run {self.run} no longer takes input ({type(exc).__name__}); "
+                "resume the run once it has ended."
+            ) from None
+
+    def send_user(self, text: str) -> None:
+        """Send a user message: the next turn, or queued behind the turn in flight.
+
+        Raises:
+            InvalidRequestError: The message is empty, or the agent takes no more input.
+        """
+        if not text or not text.strip():
+            raise InvalidRequestError("The prompt is empty; say what the agent should do next.")
+        self._check_live("send it a message")
+        with self._lock:
+            self._activity += 1
+            self._cancel_idle()
+        self._write(
+            {
+                "type": "user",
+                "message": {"role": "user", "content": text},
+                "parent_tool_use_id": None,
+                "session_id": "default",
+            }
+        )
+
+    def control(self, subtype: str, timeout: float = CONTROL_TIMEOUT, **fields: Any) -> Any:
+        """Send a control request and wait for the CLI's answer.
+
+        Returns:
+            The answer's ``response`` object.
+
+        Raises:
+            InvalidRequestError: The agent takes no more input, refused the request (its
+                reason, in one sentence) or did not answer in time.
+        """
+        self._check_live(subtype.replace("_", " "))
+        request_id = f"cldpd-{next(self._ids)}-{os.urandom(4).hex()}"
+        waiter = _Waiter()
+        with self._lock:
+            self._waiters[request_id] = waiter
+        try:
+            self._write(
+                {
+                    "type": "control_request",
+                    "request_id": request_id,
+                    "request": {"subtype": subtype, **fields},
+                }
+            )
+            if not waiter.done.wait(timeout):
+                raise InvalidRequestError(
+                    f"The agent of run {self.run} did not answer {subtype} within "
+                    f"{timeout:g} s; try again, or stop the run."
+                )
+        finally:
+            with self._lock:
+                self._waiters.pop(request_id, None)
+        response = waiter.response
+        if response is None:
+            raise InvalidRequestError(
+                f"The agent of run {self.run} ended before it answered {subtype}."
+            )
+        if not response.ok:
+            reason = " ".join(str(response.error or "refused").split())[:300]
+            raise InvalidRequestError(f"The agent of run {self.run} refused {subtype}: {reason}")
+        return response.response
+
+    def interrupt(self) -> None:
+        """End the turn in flight; the agent then waits for the next message."""
+        self.control("interrupt")
+
+    def set_permission_mode(self, mode: str) -> None:
+        """Change how the agent asks for approval from its next tool call on.
+
+        Raises:
+            InvalidRequestError: Not a mode Claude Code knows, or the CLI refused it.
+        """
+        if mode not in PERMISSION_MODES:
+            raise InvalidRequestError(
+                f"{str(mode)[:40]!r} is no permission mode; use one of "
+                f"{', '.join(PERMISSION_MODES)}."
+            )
+        self.control("set_permission_mode", mode=mode)
+
+    def set_model(self, name: str | None) -> None:
+        """Change the model from the next turn on (None: the CLI's default)."""
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InvalidRequestError("Name a model, such as 'sonnet' or 'claude-opus-5-5'.")
+        self.control("set_model", model=name)
+
+    def close_input(self) -> None:
+        """Close the agent's stdin: it finishes what it was given, then ends."""
+        with self._lock:
+            self._cancel_idle()
+        try:
+            self.pipe.close()
+        except (CldpdError, OSError):
+            log_swallowed(logger, f"closing the input of run {self.run} failed")
+
+    def _check_live(self, doing: str) -> None:
+        if not self.live:
+            raise InvalidRequestError(
+                f"The agent of run {self.run} has ended, so it cannot {doing} now; "
+                "resume the run to start it again."
+            )
+
+    # --- approvals -----------------------------------------------------------------------
+
+    def pending(self) -> list[PermissionRequest]:
+        """The questions waiting for an answer, oldest first."""
+        with self._lock:
+            return sorted(self._pending.values(), key=lambda r: r.time)
+
+    def decide(
+        self,
+        request_id: str,
+        *,
+        allow: bool,
+        message: str = "",
+        always: bool = False,
+        by: str = "user",
+    ) -> None:
+        """Answer a question: the tool call runs, or the agent is told ``message``.
+
+        Args:
+            request_id: A pending request's id.
+            allow: Whether the call may run.
+            message: What the agent is told when it may not.
+            always: Allow this tool for the rest of the run without asking.
+            by: Who decided (``user``, ``policy``, ``timeout``), for the record.
+
+        Raises:
+            InvalidRequestError: No such question is pending (answered, withdrawn or
+                never asked).
+        """
+        with self._lock:
+            request = self._pending.pop(request_id, None)
+            timer = self._timers.pop(request_id, None)
+            if request is not None and allow and always:
+                self._always.add(request.tool)
+        if timer is not None:
+            timer.cancel()
+        if request is None:
+            raise InvalidRequestError(
+                f"Run {self.run} has no pending approval {str(request_id)[:60]!r}; it was "
+                "answered, withdrawn or timed out (see pending())."
+            )
+        answer: dict[str, Any] = {"behavior": "allow" if allow else "deny"}
+        if allow and always:
+            answer["updatedPermissions"] = [
+                {
+                    "type": "addRules",
+                    "rules": [{"toolName": request.tool}],
+                    "behavior": "allow",
+                    # This run only: "localSettings" would write into the workdir.
+                    "destination": "session",
+                }
+            ]
+        if not allow:
+            answer["message"] = message or "The user denied this tool call."
+        self._emit_decision(request, allow, answer.get("message", ""), always, by)
+        try:
+            reply = {"subtype": "success", "request_id": request_id, "response": answer}
+            self._write({"type": "control_response", "response": reply})
+        except (CldpdError, OSError):
+            log_swallowed(logger, f"answering an approval of run {self.run} failed")
+
+    def _emit_decision(
+        self, request: PermissionRequest, allow: bool, message: str, always: bool, by: str
+    ) -> None:
+        data = {"request_id": request.request_id, "tool": request.tool, "allow": allow,
+                "message": message, "always": always, "by": by}  # fmt: skip
+        self._emit(EventType.PERMISSION_DECISION, json.dumps(data, ensure_ascii=False))
+
+    def _asked(self, event: CanUseTool) -> None:
+        request = PermissionRequest(
+            event.request_id, event.tool_name or "tool", dict(event.input or {}),
+            tuple(event.permission_suggestions or ()), run=self.run,
+        )  # fmt: skip
+        with self._lock:
+            always = request.tool in self._always
+            if not always:
+                self._pending[request.request_id] = request
+        data = {"request_id": request.request_id, "tool": request.tool,
+                "input": request.input, "suggestions": list(request.suggestions)}  # fmt: skip
+        self._emit(EventType.PERMISSION_REQUEST, json.dumps(data, ensure_ascii=False, default=str))
+        if always:
+            with self._lock:
+                self._pending[request.request_id] = request
+            self.decide(request.request_id, allow=True, by="always")
+            return
+        if self.approval_timeout > 0:
+            timer = threading.Timer(self.approval_timeout, self._timed_out, (request.request_id,))
+            timer.daemon = True
+            with self._lock:
+                self._timers[request.request_id] = timer
+            timer.start()
+        if self.policy is not None:
+            threading.Thread(
+                target=self._ask_policy, args=(request,), daemon=True,
+                name=f"cldpd-policy-{self.run}",
+            ).start()  # fmt: skip
+
+    def _ask_policy(self, request: PermissionRequest) -> None:
+        try:
+            allow, message = _decision(self.policy(self.run, request.tool, request.input))
+        except Exception as exc:
+            log_swallowed(logger, f"the approval policy of run {self.run} failed")
+            allow, message = False, f"cldpd: the approval policy failed ({type(exc).__name__})."
+        with contextlib.suppress(InvalidRequestError):  # answered meanwhile (a person, ...)
+            self.decide(request.request_id, allow=allow, message=message, by="policy")
+
+    def _timed_out(self, request_id: str) -> None:
+        seconds = f"{self.approval_timeout:g}"
+        with contextlib.suppress(InvalidRequestError):  # answered in the last moment
+            self.decide(request_id, allow=False, by="timeout",
+                        message=f"cldpd: no answer within {seconds} s; denied.")  # fmt: skip
+
+    def _withdrawn(self, request_id: str) -> None:
+        with self._lock:
+            request = self._pending.pop(request_id, None)
+            timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+        if request is not None:
+            self._emit_decision(request, False, "", False, "cancelled")
+
+    # --- reading -------------------------------------------------------------------------
+
+    def observe(self, lines: Sequence[str]) -> None:
+        """Follow the agent's output lines (masked, after they are recorded); never raises."""
+        for line in lines:
+            try:
+                event = read_line(line)
+                if event is not None:
+                    self._on_event(event)
+            except Exception:
+                log_swallowed(logger, f"run {self.run}: an output line could not be followed")
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, CanUseTool):
+            self._asked(event)
+        elif isinstance(event, ControlResponse):
+            with self._lock:
+                waiter = self._waiters.get(event.request_id)
+            if waiter is not None:  # else an echo of our own answer, or not ours
+                waiter.response = event
+                waiter.done.set()
+        elif isinstance(event, ControlCancel):
+            self._withdrawn(event.request_id)
+        elif isinstance(event, SessionStateChanged):
+            if event.state == "idle":
+                self._turn_over(checked=True)
+            else:
+                self._busy()
+        elif isinstance(event, Result):
+            for listener in list(self._turn_listeners):
+                listener(event)
+            self._turn_over(checked=False)
+        elif isinstance(event, SystemInit | AssistantMessage):
+            self._busy()
+
+    def _busy(self) -> None:
+        with self._lock:
+            self._activity += 1
+            self._cancel_idle()
+
+    def _turn_over(self, *, checked: bool) -> None:
+        """A turn ended: with nothing more to do, end the agent (or wait, kept alive)."""
+        with self._lock:
+            seen = self._activity
+        if checked:
+            self._idle(seen)
+            return
+        # No session state events (an older CLI): a queued message would have started
+        # its turn (system/init) within moments; if none did, the agent is idle.
+        timer = threading.Timer(RESULT_GRACE, self._idle, (seen,))
+        timer.daemon = True
+        timer.start()
+
+    def _idle(self, seen: int) -> None:
+        with self._lock:
+            if seen != self._activity or self._pending or self.ended.is_set():
+                return
+            if self.keep_alive:
+                self._start_idle_timer()
+                return
+        self.close_input()
+
+    def _start_idle_timer(self) -> None:
+        """Under the lock: close a kept-alive agent's input after idleTimeoutSeconds."""
+        self._cancel_idle()
+        if self.idle_timeout is None:
+            return
+        self._idle_timer = threading.Timer(self.idle_timeout, self.close_input)
+        self._idle_timer.daemon = True
+        self._idle_timer.start()
+
+    def _cancel_idle(self) -> None:
+        """Under the lock: forget a pending idle close."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def finish(self) -> None:
+        """The agent's process ended: questions still pending are withdrawn, waits end."""
+        self.ended.set()
+        with self._lock:
+            self._cancel_idle()
+            pending = list(self._pending)
+            waiters = list(self._waiters.values())
+        for request_id in pending:
+            self._withdrawn(request_id)
+        for waiter in waiters:
+            waiter.done.set()
+
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Wait for the agent's process to end; whether it did in time."""
+        return self.ended.wait(timeout)
