@@ -13,10 +13,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ..errors import CldpdError
+from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
 from ..logs import log_swallowed
 from ..secrets import MASK, Masker
+from .interactive import Conversation, PermissionRequest
 from .usage import Limits, UsageMeter
 
 if TYPE_CHECKING:
@@ -465,6 +466,10 @@ class Session:
         run: The run's name (the pod's name when None).
         limits: Caps on the run's cost, turns and time; passing one stops the run
             gracefully, and it ends STOPPED with that reason.
+        conversation: An interactive run's stdin and questions (None for a one-shot
+            run). The session that starts the agent's process owns it (its output feeds
+            it, and its end ends it); a resume of a live run shares it.
+        owns_conversation: Whether this session starts the conversation's process.
 
     Attributes:
         id: ``<pod>-<8 hex>``.
@@ -500,8 +505,12 @@ class Session:
         *,
         run: str | None = None,
         limits: Limits | None = None,
+        conversation: Conversation | None = None,
+        owns_conversation: bool = True,
     ) -> None:
         self.id = session_id or new_session_id(pod_name)
+        self.conversation = conversation
+        self._owns_conversation = conversation is not None and owns_conversation
         self.pod_name = pod_name
         self.run = run or pod_name
         self.limits = limits or Limits()
@@ -521,6 +530,8 @@ class Session:
         self._log = EventLog(self.id, transcript, self.mask, self.MAX_EVENTS, self.MAX_BYTES)
         self.transcript = transcript
         self._control = SessionControl(self)
+        if self._owns_conversation:
+            conversation.attach(self._emit_masked)
         self._job = job
         self._thread = threading.Thread(target=self._work, name=f"cldpd-{self.id}", daemon=True)
         self._thread.start()
@@ -593,6 +604,8 @@ class Session:
             finally:
                 control.stdout.close()
                 control.stderr.close()
+                if self._owns_conversation:
+                    self.conversation.finish()
             self._mark_limit_passed()
             self.status.finish(exit_code=code)
             self._append([Event(EventType.CONTAINER_EXITED, str(code), code)], final=True)
@@ -661,6 +674,8 @@ class Session:
         enc = _encode_str
         text = "".join([head + enc(line) + tail for line in lines])
         self._log.store(_LineChunk(etype, now, lines), text, sum(map(len, lines)))
+        if self._owns_conversation and etype is EventType.OUTPUT:
+            self.conversation.observe(lines)  # after the lines, so its events follow them
 
     def _append(self, events: list[Event], final: bool = False) -> None:
         for e in events:
@@ -670,6 +685,70 @@ class Session:
                 self._start_timer()
         text = "".join(e.to_json() + "\n" for e in events)
         self._log.store(_Chunk(events), text, sum(len(e.data) for e in events), final)
+
+    def _emit_masked(self, etype: EventType, data: str) -> None:
+        self._append([Event(etype, self.mask(data))])
+
+    # --- an interactive run ----------------------------------------------------------------
+
+    @property
+    def interactive(self) -> bool:
+        """Whether the run's agent takes approvals, messages and interrupts while it runs."""
+        return self.conversation is not None
+
+    def _conversation(self, doing: str) -> Conversation:
+        if self.conversation is None:
+            raise InvalidRequestError(
+                f"Run {self.run} is not interactive, so it cannot {doing}; set "
+                '"interactive": true in its pod.json (Claude Code pods) to work with it live.'
+            )
+        return self.conversation
+
+    def pending(self) -> list[PermissionRequest]:
+        """The tool calls waiting for an approval, oldest first (empty when none)."""
+        return [] if self.conversation is None else self.conversation.pending()
+
+    def decide(
+        self, request_id: str, *, allow: bool, message: str = "", always: bool = False
+    ) -> None:
+        """Answer a pending approval (see :meth:`pending`).
+
+        Args:
+            request_id: The request's id.
+            allow: Whether the tool call may run.
+            message: What the agent is told when it may not.
+            always: Allow that tool for the rest of this run without asking.
+
+        Raises:
+            InvalidRequestError: The run is not interactive, or no such request is pending.
+        """
+        self._conversation("answer approvals").decide(
+            request_id, allow=allow, message=message, always=always
+        )
+
+    def interrupt(self) -> None:
+        """End the turn in flight; the run and its container stay, and take a follow-up.
+
+        Raises:
+            InvalidRequestError: The run is not interactive, or its agent has ended.
+        """
+        self._conversation("be interrupted").interrupt()
+
+    def set_permission_mode(self, mode: str) -> None:
+        """Change how the agent asks for approvals from its next tool call on.
+
+        Raises:
+            InvalidRequestError: Not interactive, no such mode, or the agent refused it.
+        """
+        self._conversation("change its permission mode").set_permission_mode(mode)
+
+    def set_model(self, name: str | None) -> None:
+        """Change the agent's model from its next turn on.
+
+        Raises:
+            InvalidRequestError: Not interactive, or the agent has ended.
+        """
+        self._conversation("change its model").set_model(name)
 
     def events(self) -> Iterator[Event]:
         """Iterate over every event from the first, in order, waiting for new ones.
