@@ -59,3 +59,24 @@ def test_a_run_with_a_timeout_ends_by_itself_in_its_container():
     assert overridden.cmd[4] == str(3 + DEADLINE_GRACE)
     assert plan_start(POD, "https://github.com/o/r/issues/1").cmd[:5] == HEAD
     assert with_deadline(["claude"], None) == ["claude"]
+
+
+def test_an_interactive_run_takes_its_prompts_on_stdin():
+    from cldpd_magic.runs.agent import INTERACTIVE_ENV, plan_start
+
+    config = PodConfig(args=("--model", "opus"), interactive=True)
+    live = Pod("p", Path("/pods/p"), Path("/pods/p/Dockerfile"), config, template="Be brief.")
+    plan = plan_start(live, "https://github.com/o/r/issues/1", "and add tests")
+    assert plan.interactive
+    assert plan.cmd == [
+        *HEAD, "--input-format", "stream-json", "--permission-prompt-tool", "stdio",
+        "--replay-user-messages", "--session-id", plan.session_uuid, "--model", "opus",
+    ]  # fmt: skip
+    assert plan.prompt == (
+        "Be brief.\n\nWork on this GitHub issue: https://github.com/o/r/issues/1\n\nand add tests"
+    )
+    assert INTERACTIVE_ENV.items() <= plan.env.items()
+    # A prompt far over one argument's limit is fine: it goes to stdin.
+    long = plan_start(live, "https://github.com/o/r/issues/1", "x" * 300_000)
+    assert len(long.prompt) > 300_000
+    assert plan_start(POD, "https://github.com/o/r/issues/1").interactive is False

@@ -563,3 +563,22 @@ def test_type_errors_name_json_types(pods_dir, pod_json, named):
     message = config_error(pods_dir, pod_json)
     assert message.endswith(f"{named}.")
     assert not re.search(r"got (int|NoneType|list|dict|bool)\b", message)
+
+
+def test_interactive_keys_parse_and_default():
+    from cldpd_magic.pods import parse_pod_config
+
+    path = Path("pods/p/pod.json")
+    plain = parse_pod_config(path, "{}")
+    assert (plain.interactive, plain.approval_timeout_seconds, plain.idle_timeout_seconds) == (
+        False, 600.0, None)  # fmt: skip
+    live = parse_pod_config(
+        path, '{"interactive": true, "approvalTimeoutSeconds": 30, "idleTimeoutSeconds": 900}'
+    )
+    assert (live.interactive, live.approval_timeout_seconds, live.idle_timeout_seconds) == (
+        True, 30.0, 900.0)  # fmt: skip
+    for bad in ('{"interactive": "yes"}', '{"approvalTimeoutSeconds": 0}',
+                '{"idleTimeoutSeconds": -1}'):  # fmt: skip
+        with pytest.raises(PodConfigError) as info:
+            parse_pod_config(path, bad)
+        assert "\n" not in str(info.value)

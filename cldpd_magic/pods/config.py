@@ -309,6 +309,9 @@ POD_JSON_KEYS: dict[str, tuple[str, KeyParser]] = {
     "maxTurns": ("max_turns", _cap(whole=True, example="30")),
     "timeoutSeconds": ("timeout_seconds", _cap(whole=False, example="1800")),
     "changesMaxBytes": ("changes_max_bytes", _cap(whole=True, example="20971520")),
+    "interactive": ("interactive", _flag),
+    "approvalTimeoutSeconds": ("approval_timeout_seconds", _cap(whole=False, example="600")),
+    "idleTimeoutSeconds": ("idle_timeout_seconds", _cap(whole=False, example="1800")),
     "unsafe": ("unsafe", _str_list),
 }
 

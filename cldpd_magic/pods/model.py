@@ -38,6 +38,8 @@ MAX_POD_NAME_LENGTH = MAX_REPOSITORY_LENGTH - len("cldpd-") - 9
 #: pod.json ``changesMaxBytes`` when absent: the largest patch of a run's changes kept
 #: (beyond it, the list of changed files with their sizes).
 DEFAULT_CHANGES_MAX_BYTES = 20 * 1024 * 1024
+#: Seconds an interactive run's approval waits for an answer before it is denied.
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 600.0
 
 
 def default_pods_dir() -> Path:
@@ -160,6 +162,9 @@ class PodConfig:
     max_turns: int | None = None
     timeout_seconds: float | None = None
     changes_max_bytes: int = DEFAULT_CHANGES_MAX_BYTES
+    interactive: bool = False
+    approval_timeout_seconds: float = DEFAULT_APPROVAL_TIMEOUT_SECONDS
+    idle_timeout_seconds: float | None = None
     unsafe: tuple[str, ...] = ()
     unsafe_warnings: tuple[str, ...] = ()
 

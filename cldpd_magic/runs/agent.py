@@ -75,8 +75,25 @@ def pod_limits(pod: Pod, timeout: float | None = None) -> Limits:
     return Limits(config.max_cost_usd, config.max_turns, seconds)
 
 
+#: The options of an interactive run's Claude Code: JSON lines on stdin (user messages,
+#: control requests), questions about tool calls on stdout, the prompts it was sent
+#: echoed when their turn starts (so the cell shows them where they take effect).
+INTERACTIVE_OPTIONS = (
+    "--input-format", "stream-json", "--permission-prompt-tool", "stdio",
+    "--replay-user-messages",
+)  # fmt: skip
+#: Asks Claude Code to say when a turn is over and nothing more is queued.
+INTERACTIVE_ENV = {"CLAUDE_CODE_EMIT_SESSION_STATE_EVENTS": "1"}
+
+
 def agent_command(
-    pod: Pod, prompt: str, *, session_uuid: str, resume: bool, args: Sequence[str] = ()
+    pod: Pod,
+    prompt: str,
+    *,
+    session_uuid: str,
+    resume: bool,
+    args: Sequence[str] = (),
+    interactive: bool = False,
 ) -> list[str]:
     """The Claude Code command line for a start (``--session-id``) or resume (``--resume``).
 
@@ -84,10 +101,17 @@ def agent_command(
     then ``args`` (a batch variant's). A prompt that starts with ``-`` (a Markdown list,
     YAML front matter, pasted text), or that follows args holding an option that takes
     several values or an optional one (``--allowedTools Bash``), is put after ``--``, so
-    the CLI never reads it as an option or an option's value.
+    the CLI never reads it as an option or an option's value. An interactive run's
+    command has no prompt: its prompts are written to its stdin (the CLI ignores one
+    given as an argument in that mode).
     """
     flag = "--resume" if resume else "--session-id"
     all_args = [*cap_args(pod, args), *pod.config.args, *args]
+    if interactive:
+        return [
+            "claude", "-p", "--output-format", "stream-json", "--verbose",
+            *INTERACTIVE_OPTIONS, flag, session_uuid, *all_args,
+        ]  # fmt: skip
     greedy = any(arg in GREEDY_OPTIONS for arg in all_args)
     end_of_options = ["--"] if prompt.startswith("-") or greedy else []
     return [
@@ -130,11 +154,14 @@ def with_deadline(cmd: list[str], seconds: float | None) -> list[str]:
     return ["sh", "-c", DEADLINE_SCRIPT, "cldpd-deadline", str(limit), *cmd]
 
 
-def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix: str) -> None:
+def check_command_line(
+    cmd: list[str], env: dict[str, str], prompt_is: str = "", fix: str = ""
+) -> None:
     """Refuse up front a command the kernel would refuse with "argument list too long".
 
     Args:
-        cmd: The agent's command; its last argument is the prompt.
+        cmd: The agent's command; its last argument is the prompt, unless ``prompt_is``
+            is "" (an interactive run's prompts go to its stdin, where no such limit is).
         env: The environment it runs with.
         prompt_is: What the prompt is, for the message (``The prompt``).
         fix: What to do about a prompt that is too long.
@@ -143,8 +170,10 @@ def check_command_line(cmd: list[str], env: dict[str, str], prompt_is: str, fix:
         InvalidRequestError: An argument or environment entry holds a NUL or is over
             :data:`MAX_ARGUMENT_BYTES`, or all of them are over :data:`MAX_COMMAND_LINE_BYTES`.
     """
-    named = [(f"The argument {a[:40]!r} in pod.json args", a) for a in cmd[:-1]]
-    named.append((prompt_is, cmd[-1]))
+    args = cmd[:-1] if prompt_is else cmd
+    named = [(f"The argument {a[:40]!r} in pod.json args", a) for a in args]
+    if prompt_is:
+        named.append((prompt_is, cmd[-1]))
     named += [(f"The environment variable {k}", f"{k}={v}") for k, v in env.items()]
     total = 0
     for what, text in named:
@@ -180,6 +209,9 @@ class StartPlan:
         missing: ``inheritEnv`` names not set on this host.
         brokered: The credentials the egress proxy brokers, ``(kind, value, upstream)``.
         session_uuid: Claude Code's session uuid (``--session-id``).
+        prompt: The start prompt (template, issue line, the caller's text).
+        interactive: Whether the agent takes its prompts on stdin (``prompt`` is then
+            its first message, not an argument).
     """
 
     cmd: list[str]
@@ -188,6 +220,8 @@ class StartPlan:
     missing: list[str]
     brokered: list[tuple[str, str, str]]
     session_uuid: str
+    prompt: str = ""
+    interactive: bool = False
 
 
 def plan_start(
@@ -219,11 +253,17 @@ def plan_start(
     brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
     secrets += [value for _kind, value, _upstream in brokered]
     start_prompt = build_prompt(pod.template, url) + (f"\n\n{prompt}" if prompt else "")
+    interactive = pod.config.interactive
     cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=False,
-                        args=list(args))  # fmt: skip
-    check_command_line(
-        cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
-        f"shorten {pod.dir / 'template.md'}",
-    )  # fmt: skip
+                        args=list(args), interactive=interactive)  # fmt: skip
+    if interactive:
+        env = {**env, **INTERACTIVE_ENV}
+        check_command_line(cmd, env)
+    else:
+        check_command_line(
+            cmd, env, f"The start prompt of pod {pod.name} (template.md and the issue line)",
+            f"shorten {pod.dir / 'template.md'}",
+        )  # fmt: skip
     cmd = with_deadline(cmd, pod_limits(pod, timeout).timeout_seconds)
-    return StartPlan(cmd, env, secrets, missing, brokered, session_uuid)
+    return StartPlan(cmd, env, secrets, missing, brokered, session_uuid, start_prompt,
+                     interactive)  # fmt: skip
