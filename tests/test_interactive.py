@@ -227,8 +227,10 @@ def test_a_turn_over_with_nothing_queued_ends_the_agents_input():
     conv.send_user("Fix it.")
     conv.observe([INIT, RUNNING, RESULT, IDLE])
     assert pipe.closed
-    assert pipe.lines[0] == {"type": "user", "message": {"role": "user", "content": "Fix it."},
-                             "parent_tool_use_id": None, "session_id": "default"}  # fmt: skip
+    sent = pipe.lines[0]
+    assert sent.pop("uuid")
+    assert sent == {"type": "user", "message": {"role": "user", "content": "Fix it."},
+                    "parent_tool_use_id": None, "session_id": "default"}  # fmt: skip
     with pytest.raises(InvalidRequestError, match="has ended"):
         conv.send_user("more")  # closed input: the run is over for messages
 

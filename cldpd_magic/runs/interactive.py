@@ -23,13 +23,14 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import uuid as _uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ..errors import CldpdError, InvalidRequestError
-from ..events import EventType
+from ..events import TERMINAL, Event, EventType
 from ..logs import log_swallowed
 from ..stream_json import (
     AssistantMessage,
@@ -39,6 +40,8 @@ from ..stream_json import (
     Result,
     SessionStateChanged,
     SystemInit,
+    TextBlock,
+    UserMessage,
     read_line,
 )
 
@@ -168,6 +171,9 @@ class Conversation:
         self._idle_timer: threading.Timer | None = None
         self._turn_listeners: list[Callable[[Result], None]] = []
         self.ended = threading.Event()
+        #: Set while a kept-alive agent's turn is over and it waits for a follow-up (a
+        #: blocking cell returns then; the cell goes on showing what comes).
+        self.waiting = threading.Event()
 
     # --- wiring --------------------------------------------------------------------------
 
@@ -202,8 +208,16 @@ class Conversation:
                 "resume the run once it has ended."
             ) from None
 
-    def send_user(self, text: str) -> None:
+    def send_user(self, text: str, *, uuid: str | None = None) -> str:
         """Send a user message: the next turn, or queued behind the turn in flight.
+
+        Args:
+            text: The message.
+            uuid: Its id (made when None); the CLI echoes it when the message's turn
+                starts.
+
+        Returns:
+            The message's id.
 
         Raises:
             InvalidRequestError: The message is empty, or the agent takes no more input.
@@ -214,14 +228,18 @@ class Conversation:
         with self._lock:
             self._activity += 1
             self._cancel_idle()
+            self.waiting.clear()
+        message_id = uuid or str(_uuid.uuid4())
         self._write(
             {
                 "type": "user",
                 "message": {"role": "user", "content": text},
                 "parent_tool_use_id": None,
                 "session_id": "default",
+                "uuid": message_id,
             }
         )
+        return message_id
 
     def control(self, subtype: str, timeout: float = CONTROL_TIMEOUT, **fields: Any) -> Any:
         """Send a control request and wait for the CLI's answer.
@@ -463,6 +481,7 @@ class Conversation:
         with self._lock:
             self._activity += 1
             self._cancel_idle()
+            self.waiting.clear()
 
     def _turn_over(self, *, checked: bool) -> None:
         """A turn ended: with nothing more to do, end the agent (or wait, kept alive)."""
@@ -483,6 +502,7 @@ class Conversation:
                 return
             if self.keep_alive:
                 self._start_idle_timer()
+                self.waiting.set()
                 return
         self.close_input()
 
@@ -504,6 +524,7 @@ class Conversation:
     def finish(self) -> None:
         """The agent's process ended: questions still pending are withdrawn, waits end."""
         self.ended.set()
+        self.waiting.clear()
         with self._lock:
             self._cancel_idle()
             pending = list(self._pending)
@@ -516,3 +537,67 @@ class Conversation:
     def wait_ended(self, timeout: float | None = None) -> bool:
         """Wait for the agent's process to end; whether it did in time."""
         return self.ended.wait(timeout)
+
+
+class Followed(Protocol):
+    """What a follow-up follows: the session that runs the agent's process."""
+
+    container: str
+
+    @property
+    def event_count(self) -> int:
+        """How many events it has recorded."""
+
+    def event_batches(self, start: int = 0) -> Iterator[list[Event]]:
+        """Its events from ``start`` on, in batches, to its end."""
+
+
+def follow_up(source: Followed, conversation: Conversation, prompt: str) -> Callable[..., int]:
+    """The job of a follow-up sent to a live interactive run: the turn it causes.
+
+    The prompt goes to the run's agent as a user message (queued by the CLI behind a turn
+    in flight); the job shows the run's output from that moment to the end of the turn
+    that took the message (the first result after the CLI echoed it), and ends 0, or 1
+    when that result is an error. The run's own cell goes on showing everything. A stop
+    of the follow-up interrupts that turn; the run stays.
+
+    Args:
+        source: The session running the agent's process.
+        conversation: Its conversation.
+        prompt: The message.
+    """
+
+    def job(ctl: Any) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, source.container)
+        mark = source.event_count
+        ours = conversation.send_user(prompt)
+        ctl.set_stopper(lambda _timeout: _interrupt_quietly(conversation))
+        seen = False
+        for batch in source.event_batches(mark):
+            for event in batch:
+                if event.type is EventType.OUTPUT:
+                    ctl.stdout.write(event.data + "\n")
+                    typed = read_line(event.data)
+                    if isinstance(typed, UserMessage) and typed.is_replay:
+                        seen = seen or typed.uuid == ours or _text_of(typed) == prompt
+                    elif isinstance(typed, Result) and seen:
+                        return 1 if typed.is_error else 0
+                elif event.type is EventType.STDERR:
+                    ctl.stderr.write(event.data + "\n")
+                elif event.type in (EventType.PERMISSION_REQUEST, EventType.PERMISSION_DECISION):
+                    ctl.emit(event.type, event.data)
+                elif event.type in TERMINAL:
+                    return event.code if event.code is not None else 1
+        return 0
+
+    return job
+
+
+def _text_of(message: UserMessage) -> str:
+    blocks = message.blocks or ()
+    return "".join(b.text for b in blocks if isinstance(b, TextBlock))
+
+
+def _interrupt_quietly(conversation: Conversation) -> None:
+    with contextlib.suppress(CldpdError):
+        conversation.interrupt()

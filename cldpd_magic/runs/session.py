@@ -381,12 +381,13 @@ class EventLog:
         notice = [Event(EventType.STDERR, self.error)]
         self._buffer(_Chunk(notice), len(self.error), on_disk=False)
 
-    def batches(self) -> Iterator[list[Event]]:
-        """Every event from the first, in order, in lists of those that came since the last.
+    def batches(self, start: int = 0) -> Iterator[list[Event]]:
+        """Every event from ``start`` (the first: 0), in order, in lists of those that came
+        since the last.
 
         A consumer that handles a batch at a time keeps up with millions of lines.
         """
-        index = 0
+        index = max(0, start)
         reader: _TranscriptReader | None = None
         unreadable = ""
         try:
@@ -760,12 +761,16 @@ class Session:
         for batch in self.event_batches():
             yield from batch
 
-    def event_batches(self) -> Iterator[list[Event]]:
+    def event_batches(self, start: int = 0) -> Iterator[list[Event]]:
         """Like :meth:`events`, in lists of the events that have come since the last one.
 
         A consumer that handles a batch at a time keeps up with millions of lines.
+
+        Args:
+            start: The first event's index (0: from the first; :attr:`event_count` now:
+                only what comes from now on).
         """
-        return self._log.batches()
+        return self._log.batches(start)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the session to end, whether or not anyone consumes its events.
