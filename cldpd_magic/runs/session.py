@@ -22,6 +22,7 @@ from .usage import Limits, UsageMeter
 
 if TYPE_CHECKING:
     from ..engines import ContainerInfo
+    from .changes import Changes
 from ..events import TERMINAL, Event, EventType, RunState, RunStatus, _encode_str, _now
 
 logger = logging.getLogger(__package__)
@@ -210,6 +211,14 @@ class SessionControl:
             threading.Thread(
                 target=stopper, args=(self._stop_timeout,), daemon=True, name="cldpd-stop"
             ).start()
+
+    def set_capturer(self, capturer: Callable[[Session], Changes] | None) -> None:
+        """Register how to capture the run's changes (:meth:`Session.capture_changes`)."""
+        self._session._capturer = capturer
+
+    def capture_changes(self) -> Changes:
+        """Capture the run's changes now (the job does as the run ends); see the session's."""
+        return self._session.capture_changes()
 
     def check_cancelled(self) -> None:
         """Raise SessionStopped if a stop was asked for."""
@@ -569,6 +578,40 @@ class Session:
     def stop_reason(self) -> str:
         """Why cldpd stopped the run by itself (``over budget``, ...), "" otherwise."""
         return self.status.reason
+
+    # --- the run's changes (runs/changes.py) ---------------------------------------------
+    _changes: Changes | None = None
+    _capturer: Callable[[Session], Changes] | None = None
+
+    @property
+    def changes(self) -> Changes | None:
+        """What the run changed in its workdir, as last captured (None before any capture).
+
+        Captured as the run ends (also a failed, stopped or over-budget one) and whenever
+        :meth:`capture_changes` is called; saved beside the transcript.
+        """
+        return self._changes
+
+    def capture_changes(self) -> Changes:
+        """Capture the run's changes now, from its container running or ended.
+
+        Returns:
+            The changes since the run began (also kept as :attr:`changes`).
+
+        Raises:
+            ChangesError: The run's engine cannot capture changes, or the capture failed.
+            SessionNotFoundError: The run's container is gone.
+        """
+        if self._capturer is None:
+            from .changes import ChangesError
+
+            raise ChangesError(
+                f"Run {self.run} has no changes to capture: its engine cannot read them, or "
+                "its container is not made yet."
+            )
+        changes = self._capturer(self)
+        self._changes = changes
+        return changes
 
     def add_usage_listener(self, listener: Callable[[Session], None]) -> None:
         """Call ``listener(session)`` on the worker thread whenever the usage changes.
