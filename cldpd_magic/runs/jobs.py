@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from ..engines import ContainerInfo, ExecHandle, Runner, RunOptions
 from ..events import EventType
 from ..pods import Pod, container_name
+from .changes import DEFAULT_MAX_BYTES, ChangeCapture, capture_at_end, with_baseline
 from .egress import EgressAttempt, EgressGuard, egress_reports, remove_egress_of
 from .registry import LABEL_POD, LABEL_SESSION
 from .session import SessionControl
@@ -90,8 +91,12 @@ class RunJobs:
             brokered: The credentials the pod's egress proxy brokers.
         """
         runner = self.runner
+        capture = self.changes_capture(opts.name, pod.config.changes_max_bytes)
+        if capture is not None:  # the baseline of the run's changes, before the agent starts
+            opts = dataclasses.replace(opts, cmd=with_baseline(opts.cmd))
 
         def job(ctl: SessionControl) -> int:
+            ctl.set_capturer(capture)
             ctl.emit(EventType.BUILD_STARTED, pod.image)
             for warning in pod.unsafe_warnings:
                 ctl.emit(EventType.BUILD_OUTPUT, f"cldpd: {warning}")
@@ -129,8 +134,11 @@ class RunJobs:
                 def started(info: ContainerInfo) -> None:
                     ctl.emit(EventType.CONTAINER_STARTED, info.name)
 
+                if capture is not None:  # removed below, once its changes are read
+                    run_opts = dataclasses.replace(run_opts, remove=False)
                 return runner.run(run_opts, ctl.stdout, ctl.stderr, on_start=started)
             finally:
+                self._end_changes(ctl, capture, opts)
                 if ctl.cancelled.is_set():
                     self._discard(opts, ctl.stop_timeout)
                 # A kept-alive pod keeps its egress until it is stopped (remove_if_ended).
@@ -200,12 +208,52 @@ class RunJobs:
                     + "; resume it to run the agent here, or stop it.\n"
                 )
             ctl.set_stopper(lambda t: runner.stop(container, t))
+            capture = self.changes_capture(container)
+            ctl.set_capturer(capture)
             try:
                 return runner.logs(container, ctl.stdout, ctl.stderr)
             finally:
+                self._end_changes(ctl, capture, None)
                 self.remove_if_ended(container)
 
         return job
+
+    def changes_capture(
+        self, container: str, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> ChangeCapture | None:
+        """How a run's changes are captured; None when its engine cannot read an ended
+        container (then no baseline is taken and nothing is captured)."""
+        if not ChangeCapture.supported(self.runner):
+            return None
+        return ChangeCapture(self.runner, container, max_bytes)
+
+    def with_changes(self, job: Job, container: str, max_bytes: int) -> Job:
+        """``job`` (a resume's), capturing the run's changes as it ends."""
+        capture = self.changes_capture(container, max_bytes)
+        if capture is None:
+            return job
+
+        def capturing(ctl: SessionControl) -> int:
+            ctl.set_capturer(capture)
+            try:
+                return job(ctl)
+            finally:
+                self._end_changes(ctl, capture, None)
+
+        return capturing
+
+    def _end_changes(
+        self, ctl: SessionControl, capture: ChangeCapture | None, opts: RunOptions | None
+    ) -> None:
+        """As a run's job ends (any way): capture its changes from its container, running or
+        ended, then remove a container the run does not keep (``opts.remove``)."""
+        if capture is None:
+            return
+        note = capture_at_end(capture, ctl.capture_changes)
+        if note:
+            ctl.stderr.write(note + "\n")
+        if opts is not None and opts.remove:
+            self._discard(opts, ctl.stop_timeout)
 
     def remove_if_ended(self, name: str) -> None:
         """Remove a cldpd container that has ended, and its egress proxy and networks."""
