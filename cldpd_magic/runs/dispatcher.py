@@ -7,6 +7,7 @@ Its pieces: :mod:`~cldpd_magic.runs.agent` (the agent's command line),
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from ..engines import ContainerInfo, EngineSetting, MultiEngineRunner, Runner
 from ..errors import CldpdError, InvalidRequestError, PodNotFoundError, SessionNotFoundError
 from ..logs import log_swallowed
 from ..pods import Pod, container_name, default_pods_dir, discover_all, discover_pod
-from ..secrets import container_secrets
+from ..secrets import Masker, container_secrets
 from .agent import (
     GREEDY_OPTIONS,
     MAX_ARGUMENT_BYTES,
@@ -35,6 +36,7 @@ from .agent import (
 )
 from .batch import Batch, Variant, plan_batch
 from .blocking import BlockingAPI
+from .changes import ChangeCapture, Changes, ChangesError, find_saved_changes, load_changes
 from .egress import EgressAttempt, sweep_orphans
 from .jobs import IDLE_COMMAND, Job, RunJobs
 from .registry import (
@@ -302,6 +304,7 @@ class Dispatcher(BlockingAPI):
         cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
         check_command_line(cmd, info.env, "The prompt", "shorten it")
         job = self.jobs.resume(info.name, with_deadline(cmd, pod_limits(pod).timeout_seconds))
+        job = self.jobs.with_changes(job, info.name, pod.config.changes_max_bytes)
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
                           kind=SessionKind.RESUME, claude_session=session_uuid,
                           run=run_of(info), limits=pod_limits(pod))  # fmt: skip
@@ -384,6 +387,40 @@ class Dispatcher(BlockingAPI):
             had an allowlist.
         """
         return self.jobs.egress_attempts(run)
+
+    def changes(self, run: str, *, capture: bool = False) -> Changes:
+        """A run's changes: as its session here has them, else as saved beside its
+        transcript (a run of another process), else captured now from its running container.
+
+        Args:
+            run: A run's name (or a pod with one run), or a session id.
+            capture: Capture them again now from the run's container, if it is still there.
+
+        Raises:
+            ChangesError: No changes of that run are known here.
+        """
+        with contextlib.suppress(CldpdError):
+            run = self.resolve_run(run, "show the changes of")
+        for session in reversed(self.sessions):
+            if run not in (session.run, session.id):
+                continue
+            if capture or session.changes is None:
+                with contextlib.suppress(CldpdError):
+                    return session.capture_changes()
+            if session.changes is not None:
+                return session.changes
+        saved = find_saved_changes(self.transcript_dir, run)
+        found = load_changes(saved) if saved is not None else None
+        info = self.runner.inspect(container_name(run)) if found is None or capture else None
+        if info is not None and info.running and ChangeCapture.supported(self.runner):
+            mask = Masker(self.container_secrets(info))
+            return Changes.from_capture(ChangeCapture(self.runner, info.name).payload(), mask)
+        if found is None:
+            raise ChangesError(
+                f"No changes of run {run} are known here: it ran on an engine that cannot "
+                "capture them, in another sessions directory, or has not started."
+            )
+        return found
 
     def dispatch(
         self,
