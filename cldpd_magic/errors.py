@@ -60,6 +60,10 @@ class SessionNotFoundError(CldpdError):
     """Nothing is running for the pod (resume, attach or exec with no running container)."""
 
 
+class StdinClosedError(SessionNotFoundError):
+    """A run's agent reads no more input: its stdin was closed, or the agent has ended."""
+
+
 class DockerUnavailableError(CldpdError):
     """The Docker engine cannot be reached."""
 
@@ -83,6 +87,7 @@ __all__ = [
     "PodNotFoundError",
     "PodRunningError",
     "SessionNotFoundError",
+    "StdinClosedError",
     "StopFailedError",
     "one_line",
 ]

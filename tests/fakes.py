@@ -6,11 +6,17 @@ import dataclasses
 import itertools
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, RunOptions, Writer
+from cldpd_magic.engines.protocol import (
+    ContainerInfo,
+    ExecHandle,
+    RunOptions,
+    StdinPipe,
+    Writer,
+)
 from cldpd_magic.errors import BuildFailedError, PodRunningError, SessionNotFoundError
 
 #: The GitHub issue every test starts its pods on.
@@ -39,6 +45,68 @@ def write_pod(
     return pod
 
 
+class FakeStdin:
+    """The agent's end of a fake process's stdin: what its StdinPipe sent, line by line.
+
+    Attributes:
+        received: Every byte the pipe sent, in order.
+        closed: Whether the pipe closed it (the agent read end of file after ``received``).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._unread = bytearray()
+        self._end = False  # closed, hung up (stopped) or never connected
+        self.received = bytearray()
+        self.closed = False
+
+    @classmethod
+    def empty(cls) -> FakeStdin:
+        """An empty stdin, at its end at once (a run without a pipe)."""
+        stdin = cls()
+        stdin._end = True
+        return stdin
+
+    def feed(self, data: bytes) -> None:
+        """The pipe's ``send``."""
+        with self._cond:
+            self._unread += data
+            self.received += data
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The pipe's ``half_close``: the agent reads end of file after what came."""
+        with self._cond:
+            self.closed = self._end = True
+            self._cond.notify_all()
+
+    def hang_up(self) -> None:
+        """The process was stopped: a read waiting for a line gets end of file."""
+        with self._cond:
+            self._end = True
+            self._cond.notify_all()
+
+    def readline(self, timeout: float | None = None) -> str | None:
+        """The next line with its newline; "" at the end; None when none came in time."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: b"\n" in self._unread or self._end, timeout):
+                return None
+            cut = self._unread.find(b"\n") + 1 or len(self._unread)
+            line = bytes(self._unread[:cut])
+            del self._unread[:cut]
+            return line.decode("utf-8", errors="replace")
+
+    def __iter__(self) -> Iterator[str]:
+        while line := self.readline():
+            yield line
+
+    @property
+    def lines(self) -> list[str]:
+        """Every line received so far, without newlines."""
+        with self._cond:
+            return self.received.decode("utf-8", errors="replace").splitlines()
+
+
 @dataclass
 class AgentCall:
     """What a scripted agent gets: its command, environment, writers and a stop signal.
@@ -50,6 +118,7 @@ class AgentCall:
         stderr: Receives stderr text (may be None).
         stopped: Set when the container or exec is stopped.
         kind: ``run`` (container command) or ``exec``.
+        stdin: Its stdin (empty unless the run or exec was given a StdinPipe).
     """
 
     cmd: list[str]
@@ -58,6 +127,7 @@ class AgentCall:
     stderr: Writer | None
     stopped: threading.Event
     kind: str
+    stdin: FakeStdin = field(default_factory=FakeStdin.empty)
 
     def out(self, *lines: str) -> None:
         """Write lines to stdout."""
@@ -90,6 +160,29 @@ def lines_agent(*lines: str, code: int = 0) -> Agent:
     return agent
 
 
+def cat_agent(call: AgentCall) -> int:
+    """Echo every line of stdin; at its end say so and exit 0 (130 when stopped)."""
+    for line in call.stdin:
+        call.stdout.write(line)
+    if call.stopped.is_set():
+        call.out("got INT")
+        return 130
+    call.out("stdin closed")
+    return 0
+
+
+def line_agent(respond: Callable[[AgentCall, str], None], code: int = 0) -> Agent:
+    """An agent that calls ``respond(call, line)`` for each line of stdin (without its
+    newline), and exits with ``code`` at its end (130 when stopped)."""
+
+    def agent(call: AgentCall) -> int:
+        for line in call.stdin:
+            respond(call, line.rstrip("\n"))
+        return 130 if call.stopped.is_set() else code
+
+    return agent
+
+
 def idle_agent(call: AgentCall) -> int:
     """Run until stopped, then exit 130 as an agent that traps SIGINT does."""
     call.out("working")
@@ -98,11 +191,37 @@ def idle_agent(call: AgentCall) -> int:
     return 130
 
 
+class _Stopped(threading.Event):
+    """A process's stop signal; once set, a read of the process's stdin gets end of file
+    (a stopped agent reads no more)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stdin: FakeStdin | None = None
+
+    def set(self) -> None:
+        super().set()
+        if self.stdin is not None:
+            self.stdin.hang_up()
+
+    def attach(self, pipe: StdinPipe | None, stdins: list[FakeStdin]) -> FakeStdin:
+        """The process's stdin: the pipe connected to a new FakeStdin (kept in ``stdins``),
+        or an empty one."""
+        if pipe is None:
+            return FakeStdin.empty()
+        stdin = self.stdin = FakeStdin()
+        stdins.append(stdin)
+        pipe.connect(stdin.feed, stdin.close)
+        if self.is_set():
+            stdin.hang_up()
+        return stdin
+
+
 @dataclass
 class _Container:
     info: ContainerInfo
     opts: RunOptions
-    stopped: threading.Event = field(default_factory=threading.Event)
+    stopped: _Stopped = field(default_factory=_Stopped)
 
 
 class FakeRunner:
@@ -118,6 +237,7 @@ class FakeRunner:
         calls: Every call, as ``(method, args)`` tuples.
         runs: The RunOptions of every run() and start().
         execs: ``(container, cmd)`` of every exec().
+        stdins: The stdin of every run() or exec() given a StdinPipe, in order.
         stops: Container names stop() was called with.
         removed: Container names removed.
         built: Tags built.
@@ -139,6 +259,7 @@ class FakeRunner:
         self.calls: list[tuple[str, tuple]] = []
         self.runs: list[RunOptions] = []
         self.execs: list[tuple[str, list[str]]] = []
+        self.stdins: list[FakeStdin] = []
         self.stops: list[str] = []
         self.removed: list[str] = []
         self.built: list[str] = []
@@ -147,7 +268,7 @@ class FakeRunner:
         self.on_step: Callable[[str, str], None] | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._exec_stops: dict[str, tuple[str, threading.Event]] = {}
+        self._exec_stops: dict[str, tuple[str, _Stopped]] = {}
 
     def add_container(
         self,
@@ -239,19 +360,26 @@ class FakeRunner:
         stderr: Writer | None = None,
         on_start: Callable[[ContainerInfo], None] | None = None,
     ) -> int:
-        """Run the agent as the container's command."""
+        """Run the agent as the container's command, its stdin ``opts.stdin`` when set."""
         self.calls.append(("run", (opts,)))
-        container = self._create(opts)
-        if on_start is not None:
-            on_start(container.info)
-        self.agent_started.set()
-        call = AgentCall(opts.cmd, dict(opts.env), stdout, stderr, container.stopped, "run")
         try:
-            return self.agent(call)
+            container = self._create(opts)
+            stdin = container.stopped.attach(opts.stdin, self.stdins)
+            if on_start is not None:
+                on_start(container.info)
+            self.agent_started.set()
+            call = AgentCall(
+                opts.cmd, dict(opts.env), stdout, stderr, container.stopped, "run", stdin
+            )
+            try:
+                return self.agent(call)
+            finally:
+                self._set_status(opts.name, "exited")
+                if opts.remove:
+                    self.remove(opts.name)
         finally:
-            self._set_status(opts.name, "exited")
-            if opts.remove:
-                self.remove(opts.name)
+            if opts.stdin is not None:
+                opts.stdin.end()
 
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Create a running container that idles until stopped."""
@@ -265,26 +393,43 @@ class FakeRunner:
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
-        """Run the agent as an exec in a running container."""
+        """Run the agent as an exec in a running container, its stdin ``stdin`` when given."""
         self.calls.append(("exec", (container, cmd)))
+        try:
+            return self._exec(container, cmd, stdout, stderr, on_start, stdin)
+        finally:
+            if stdin is not None:
+                stdin.end()
+
+    def _exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None,
+        on_start: Callable[[ExecHandle], None] | None,
+        pipe: StdinPipe | None,
+    ) -> int:
         found = self.containers.get(container)
         if found is None or not found.info.running:
             raise SessionNotFoundError(f"No running container named {container}.")
         self._step("exec", container)
         handle = ExecHandle(container, f"exec{next(self._ids)}", "/tmp/pid")
-        stopped = threading.Event()
+        stopped = _Stopped()
         with self._lock:  # an exec into a container being stopped ends with it
             found = self.containers.get(container)
             if found is None or not found.info.running:
                 raise SessionNotFoundError(f"No running container named {container}.")
             self._exec_stops[handle.exec_id] = (container, stopped)
         self.execs.append((container, list(cmd)))
+        stdin = stopped.attach(pipe, self.stdins)
         if on_start is not None:
             on_start(handle)
         self.agent_started.set()
         env = dict(found.opts.env)
-        return self.agent(AgentCall(list(cmd), env, stdout, stderr, stopped, "exec"))
+        return self.agent(AgentCall(list(cmd), env, stdout, stderr, stopped, "exec", stdin))
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop one exec; the container stays."""

@@ -9,16 +9,17 @@ engine that does not answer in time lists its last known runs as ``unreachable``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import DockerUnavailableError, PodConfigError, SessionNotFoundError, one_line
 from ..pods import Mount
-from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from .protocol import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe, Writer
 from .setting import Engine, EngineSetting, parse_engine, parse_engines
 
 logger = logging.getLogger(__package__)
@@ -82,6 +83,17 @@ class _Outcome:
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
+
+
+@contextlib.contextmanager
+def _ending(pipe: StdinPipe | None) -> Iterator[None]:
+    """End a run's stdin pipe when the call that was to use it returns or raises (its
+    process has ended then, or never ran); ending twice is harmless."""
+    try:
+        yield
+    finally:
+        if pipe is not None:
+            pipe.end()
 
 
 def _spawn(fn: Callable[[], Any], name: str) -> _Outcome:
@@ -307,17 +319,18 @@ class MultiEngineRunner:
             PodConfigError: The engine is not configured, or the pod mounts local paths
                 on a remote engine.
         """
-        engine = self.engine(opts.engine)
-        check_mounts(engine, opts.mounts, opts.name)
+        with _ending(opts.stdin):
+            engine = self.engine(opts.engine)
+            check_mounts(engine, opts.mounts, opts.name)
 
-        def started(info: ContainerInfo) -> None:
-            tagged = self._tagged(info, engine)
-            if on_start is not None:
-                on_start(tagged)
+            def started(info: ContainerInfo) -> None:
+                tagged = self._tagged(info, engine)
+                if on_start is not None:
+                    on_start(tagged)
 
-        self._remember(opts.name, engine)
-        here = dataclasses.replace(opts, engine="")
-        return self._on(engine, lambda r: r.run(here, stdout, stderr, on_start=started))
+            self._remember(opts.name, engine)
+            here = dataclasses.replace(opts, engine="")
+            return self._on(engine, lambda r: r.run(here, stdout, stderr, on_start=started))
 
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Start a container detached on ``opts.engine``; see DockerRunner.start."""
@@ -333,16 +346,21 @@ class MultiEngineRunner:
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
-        """Run a command in a container on whichever engine holds it.
+        """Run a command in a container on whichever engine holds it, its stdin ``stdin``
+        when given (ended when the call returns, also when no engine could run it).
 
         Raises:
             SessionNotFoundError: No reachable engine holds a running container by that name.
         """
-        engine = self._holder(container)
-        if engine is None:
-            raise SessionNotFoundError(f"No running container named {container}.")
-        return self._on(engine, lambda r: r.exec(container, cmd, stdout, stderr, on_start))
+        with _ending(stdin):
+            engine = self._holder(container)
+            if engine is None:
+                raise SessionNotFoundError(f"No running container named {container}.")
+            return self._on(
+                engine, lambda r: r.exec(container, cmd, stdout, stderr, on_start, stdin=stdin)
+            )
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop an exec on the engine that runs it."""

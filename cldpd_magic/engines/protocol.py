@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import InvalidRequestError, StdinClosedError
 from ..pods import Mount, Resources
 
 
@@ -39,6 +40,130 @@ class LaunchGuard(Protocol):
         """Called once it has started: from then on a stop of the run finds it."""
 
 
+class StdinPipe:
+    """The stdin of one agent process: lines any thread writes, sent in order.
+
+    The caller makes it and hands it to a runner (``RunOptions.stdin`` for ``run``, the
+    ``stdin`` argument of ``exec``); the runner connects it once the process's stdin is
+    attached (before the process starts, so nothing is lost) and ends it once the
+    process has ended. Lines written before the runner connects the pipe wait for it and
+    go first, in order; later ones follow in the order they were written.
+
+    Writing never blocks: a thread of the pipe's own sends what was written, so that no
+    writer (the thread that reads the agent's output, say) waits for an agent that is not
+    reading its stdin, and no agent waits on a reader blocked in a write.
+
+    Attributes:
+        connected: Set once a runner has connected the pipe to a process.
+    """
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self._cond = threading.Condition()  # guards the state below
+        self._queue: list[bytes] = []
+        self._connection: tuple[Callable[[bytes], None], Callable[[], None]] | None = None
+        self._closed = False  # close() was called
+        self._ended = False  # the process has ended, or its stdin could not be written
+
+    @property
+    def closed(self) -> bool:
+        """Whether writes are refused: the pipe was closed, or its process has ended."""
+        with self._cond:
+            return self._closed or self._ended
+
+    @property
+    def ended(self) -> bool:
+        """Whether the process has ended (or its stdin could no longer be written)."""
+        with self._cond:
+            return self._ended
+
+    def write_line(self, text: str) -> None:
+        """Send one line to the process's stdin (a newline is added); returns at once.
+
+        Args:
+            text: One line, without a newline.
+
+        Raises:
+            InvalidRequestError: The text holds a newline.
+            StdinClosedError: The pipe was closed, or its process has ended.
+        """
+        if "\n" in text:
+            raise InvalidRequestError(
+                "A line written to an agent's stdin holds a newline; write each line apart."
+            )
+        data = (text + "\n").encode("utf-8", errors="replace")
+        with self._cond:
+            if self._ended:
+                raise StdinClosedError("The run's agent has ended and reads no more input.")
+            if self._closed:
+                raise StdinClosedError(
+                    "The run's agent input was closed; resume the run to send it more."
+                )
+            self._queue.append(data)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End the process's input: what was written is sent first, then the process reads
+        end of file. Idempotent, returns at once; nothing to do once the process ended."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- the runner's side ----------------------------------------------------------
+
+    def connect(self, send: Callable[[bytes], None], half_close: Callable[[], None]) -> None:
+        """Connect the pipe to a process's stdin; what waits is sent first, in order.
+
+        Called by a runner once the process's stdin is attached; a thread of the pipe's
+        own sends from then on (a pipe closed meanwhile is closed after its lines).
+
+        Args:
+            send: Writes bytes to the process's stdin, blocking until they are taken;
+                an OSError (or EOFError) means the stdin is gone.
+            half_close: Ends the process's stdin, leaving its output to be read.
+
+        Raises:
+            InvalidRequestError: The pipe was connected before (each process needs its own).
+        """
+        with self._cond:
+            if self._connection is not None or self._ended:
+                raise InvalidRequestError(
+                    "This stdin pipe already served a process; give each run a new StdinPipe."
+                )
+            self._connection = (send, half_close)
+        threading.Thread(target=self._send_all, daemon=True, name="cldpd-stdin").start()
+        self.connected.set()
+
+    def _send_all(self) -> None:
+        """The pipe's thread: send what is written until the pipe is closed or ended."""
+        assert self._connection is not None
+        send, half_close = self._connection
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed or self._ended)
+                if self._ended:
+                    return
+                data, self._queue = b"".join(self._queue), []
+            try:
+                if data:
+                    send(data)
+                    continue
+                half_close()  # closed, and nothing more to send
+            except (OSError, EOFError):  # EOFError: a closed paramiko channel
+                with self._cond:
+                    self._ended = True
+                    self._queue.clear()
+            return
+
+    def end(self) -> None:
+        """Mark the process ended; the runner calls it once the process has ended or could
+        not be made, whatever happened. Later writes raise; what waits is dropped."""
+        with self._cond:
+            self._ended = True
+            self._queue.clear()
+            self._cond.notify_all()
+
+
 @dataclass
 class RunOptions:
     """How to run a pod's container.
@@ -61,6 +186,8 @@ class RunOptions:
         engine: The configured engine to run on ("" is the default, the first one).
         dns: DNS servers the engine's resolver forwards to (empty: the engine's default).
         guard: The run's :class:`LaunchGuard`, asked by ``run`` and ``start`` (None: none).
+        stdin: The agent's stdin for ``run`` (None: an empty stdin, as today); ``start``
+            ignores it (a kept-alive container's agents run through ``exec``).
     """
 
     image: str
@@ -79,6 +206,7 @@ class RunOptions:
     engine: str = ""
     dns: list[str] = field(default_factory=list)
     guard: LaunchGuard | None = field(default=None, compare=False, repr=False)
+    stdin: StdinPipe | None = field(default=None, compare=False, repr=False)
 
     def resolved_env(self) -> dict[str, str]:
         """``env`` plus every ``inherit_env`` variable that is set on the host."""
@@ -191,7 +319,8 @@ class Runner(Protocol):
         stderr: Writer | None = None,
         on_start: Callable[[ContainerInfo], None] | None = None,
     ) -> int:
-        """Run a container to its end and return its exit code (asking ``opts.guard``)."""
+        """Run a container to its end and return its exit code (asking ``opts.guard``; its
+        stdin connected to ``opts.stdin`` when set, else empty)."""
 
     def start(self, opts: RunOptions) -> ContainerInfo:
         """Create and start a container detached (asking ``opts.guard``)."""
@@ -203,8 +332,10 @@ class Runner(Protocol):
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
-        """Run a command in a running container and return its exit code."""
+        """Run a command in a running container and return its exit code (its stdin
+        connected to ``stdin`` when given, else empty)."""
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop an exec started by exec()."""
