@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import socket
+import subprocess
 import threading
+import types
 
 import pytest
-from fakes import FakeRunner, lines_agent
+from fakes import FakeRunner, cat_agent, lines_agent
 
 from cldpd_magic.engines.multi import UNREACHABLE, MultiEngineRunner
-from cldpd_magic.engines.protocol import Runner, RunOptions
+from cldpd_magic.engines.protocol import Runner, RunOptions, StdinPipe
 from cldpd_magic.engines.setting import Engine, parse_engine, parse_engines
-from cldpd_magic.errors import DockerUnavailableError, PodConfigError, SessionNotFoundError
+from cldpd_magic.errors import (
+    DockerUnavailableError,
+    InvalidRequestError,
+    PodConfigError,
+    SessionNotFoundError,
+    StdinClosedError,
+)
 from cldpd_magic.pods import Mount, parse_pod_config
 
 LOCAL = Engine("local", "unix:///var/run/docker.sock")
@@ -487,3 +497,217 @@ def test_a_swarm_task_is_confined_as_a_container_but_for_what_its_api_cannot_say
     assert "Privileges" not in spec and "no_new_privileges" in UNSUPPORTED_ON_SWARM
     newer = task_template(s, {"image": "img"}, "1.46")["ContainerSpec"]
     assert newer["Privileges"] == {"NoNewPrivileges": True}
+
+
+# -- stdin: the pipe an interactive run writes its agent's input to ------------------
+
+
+class Recorder:
+    """A pipe's connection: what was sent, the half-close, and a send that may block."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.sent = bytearray()
+        self.half_closed = 0
+        self.fail = fail
+        self.hold = threading.Event()
+        self.hold.set()
+        self.in_send = threading.Event()
+        self._cond = threading.Condition()
+
+    def send(self, data: bytes) -> None:
+        self.in_send.set()
+        self.hold.wait(60)
+        if self.fail is not None:
+            raise self.fail
+        with self._cond:
+            self.sent += data
+            self._cond.notify_all()
+
+    def half_close(self) -> None:
+        with self._cond:
+            self.half_closed += 1
+            self._cond.notify_all()
+
+    def wait_for(self, check) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: check(self), 60), (bytes(self.sent[-200:]),)
+
+
+def _one_sentence(exc: BaseException) -> str:
+    said = str(exc)
+    assert "\n" not in said and said.endswith(".") and ". " not in said
+    return said
+
+
+def test_a_pipe_queues_until_connected_then_sends_in_order():
+    pipe, wire = StdinPipe(), Recorder()
+    pipe.write_line("one")
+    pipe.write_line('{"type": "user", "text": "é"}')
+    assert not pipe.connected.is_set() and not pipe.closed
+    pipe.connect(wire.send, wire.half_close)
+    assert pipe.connected.is_set()
+    pipe.write_line("three")
+    wire.wait_for(lambda w: w.sent.endswith(b"three\n"))
+    assert bytes(wire.sent) == 'one\n{"type": "user", "text": "é"}\nthree\n'.encode()
+    assert wire.half_closed == 0  # the control: only a close half-closes
+    pipe.close()
+    pipe.close()
+    wire.wait_for(lambda w: w.half_closed)
+    assert pipe.closed and not pipe.ended and wire.half_closed == 1
+    with pytest.raises(StdinClosedError) as info:
+        pipe.write_line("four")
+    assert _one_sentence(info.value) == (
+        "The run's agent input was closed; resume the run to send it more."
+    )
+    pipe.end()
+    with pytest.raises(StdinClosedError, match="has ended"):
+        pipe.write_line("five")
+    assert bytes(wire.sent).endswith(b"three\n") and wire.half_closed == 1
+
+
+def test_a_pipe_closed_before_it_is_connected_sends_its_lines_then_closes():
+    pipe, wire = StdinPipe(), Recorder()
+    pipe.write_line("first")
+    pipe.close()
+    assert pipe.closed
+    pipe.connect(wire.send, wire.half_close)
+    wire.wait_for(lambda w: w.half_closed)
+    assert bytes(wire.sent) == b"first\n" and wire.half_closed == 1
+
+
+def test_a_line_with_a_newline_is_refused():
+    pipe = StdinPipe()
+    with pytest.raises(InvalidRequestError) as info:
+        pipe.write_line("two\nlines")
+    _one_sentence(info.value)
+    assert not pipe.closed
+
+
+def test_writes_never_wait_for_a_process_that_does_not_read():
+    pipe, wire = StdinPipe(), Recorder()
+    wire.hold.clear()  # the process reads nothing: its stdin takes no bytes
+    pipe.connect(wire.send, wire.half_close)
+    pipe.write_line("taken by the pipe's thread")
+    assert wire.in_send.wait(60)
+    for i in range(1000):
+        pipe.write_line(f"waits {i}")
+    pipe.close()  # returns at once too
+    assert wire.sent == b"" and wire.half_closed == 0
+    wire.hold.set()
+    wire.wait_for(lambda w: w.half_closed)
+    assert wire.sent.decode().splitlines() == [
+        "taken by the pipe's thread",
+        *(f"waits {i}" for i in range(1000)),
+    ]
+
+
+def test_a_stdin_that_is_gone_ends_the_pipe():
+    pipe, wire = StdinPipe(), Recorder(fail=BrokenPipeError(32, "Broken pipe"))
+    pipe.connect(wire.send, wire.half_close)
+    pipe.write_line("lost")
+    while not pipe.ended:
+        threading.Event().wait(0.01)
+    with pytest.raises(StdinClosedError) as info:
+        pipe.write_line("refused")
+    assert _one_sentence(info.value) == "The run's agent has ended and reads no more input."
+    pipe.close()  # nothing to do: no half-close of what is gone
+    assert wire.half_closed == 0
+
+
+def test_an_ended_pipe_drops_what_waits_and_serves_no_other_process():
+    pipe, wire = StdinPipe(), Recorder()
+    pipe.write_line("never sent")
+    pipe.end()
+    assert pipe.closed and pipe.ended
+    with pytest.raises(InvalidRequestError) as info:
+        pipe.connect(wire.send, wire.half_close)
+    _one_sentence(info.value)
+    used = StdinPipe()
+    used.connect(wire.send, wire.half_close)
+    with pytest.raises(InvalidRequestError, match="new StdinPipe"):
+        used.connect(wire.send, wire.half_close)
+    assert wire.sent == b""
+
+
+def test_lines_of_many_writers_arrive_whole_and_each_writers_in_order():
+    pipe, wire = StdinPipe(), Recorder()
+    writers = 8
+
+    def write(k: int) -> None:
+        for i in range(500):
+            pipe.write_line(f"{k}:{i}:" + "x" * (i % 50))
+            if k == 0 and i == 100:
+                pipe.connect(wire.send, wire.half_close)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    pipe.close()
+    wire.wait_for(lambda w: w.half_closed)
+    seen: dict[int, list[int]] = {k: [] for k in range(writers)}
+    for line in wire.sent.decode().splitlines():
+        k, i, tail = line.split(":")
+        assert tail == "x" * (int(i) % 50)
+        seen[int(k)].append(int(i))
+    assert seen == {k: list(range(500)) for k in range(writers)}
+
+
+def test_runoptions_carry_the_pipe_through_replace():
+    pipe = StdinPipe()
+    opts = RunOptions("img", "c", [], stdin=pipe)
+    assert dataclasses.replace(opts, engine="").stdin is pipe
+    assert RunOptions("img", "c", []).stdin is None
+    assert "stdin" not in repr(opts) and opts == RunOptions("img", "c", [])
+
+
+def test_stdin_goes_to_the_engine_of_the_run_or_exec(two):
+    multi, near, far = two
+    near.agent = far.agent = cat_agent
+    pipe = StdinPipe()
+    pipe.write_line("to the far engine")
+    pipe.close()
+    out = io.StringIO()
+    assert multi.run(RunOptions("img", "c1", [], engine="far", stdin=pipe), out) == 0
+    assert out.getvalue() == "to the far engine\nstdin closed\n"
+    assert [s.lines for s in far.stdins] == [["to the far engine"]] and near.stdins == []
+    multi.start(RunOptions("img", "kept", [], engine="far"))
+    pipe = StdinPipe()
+    pipe.write_line("exec")
+    pipe.close()
+    out = io.StringIO()
+    assert multi.exec("kept", ["agent"], out, stdin=pipe) == 0
+    assert out.getvalue() == "exec\nstdin closed\n" and pipe.ended
+    # A run that no engine takes ends its pipe: writes are refused, never queued forever.
+    for call in (
+        lambda p: multi.run(RunOptions("img", "c3", [], engine="nowhere", stdin=p), out),
+        lambda p: multi.exec("missing", ["agent"], out, stdin=p),
+    ):
+        pipe = StdinPipe()
+        with pytest.raises((PodConfigError, SessionNotFoundError)):
+            call(pipe)
+        with pytest.raises(StdinClosedError):
+            pipe.write_line("lost")
+
+
+def test_half_close_ends_the_input_and_leaves_the_output(tmp_path):
+    from cldpd_magic.engines.docker.engine import _reader, half_close
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(b"line\n")
+        half_close(ours)
+        assert theirs.recv(100) == b"line\n" and theirs.recv(100) == b""  # end of file
+        theirs.sendall(b"still read")
+        assert _reader(ours)(100) == b"still read"
+    # docker-py's socket over the ssh command: its stdin closed is the end of the input,
+    # and a read takes what has come (cat echoes one line, long before 64 KiB).
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    command_socket = types.SimpleNamespace(proc=proc, recv=proc.stdout.read)
+    proc.stdin.write(b"one line\n")
+    proc.stdin.flush()
+    assert _reader(command_socket)(1 << 16) == b"one line\n"
+    half_close(command_socket)
+    assert proc.wait(60) == 0 and proc.stdout.read() == b""
+    proc.stdout.close()

@@ -4,6 +4,7 @@ descriptions and logs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +18,14 @@ from ...errors import (
     PodRunningError,
     SessionNotFoundError,
 )
-from ..protocol import ContainerInfo, RunOptions, Writer
+from ..protocol import ContainerInfo, RunOptions, StdinPipe, Writer
 from .confinement import LABEL_VOLUME_OF as LABEL_VOLUME_OF
 from .confinement import SECURITY_OPT, ContainerSettings, ImageFacts, container_settings
 from .confinement import TMP_TMPFS_OPTIONS as TMP_TMPFS_OPTIONS
 from .engine import (
     DockerConnection,
     PrivateAPI,
+    connect_stdin,
     container_error,
     engine_errors,
     explain,
@@ -183,7 +185,11 @@ class Containers:
         """Create, attach and start a container, stream its output, and wait for its end.
 
         The output stream is attached before the container starts, so nothing a fast
-        container prints is missed. A non-zero exit code is a return value, not an error.
+        container prints is missed. With ``opts.stdin``, the container's stdin is open
+        (closed by the engine once the pipe closes: StdinOnce) and attached with the
+        output, and the pipe is connected once the container has started; the pipe is
+        ended with the run, whatever happens. A non-zero exit code is a return value,
+        not an error.
 
         Args:
             opts: What to run.
@@ -198,37 +204,83 @@ class Containers:
             PodRunningError: The container name is taken.
             ContainerFailedError: The container could not be created or started.
         """
-        with self.connection.streaming() as api:
-            if opts.guard is not None:
-                opts.guard.check()
-            cid = self.create(api, opts)
-            try:
+        pipe = opts.stdin
+        try:
+            with self.connection.streaming() as api:
+                if opts.guard is not None:
+                    opts.guard.check()
+                cid = self.create(api, opts, stdin_open=pipe is not None)
                 try:
-                    stream = PrivateAPI.attach(api, cid)
-                except docker.errors.APIError as exc:
-                    raise ContainerFailedError(
-                        f"Could not attach to container {opts.name}: {explain(exc)}"
-                    ) from None
-                info = self.start_guarded(api, opts, cid)
-                if on_start is not None:
-                    on_start(info)
-                pump(stream, stdout, stderr)
-                code = int(api.wait(cid)["StatusCode"])
-                self._say_if_out_of_memory(api, cid, code, stderr)
-                return code
-            except docker.errors.NotFound:
-                return -1
-            finally:
-                if opts.remove:
-                    force_remove(api, cid)
+                    return self._attach_and_run(api, opts, cid, stdout, stderr, on_start)
+                except docker.errors.NotFound:
+                    return -1
+                finally:
+                    if opts.remove:
+                        force_remove(api, cid)
+        finally:
+            if pipe is not None:
+                pipe.end()
+
+    def _attach_and_run(
+        self,
+        api: docker.APIClient,
+        opts: RunOptions,
+        cid: str,
+        stdout: Writer,
+        stderr: Writer | None,
+        on_start: Callable[[ContainerInfo], None] | None,
+    ) -> int:
+        """Attach to a created container (with its stdin when ``opts.stdin``), start it,
+        stream its output to its end; its exit code."""
+        sock = None
+        try:
+            if opts.stdin is None:
+                stream = PrivateAPI.attach(api, cid)
+            else:
+                sock, stream = PrivateAPI.attach_with_stdin(api, cid)
+        except docker.errors.APIError as exc:
+            raise ContainerFailedError(
+                f"Could not attach to container {opts.name}: {explain(exc)}"
+            ) from None
+        try:
+            info = self.start_guarded(api, opts, cid)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        if opts.stdin is not None:
+            connect_stdin(opts.stdin, sock)
+        if on_start is not None:
+            on_start(info)
+        pump(stream, stdout, stderr)
+        code = int(api.wait(cid)["StatusCode"])
+        self._say_if_out_of_memory(api, cid, code, stderr)
+        return code
 
     @engine_errors
-    def follow_gated(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
+    def follow_gated(
+        self,
+        container: str,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        stdin: StdinPipe | None = None,
+        end_of_input: str = "",
+    ) -> int:
         """Follow a container whose command first waits for a line on its stdin.
 
         It attaches, then sends the line, so the output is read from its first byte
         through the attach stream, which is several times faster than following the
         container's log (a swarm task, started by its node, is followed so).
+
+        Args:
+            container: Name or id.
+            stdout: Receives stdout as text.
+            stderr: Receives stderr; None drops it.
+            stdin: Connected after the gate's line, to write the rest of the stdin; its
+                close sends ``end_of_input`` as a line (the container's command ends its
+                agent's input there: without StdinOnce, the engine keeps the container's
+                stdin open, and the end of the attach's input would end its output too).
+            end_of_input: The line that ends the agent's input.
 
         Returns:
             The exit code, or -1 when the container vanished.
@@ -242,6 +294,9 @@ class Containers:
             except docker.errors.NotFound:
                 raise SessionNotFoundError(f"No container named {container}.") from None
             sock.sendall(b"\n")
+            if stdin is not None:
+                end = (end_of_input + "\n").encode()
+                stdin.connect(sock.sendall, functools.partial(sock.sendall, end))
             pump(stream, stdout, stderr)
             try:
                 return int(api.wait(container)["StatusCode"])

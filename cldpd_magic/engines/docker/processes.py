@@ -14,9 +14,9 @@ import requests
 import requests.exceptions
 
 from ...errors import ContainerFailedError, SessionNotFoundError, StopFailedError
-from ..protocol import ExecHandle, Writer
+from ..protocol import ExecHandle, StdinPipe, Writer
 from .containers import KILLED_EXIT_CODE, Containers, out_of_memory_line
-from .engine import DockerConnection, PrivateAPI, engine_errors, explain, pump
+from .engine import DockerConnection, PrivateAPI, connect_stdin, engine_errors, explain, pump
 
 #: Signals ($0) the live processes recorded by exec()'s pid files; exit 0 when any was alive.
 _SIGNAL_EXECS = (
@@ -74,6 +74,7 @@ class Processes:
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
         """Run a command in a running container and stream its output.
 
@@ -86,6 +87,8 @@ class Processes:
             stdout: Receives stdout as text.
             stderr: Receives stderr; None drops it.
             on_start: Called with a handle for stop_exec once the exec exists.
+            stdin: The command's stdin, connected once the exec has started (the engine
+                closes it when the pipe closes) and ended with the exec; None: empty.
 
         Returns:
             The command's exit code.
@@ -93,6 +96,21 @@ class Processes:
         Raises:
             SessionNotFoundError: The container does not exist or is not running.
         """
+        try:
+            return self._exec(container, cmd, stdout, stderr, on_start, stdin)
+        finally:
+            if stdin is not None:
+                stdin.end()
+
+    def _exec(
+        self,
+        container: str,
+        cmd: list[str],
+        stdout: Writer,
+        stderr: Writer | None,
+        on_start: Callable[[ExecHandle], None] | None,
+        stdin: StdinPipe | None,
+    ) -> int:
         info = self.containers.inspect(container)
         if info is None or not info.running:
             raise SessionNotFoundError(f"No running container named {container}.")
@@ -101,8 +119,14 @@ class Processes:
         began = time.time()
         with self.connection.streaming() as api:
             try:
-                exec_id = api.exec_create(container, wrapped, stdout=True, stderr=True)["Id"]
-                stream = PrivateAPI.exec_start(api, exec_id)
+                exec_id = api.exec_create(
+                    container, wrapped, stdout=True, stderr=True, stdin=stdin is not None
+                )["Id"]
+                if stdin is None:
+                    stream = PrivateAPI.exec_start(api, exec_id)
+                else:
+                    sock, stream = PrivateAPI.exec_start_with_stdin(api, exec_id)
+                    connect_stdin(stdin, sock)
             except docker.errors.NotFound:
                 raise SessionNotFoundError(f"No running container named {container}.") from None
             except docker.errors.APIError as exc:

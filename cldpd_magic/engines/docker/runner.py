@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe, Writer
 from .confinement import LABEL_VOLUME_OF, SECURITY_OPT, TMP_TMPFS_OPTIONS
 from .containers import KILLED_EXIT_CODE, Containers, out_of_memory_line
 from .engine import DockerConnection, PrivateAPI
@@ -121,10 +121,17 @@ class DockerRunner:
         """Follow a container's output from its start to its end (see :meth:`Containers.logs`)."""
         return self.containers.logs(container, stdout, stderr)
 
-    def follow_gated(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
-        """Release a container waiting for a line on stdin and follow it to its end
-        (see :meth:`Containers.follow_gated`)."""
-        return self.containers.follow_gated(container, stdout, stderr)
+    def follow_gated(
+        self,
+        container: str,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        stdin: StdinPipe | None = None,
+        end_of_input: str = "",
+    ) -> int:
+        """Release a container waiting for a line on stdin and follow it to its end, its
+        stdin then ``stdin`` up to ``end_of_input`` (see :meth:`Containers.follow_gated`)."""
+        return self.containers.follow_gated(container, stdout, stderr, stdin, end_of_input)
 
     def remove(self, container: str) -> None:
         """Force-remove a container; a missing one is fine."""
@@ -137,9 +144,11 @@ class DockerRunner:
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
-        """Run a command in a running container (see :meth:`Processes.exec`)."""
-        return self.processes.exec(container, cmd, stdout, stderr, on_start)
+        """Run a command in a running container, its stdin ``stdin`` when given (see
+        :meth:`Processes.exec`)."""
+        return self.processes.exec(container, cmd, stdout, stderr, on_start, stdin)
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop one exec gracefully; the container stays (see :meth:`Processes.stop_exec`)."""
