@@ -104,8 +104,8 @@ def half_close(sock: Any) -> None:
 def connect_stdin(pipe: StdinPipe, sock: Any) -> None:
     """Connect a run's stdin pipe to the socket of an attach or exec made with stdin.
 
-    The pipe's thread writes while the run's thread reads the output (the engine takes
-    no input while its output is not read, so neither may wait for the other). On TLS
+    The pipe's thread writes while the run's thread reads the output (an agent whose
+    output is not read stops reading its input, so neither may wait for the other). On TLS
     that is one TLS session read and written at once, by two threads: each direction has
     its own record state, and the engine never renegotiates (checked by a stress of
     31 MB each way through a TLS engine, byte for byte).

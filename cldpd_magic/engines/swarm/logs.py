@@ -12,7 +12,7 @@ import docker.errors
 
 from ...errors import ContainerFailedError, DockerUnavailableError, SessionNotFoundError, one_line
 from ..docker import DockerRunner, PrivateAPI, _StreamDecoder, response_frames
-from ..protocol import Writer
+from ..protocol import StdinPipe, Writer
 from .nodes import GatedFollower, Nodes
 from .services import Services, container_id
 
@@ -105,8 +105,19 @@ class Logs:
         except (DockerUnavailableError, SessionNotFoundError):
             return None  # no endpoint for the node, or the container is gone: the swarm's log
 
-    def follow_gated(self, service: str, name: str, stdout: Writer, stderr: Writer | None) -> int:
+    def follow_gated(
+        self,
+        service: str,
+        name: str,
+        stdout: Writer,
+        stderr: Writer | None,
+        stdin: StdinPipe | None = None,
+        end_of_input: str = "",
+    ) -> int:
         """Attach to the task's container on its node, open its gate, follow it to its end.
+
+        With ``stdin``, the pipe is connected after the gate's line; its close sends the
+        line ``end_of_input``, where the task's command ends the agent's input.
 
         Raises:
             ContainerFailedError: The swarm could not run the task, or its node could not
@@ -122,7 +133,10 @@ class Logs:
                 raise DockerUnavailableError(
                     f"the runner of node {task['NodeID'][:12]} cannot open a task's gate."
                 )
-            code = node.follow_gated(cid, stdout, stderr)
+            if stdin is None:
+                code = node.follow_gated(cid, stdout, stderr)
+            else:
+                code = node.follow_gated(cid, stdout, stderr, stdin, end_of_input)
         except (DockerUnavailableError, SessionNotFoundError) as exc:
             with contextlib.suppress(docker.errors.NotFound):
                 self.nodes.api().remove_service(service)

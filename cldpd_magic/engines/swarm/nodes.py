@@ -10,7 +10,7 @@ import docker
 
 from ...errors import DockerUnavailableError
 from ..docker import DockerRunner
-from ..protocol import Runner, Writer
+from ..protocol import Runner, StdinPipe, Writer
 
 #: Node label naming the Docker endpoint (an engine entry) that reaches the node's engine.
 LABEL_ENDPOINT = "cldpd.endpoint"
@@ -24,8 +24,19 @@ class GatedFollower(Protocol):
     the line the gate waits for, so the output is read from its first byte.
     """
 
-    def follow_gated(self, container: str, stdout: Writer, stderr: Writer | None = None) -> int:
-        """Open the container's gate and follow it to its end; its exit code (-1: vanished)."""
+    def follow_gated(
+        self,
+        container: str,
+        stdout: Writer,
+        stderr: Writer | None = None,
+        stdin: StdinPipe | None = None,
+        end_of_input: str = "",
+    ) -> int:
+        """Open the container's gate and follow it to its end; its exit code (-1: vanished).
+
+        With ``stdin``, the pipe is connected after the gate's line, and its close sends
+        the line ``end_of_input``.
+        """
 
 
 class Nodes:

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import docker.errors
 import requests.exceptions
 
-from ...errors import DockerUnavailableError, SessionNotFoundError, one_line
+from ...errors import (
+    ContainerFailedError,
+    DockerUnavailableError,
+    SessionNotFoundError,
+    one_line,
+)
 from ..docker import DockerRunner, engine_errors, explain
-from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, Writer
+from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe, Writer
 from .images import Images
 from .logs import Logs
 from .nodes import LABEL_ENDPOINT, Nodes
@@ -126,21 +132,42 @@ class SwarmRunner:
     ) -> int:
         """Run a service to its end, following its output; return the task's exit code.
 
+        With ``opts.stdin``, the task's stdin is written through the attach on its node
+        after the gate's line, up to a line of the run's own that the pipe's close sends
+        (:data:`~.services._GATE_STDIN`): every node must name its endpoint.
+
         Raises:
             PodRunningError: A service of that name exists.
-            ContainerFailedError: The swarm refused the service or could not run its task.
+            ContainerFailedError: The swarm refused the service or could not run its task,
+                or the run has stdin and some node names no endpoint.
         """
-        gated = self.nodes.all_gated()
-        service = self.services.create(opts, gated)
+        pipe = opts.stdin
         try:
-            if on_start is not None:
-                on_start(ContainerInfo(opts.name, service, "running", opts.labels, opts.image))
-            if gated:
-                return self.output.follow_gated(service, opts.name, stdout, stderr)
-            return self.output.follow_to_end(service, opts.name, stdout, stderr)
+            gated = self.nodes.all_gated()
+            end_of_input = ""
+            if pipe is not None:
+                if not gated:
+                    raise ContainerFailedError(
+                        f"{opts.name} reads its stdin, which a swarm's task gets only through "
+                        f"its node's engine; give every node a {LABEL_ENDPOINT} label naming "
+                        "its Docker endpoint."
+                    )
+                end_of_input = f"cldpd-end-of-input-{uuid.uuid4().hex}"
+            service = self.services.create(opts, gated, end_of_input)
+            try:
+                if on_start is not None:
+                    on_start(ContainerInfo(opts.name, service, "running", opts.labels, opts.image))
+                if gated:
+                    return self.output.follow_gated(
+                        service, opts.name, stdout, stderr, pipe, end_of_input
+                    )
+                return self.output.follow_to_end(service, opts.name, stdout, stderr)
+            finally:
+                if opts.remove:
+                    self.remove(opts.name)
         finally:
-            if opts.remove:
-                self.remove(opts.name)
+            if pipe is not None:
+                pipe.end()
 
     @engine_errors
     def start(self, opts: RunOptions) -> ContainerInfo:
@@ -163,24 +190,30 @@ class SwarmRunner:
         stdout: Writer,
         stderr: Writer | None = None,
         on_start: Callable[[ExecHandle], None] | None = None,
+        stdin: StdinPipe | None = None,
     ) -> int:
-        """Run a command in the task's container, through its node's engine.
+        """Run a command in the task's container, through its node's engine (its stdin
+        ``stdin`` when given, ended when the call returns).
 
         Raises:
             SessionNotFoundError: The service has no running task.
         """
-        found = self.services.container(container)
-        if found is None:
-            raise SessionNotFoundError(f"No running container named {container}.")
-        runner, cid = found
+        try:
+            found = self.services.container(container)
+            if found is None:
+                raise SessionNotFoundError(f"No running container named {container}.")
+            runner, cid = found
 
-        def started(handle: ExecHandle) -> None:
-            with self._lock:
-                self._execs[handle.exec_id] = runner
-            if on_start is not None:
-                on_start(handle)
+            def started(handle: ExecHandle) -> None:
+                with self._lock:
+                    self._execs[handle.exec_id] = runner
+                if on_start is not None:
+                    on_start(handle)
 
-        return runner.exec(cid, cmd, stdout, stderr, on_start=started)
+            return runner.exec(cid, cmd, stdout, stderr, on_start=started, stdin=stdin)
+        finally:
+            if stdin is not None:
+                stdin.end()
 
     def stop_exec(self, handle: ExecHandle, timeout: float = 10.0) -> None:
         """Stop an exec started by exec(), on its node."""

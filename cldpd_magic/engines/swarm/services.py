@@ -33,6 +33,21 @@ _READ_SECRETS = (
 #: as a container's without one is.
 _GATE = 'read -r _ || :; exec "$@" </dev/null'
 _EXEC = 'exec "$@"'
+#: The gate of a run with stdin: after the gate's line, the agent reads the task's stdin
+#: up to the line ``$1`` (its end of input) and then end of file. A task's stdin has no
+#: StdinOnce (a service spec cannot say it), so the end of the attach's input would never
+#: reach the agent: a filter ends it at that line instead, and hands the rest over a FIFO
+#: so that the agent stays the shell's own process (stop's signals reach it, its exit code
+#: is the task's). The filter runs in the background, where SIGINT is ignored; it removes
+#: the FIFO's name once both ends are open.
+_GATE_STDIN = (
+    "read -r _ || :; end=$1; shift; f=/tmp/.cldpd-stdin-$$; "
+    'mkfifo -m 600 "$f" || { echo "cldpd: could not make the pipe $f for the agent\'s stdin." >&2; '
+    "exit 125; }; exec 3<&0; "
+    '{ rm -f "$f"; while IFS= read -r l; do [ "$l" = "$end" ] && exit 0; '
+    'printf \'%s\\n\' "$l"; done; } <&3 >"$f" 3<&- & '
+    'exec "$@" <"$f" 3<&-'
+)
 
 _WAITING = ("new", "pending", "assigned", "accepted", "ready", "preparing", "starting")
 #: Seconds a detached run's task has to start.
@@ -263,13 +278,19 @@ class Services:
         except docker.errors.NotFound:
             return None
 
-    def _template(self, opts: RunOptions, gated: bool) -> docker.types.TaskTemplate:
+    def _template(
+        self, opts: RunOptions, gated: bool, end_of_input: str = ""
+    ) -> docker.types.TaskTemplate:
         """The run's task, its secret values made Swarm secrets (which the caller removes
         if the service is not made)."""
         env = opts.resolved_env()
         secrets = self._secret_refs(opts, env)
-        script = (_READ_SECRETS if secrets else "") + (_GATE if gated else _EXEC)
-        cmd = ["sh", "-c", script, "cldpd-run", *opts.cmd] if secrets or gated else opts.cmd
+        if end_of_input:
+            gate, args = _GATE_STDIN, [end_of_input, *opts.cmd]
+        else:
+            gate, args = (_GATE if gated else _EXEC), opts.cmd
+        script = (_READ_SECRETS if secrets else "") + gate
+        cmd = ["sh", "-c", script, "cldpd-run", *args] if secrets or gated else opts.cmd
         container = {
             "image": self.images.pulled(opts.image),
             "command": cmd,
@@ -301,8 +322,9 @@ class Services:
             ) from None
         return created["ID"]
 
-    def create(self, opts: RunOptions, gated: bool = False) -> str:
-        """Create the run's service; ``gated``: its agent waits for a line on stdin.
+    def create(self, opts: RunOptions, gated: bool = False, end_of_input: str = "") -> str:
+        """Create the run's service; ``gated``: its agent waits for a line on stdin, then
+        (with an ``end_of_input`` line) reads the rest of its stdin up to that line.
 
         ``opts.guard`` is asked before anything is made and just before the service is
         created (a refusal removes the secrets made), and told of the service once it
@@ -321,7 +343,7 @@ class Services:
         if self.service(opts.name) is not None:
             raise PodRunningError(f"A run named {opts.name} already exists; stop it first.")
         try:
-            template = self._template(opts, gated)
+            template = self._template(opts, gated, end_of_input)
             if guard is not None:
                 guard.check()  # the last moment before the swarm schedules the task
             service = self._create_service(opts, template)
