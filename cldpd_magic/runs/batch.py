@@ -24,7 +24,8 @@ __all__ = ["RESULT_KEYS", "Batch", "RunSpec", "Variant", "plan_batch"]
 #: The keys of every record of :meth:`Batch.results`, in column order.
 RESULT_KEYS = (
     "pod", "issue", "variant", "run", "state", "exit_code", "turns", "input_tokens",
-    "output_tokens", "cost_usd", "seconds", "transcript", "links",
+    "output_tokens", "cost_usd", "seconds", "transcript", "links", "files_changed",
+    "insertions", "deletions", "patch",
 )  # fmt: skip
 
 Job = Callable[[SessionControl], int]
@@ -357,11 +358,15 @@ class Batch:
         ``maxCostUsd``), ``max turns``, ``timed out`` or ``batch over budget``. Tokens and
         cost are the CLI's figures where it gave them; ``seconds`` is the agent's wall
         time; ``links`` are the pull request, branch and commit URLs the agent printed.
+        ``files_changed``, ``insertions``, ``deletions`` and ``patch`` (its text, secrets
+        masked) are the run's changes as last captured (None before any capture; a
+        truncated capture has no patch).
         """
         records = []
         for index, (spec, run) in enumerate(zip(list(self.specs), list(self.runs), strict=True)):
             usage = run.usage
             snap = run.status.snapshot()
+            changes = run.changes
             records.append({
                 "pod": spec.pod,
                 "issue": spec.issue,
@@ -376,6 +381,10 @@ class Batch:
                 "seconds": round(snap.elapsed, 3),
                 "transcript": str(run.transcript),
                 "links": run.links,
+                "files_changed": None if changes is None else changes.files_changed,
+                "insertions": None if changes is None else changes.insertions,
+                "deletions": None if changes is None else changes.deletions,
+                "patch": None if changes is None or changes.truncated else changes.patch,
             })  # fmt: skip
         return records
 
