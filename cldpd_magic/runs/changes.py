@@ -255,24 +255,44 @@ class FileChange:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+_HUNK_RE = re.compile(r"@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+
+
+def _count_hunks(lines: list[str], start: int) -> tuple[int, int]:
+    """Lines added and removed by the hunks from ``lines[start]`` on, each read for as many
+    lines as its header says (so a commit message after the last hunk is not counted)."""
+    plus = minus = old = new = 0
+    for line in lines[start:]:
+        if old <= 0 and new <= 0:
+            header = _HUNK_RE.match(line)
+            if header is not None:
+                old = int(header.group(1) or 1)
+                new = int(header.group(2) or 1)
+            continue
+        first = line[:1]
+        if first == "+":
+            plus += 1
+            new -= 1
+        elif first == "-":
+            minus += 1
+            old -= 1
+        elif first == " " or not line:
+            old -= 1
+            new -= 1
+    return plus, minus
+
+
 def _section_change(section: str) -> FileChange:
     """The file one ``diff --git`` section changes, with its line counts."""
     lines = section.split("\n")
     old, new = _git_line_paths(lines[0][len("diff --git ") :])
     status, binary = "modified", False
     plus = minus = 0
-    in_hunks = False
-    for line in lines[1:]:
-        if in_hunks:
-            first = line[:1]
-            if first == "+":
-                plus += 1
-            elif first == "-":
-                minus += 1
-            continue
+    for i, line in enumerate(lines[1:], 1):
         if line.startswith("@@"):
-            in_hunks = True
-        elif line.startswith("new file mode"):
+            plus, minus = _count_hunks(lines, i)
+            break
+        if line.startswith("new file mode"):
             status = "added"
         elif line.startswith("deleted file mode"):
             status = "deleted"
@@ -294,7 +314,7 @@ def _section_change(section: str) -> FileChange:
 def patch_sections(text: str) -> list[tuple[int, int]]:
     """Start and end offsets of each file's section (``diff --git ...``) in a patch."""
     starts = [m.start() for m in _DIFF_RE.finditer(text)]
-    return list(zip(starts, [*starts[1:], len(text)], strict=True))
+    return list(zip(starts, [*starts[1:], len(text)], strict=False))
 
 
 def parse_patch(text: str) -> list[FileChange]:
@@ -885,6 +905,11 @@ def push_patch(data: bytes, remote: str, branch: str, base: str | None, message:
             if candidate and not start:
                 verify = ["rev-parse", "--verify", "-q", f"{candidate}^{{commit}}"]
                 start = _git(verify, work, "push", quiet=True).strip()
+        taken = ["rev-parse", "-q", "--verify", f"refs/remotes/origin/{branch}"]
+        if _git(taken, work, "push", quiet=True).strip():
+            raise ChangesError(
+                f"The branch {branch} exists on {remote} already; push to a new branch name."
+            )
         if start:
             _git(["checkout", "-q", "--detach", start], work, "push")
         patch = Path(tmp) / "changes.patch"
