@@ -323,9 +323,21 @@ def parse_patch(text: str) -> list[FileChange]:
     A file changed by several sections (several commits of a series) is one entry whose
     counts add up; text before the first section (a commit message) is skipped.
     """
+    return _parse(text)[0]
+
+
+Spans = dict[str, list[tuple[int, int]]]
+
+
+def _parse(text: str) -> tuple[list[FileChange], Spans]:
+    """The files a patch changes, and where each file's sections are (by new and old path)."""
     found: dict[str, FileChange] = {}
+    spans: Spans = {}
     for start, end in patch_sections(text):
         change = _section_change(text[start:end])
+        spans.setdefault(change.path, []).append((start, end))
+        if change.old_path and change.old_path != change.path:
+            spans.setdefault(change.old_path, []).append((start, end))
         before = found.get(change.path)
         if before is not None:
             status = before.status if before.status in ("added", "renamed") else change.status
@@ -335,7 +347,7 @@ def parse_patch(text: str) -> list[FileChange]:
                 binary=before.binary or change.binary, old_path=before.old_path,
             )  # fmt: skip
         found[change.path] = change
-    return list(found.values())
+    return list(found.values()), spans
 
 
 # --- what the capture printed ------------------------------------------------------------
@@ -505,7 +517,7 @@ class Changes:
     bases: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = field(default=None, repr=False)
     masked: bytes | None = field(default=None, repr=False)
-    _index: dict[str, list[tuple[int, int]]] | None = field(default=None, init=False, repr=False)
+    _index: Spans | None = field(default=None, init=False, repr=False)
 
     # --- making one ------------------------------------------------------------------
 
@@ -533,14 +545,16 @@ class Changes:
         raw = patch.encode("utf-8", "surrogateescape") if isinstance(patch, str) else patch
         masked, secret = _mask_bytes(raw, mask)
         text = masked.decode("utf-8", "replace")
-        files = parse_patch(text)
+        files, spans = _parse(text)
         shown = list(commits)
         if mask:
             shown = [mask(c) for c in shown]
-        return cls(
+        made = cls(
             files, sum(f.insertions for f in files), sum(f.deletions for f in files), shown,
             text, path, False, tuple(notes), secret, dict(bases or {}), raw, masked,
         )  # fmt: skip
+        object.__setattr__(made, "_index", spans)
+        return made
 
     @classmethod
     def from_capture(cls, payload: bytes, mask: Masker | None = None) -> Changes:
@@ -582,18 +596,11 @@ class Changes:
     def __repr__(self) -> str:
         return f"<Changes: {self.summary_line()}>"
 
-    def _sections(self) -> dict[str, list[tuple[int, int]]]:
-        index = self._index
-        if index is None:
-            index = {}
-            text = self.patch
-            for start, end in patch_sections(text):
-                change = _section_change(text[start:end])
-                index.setdefault(change.path, []).append((start, end))
-                if change.old_path and change.old_path != change.path:
-                    index.setdefault(change.old_path, []).append((start, end))
-            object.__setattr__(self, "_index", index)
-        return index
+    def _sections(self) -> Spans:
+        """Where each file's sections are in the patch, by new and old path (read once)."""
+        if self._index is None:
+            object.__setattr__(self, "_index", _parse(self.patch)[1])
+        return self._index  # type: ignore[return-value]
 
     def diff(self, path: str | None = None) -> str:
         """The patch (secrets masked), or the part of it that changes one file.
@@ -638,7 +645,7 @@ class Changes:
     def _repr_html_(self) -> str:
         from ..render import diff as diff_view  # Pygments loads only when it is used
 
-        return diff_view.changes_html(self, open_section=True)
+        return diff_view.changes_html(self)
 
     # --- taking it home --------------------------------------------------------------
 

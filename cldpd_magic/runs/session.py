@@ -736,6 +736,11 @@ class Session:
     # --- an interactive run ----------------------------------------------------------------
 
     @property
+    def owns_conversation(self) -> bool:
+        """Whether this session runs its conversation's agent process (a follow-up does not)."""
+        return self._owns_conversation
+
+    @property
     def interactive(self) -> bool:
         """Whether the run's agent takes approvals, messages and interrupts while it runs."""
         return self.conversation is not None
