@@ -36,7 +36,17 @@ from .pods import (
     discover_pod,
     list_templates,
 )
-from .runs import Batch, Dispatcher, Limits, RunningPod, RunSpec, Session, StopReason, Variant
+from .runs import (
+    Batch,
+    Dispatcher,
+    Limits,
+    PermissionRequest,
+    RunningPod,
+    RunSpec,
+    Session,
+    StopReason,
+    Variant,
+)
 
 __version__ = "0.1.0"
 
@@ -57,6 +67,7 @@ __all__ = [
     "InvalidRequestError",
     "Limits",
     "Mount",
+    "PermissionRequest",
     "Pod",
     "PodConfig",
     "PodConfigError",

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..engines import ContainerInfo, EngineSetting, MultiEngineRunner, Runner
+from ..engines import ContainerInfo, EngineSetting, MultiEngineRunner, Runner, StdinPipe
 from ..errors import CldpdError, InvalidRequestError, PodNotFoundError, SessionNotFoundError
 from ..logs import log_swallowed
 from ..pods import Pod, container_name, default_pods_dir, discover_all, discover_pod
@@ -38,6 +38,7 @@ from .batch import Batch, Variant, plan_batch
 from .blocking import BlockingAPI
 from .changes import ChangeCapture, Changes, ChangesError, find_saved_changes, load_changes
 from .egress import EgressAttempt, sweep_orphans
+from .interactive import Conversation, ToolPolicy, follow_up
 from .jobs import IDLE_COMMAND, Job, RunJobs
 from .registry import (
     LABEL_CLAUDE_SESSION,
@@ -92,8 +93,13 @@ class Dispatcher(BlockingAPI):
         transcript_dir: str | os.PathLike[str] | None = None,
         *,
         engines: EngineSetting = None,
+        can_use_tool: ToolPolicy | None = None,
     ) -> None:
         self.pods_dir = Path(pods_dir).expanduser() if pods_dir else default_pods_dir()
+        #: Decides the tool calls interactive runs ask about, as they come:
+        #: ``can_use_tool(run, tool, input)`` returns a bool, or ``(bool, message)``.
+        #: None leaves them pending for a person (``Session.decide``) until their timeout.
+        self.can_use_tool = can_use_tool
         if runner is None:
             runner = MultiEngineRunner.from_settings(engines)
         if runner is None:
@@ -221,15 +227,17 @@ class Dispatcher(BlockingAPI):
             self.registry.unreserve(run)
             raise
         transcript = self.transcript_dir / f"{session_id}.jsonl"
+        conversation = self._conversation(pod, run, plan.prompt) if plan.interactive else None
         opts = start_options(pod, run, plan.cmd, plan.env, session_id, plan.session_uuid,
-                             transcript)  # fmt: skip
+                             transcript, conversation.pipe if conversation else None)  # fmt: skip
         job = self.jobs.start(pod, opts, plan.missing, plan.brokered)
         try:
             session = Session(pod.name, opts.name, _wrap_job(job) if _wrap_job else job,
                               self.transcript_dir, plan.secrets, kind=SessionKind.START,
                               session_id=session_id, claude_session=plan.session_uuid,
                               missing_env=plan.missing, run=run,
-                              limits=pod_limits(pod, timeout))  # fmt: skip
+                              limits=pod_limits(pod, timeout),
+                              conversation=conversation)  # fmt: skip
         except BaseException:
             self.registry.unreserve(run)
             raise
@@ -275,7 +283,10 @@ class Dispatcher(BlockingAPI):
         listing them).
 
         The agent resumes its Claude Code session (``--resume``, the uuid read from the
-        container's label), through exec. Stopping this session ends that exec only.
+        container's label), through exec. Stopping this session ends that exec only. A
+        live interactive run (its agent running, here) gets the prompt in the same
+        process instead: the session then shows the turn the prompt causes, and its stop
+        interrupts that turn.
 
         Args:
             pod_name: The pod.
@@ -292,6 +303,9 @@ class Dispatcher(BlockingAPI):
         """
         if not prompt or not prompt.strip():
             raise InvalidRequestError("The prompt is empty; say what the agent should do next.")
+        live = self.registry.live_conversation(self.registry.resolve_run(pod_name, "resume"))
+        if live is not None:
+            return self._follow_up(live, prompt)
         info = self.registry.running_container(pod_name, "resume")
         if info is None:
             self.pod(pod_name)  # an unknown pod is a clearer error than "not running"
@@ -301,13 +315,48 @@ class Dispatcher(BlockingAPI):
         pod = self._pod_of(info.labels.get(LABEL_POD) or pod_name, info)
         session_uuid = info.labels.get(LABEL_CLAUDE_SESSION) or str(uuid.uuid4())
         secrets = self.secrets(pod) + self.container_secrets(info)
-        cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True)
-        check_command_line(cmd, info.env, "The prompt", "shorten it")
-        job = self.jobs.resume(info.name, with_deadline(cmd, pod_limits(pod).timeout_seconds))
+        interactive = pod.config.interactive
+        if interactive and info.labels.get(LABEL_KEEP_ALIVE) != "true":
+            raise InvalidRequestError(
+                f"The agent of run {run_of(info)} runs in another process, whose input this "
+                "one cannot reach; resume it there, attach to follow it, or stop it."
+            )
+        cmd = agent_command(pod, prompt, session_uuid=session_uuid, resume=True,
+                            interactive=interactive)  # fmt: skip
+        conversation = None
+        if interactive:
+            check_command_line(cmd, info.env)
+            conversation = self._conversation(pod, run_of(info), prompt)
+        else:
+            check_command_line(cmd, info.env, "The prompt", "shorten it")
+        cmd = with_deadline(cmd, pod_limits(pod).timeout_seconds)
+        job = self.jobs.resume(info.name, cmd, conversation.pipe if conversation else None)
         job = self.jobs.with_changes(job, info.name, pod.config.changes_max_bytes)
         session = Session(pod.name, info.name, job, self.transcript_dir, secrets,
                           kind=SessionKind.RESUME, claude_session=session_uuid,
-                          run=run_of(info), limits=pod_limits(pod))  # fmt: skip
+                          run=run_of(info), limits=pod_limits(pod),
+                          conversation=conversation)  # fmt: skip
+        return self.registry.register(session)
+
+    def _conversation(self, pod: Pod, run: str, prompt: str) -> Conversation:
+        """The conversation of an interactive agent about to start: its first message waits."""
+        conversation = Conversation(
+            run, StdinPipe(), keep_alive=pod.config.keep_alive,
+            approval_timeout=pod.config.approval_timeout_seconds,
+            idle_timeout=pod.config.idle_timeout_seconds, policy=self.can_use_tool,
+        )  # fmt: skip
+        conversation.send_user(prompt)
+        return conversation
+
+    def _follow_up(self, live: Session, prompt: str) -> Session:
+        """A follow-up sent to a live interactive run's agent (see :func:`follow_up`)."""
+        assert live.conversation is not None
+        job = follow_up(live, live.conversation, prompt)
+        session = Session(live.pod_name, live.container, job, self.transcript_dir,
+                          live.mask.values, kind=SessionKind.RESUME,
+                          claude_session=live.claude_session, run=live.run,
+                          conversation=live.conversation,
+                          owns_conversation=False)  # fmt: skip
         return self.registry.register(session)
 
     def attach_session(self, pod_name: str) -> Session:

@@ -8,7 +8,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 
-from ..engines import ContainerInfo, ExecHandle, Runner, RunOptions
+from ..engines import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe
 from ..events import EventType
 from ..pods import Pod, container_name
 from .changes import DEFAULT_MAX_BYTES, ChangeCapture, capture_at_end, with_baseline
@@ -148,11 +148,11 @@ class RunJobs:
         return job
 
     def _run_kept_alive(self, ctl: SessionControl, opts: RunOptions) -> int:
-        idle = dataclasses.replace(opts, cmd=IDLE_COMMAND, remove=False)
+        idle = dataclasses.replace(opts, cmd=IDLE_COMMAND, remove=False, stdin=None)
         info = self.runner.start(idle)
         ctl.emit(EventType.CONTAINER_STARTED, info.name)
         ctl.check_cancelled()  # a stop since the start stops the container: no exec into it
-        return self.runner.exec(info.name, opts.cmd, ctl.stdout, ctl.stderr)
+        return self.runner.exec(info.name, opts.cmd, ctl.stdout, ctl.stderr, stdin=opts.stdin)
 
     def _discard(self, opts: RunOptions, timeout: float) -> None:
         """Stop and remove the container of a run asked to stop, if this run made it.
@@ -167,8 +167,14 @@ class RunJobs:
             self.runner.stop(opts.name, timeout)
         self.runner.remove(opts.name)
 
-    def resume(self, container: str, cmd: list[str]) -> Job:
-        """The job of a resume: exec the agent in the running container; a stop ends the exec."""
+    def resume(self, container: str, cmd: list[str], stdin: StdinPipe | None = None) -> Job:
+        """The job of a resume: exec the agent in the running container; a stop ends the exec.
+
+        Args:
+            container: The run's container.
+            cmd: The agent's command.
+            stdin: An interactive agent's stdin (None: an empty one).
+        """
         runner = self.runner
 
         def job(ctl: SessionControl) -> int:
@@ -183,7 +189,9 @@ class RunJobs:
                     ctl.emit(EventType.EGRESS_BLOCKED, attempt.target)
 
             with egress_reports(self._egress, runner, container, on_attempt):
-                return runner.exec(container, cmd, ctl.stdout, ctl.stderr, on_start=started)
+                return runner.exec(
+                    container, cmd, ctl.stdout, ctl.stderr, on_start=started, stdin=stdin
+                )
 
         return job
 

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..engines import LABEL_CLIENT, ContainerInfo, Runner, RunOptions, client_gone, this_client
+from ..engines import (
+    LABEL_CLIENT,
+    ContainerInfo,
+    Runner,
+    RunOptions,
+    StdinPipe,
+    client_gone,
+    this_client,
+)
 from ..errors import CldpdError, InvalidRequestError, PodRunningError
 from ..logs import log_swallowed
 from ..pods import Pod, container_name, is_valid_pod_name, validate_pod_name
@@ -150,6 +158,15 @@ class RunRegistry:
             and not (active and s.done)
         ]
 
+    def live_conversation(self, run: str) -> Session | None:
+        """This process's session running the agent of an interactive run that takes
+        messages now (its process runs, its input is open), if any."""
+        for session in self.local_sessions(run=run, active=True):
+            conversation = session.conversation
+            if session.owns_conversation and conversation is not None and conversation.live:
+                return session
+        return None
+
     def runs(self, pod_name: str) -> list[str]:
         """The names of a pod's runs: its running containers and this process's active sessions."""
         names = {s.run for s in self.local_sessions(pod_name, active=True)}
@@ -276,6 +293,7 @@ def start_options(
     session_id: str,
     session_uuid: str,
     transcript: Path,
+    stdin: StdinPipe | None = None,
 ) -> RunOptions:
     """The container of a start: pod.json's settings, and the labels that find it again.
 
@@ -287,6 +305,7 @@ def start_options(
         session_id: The cldpd session.
         session_uuid: Claude Code's session uuid.
         transcript: The session's transcript.
+        stdin: An interactive run's stdin (None: the agent's stdin is empty).
     """
     return RunOptions(
         image=pod.image,
@@ -312,4 +331,5 @@ def start_options(
             LABEL_RUN: run,
             LABEL_CLIENT: this_client(),
         },
+        stdin=stdin,
     )

@@ -1,0 +1,192 @@
+"""Interactive runs through the Dispatcher over a FakeRunner: a scripted agent that speaks
+Claude Code's streaming-input protocol as measured (replays, can_use_tool, results, turn
+state), so the whole path from pod.json to approvals and follow-ups runs without Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from fakes import ISSUE_URL as URL
+from fakes import AgentCall, FakeRunner, line_agent, write_pod
+
+from cldpd_magic import Dispatcher, EventType, InvalidRequestError
+
+INIT = json.dumps({"type": "system", "subtype": "init", "session_id": "s", "model": "m"})
+IDLE = json.dumps({"type": "system", "subtype": "session_state_changed", "state": "idle"})
+
+
+def result(text: str, is_error: bool = False) -> str:
+    return json.dumps({"type": "result", "subtype": "success", "is_error": is_error,
+                       "num_turns": 1, "result": text, "total_cost_usd": 0.001})  # fmt: skip
+
+
+def said(text: str) -> str:
+    return json.dumps({"type": "assistant", "message": {"id": "m", "role": "assistant",
+                       "content": [{"type": "text", "text": text}]}})  # fmt: skip
+
+
+def fake_claude(call: AgentCall, line: str) -> None:
+    """One stdin line of an interactive Claude Code: a message asks for ``touch`` when it
+    says "ask", waits when it says "slow" (until interrupted), else answers at once."""
+    frame = json.loads(line)
+    kind = frame.get("type")
+    if kind == "user":
+        text = frame["message"]["content"]
+        replay = {"type": "user", "isReplay": True, "uuid": frame.get("uuid", ""),
+                  "message": {"role": "user", "content": text}}  # fmt: skip
+        call.out(json.dumps(replay), INIT)
+        if "ask" in text:
+            request = {"subtype": "can_use_tool", "tool_name": "Bash",
+                       "input": {"command": "touch asked.txt"}, "tool_use_id": "t1"}  # fmt: skip
+            call.out(json.dumps({"type": "control_request", "request_id": "q1",
+                                 "request": request}))  # fmt: skip
+        elif "slow" not in text:
+            call.out(said(f"done: {text}"), result(f"done: {text}"), IDLE)
+    elif kind == "control_response":
+        answer = frame["response"]["response"]
+        if answer["behavior"] == "allow":
+            call.out(said("touched asked.txt"), result("touched"), IDLE)
+        else:
+            call.out(said(f"not allowed: {answer['message']}"), result("denied"), IDLE)
+    elif kind == "control_request":
+        subtype = frame["request"]["subtype"]
+        reply = {"subtype": "success", "request_id": frame["request_id"], "response": {}}
+        call.out(json.dumps({"type": "control_response", "response": reply}))
+        if subtype == "interrupt":
+            call.out(result("interrupted", is_error=True), IDLE)
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner(line_agent(fake_claude))
+
+
+def pod(pods_dir, name: str = "live", **config) -> str:
+    write_pod(pods_dir, name, {"interactive": True, **config})
+    return name
+
+
+def outputs(session) -> list[str]:
+    return [e.data for e in session.events() if e.type is EventType.OUTPUT]
+
+
+def wait_for(what, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.01)
+    return what()
+
+
+def test_an_interactive_run_gets_its_prompt_on_stdin_and_ends_after_its_turn(
+    pods_dir, transcript_dir, runner
+):
+    session = Dispatcher(pods_dir, runner, transcript_dir).start_session(pod(pods_dir), URL)
+    assert session.wait(timeout=10) == 0
+    cmd = runner.runs[0].cmd
+    assert "--input-format" in cmd and "Work on this GitHub issue" not in " ".join(cmd)
+    (stdin,) = runner.stdins
+    first = json.loads(stdin.lines[0])
+    assert first["message"]["content"] == f"Work on this GitHub issue: {URL}"
+    assert stdin.closed  # the turn was over and nothing queued: its input closed
+    assert any(f"done: Work on this GitHub issue: {URL}" in line for line in outputs(session))
+
+
+def test_an_approval_waits_for_a_decision_then_the_tool_runs(pods_dir, transcript_dir, runner):
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir)
+    session = dispatcher.start_session(pod(pods_dir), URL, prompt="please ask first")
+    (request,) = wait_for(session.pending)
+    assert (request.tool, request.input, request.run) == (
+        "Bash", {"command": "touch asked.txt"}, "live")  # fmt: skip
+    session.decide(request.request_id, allow=True)
+    assert session.wait(timeout=10) == 0
+    kinds = [e.type for e in session.events()]
+    assert kinds.index(EventType.PERMISSION_REQUEST) < kinds.index(EventType.PERMISSION_DECISION)
+    assert any("touched asked.txt" in line for line in outputs(session))
+    with pytest.raises(InvalidRequestError, match="no pending approval"):
+        session.decide(request.request_id, allow=False)
+
+
+def test_a_denial_reaches_the_agent_with_its_message(pods_dir, transcript_dir, runner):
+    session = Dispatcher(pods_dir, runner, transcript_dir).start_session(
+        pod(pods_dir), URL, prompt="ask"
+    )
+    (request,) = wait_for(session.pending)
+    session.decide(request.request_id, allow=False, message="not in this repo")
+    assert session.wait(timeout=10) == 0
+    assert any("not allowed: not in this repo" in line for line in outputs(session))
+
+
+def test_the_dispatchers_policy_decides_as_requests_come(pods_dir, transcript_dir, runner):
+    asked = []
+
+    def policy(run, tool, tool_input):
+        asked.append((run, tool, tool_input["command"]))
+        return False, "policy says no"
+
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir, can_use_tool=policy)
+    session = dispatcher.start_session(pod(pods_dir), URL, prompt="ask")
+    assert session.wait(timeout=10) == 0
+    assert asked == [("live", "Bash", "touch asked.txt")]
+    assert any("not allowed: policy says no" in line for line in outputs(session))
+
+
+def test_a_pod_without_interactive_keeps_the_one_shot_path(pods_dir, transcript_dir, runner):
+    write_pod(pods_dir, "plain", {})
+    session = Dispatcher(pods_dir, runner, transcript_dir).start_session("plain", URL)
+    session.wait(timeout=10)
+    assert "--input-format" not in runner.runs[0].cmd
+    assert not session.interactive and session.pending() == []
+    with pytest.raises(InvalidRequestError, match="not interactive"):
+        session.interrupt()
+
+
+def test_a_follow_up_goes_to_the_live_agent_and_shows_its_turn(pods_dir, transcript_dir, runner):
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir)
+    start = dispatcher.start_session(pod(pods_dir, keepAlive=True), URL)
+    assert wait_for(lambda: start.conversation.waiting.is_set())  # kept alive, idle
+    follow = dispatcher.resume_session("live", "and add tests")
+    assert follow.wait(timeout=10) == 0
+    followed = outputs(follow)
+    assert any("done: and add tests" in line for line in followed)
+    assert not any("Work on this GitHub issue" in line for line in followed)  # its turn only
+    assert not start.done  # the agent waits for more
+    agents = [cmd for _, cmd in runner.execs if "--input-format" in cmd]
+    assert len(agents) == 1  # the same process took the follow-up
+    assert any("done: and add tests" in line for line in outputs_so_far(start))
+    dispatcher.stop("live", timeout=5)
+    assert start.wait(timeout=10) is not None
+
+
+def outputs_so_far(session) -> list[str]:
+    found: list[str] = []
+    done = threading.Event()
+
+    def read():
+        for batch in session.event_batches():
+            found.extend(e.data for e in batch if e.type is EventType.OUTPUT)
+            if len(found) >= 6:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(5)
+    return found
+
+
+def test_interrupt_ends_the_turn_and_the_run_takes_a_follow_up(pods_dir, transcript_dir, runner):
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir)
+    start = dispatcher.start_session(pod(pods_dir, keepAlive=True), URL, prompt="slow")
+    assert wait_for(lambda: any(INIT in line for line in outputs_so_far(start)))
+    start.interrupt()
+    assert wait_for(lambda: start.conversation.waiting.is_set())
+    follow = dispatcher.resume_session("live", "now the real thing")
+    assert follow.wait(timeout=10) == 0
+    assert any("done: now the real thing" in line for line in outputs(follow))
+    dispatcher.stop("live", timeout=5)
