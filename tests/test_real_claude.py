@@ -754,3 +754,136 @@ def test_a_batch_budget_stops_the_batch_on_time(dispatcher, offline_pod):
     assert requests == 1
     assert all(r["state"] != "exited" for r in results[1:]), results
     assert batch.over_budget and batch.cost_usd >= 0.5
+
+
+# --- Interactive runs: approvals, follow-ups, interrupts ----------------------------------
+
+#: Default permission mode: a ``touch`` in the workdir asks for approval.
+ASKING = ["--max-turns", "6"]
+
+
+def pending_of(session: Session, timeout: float = 120) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not session.done:
+        found = session.pending()
+        if found:
+            return found
+        time.sleep(0.05)
+    return session.pending()
+
+
+def text_of(session: Session) -> str:
+    return "\n".join(e.data for e in session.events() if e.type is EventType.OUTPUT)
+
+
+def live(offline_pod, url: str, **extra) -> str:
+    return offline_pod(url, args=ASKING, extra={"interactive": True, **extra})
+
+
+def test_an_approved_bash_call_runs_in_the_container(dispatcher, offline_pod, tmp_path):
+    scenario = [Turn(tool_calls=[ToolCall("Bash", {"command": "touch asked.txt"})]),
+                Turn(text="Touched it.")]  # fmt: skip
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url)
+        session = dispatcher.start_session(name, URL)
+        (request,) = pending_of(session)
+        assert (request.tool, request.input["command"]) == ("Bash", "touch asked.txt")
+        assert not (tmp_path / "work" / "asked.txt").exists()  # not before the answer
+        session.decide(request.request_id, allow=True)
+        assert session.wait(120) == 0, text_of(session)
+        requests = server.conversation_requests()
+    assert (tmp_path / "work" / "asked.txt").exists()
+    (result,) = requests[-1].tool_results()
+    assert not result.get("is_error")
+    kinds = [e.type for e in session.events()]
+    assert kinds.count(EventType.PERMISSION_REQUEST) == 1
+    assert kinds.count(EventType.PERMISSION_DECISION) == 1
+    assert_secret_nowhere(session)
+
+
+def test_a_denied_call_is_refused_and_the_model_gets_the_message(dispatcher, offline_pod, tmp_path):
+    scenario = [Turn(tool_calls=[ToolCall("Bash", {"command": "touch refused.txt"})]),
+                Turn(text="Understood.")]  # fmt: skip
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        session = dispatcher.start_session(live(offline_pod, server.url), URL)
+        (request,) = pending_of(session)
+        session.decide(request.request_id, allow=False, message="Not in this repository.")
+        assert session.wait(120) == 0, text_of(session)
+        (result,) = server.conversation_requests()[-1].tool_results()
+    assert not (tmp_path / "work" / "refused.txt").exists()
+    assert result.get("is_error") and "Not in this repository." in json.dumps(result)
+
+
+def test_always_allow_lets_the_second_call_through_without_asking(
+    dispatcher, offline_pod, tmp_path
+):
+    scenario = [Turn(tool_calls=[ToolCall("Bash", {"command": "touch one.txt"})]),
+                Turn(tool_calls=[ToolCall("Bash", {"command": "touch two.txt"})]),
+                Turn(text="Both.")]  # fmt: skip
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        session = dispatcher.start_session(live(offline_pod, server.url), URL)
+        (request,) = pending_of(session)
+        session.decide(request.request_id, allow=True, always=True)
+        assert session.wait(120) == 0, text_of(session)
+    work = tmp_path / "work"
+    assert (work / "one.txt").exists() and (work / "two.txt").exists()
+    decisions = [json.loads(e.data) for e in session.events()
+                 if e.type is EventType.PERMISSION_DECISION]  # fmt: skip
+    assert decisions[0]["always"] is True
+    assert all(d["allow"] for d in decisions)
+    assert not (work / ".claude" / "settings.local.json").exists()  # this run only
+
+
+def test_an_unanswered_approval_is_denied_when_its_time_is_up(dispatcher, offline_pod, tmp_path):
+    scenario = [Turn(tool_calls=[ToolCall("Bash", {"command": "touch late.txt"})]),
+                Turn(text="No answer, so no file.")]  # fmt: skip
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url, approvalTimeoutSeconds=2)
+        session = dispatcher.start_session(name, URL)
+        assert session.wait(120) == 0, text_of(session)
+        (result,) = server.conversation_requests()[-1].tool_results()
+    assert "no answer within 2 s" in json.dumps(result)
+    assert not (tmp_path / "work" / "late.txt").exists()
+    assert session.pending() == []
+
+
+def test_a_prompt_sent_while_the_first_turn_runs_is_answered_in_the_same_session(
+    dispatcher, offline_pod
+):
+    scenario = [Turn(delay=4, text="First answer."), Turn(text="Second answer.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url, keepAlive=True)
+        start = dispatcher.start_session(name, URL)
+        server.wait_for(lambda r: any(x.conversation for x in r), timeout=120)
+        follow = dispatcher.resume_session(name, "And the second question?")
+        try:
+            assert follow.wait(120) == 0, text_of(follow)
+            requests = server.conversation_requests()
+        finally:
+            dispatcher.stop(name, timeout=5)
+    assert "Second answer." in text_of(follow)
+    assert "First answer." in text_of(start) and "Second answer." in text_of(start)
+    contents = json.dumps(requests[-1].messages)
+    assert "Work on this GitHub issue" in contents and "And the second question?" in contents
+    sessions = {e.get("session_id") for e in stream(start) if e.get("type") == "result"}
+    assert len(sessions) == 1  # one Claude Code session, one process
+
+
+def test_interrupt_ends_a_slow_turn_and_a_follow_up_then_works(dispatcher, offline_pod):
+    scenario = [Turn(delay=SLOW, text="too late"), Turn(text="After the interrupt.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url, keepAlive=True)
+        start = dispatcher.start_session(name, URL)
+        try:
+            server.wait_for(lambda r: any(x.conversation for x in r), timeout=120)
+            start.interrupt()
+            deadline = time.monotonic() + 60
+            while not start.conversation.waiting.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert start.conversation.waiting.is_set(), text_of(start)
+            follow = dispatcher.resume_session(name, "Go on, quickly.")
+            assert follow.wait(120) == 0, text_of(follow)
+            assert not start.done  # the run and its container stayed
+        finally:
+            dispatcher.stop(name, timeout=5)
+    assert "After the interrupt." in text_of(follow)
