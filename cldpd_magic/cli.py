@@ -40,7 +40,17 @@ from .pods import (
     validate_pod_name,
 )
 from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text
-from .runs import LABEL_POD, Dispatcher, RunningPod, Session, SessionKind, validate_issue_url
+from .render import tool_call
+from .runs import (
+    LABEL_POD,
+    Dispatcher,
+    RunningPod,
+    Session,
+    SessionKind,
+    ToolPolicy,
+    deny_unattended,
+    validate_issue_url,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -352,14 +362,46 @@ def _follow(
     return session.wait()
 
 
+def ask_on_terminal(stdin: TextIO, err: TextIO) -> ToolPolicy:
+    """The approvals of a run followed on a terminal: each question asked there, in turn.
+
+    ``y`` allows the call, ``a`` allows that tool for the rest of the run, anything else
+    denies it (the agent is told a person said no). Without a terminal, nobody can answer:
+    :func:`~cldpd_magic.runs.deny_unattended` decides.
+    """
+    if not stdin.isatty():
+        return deny_unattended
+    lock = threading.Lock()
+    always: set[tuple[str, str]] = set()
+
+    def ask(run: str, tool: str, tool_input: Any) -> bool | tuple[bool, str]:
+        if (run, tool) in always:
+            return True
+        call = clean_text(tool_call(tool, tool_input))
+        with lock:  # one question at a time, whatever the runs ask at once
+            _say(err, f"cldpd: {clean_text(run)} asks to run {call}\nallow? [y/N/a=always] ")
+            answer = stdin.readline().strip().lower()
+        if answer in ("a", "always"):
+            always.add((run, tool))
+            return True
+        if answer in ("y", "yes"):
+            return True
+        return False, "A person at the terminal said no."
+
+    return ask
+
+
 def _run(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     signals = _Signals()
+    dispatcher.can_use_tool = ask_on_terminal(sys.stdin, err)
     with signals.installed():
         try:
             if args.command == "start":
                 session = dispatcher.start_session(args.pod, args.issue)
             else:
                 session = dispatcher.resume_session(args.run, args.prompt)
+            if session.conversation is not None:
+                session.conversation.end_when_idle()  # the command takes no follow-ups
             signals.raising = False
         except _Interrupted as exc:
             for started in dispatcher.local_sessions(active=True):
@@ -576,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    dispatcher = Dispatcher(args.pods_dir, engines=args.engine)
+    # A batch's runs are not followed one by one: its approvals are the pods' settings.json.
+    dispatcher = Dispatcher(args.pods_dir, engines=args.engine, can_use_tool=deny_unattended)
     try:
         if args.command == "init":
             return _init(args, out)

@@ -12,6 +12,7 @@ exit code is read from the task. test_swarm.py holds what is Swarm's own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import threading
@@ -41,10 +42,22 @@ from test_docker_runner import Text
 from cldpd_magic.engines.docker import LABEL_VOLUME_OF
 from cldpd_magic.engines.docker.runner import DockerRunner, _PrivateAPI
 from cldpd_magic.engines.multi import MultiEngineRunner, docker_runner_for
-from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, Runner, RunOptions
+from cldpd_magic.engines.protocol import (
+    ContainerInfo,
+    ExecHandle,
+    Runner,
+    RunOptions,
+    StdinPipe,
+)
 from cldpd_magic.engines.setting import Engine, parse_engine
 from cldpd_magic.engines.swarm.runner import SwarmRunner
-from cldpd_magic.errors import DockerUnavailableError, PodRunningError, SessionNotFoundError
+from cldpd_magic.errors import (
+    DockerUnavailableError,
+    InvalidRequestError,
+    PodRunningError,
+    SessionNotFoundError,
+    StdinClosedError,
+)
 from cldpd_magic.runs.session import SessionStopped
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
@@ -60,6 +73,7 @@ case "$1" in
   deaf) trap '' INT TERM; echo ready; while :; do sleep 1; done ;;
   idle) trap 'exit 0' INT TERM; while :; do sleep 1 & wait; done ;;
   stdin) cat; echo "stdin closed" ;;
+  catint) trap 'echo got INT; exit 130' INT; echo ready; exec 3<&0; cat <&3 & wait ;;
   *) echo "$@" ;;
 esac
 """
@@ -470,6 +484,177 @@ def test_a_refusing_guard_leaves_no_container(target, refuse, how):
     assert len(guard.started_with) == (refuse == "started")
     assert target.runner.inspect(opts.name) is None
     assert target.cleanup() == []
+
+
+# -- stdin: what an interactive run writes to its agent -------------------------------
+
+
+class Call:
+    """A blocking runner call (run or exec) in a thread, with its output."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.out, self.err = Text(), Text()
+        self.result: dict = {}
+        self.thread = threading.Thread(
+            target=self._call, args=(fn, args, kwargs), daemon=True, name="conformance-call"
+        )
+        self.thread.start()
+
+    def _call(self, fn, args, kwargs) -> None:
+        try:
+            self.result["code"] = fn(*args, self.out, self.err, **kwargs)
+        except BaseException as exc:
+            self.result["error"] = exc
+
+    def code(self, timeout: float = 120) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"still running; got {self.out.value[-300:]!r}"
+        assert "error" not in self.result, self.result
+        return self.result["code"]
+
+
+def _start_idle(t: Target) -> RunOptions:
+    opts = t.opts("idle")
+    t.runner.start(opts)
+    return opts
+
+
+def _end_idle(t: Target, opts: RunOptions) -> None:
+    t.runner.stop(opts.name, timeout=5)
+    t.runner.remove(opts.name)
+
+
+def _refuses_writes(pipe: StdinPipe) -> str:
+    """The one sentence a pipe whose process has ended gives a write."""
+    assert pipe.closed and pipe.ended
+    with pytest.raises(StdinClosedError) as info:
+        pipe.write_line("too late")
+    said = str(info.value)
+    assert "\n" not in said and said.endswith(".") and said.count(". ") == 0
+    return said
+
+
+def _talk(call: Call, pipe: StdinPipe, before: list[str]) -> list[str]:
+    """Lines written before the start, then while it runs (in order, a 1 MB one among
+    them), then a close."""
+    call.out.wait_for(before[-1] + "\n")
+    big = "".join(chr(ord("a") + i % 26) for i in range(1 << 20))
+    later = [*(f"later {i}" for i in range(200)), big, "after the 1 MB line"]
+    for line in later:
+        pipe.write_line(line)
+    call.out.wait_for("after the 1 MB line\n")
+    assert call.thread.is_alive()  # the control: the agent waits for more until the close
+    pipe.close()
+    pipe.close()  # idempotent
+    return [*before, *later]
+
+
+@pytest.mark.parametrize("how", ["run", "exec"])
+def test_stdin_lines_come_in_order_whole_and_a_close_is_the_end_of_file(target, how):
+    pipe = StdinPipe()
+    before = ["first, written before the start", "second", '{"type": "user"}']
+    for line in before:
+        pipe.write_line(line)
+    if how == "run":
+        call = Call(target.runner.run, target.opts("stdin", stdin=pipe))
+    else:
+        idle = _start_idle(target)
+        call = Call(target.runner.exec, idle.name, ["agent", "stdin"], stdin=pipe)
+    sent = _talk(call, pipe, before)
+    assert call.code() == 0
+    assert call.out.value == "".join(f"{line}\n" for line in sent) + "stdin closed\n"
+    assert pipe.connected.is_set()
+    _refuses_writes(pipe)
+    if how == "exec":
+        _end_idle(target, idle)
+
+
+def test_a_run_stopped_while_its_stdin_is_open(target):
+    pipe = StdinPipe()
+    opts = target.opts("catint", stdin=pipe)
+    call = Call(target.runner.run, opts)
+    call.out.wait_for("ready")
+    pipe.write_line("hello")
+    call.out.wait_for("hello\n")
+    target.runner.stop(opts.name, timeout=10)
+    assert call.code() == 130 and call.out.value.endswith("got INT\n")
+    assert _refuses_writes(pipe) == "The run's agent has ended and reads no more input."
+
+
+def test_an_exec_stopped_while_its_stdin_is_open_and_its_exit_code(target):
+    idle = _start_idle(target)
+    pipe, handles = StdinPipe(), []
+    call = Call(
+        target.runner.exec, idle.name, ["agent", "catint"], on_start=handles.append, stdin=pipe
+    )
+    call.out.wait_for("ready")
+    pipe.write_line("hello")
+    call.out.wait_for("hello\n")
+    target.runner.stop_exec(handles[0], timeout=10)
+    assert call.code() == 130 and call.out.value.endswith("got INT\n")
+    _refuses_writes(pipe)
+    assert target.runner.inspect(idle.name).running
+    # An exec with stdin keeps its exit code, and a pipe closed before it started.
+    pipe = StdinPipe()
+    pipe.close()
+    assert target.runner.exec(idle.name, ["agent", "exit", "4"], Text(), stdin=pipe) == 4
+    _refuses_writes(pipe)
+    _end_idle(target, idle)
+
+
+def test_a_pipe_serves_one_process_and_ends_when_its_run_cannot_start(target):
+    opts = target.opts("idle")
+    target.runner.start(opts)
+    pipe = StdinPipe()
+    pipe.write_line("never read")
+    with pytest.raises(PodRunningError):
+        target.runner.run(dataclasses.replace(opts, stdin=pipe), Text())
+    assert pipe.ended and not pipe.connected.is_set()
+    pipe = StdinPipe()
+    pipe.close()
+    assert target.runner.exec(opts.name, ["agent", "stdin"], Text(), stdin=pipe) == 0
+    with pytest.raises(InvalidRequestError):
+        target.runner.exec(opts.name, ["agent", "stdin"], Text(), stdin=pipe)
+    _end_idle(target, opts)
+
+
+def test_stdin_through_the_ssh_command(ssh_engine, tmp_path, monkeypatch):
+    """``?ssh=system``: docker-py's socket over the ``ssh`` command, whose end of input is
+    the ssh command's stdin closed, and whose output comes as it is printed (a full-size
+    read would wait for 64 KiB)."""
+    wrapper = tmp_path / "bin" / "ssh"
+    wrapper.parent.mkdir()
+    keys = ssh_engine.home / ".ssh"
+    wrapper.write_text(
+        f"#!/bin/sh\nexec /usr/bin/ssh -o BatchMode=yes -o IdentitiesOnly=yes "
+        f'-o UserKnownHostsFile={keys / "known_hosts"} -i {keys / "id_ed25519"} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    runner = docker_runner_for(parse_engine(f"{ssh_engine.url}?ssh=system"))
+    assert runner.connection.connect().api.base_url.startswith("http+docker://ssh")
+    pipe = StdinPipe()
+    pipe.write_line("before")
+    name = f"cldpd-conf-sshcli-{uuid.uuid4().hex[:8]}"
+    opts = RunOptions(
+        "busybox:latest",
+        name,
+        ["sh", "-c", 'cat; echo "stdin closed"'],
+        labels={TEST_LABEL: "conformance"},
+        stdin=pipe,
+    )
+    try:
+        call = Call(runner.run, opts)
+        call.out.wait_for("before\n")  # the control of the reads: one line, long before 64 KiB
+        big = "z" * (1 << 20)
+        pipe.write_line(big)
+        pipe.close()
+        assert call.code() == 0
+        assert call.out.value == f"before\n{big}\nstdin closed\n"
+        _refuses_writes(pipe)
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker.from_env().api.remove_container(name, force=True)
 
 
 # -- an engine that goes away -------------------------------------------------------

@@ -39,7 +39,7 @@ from test_runner_conformance import Text, agent_context
 
 from cldpd_magic.engines.docker.runner import DockerRunner
 from cldpd_magic.engines.multi import MultiEngineRunner
-from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, RunOptions
+from cldpd_magic.engines.protocol import ContainerInfo, ExecHandle, RunOptions, StdinPipe
 from cldpd_magic.engines.setting import parse_engine
 from cldpd_magic.engines.swarm.runner import LABEL_SECRET_OF, SwarmRunner
 from cldpd_magic.errors import (
@@ -48,6 +48,7 @@ from cldpd_magic.errors import (
     DockerUnavailableError,
     PodConfigError,
     SessionNotFoundError,
+    StdinClosedError,
 )
 from cldpd_magic.pods import Resources
 
@@ -218,6 +219,51 @@ def test_secrets_reach_the_agent_but_no_service_spec(swarm, monkeypatch):
     assert len(secrets) == 2
     swarm.runner.remove(opts.name)
     assert swarm.api.secrets(filters={"label": f"{LABEL_SECRET_OF}={opts.name}"}) == []
+
+
+def test_a_run_with_stdin_needs_every_nodes_endpoint(swarm, monkeypatch):
+    monkeypatch.setattr(swarm.runner.nodes, "runner_of", _no_endpoint)
+    pipe = StdinPipe()
+    pipe.write_line("never read")
+    opts = swarm.opts("stdin", stdin=pipe)
+    with pytest.raises(ContainerFailedError) as refused:
+        swarm.runner.run(opts, Text(), Text())
+    said = str(refused.value)
+    assert said.startswith(f"{opts.name} reads its stdin") and "\n" not in said
+    assert "cldpd.endpoint" in said and swarm.runner.inspect(opts.name) is None
+    with pytest.raises(StdinClosedError):
+        pipe.write_line("refused: its run is over")
+
+
+#: Prints the agent's secret and its parent (the init that stop signals), reads its stdin,
+#: then tells whether the FIFO's name was left in /tmp.
+STDIN_AGENT = (
+    'echo "$API_TOKEN"; grep PPid /proc/$$/status; cat; '
+    "ls /tmp/.cldpd-stdin-* 2>/dev/null || echo no-fifo-left"
+)
+
+
+def test_stdin_with_secrets_and_a_read_only_root_reaches_the_tasks_own_process(swarm):
+    """The gate's filter and FIFO under the secrets' wrapper, on a read-only root (the
+    FIFO is made in /tmp, a volume there): the agent is the child of the task's init, so
+    stop's signals reach it, and the end-of-input line itself is never read."""
+    token = f"tok-{uuid.uuid4().hex}"
+    pipe = StdinPipe()
+    lines = ["  keeps its spaces  ", "a \\ backslash", '{"json": "line"}', "é"]
+    for line in lines:
+        pipe.write_line(line)
+    pipe.close()
+    opts = swarm.opts(env={"API_TOKEN": token}, read_only_root=True, stdin=pipe)
+    opts.cmd = ["sh", "-c", STDIN_AGENT]
+    out = Text()
+    assert swarm.runner.run(opts, out, Text()) == 0
+    assert out.value.splitlines() == [token, "PPid:\t1", *lines, "no-fifo-left"]
+    # The control: without stdin the agent's stdin is empty, as a plain container's.
+    opts = swarm.opts(env={"API_TOKEN": token}, read_only_root=True)
+    opts.cmd = ["sh", "-c", STDIN_AGENT]
+    out = Text()
+    assert swarm.runner.run(opts, out, Text()) == 0
+    assert out.value.splitlines() == [token, "PPid:\t1", "no-fifo-left"]
 
 
 def test_resources_become_reservations_and_limits(swarm):

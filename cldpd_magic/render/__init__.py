@@ -5,7 +5,7 @@ feeds, tables.
 from .clean import clean_text
 from .feeds import DEFAULT_FLUSH_INTERVAL, BatchFeed, LiveFeed, RunSource, TextFeed
 from .markdown import markdown_to_html
-from .stream import Line, StreamRenderer, render_output_line
+from .stream import Line, StreamRenderer, render_output_line, tool_call
 from .tables import SELECTED_MARK, BatchView, Report, Table, run_name
 from .views import DEFAULT_MAX_LINES, RunLines, SessionView
 
@@ -27,5 +27,6 @@ __all__ = [
     "clean_text",
     "markdown_to_html",
     "render_output_line",
+    "tool_call",
     "run_name",
 ]

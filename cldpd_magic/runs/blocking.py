@@ -7,6 +7,7 @@ import sys
 from ..engines import Writer
 from ..errors import ContainerFailedError
 from ..render import TextFeed
+from .interactive import deny_unattended
 from .session import Session
 
 
@@ -27,6 +28,11 @@ def _follow_to_end(session: Session, stdout: Writer | None, check: bool, raw: bo
         ContainerFailedError: Non-zero exit and ``check``.
     """
     out = stdout if stdout is not None else sys.stdout
+    conversation = session.conversation
+    if conversation is not None:
+        conversation.end_when_idle()  # nothing here sends follow-ups
+        if conversation.policy is None:  # nor answers questions: never wait for one
+            conversation.policy = deny_unattended
     try:
         TextFeed(session, out, sys.stderr, raw=raw, notes=False).follow()
         code = session.wait()

@@ -305,6 +305,18 @@ class Conversation:
             raise InvalidRequestError("Name a model, such as 'sonnet' or 'claude-opus-5-5'.")
         self.control("set_model", model=name)
 
+    def end_when_idle(self) -> None:
+        """Close the agent's input once its turn is over, kept alive or not.
+
+        For a front end that takes no follow-ups (the ``cldpd`` command, the blocking
+        API): the agent then ends after its turn; a kept-alive pod's container stays.
+        """
+        with self._lock:
+            self.keep_alive = False
+            waiting = self.waiting.is_set()
+        if waiting:
+            self.close_input()
+
     def close_input(self) -> None:
         """Close the agent's stdin: it finishes what it was given, then ends."""
         with self._lock:
