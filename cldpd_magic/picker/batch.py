@@ -1,4 +1,5 @@
-"""A batch in widgets: its live table over the chosen run's output; stop one run or all."""
+"""A batch in widgets: its live table over the chosen run's output; stop one run or all;
+compare the changes of the runs chosen."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, BatchFeed, BatchView
+from ..render import diff as diff_view
 from ..runs import Session
+from ..secrets import Masker
 from ._tree import close_tree
 from .actions import Workers
 
@@ -38,7 +41,10 @@ class BatchPanel:
         run_select: The run whose output shows.
         stop_button: Stops the selected run.
         stop_all_button: Stops the batch: no new run starts, running ones stop.
-        output: The table and the selected run's output.
+        compare_select: The runs whose changes to compare (none chosen: every run's).
+        compare_button: Compares the changes of the runs chosen.
+        comparison: The comparison: files by runs, and how versions of a file differ.
+        output: The table (with each run's +/-) and the selected run's output.
         notice: Messages about the batch as a whole.
         widget: The top-level widget.
     """
@@ -54,7 +60,7 @@ class BatchPanel:
     ) -> None:
         self.batch = batch
         self.stop_timeout = stop_timeout
-        self.view = BatchView(title, max_lines)
+        self.view: BatchView = diff_view.ChangesBatchView(title, max_lines)
         self._lock = threading.RLock()
         self._closed = False
         self._updating = False
@@ -66,16 +72,22 @@ class BatchPanel:
         )
         self.output = widgets.Output(layout=widgets.Layout(border="1px solid #e0e0e0"))
         self.notice = widgets.Label(value="")
+        self.compare_select = widgets.SelectMultiple(options=[], rows=4, description="compare")
+        self.compare_button = widgets.Button(description="Compare changes", icon="columns")
+        self.comparison = widgets.HTML(value="")
         self.widget = widgets.VBox(
             [
                 widgets.HBox([self.run_select, self.stop_button, self.stop_all_button]),
                 self.output,
+                widgets.HBox([self.compare_select, self.compare_button]),
+                self.comparison,
                 self.notice,
             ]
         )
         self.run_select.observe(self._on_select, names="value")
         self.stop_button.on_click(self._on_stop)
         self.stop_all_button.on_click(self._on_stop_all)
+        self.compare_button.on_click(self._on_compare)
         self.feed = BatchFeed(batch, self.view, self._publish, interval)
 
     def _set_notice(self, text: str) -> None:
@@ -106,6 +118,25 @@ class BatchPanel:
         self._set_notice("stopping the batch…")
         self._workers.spawn(self._stop_all_worker)
 
+    def _on_compare(self, _button: Any = None) -> None:
+        chosen = list(self.compare_select.value) or [r.title for r in self.view.rows()]
+        found = {}
+        for run in chosen:
+            session = self._session(run)
+            if session is not None and session.changes is not None:
+                found[run] = session.changes
+        if not found:
+            self._set_notice("No run chosen has changes captured yet (they are, as runs end).")
+            return
+        masks = [v for run in found if (s := self._session(run)) for v in s.mask.values]
+        mask = Masker(masks) if masks else None
+        if len(found) == 1:
+            run, changes = next(iter(found.items()))
+            self.comparison.value = diff_view.changes_html(changes, mask=mask, title=run)
+        else:
+            self.comparison.value = diff_view.compare_html(found, mask=mask)
+        self._set_notice("")
+
     def _stop_all_worker(self) -> None:
         self.batch.stop()
         self._set_notice("")
@@ -119,6 +150,9 @@ class BatchPanel:
             if list(self.run_select.options) != names:
                 self._updating = True
                 try:
+                    kept = [n for n in self.compare_select.value if n in names]
+                    self.compare_select.options = names
+                    self.compare_select.value = kept
                     self.run_select.options = names
                     self.run_select.value = view.selected if view.selected in names else None
                 finally:

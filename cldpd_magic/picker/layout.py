@@ -29,6 +29,7 @@ from ..errors import InvalidRequestError
 from ..events import RunState
 from ..pods import scan_pods
 from ..render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES
+from ..render import diff as diff_view
 from ..runs import Dispatcher, SessionKind, validate_issue_url
 from ._tree import close_tree
 from .actions import PodActions
@@ -379,7 +380,10 @@ class PodPicker:
     # -- showing state (any thread, trait writes only) ----------------------------------
 
     def _publish(self, control: PodControl, run: FollowedRun, final: bool = False) -> None:
-        entry = {"output_type": "display_data", "data": run.view.bundle(), "metadata": {}}
+        data = run.view.bundle()
+        if run.view.finished:  # the run's changes, captured as it ended, close its entry
+            data = diff_view.with_changes(data, run.session.changes, run.session.mask)
+        entry = {"output_type": "display_data", "data": data, "metadata": {}}
         pane = self._pane_of(control)
         with control.lock:
             if self._closed:

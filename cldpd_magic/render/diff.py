@@ -22,13 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .clean import clean_text
-from .tables import Table
+from .tables import BatchView, Table
 
 __all__ = [
     "DIFF_CSS",
     "FILE_LINES",
+    "MINUS",
     "SECTION_LINES",
+    "ChangesBatchView",
     "ChangesLike",
+    "ChangesReport",
     "changes_html",
     "changes_summary",
     "changes_text",
@@ -37,6 +40,9 @@ __all__ = [
     "compare_text",
     "file_diff_html",
     "post_image",
+    "shared_files",
+    "touches",
+    "with_changes",
 ]
 
 #: Lines of diff a cell's collapsed section holds in all (the rest are counted).
@@ -205,6 +211,7 @@ def changes_html(
     file_lines: int = FILE_LINES,
     max_files: int = MAX_FILES,
     title: str = "",
+    collapsed: bool = True,
 ) -> str:
     """The collapsed section a run's cell ends with: ``Changes: N files, +I -D``.
 
@@ -219,10 +226,13 @@ def changes_html(
         file_lines: Lines of one file's diff shown.
         max_files: Files named one by one.
         title: What the summary names before ``Changes`` (a run's name).
+        collapsed: Whether the section starts closed (else it is a plain block, each file
+            still collapsed).
     """
     head = html.escape(_clean((f"{title} · " if title else "") + changes_summary(changes), mask))
-    parts = [DIFF_CSS, '<details class="cldpd-changes">']
-    parts.append(f'<summary><span class="cldpd-changes-title">{head}</span></summary>')
+    tag, line = ("details", "summary") if collapsed else ("div", "div")
+    parts = [DIFF_CSS, f'<{tag} class="cldpd-changes">']
+    parts.append(f'<{line}><span class="cldpd-changes-title">{head}</span></{line}>')
     if changes is not None:
         parts.append(_notes_html(changes, mask))
         budget = max(0, int(max_lines))
@@ -238,7 +248,7 @@ def changes_html(
             parts.append(
                 f'<div class="cldpd-more">… and {len(files) - max_files:,} more files</div>'
             )
-    parts.append("</details>")
+    parts.append(f"</{tag}>")
     return "".join(parts)
 
 
@@ -323,7 +333,7 @@ def post_image(file_diff: str) -> list[str]:
 
 def _versions_diff(runs: Mapping[str, ChangesLike], path: str, mask: Mask | None) -> str:
     """How the versions several runs made of one file differ, one run after the other."""
-    names = [n for n, c in runs.items() if _touches(c, path)]
+    names = [n for n, c in runs.items() if touches(c, path)]
     first = names[0]
     base = post_image(_file_diff(runs[first], path))
     pieces = []
@@ -344,7 +354,8 @@ def _file_diff(changes: ChangesLike, path: str) -> str:
         return ""
 
 
-def _touches(changes: ChangesLike, path: str) -> bool:
+def touches(changes: ChangesLike, path: str) -> bool:
+    """Whether the changes change that file."""
     return any(f.path == path for f in changes.files)
 
 
@@ -376,7 +387,7 @@ def compare_table(runs: Mapping[str, ChangesLike], mask: Mask | None = None) -> 
 
 def shared_files(runs: Mapping[str, ChangesLike]) -> list[str]:
     """The files several runs changed."""
-    return [p for p in _all_paths(runs) if sum(_touches(c, p) for c in runs.values()) > 1]
+    return [p for p in _all_paths(runs) if sum(touches(c, p) for c in runs.values()) > 1]
 
 
 def compare_html(
@@ -409,6 +420,79 @@ def compare_text(
             diff = highlight(diff, lexer, terminal)
         parts.append(f"── {_clean(path, mask)}: how the runs' versions differ ──\n{diff}")
     return "\n\n".join(parts)
+
+
+class ChangesBatchView(BatchView):
+    """A batch's view whose table has a ``+/-`` column: each run's changes, once captured."""
+
+    def table(self) -> Table:
+        """The rows as a :class:`Table`, each run's ``+I -D`` last ("-" before a capture)."""
+        table = super().table()
+        cells = [_plus_minus(getattr(row, "session", None)) for row in self.rows()]
+        rows = [(*r, c) for r, c in zip(table.rows, cells, strict=False)]
+        return Table((*table.columns, "+/-"), rows, title=table.title, notes=table.notes)
+
+
+def _plus_minus(session: Any) -> str:
+    changes = getattr(session, "changes", None)
+    if changes is None:
+        return "-"
+    files = len(changes.files)
+    return (
+        f"{files} file{'' if files == 1 else 's'} +{changes.insertions} {MINUS}{changes.deletions}"
+    )
+
+
+class ChangesReport:
+    """What ``%cldpd_diff`` shows: one run's changes (or one file of them), or runs compared.
+
+    Args:
+        runs: The changes of each run, by run name.
+        path: One file's diff only.
+        mask: Masks secret values in all that is shown.
+
+    Attributes:
+        runs: The changes of each run.
+    """
+
+    def __init__(
+        self, runs: Mapping[str, ChangesLike], path: str | None = None, mask: Mask | None = None
+    ) -> None:
+        self.runs = dict(runs)
+        self.path = path
+        self.mask = mask
+
+    def __getitem__(self, run: str) -> ChangesLike:
+        """The changes of one run."""
+        return self.runs[run]
+
+    def _single(self) -> tuple[str, ChangesLike] | None:
+        return next(iter(self.runs.items())) if len(self.runs) == 1 else None
+
+    def _repr_html_(self) -> str:
+        single = self._single()
+        if single is not None:
+            name, changes = single
+            if self.path is not None:
+                return file_diff_html(changes, self.path, mask=self.mask)
+            return changes_html(changes, mask=self.mask, title=name, collapsed=False)
+        runs = self.runs
+        if self.path is not None:
+            runs = {n: c for n, c in runs.items() if touches(c, self.path)}
+        return compare_html(runs, mask=self.mask)
+
+    def text(self, color: bool = False) -> str:
+        """The report as text (terminal colours when ``color``)."""
+        single = self._single()
+        if single is not None:
+            return changes_text(single[1], color=color, mask=self.mask, path=self.path)
+        return compare_text(self.runs, color=color, mask=self.mask)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.text())
+
+    def __repr__(self) -> str:
+        return self.text()
 
 
 def with_changes(bundle: dict[str, str], changes: ChangesLike | None, mask: Mask | None = None,
