@@ -39,8 +39,8 @@ from .pods import (
     template_names,
     validate_pod_name,
 )
-from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text
-from .render import tool_call
+from .render import SELECTED_MARK, BatchFeed, BatchView, Table, TextFeed, clean_text, tool_call
+from .render import diff as diff_view
 from .runs import (
     LABEL_POD,
     Dispatcher,
@@ -65,6 +65,9 @@ EPILOG = """examples:
   cldpd stop myrepo
   cldpd list
   cldpd batch myrepo --issue URL1 --issue URL2 --variant opus="--model opus" --budget 5
+  cldpd diff myrepo-42                 # what the run changed
+  cldpd diff myrepo-42 myrepo-42-2     # two runs on one issue compared
+  cldpd apply myrepo-42 --to ~/src/repo
 
 Ctrl+C, SIGTERM or SIGHUP during start or resume stops the pod gracefully (the agent's
 turn ends first); a second Ctrl+C during that stop kills it.
@@ -112,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(same as CLDPD_LOG=debug)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_init, _add_start, _add_resume, _add_stop, _add_list, _add_batch):
+    adders = (_add_init, _add_start, _add_resume, _add_stop, _add_list, _add_batch,
+              _add_diff, _add_apply)  # fmt: skip
+    for add in adders:
         add(sub)
     return parser
 
@@ -189,6 +194,38 @@ def _add_batch(sub: Subparsers) -> None:
     batch.add_argument(
         "--budget", type=non_negative, metavar="USD",
         help="the batch's budget in US dollars: past it no run starts and running ones stop",
+    )  # fmt: skip
+
+
+def _add_diff(sub: Subparsers) -> None:
+    diff = sub.add_parser(
+        "diff", help="show what a run changed in its workdir, or compare several runs' changes"
+    )
+    diff.add_argument("runs", nargs="+", metavar="RUN", help=f"{RUN_HELP}; several to compare")
+    diff.add_argument("--file", metavar="PATH", help="one changed file's diff")
+    diff.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto",
+        help="colour the diff (default: auto, on a terminal)",
+    )  # fmt: skip
+    diff.add_argument(
+        "--capture", action="store_true",
+        help="capture the changes again now (a run whose container still runs)",
+    )  # fmt: skip
+
+
+def _add_apply(sub: Subparsers) -> None:
+    apply = sub.add_parser(
+        "apply", help="apply a run's changes to a git work tree on this machine (all or nothing)"
+    )
+    apply.add_argument("run", metavar="RUN", help=RUN_HELP)
+    apply.add_argument("--to", required=True, metavar="DIR", help="the work tree to change")
+    apply.add_argument(
+        "--no-3way", dest="three_way", action="store_false",
+        help="do not fall back on a 3-way merge where the patch does not apply cleanly",
+    )  # fmt: skip
+    apply.add_argument(
+        "--allow-secrets", action="store_true",
+        help="apply a patch that contains a secret value (refused otherwise)",
     )  # fmt: skip
 
 
@@ -571,6 +608,36 @@ def _list(dispatcher: Dispatcher, out: TextIO, err: TextIO) -> int:
     return 1 if found is None else 0
 
 
+def _diff(dispatcher: Dispatcher, args: argparse.Namespace, out: TextIO) -> int:
+    found = {}
+    for run in args.runs:
+        validate_pod_name(run)
+        found[run] = dispatcher.changes(run, capture=args.capture)
+    color = args.color == "always" or (args.color == "auto" and _is_tty(out))
+    if len(found) == 1:
+        text = diff_view.changes_text(next(iter(found.values())), color=color, path=args.file)
+    else:
+        text = diff_view.compare_text(found, color=color)
+    _say(out, text.rstrip("\n") + "\n")
+    return 0
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _apply(dispatcher: Dispatcher, args: argparse.Namespace, err: TextIO) -> int:
+    validate_pod_name(args.run)
+    changes = dispatcher.changes(args.run)
+    changes.apply(args.to, args.three_way, allow_secrets=args.allow_secrets)
+    where = clean_text(str(Path(args.to).expanduser()))
+    _say(err, f"cldpd: {diff_view.changes_summary(changes)} applied to {where} (uncommitted)\n")
+    return 0
+
+
 def _pods_dir_option(pods_dir: str | None) -> str:
     return f" --pods-dir {shlex.quote(pods_dir)}" if pods_dir else ""
 
@@ -629,6 +696,10 @@ def _command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return _stop(dispatcher, args, err)
         if args.command == "batch":
             return _batch(dispatcher, args, out, err)
+        if args.command == "diff":
+            return _diff(dispatcher, args, out)
+        if args.command == "apply":
+            return _apply(dispatcher, args, err)
         return _list(dispatcher, out, err)
     except CldpdError as exc:
         log_swallowed(logger, f"cldpd {args.command} failed")
