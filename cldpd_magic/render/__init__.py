@@ -27,6 +27,6 @@ __all__ = [
     "clean_text",
     "markdown_to_html",
     "render_output_line",
-    "tool_call",
     "run_name",
+    "tool_call",
 ]
