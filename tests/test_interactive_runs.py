@@ -190,3 +190,37 @@ def test_interrupt_ends_the_turn_and_the_run_takes_a_follow_up(pods_dir, transcr
     assert follow.wait(timeout=10) == 0
     assert any("done: now the real thing" in line for line in outputs(follow))
     dispatcher.stop("live", timeout=5)
+
+
+def test_a_driven_run_takes_what_its_driver_writes_and_cldpd_answers_nothing(
+    pods_dir, transcript_dir, runner
+):
+    write_pod(pods_dir, "sdk", {}, template="Be careful.")  # not interactive in pod.json
+    session = Dispatcher(pods_dir, runner, transcript_dir).drive_session(
+        "sdk", issue_url=URL, run="driven"
+    )
+    assert session.run == "driven" and session.conversation is None
+    assert session.start_prompt == f"Be careful.\n\nWork on this GitHub issue: {URL}"
+    session.stdin.write_line(json.dumps({"type": "user", "uuid": "u1", "message": {
+        "role": "user", "content": "ask"}}))  # fmt: skip
+    assert wait_for(lambda: any('"can_use_tool"' in line for line in outputs_so_far(session)))
+    assert session.pending() == []  # the driver answers, not cldpd
+    session.stdin.write_line(json.dumps({"type": "control_response", "response": {
+        "subtype": "success", "request_id": "q1", "response": {"behavior": "allow"}}}))  # fmt: skip
+    assert wait_for(lambda: any("touched" in line for line in outputs_so_far(session)))
+    session.stdin.close()
+    assert session.wait(timeout=10) == 0
+    cmd = runner.runs[0].cmd
+    assert "--input-format" in cmd and "--session-id" in cmd
+
+
+def test_a_driven_run_can_resume_a_claude_session(pods_dir, transcript_dir, runner):
+    write_pod(pods_dir, "sdk", {})
+    session = Dispatcher(pods_dir, runner, transcript_dir).drive_session(
+        "sdk", resume="0b8e2d9c-0000-4000-8000-000000000001"
+    )
+    assert session.start_prompt == ""
+    session.stdin.close()
+    session.wait(timeout=10)
+    cmd = runner.runs[0].cmd
+    assert cmd[cmd.index("--resume") + 1] == "0b8e2d9c-0000-4000-8000-000000000001"

@@ -230,31 +230,38 @@ def plan_start(
     prompt: str = "",
     args: Sequence[str] = (),
     timeout: float | None = None,
+    *,
+    interactive: bool | None = None,
+    resume: str | None = None,
 ) -> StartPlan:
     """The command, environment and secrets of a start of a pod on an issue.
 
     Args:
         pod: The pod.
-        url: The issue URL, validated.
+        url: The issue URL, validated ("" for a run driven without one: the start
+            prompt is then the template alone).
         prompt: Text added after the start prompt, after a blank line.
         args: CLI arguments after the pod's own.
         timeout: The run's timeout; None is pod.json's (``timeoutSeconds``). The agent's
             container enforces it too (:func:`with_deadline`).
+        interactive: Whether the agent takes its prompts on stdin; None is pod.json's.
+        resume: A Claude Code session to resume (``--resume``) instead of a new one.
 
     Raises:
         InvalidRequestError: The prompt, an argument or an environment entry holds a NUL
             or is over the kernel's limits (see :func:`check_command_line`).
     """
-    session_uuid = str(uuid.uuid4())
+    session_uuid = resume or str(uuid.uuid4())
     forwarded = forwarded_env(pod.config.inherit_env)
     missing = [n for n in pod.config.inherit_env if n not in forwarded]
     env = {**pod.config.env, **forwarded}
     secrets = config_secrets(pod.config.env, forwarded, forwarded)
     brokered = brokered_credentials(pod.name, pod.config.credentials, pod.config.env)
     secrets += [value for _kind, value, _upstream in brokered]
-    start_prompt = build_prompt(pod.template, url) + (f"\n\n{prompt}" if prompt else "")
-    interactive = pod.config.interactive
-    cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=False,
+    start_prompt = build_prompt(pod.template, url) if url else pod.template
+    start_prompt += f"\n\n{prompt}" if prompt and start_prompt else prompt
+    interactive = pod.config.interactive if interactive is None else interactive
+    cmd = agent_command(pod, start_prompt, session_uuid=session_uuid, resume=resume is not None,
                         args=list(args), interactive=interactive)  # fmt: skip
     if interactive:
         env = {**env, **INTERACTIVE_ENV}

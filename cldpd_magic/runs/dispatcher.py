@@ -24,6 +24,7 @@ from .agent import (
     GREEDY_OPTIONS,
     MAX_ARGUMENT_BYTES,
     MAX_COMMAND_LINE_BYTES,
+    StartPlan,
     agent_command,
     build_prompt,
     cap_args,
@@ -217,6 +218,21 @@ class Dispatcher(BlockingAPI):
                 f"The timeout {timeout!r} is not a positive number of seconds."
             )
         plan = plan_start(pod, url, prompt, args, timeout)
+        return self._launch(pod, plan, url, run, timeout, _wrap_job=_wrap_job, _alone=_alone)
+
+    def _launch(
+        self,
+        pod: Pod,
+        plan: StartPlan,
+        url: str,
+        run: str | None,
+        timeout: float | None,
+        *,
+        stdin: StdinPipe | None = None,
+        _wrap_job: Callable[[Job], Job] | None = None,
+        _alone: bool = True,
+    ) -> Session:
+        """Name the run and start its session: the part of a start after the plan."""
         session_id = new_session_id(pod.name)
         self.runner.preflight()
         self._sweep_now_and_then()
@@ -227,9 +243,12 @@ class Dispatcher(BlockingAPI):
             self.registry.unreserve(run)
             raise
         transcript = self.transcript_dir / f"{session_id}.jsonl"
-        conversation = self._conversation(pod, run, plan.prompt) if plan.interactive else None
+        conversation = None
+        if plan.interactive and stdin is None:
+            conversation = self._conversation(pod, run, plan.prompt)
+            stdin = conversation.pipe
         opts = start_options(pod, run, plan.cmd, plan.env, session_id, plan.session_uuid,
-                             transcript, conversation.pipe if conversation else None)  # fmt: skip
+                             transcript, stdin)  # fmt: skip
         job = self.jobs.start(pod, opts, plan.missing, plan.brokered)
         try:
             session = Session(pod.name, opts.name, _wrap_job(job) if _wrap_job else job,
@@ -242,6 +261,49 @@ class Dispatcher(BlockingAPI):
             self.registry.unreserve(run)
             raise
         return self.registry.register(session)
+
+    def drive_session(
+        self,
+        pod_name: str,
+        *,
+        issue_url: str | None = None,
+        run: str | None = None,
+        args: Sequence[str] = (),
+        resume: str | None = None,
+        timeout: float | None = None,
+    ) -> Session:
+        """Start a pod's agent for a caller that drives it through its stdin; at once.
+
+        The agent runs interactive (Claude Code's stream-json in and out, tool approvals
+        asked on its stdout) whatever pod.json says, and cldpd answers nothing: the
+        caller writes the prompts, control requests and approvals to ``session.stdin``
+        and reads the agent's lines from the session's events (the Claude Agent SDK's
+        transport, :class:`cldpd_magic.sdk.PodTransport`, does). It is a run like any
+        other: named, labelled, listed, masked, with a transcript; stopping it stops it.
+
+        Args:
+            pod_name: The pod.
+            issue_url: The issue the run is on, if any: its line (and the template) is
+                ``session.start_prompt``, for the caller to put before its first prompt.
+            run: The run's name; made up when None.
+            args: CLI arguments after the pod's own (the driver's options).
+            resume: A Claude Code session to resume instead of starting a new one.
+            timeout: Seconds the agent may run; pod.json's ``timeoutSeconds`` when None.
+
+        Returns:
+            The Session; ``session.stdin`` is the agent's stdin (a StdinPipe).
+
+        Raises:
+            As :meth:`start_session`.
+        """
+        url = validate_issue_url(issue_url) if issue_url else ""
+        pod = self.pod(pod_name)
+        plan = plan_start(pod, url, "", args, timeout, interactive=True, resume=resume)
+        pipe = StdinPipe()
+        session = self._launch(pod, plan, url, run, timeout, stdin=pipe)
+        session.stdin = pipe
+        session.start_prompt = plan.prompt
+        return session
 
     @staticmethod
     def secrets(pod: Pod) -> list[str]:

@@ -21,7 +21,7 @@ from .interactive import Conversation, PermissionRequest
 from .usage import Limits, UsageMeter
 
 if TYPE_CHECKING:
-    from ..engines import ContainerInfo
+    from ..engines import ContainerInfo, StdinPipe
     from .changes import Changes
 from ..events import TERMINAL, Event, EventType, RunState, RunStatus, _encode_str, _now
 
@@ -520,6 +520,10 @@ class Session:
     ) -> None:
         self.id = session_id or new_session_id(pod_name)
         self.conversation = conversation
+        #: The agent's stdin, for a caller that drives it (``Dispatcher.drive_session``).
+        self.stdin: StdinPipe | None = None
+        #: What a driver puts before its first prompt (the template and issue line).
+        self.start_prompt = ""
         self._owns_conversation = conversation is not None and owns_conversation
         self.pod_name = pod_name
         self.run = run or pod_name
