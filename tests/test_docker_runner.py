@@ -21,8 +21,10 @@ from cldpd_magic import (
     RunOptions,
     SessionNotFoundError,
 )
-from cldpd_magic.engines.protocol import ExecHandle
+from cldpd_magic.engines.protocol import ExecHandle, StdinPipe
+from cldpd_magic.errors import StdinClosedError
 from cldpd_magic.runs.jobs import IDLE_COMMAND
+from cldpd_magic.runs.session import SessionStopped
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 
@@ -402,3 +404,62 @@ def test_an_engine_that_stops_answering_is_one_sentence(tmp_path):
         with pytest.raises(DockerUnavailableError, match="Docker") as info:
             call()
         assert "\n" not in str(info.value)
+
+
+# -- stdin ------------------------------------------------------------------------
+
+
+def test_a_run_with_stdin_opens_it_once_and_one_without_keeps_it_shut(runner, image, docker_client):
+    """StdinOnce: the engine closes the container's stdin when the attach's input ends."""
+    name = image("cat; echo done")
+    configs = []
+
+    def on_start(info) -> None:
+        config = docker_client.api.inspect_container(info.id)["Config"]
+        configs.append((config["OpenStdin"], config["StdinOnce"], config["AttachStdin"]))
+
+    pipe = StdinPipe()
+    pipe.write_line("in")
+    pipe.close()
+    out = Text()
+    assert runner.run(opts(name, stdin=pipe), out, on_start=on_start) == 0
+    assert out.value == "in\ndone\n"
+    out = Text()
+    assert runner.run(opts(name), out, on_start=on_start) == 0
+    assert out.value == "done\n"
+    assert configs == [(True, True, True), (False, False, False)]
+
+
+def test_an_agent_that_never_reads_its_stdin_ends_and_no_writer_waits(runner, image):
+    """The output is read while the stdin is written: 8 MB written to an agent that reads
+    none of it and prints 20,000 lines never blocks either side; its end ends the pipe."""
+    name = image('i=0; while [ "$i" -lt 20000 ]; do echo "line $i"; i=$((i + 1)); done')
+    pipe = StdinPipe()
+    line = "y" * 8192
+    for _ in range(512):
+        pipe.write_line(line)
+    out = Text()
+    running = Background(runner.run, opts(name, stdin=pipe), out)
+    for _ in range(512):
+        try:
+            pipe.write_line(line)
+        except StdinClosedError:
+            break
+    assert running.join(120) == 0
+    assert out.value.splitlines() == [f"line {i}" for i in range(20000)]
+    assert pipe.ended
+    with pytest.raises(StdinClosedError):
+        pipe.write_line("too late")
+
+
+def test_a_guard_refusing_a_run_with_stdin_leaves_nothing_and_ends_the_pipe(runner, image):
+    from test_runner_conformance import Guard
+
+    name = image("cat")
+    for refuse in ("create", "start", "started"):
+        pipe = StdinPipe()
+        pipe.write_line("never read")
+        with pytest.raises(SessionStopped):
+            runner.run(opts(name, stdin=pipe, guard=Guard(refuse)), Text())
+        assert pipe.ended and not pipe.connected.is_set()
+        assert runner.inspect(f"cldpd-{name}") is None
