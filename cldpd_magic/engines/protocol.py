@@ -51,7 +51,9 @@ class StdinPipe:
 
     Writing never blocks: a thread of the pipe's own sends what was written, so that no
     writer (the thread that reads the agent's output, say) waits for an agent that is not
-    reading its stdin, and no agent waits on a reader blocked in a write.
+    reading its stdin, and no agent waits on a reader blocked in a write. Once the pipe
+    is closed or its process has ended, a write raises; a line written just as the
+    process ends, before its runner has seen the end, is lost without an error.
 
     Attributes:
         connected: Set once a runner has connected the pipe to a process.
