@@ -494,3 +494,55 @@ class FakeRunner:
             container.stopped.set()
         for _name, stopped in list(self._exec_stops.values()):
             stopped.set()
+
+
+# --- An interactive Claude Code, as measured (stream-json in and out) ------------------
+
+#: Lines the scripted interactive CLI writes: a turn's start and its end.
+CLAUDE_INIT = json.dumps({"type": "system", "subtype": "init", "session_id": "s", "model": "m"})
+CLAUDE_IDLE = json.dumps({"type": "system", "subtype": "session_state_changed", "state": "idle"})
+
+
+def claude_result(text: str, is_error: bool = False) -> str:
+    """A turn's ``result`` line."""
+    return json.dumps({"type": "result", "subtype": "success", "is_error": is_error,
+                       "num_turns": 1, "result": text, "total_cost_usd": 0.001})  # fmt: skip
+
+
+def claude_said(text: str) -> str:
+    """An ``assistant`` line of one text block."""
+    return json.dumps({"type": "assistant", "message": {"id": "m", "role": "assistant",
+                       "content": [{"type": "text", "text": text}]}})  # fmt: skip
+
+
+def fake_claude(call: AgentCall, line: str) -> None:
+    """One stdin line of an interactive Claude Code (use with :func:`line_agent`): a
+    message asks for ``touch`` when it says "ask", waits when it says "slow" (until
+    interrupted), else answers at once."""
+    frame = json.loads(line)
+    kind = frame.get("type")
+    if kind == "user":
+        text = frame["message"]["content"]
+        replay = {"type": "user", "isReplay": True, "uuid": frame.get("uuid", ""),
+                  "message": {"role": "user", "content": text}}  # fmt: skip
+        call.out(json.dumps(replay), CLAUDE_INIT)
+        if "ask" in text:
+            request = {"subtype": "can_use_tool", "tool_name": "Bash",
+                       "input": {"command": "touch asked.txt"}, "tool_use_id": "t1"}  # fmt: skip
+            call.out(json.dumps({"type": "control_request", "request_id": "q1",
+                                 "request": request}))  # fmt: skip
+        elif "slow" not in text:
+            call.out(claude_said(f"done: {text}"), claude_result(f"done: {text}"), CLAUDE_IDLE)
+    elif kind == "control_response":
+        answer = frame["response"]["response"]
+        if answer["behavior"] == "allow":
+            call.out(claude_said("touched asked.txt"), claude_result("touched"), CLAUDE_IDLE)
+        else:
+            call.out(claude_said(f"not allowed: {answer['message']}"), claude_result("denied"),
+                     CLAUDE_IDLE)  # fmt: skip
+    elif kind == "control_request":
+        subtype = frame["request"]["subtype"]
+        reply = {"subtype": "success", "request_id": frame["request_id"], "response": {}}
+        call.out(json.dumps({"type": "control_response", "response": reply}))
+        if subtype == "interrupt":
+            call.out(claude_result("interrupted", is_error=True), CLAUDE_IDLE)

@@ -10,54 +10,11 @@ import threading
 import time
 
 import pytest
+from fakes import CLAUDE_INIT as INIT
 from fakes import ISSUE_URL as URL
-from fakes import AgentCall, FakeRunner, line_agent, write_pod
+from fakes import FakeRunner, fake_claude, line_agent, write_pod
 
 from cldpd_magic import Dispatcher, EventType, InvalidRequestError
-
-INIT = json.dumps({"type": "system", "subtype": "init", "session_id": "s", "model": "m"})
-IDLE = json.dumps({"type": "system", "subtype": "session_state_changed", "state": "idle"})
-
-
-def result(text: str, is_error: bool = False) -> str:
-    return json.dumps({"type": "result", "subtype": "success", "is_error": is_error,
-                       "num_turns": 1, "result": text, "total_cost_usd": 0.001})  # fmt: skip
-
-
-def said(text: str) -> str:
-    return json.dumps({"type": "assistant", "message": {"id": "m", "role": "assistant",
-                       "content": [{"type": "text", "text": text}]}})  # fmt: skip
-
-
-def fake_claude(call: AgentCall, line: str) -> None:
-    """One stdin line of an interactive Claude Code: a message asks for ``touch`` when it
-    says "ask", waits when it says "slow" (until interrupted), else answers at once."""
-    frame = json.loads(line)
-    kind = frame.get("type")
-    if kind == "user":
-        text = frame["message"]["content"]
-        replay = {"type": "user", "isReplay": True, "uuid": frame.get("uuid", ""),
-                  "message": {"role": "user", "content": text}}  # fmt: skip
-        call.out(json.dumps(replay), INIT)
-        if "ask" in text:
-            request = {"subtype": "can_use_tool", "tool_name": "Bash",
-                       "input": {"command": "touch asked.txt"}, "tool_use_id": "t1"}  # fmt: skip
-            call.out(json.dumps({"type": "control_request", "request_id": "q1",
-                                 "request": request}))  # fmt: skip
-        elif "slow" not in text:
-            call.out(said(f"done: {text}"), result(f"done: {text}"), IDLE)
-    elif kind == "control_response":
-        answer = frame["response"]["response"]
-        if answer["behavior"] == "allow":
-            call.out(said("touched asked.txt"), result("touched"), IDLE)
-        else:
-            call.out(said(f"not allowed: {answer['message']}"), result("denied"), IDLE)
-    elif kind == "control_request":
-        subtype = frame["request"]["subtype"]
-        reply = {"subtype": "success", "request_id": frame["request_id"], "response": {}}
-        call.out(json.dumps({"type": "control_response", "response": reply}))
-        if subtype == "interrupt":
-            call.out(result("interrupted", is_error=True), IDLE)
 
 
 @pytest.fixture
