@@ -34,7 +34,7 @@ while [ "$tick" -lt "$((${{BENCH_SECONDS:-10}} * 10))" ]; do
     sleep 0.1
 done
 """
-CPU_TARGET = 0.25
+CPU_TARGET = 0.10
 CELL_TIMEOUT = 900
 
 

@@ -87,6 +87,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit == "s":
         return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+    if unit == "µs":
+        return f"{value:.2f} µs"
     if unit in ("msg", "lines"):
         return f"{value:,.0f} {unit}"
     return f"{value:,.1f} {unit}"
@@ -244,7 +246,12 @@ class Bench:
         return f"bench-{self.run_id}"
 
     def make_pod(
-        self, tag: str, lines: int | None = None, build: bool = True, script: str = AGENT_SCRIPT
+        self,
+        tag: str,
+        lines: int | None = None,
+        build: bool = True,
+        script: str = AGENT_SCRIPT,
+        files: dict[str, str] | None = None,
     ) -> Pod:
         """Write a bench pod printing ``lines`` lines (pod.json env) and build its image.
 
@@ -253,11 +260,16 @@ class Bench:
             lines: BENCH_LINES in pod.json; None writes no pod.json (one line).
             build: Build the image now, so that figures time cached builds only.
             script: The pod's ``claude`` (a busybox sh script).
+            files: More files for the image, by name: each is copied to ``/bench/NAME``.
         """
         name = f"{self.prefix}-{tag}"
         directory = self.pods_dir / name
         directory.mkdir()
-        (directory / "Dockerfile").write_text(DOCKERFILE)
+        dockerfile = DOCKERFILE
+        for file_name, text in (files or {}).items():
+            (directory / file_name).write_text(text)
+            dockerfile += f"COPY {file_name} /bench/{file_name}\n"
+        (directory / "Dockerfile").write_text(dockerfile)
         (directory / "claude").write_text(script)
         if lines is not None:
             (directory / "pod.json").write_text(json.dumps({"env": {"BENCH_LINES": str(lines)}}))

@@ -40,6 +40,24 @@ def _batch_wall(bench: Bench) -> list[Result]:
     return batch_wall(bench)
 
 
+def _rendered(bench: Bench) -> list[Result]:
+    from bench.rendering import rendered
+
+    return rendered(bench)
+
+
+def _kernel_memory(bench: Bench) -> list[Result]:
+    from bench.kernel import kernel_memory
+
+    return kernel_memory(bench)
+
+
+def _first_line_kernel(bench: Bench) -> list[Result]:
+    from bench.kernel import first_line_kernel
+
+    return first_line_kernel(bench)
+
+
 def _tls_streaming(bench: Bench) -> list[Result]:
     from bench.engines import tls_streaming
 
@@ -63,6 +81,9 @@ FIGURES: dict[int, tuple[str, Figure]] = {
     8: ("a batch's wall time", _batch_wall),
     9: ("streaming from a second dockerd over TLS", _tls_streaming),
     10: ("streaming from a one-node swarm", _swarm_streaming),
+    11: ("rendered text: what a person sees, plain and stream-json", _rendered),
+    12: ("kernel memory after a batch of 50 runs x 100,000 lines", _kernel_memory),
+    13: ("first line in a cell: %cldpd_start in a real kernel", _first_line_kernel),
 }
 HEADER = ("figure", "measure", "ours", "baseline", "ratio", "target", "result")
 
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--reps", type=int, help="repetitions per figure (overrides --quick)")
-    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-10)")
+    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-13)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args(argv)
     chosen = _selection(args.only)
