@@ -116,7 +116,17 @@ _FILLER = (
     r"|\\+u00[01][0-9a-fA-F](?:\[[0-?]*[ -/]*[@-~])?|\\+u00[89][0-9a-fA-F]|\\+u007[fF]"
     r"|\\+[rbf])*"
 )
-_RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: Latin-1 that is no control character (tab and newline are none here): deleting these
+#: bytes from text encoded as Latin-1 (the rest dropped) leaves its controls, C0 and C1;
+#: quicker than the regex.
+_LATIN1_NO_CONTROL = bytes(range(0x20, 0x7F)) + b"\t\n" + bytes(range(0xA0, 0x100))
+#: An HTML character reference by name (``&amp;``), which a value may be written with.
+_ENTITY = re.compile(r"&[a-zA-Z]+;")
+
+
+def _has_control(text: str) -> bool:
+    """Whether the text holds a control character other than tab and newline."""
+    return bool(text.encode("latin-1", "ignore").translate(None, _LATIN1_NO_CONTROL))
 
 
 class Masker:
@@ -148,20 +158,40 @@ class Masker:
         # Most lines hold only escapes that no secret needs (``\\n`` in every JSON line):
         # a quick search for the ones that matter spares the slow search on those.
         shorts = {_SHORT_ESCAPES[c] for v in kept for c in v if c in _SHORT_ESCAPES}
-        self._may_hide = re.compile(
-            r"&#|&[a-zA-Z]+;|\\u|\\[rbf]" + "".join(rf"|\\{re.escape(c)}" for c in sorted(shorts))
-        )
+        marks = "urbf" + "".join(sorted(shorts))
+        self._escape = re.compile(r"\\[" + re.escape(marks) + "]")
+
+    def _holds_value(self, text: str) -> bool:
+        """Whether a value is in the text as it is (substring searches: far quicker than
+        the regex, which runs only where one is found)."""
+        return any(value in text for value in self.values)
+
+    def _may_hide(self, text: str) -> bool:
+        """Whether the text holds an escape that a value may be written with, or a control."""
+        if "\\" in text and self._escape.search(text) is not None:
+            return True
+        if "&" in text and ("&#" in text or _ENTITY.search(text) is not None):
+            return True
+        return _has_control(text)
 
     def __call__(self, text: str) -> str:
         """Return text with every secret value masked, in whatever encoding it appears."""
         if self._re is None or not text:
             return text
-        text = self._re.sub(MASK, text)
-        if (("\\" in text or "&" in text) and self._may_hide.search(text)) or _RAW_CONTROL.search(
-            text
-        ):
+        if self._holds_value(text):
+            text = self._re.sub(MASK, text)
+        if self._may_hide(text):
             text = self._escaped_re.sub(MASK, text)  # type: ignore[union-attr]
         return text
+
+    def is_clean(self, text: str) -> bool:
+        """Whether masking would leave ``text``, and each of its lines, as it is.
+
+        One scan for many lines at once: a line holding a value (or a form of one) makes
+        the whole text hold it, so True means that no line needs masking. False may also
+        come for text that would only be masked across a line break: mask each line then.
+        """
+        return self._re is None or not text or not (self._holds_value(text) or self._may_hide(text))
 
     def __bool__(self) -> bool:
         return self._re is not None

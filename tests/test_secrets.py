@@ -115,3 +115,37 @@ def test_a_secret_split_by_what_a_terminal_drops_is_masked(split):
 def test_escape_sequences_without_a_secret_are_left_as_they_are():
     line = "\x1b[31mred\x1b[0m and \\u001b[1mbold\\u001b[0m \r\n"
     assert Masker(["supersecret1"])(line) == line
+
+
+@pytest.mark.parametrize("secret", ['pa"ss/wörd&<42>😀', "sk-ant-api03-AbC_dEf", "supersecret1"])
+def test_is_clean_says_false_for_every_line_that_masking_would_change(secret):
+    # is_clean decides for many lines at once that none needs masking: a line that
+    # masking changes must make it say False, whatever form the secret takes.
+    rng = random.Random(secret)
+    mask = Masker([secret])
+    seen_clean = seen_dirty = 0
+    for _ in range(400):
+        lines = []
+        for _ in range(rng.randint(1, 6)):
+            form = rng.choice([
+                encodings(secret, rng), secret, f"sup\x1b[0m{secret}", "plain words", "tab\there",
+                '{"a":"caf\\u00e9"}', "x &amp; y", "a\\nb", "\x85", "",
+            ])  # fmt: skip
+            lines.append(f"<{form}>")
+        text = "\n".join(lines)
+        changed = any(mask(line) != line for line in lines)
+        if mask.is_clean(text):
+            seen_clean += 1
+            assert not changed, lines
+        else:
+            seen_dirty += 1
+    assert seen_clean and seen_dirty  # both answers came: the check can see either case
+
+
+def test_is_clean_of_plain_text_and_without_secrets():
+    plain = "\n".join(f"{n} abcdefghijklmnopqrstuvwxyz\twith a tab" for n in range(100))
+    assert Masker(["supersecret1"]).is_clean(plain)
+    assert Masker().is_clean("supersecret1 \x1b[0m")  # nothing to mask
+    assert not Masker(["supersecret1"]).is_clean(plain + "\nsupersecret1")
+    assert not Masker(["supersecret1"]).is_clean(plain + "\nsuper\rsecret1")
+    assert not Masker(["supersecret1"]).is_clean(plain + "\n\x9b")  # a C1 control
