@@ -58,6 +58,12 @@ def _first_line_kernel(bench: Bench) -> list[Result]:
     return first_line_kernel(bench)
 
 
+def _changes(bench: Bench) -> list[Result]:
+    from bench.changes import changes
+
+    return changes(bench)
+
+
 def _tls_streaming(bench: Bench) -> list[Result]:
     from bench.engines import tls_streaming
 
@@ -84,6 +90,7 @@ FIGURES: dict[int, tuple[str, Figure]] = {
     11: ("rendered text: what a person sees, plain and stream-json", _rendered),
     12: ("kernel memory after a batch of 50 runs x 100,000 lines", _kernel_memory),
     13: ("first line in a cell: %cldpd_start in a real kernel", _first_line_kernel),
+    14: ("a run's changes: capture and render of 1,000 files", _changes),
 }
 HEADER = ("figure", "measure", "ours", "baseline", "ratio", "target", "result")
 
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--reps", type=int, help="repetitions per figure (overrides --quick)")
-    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-13)")
+    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-14)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args(argv)
     chosen = _selection(args.only)

@@ -193,6 +193,33 @@ def test_transcript_holds_every_event(transcript_dir):
     assert read_transcript(session.transcript) == list(session.events())
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["plain 1", "plain 2", "", "ünïcode 😀"],  # nothing to escape: the lines joined
+        ['{"type":"assistant","text":"a"}', 'say "hi"', "tab\there", "bell\x07 nul\x00"],
+        ["back\\slash", 'a \\n b \\"', "\\u0041", "lone \ud800 surrogate", "\x9b\u2028"],
+    ],
+)
+def test_lines_of_one_read_are_written_to_the_transcript_as_events_write_them(
+    transcript_dir, lines
+):
+    # The lines of one read are escaped for the transcript together where they can be;
+    # each record must be the event's own JSON, and read back the same.
+    def job(ctl: SessionControl) -> int:
+        ctl.stdout.write("\n".join(lines) + "\n")
+        return 0
+
+    session = make_session(transcript_dir, job)
+    session.wait(10)
+    records = session.transcript.read_text(encoding="utf-8", errors="surrogateescape")
+    output = [r for r in records.split("\n") if r.startswith('{"type":"output"')]
+    events = [e for e in session.events() if e.type is E.OUTPUT]
+    assert [e.data for e in events] == lines
+    assert output == [e.to_json().encode("utf-8", "backslashreplace").decode() for e in events]
+    assert [e for e in read_transcript(session.transcript) if e.type is E.OUTPUT] == events
+
+
 def test_event_json_round_trip():
     event = Event(E.CONTAINER_EXITED, 'ünïcode "quoted"\t\u2028 line', 7)
     assert Event.from_json(event.to_json()) == event

@@ -710,18 +710,20 @@ class Session:
             self._timer.start()
 
     def _append_lines(self, etype: EventType, lines: list[str]) -> None:
+        # The lines of one read are checked at once (one scan of their text), and looked
+        # at one by one only where a check finds something: a secret, stream-json, a link.
         now = _now()
-        if self.mask:
+        text = "\n".join(lines)
+        if not self.mask.is_clean(text):
             lines = [self.mask(line) for line in lines]
-        if etype is EventType.OUTPUT:
+            text = "\n".join(lines)
+        if etype is EventType.OUTPUT and ("{" in text or "://" in text):
+            # Lines with neither are no stream-json and hold no link: nothing to meter.
             feed = self.meter.feed
             if any([feed(line) for line in lines]):
                 self._on_usage()
-        tail = f',"code":null,"time":"{now.isoformat()}"}}\n'
-        head = f'{{"type":"{etype.value}","data":'
-        enc = _encode_str
-        text = "".join([head + enc(line) + tail for line in lines])
-        self._log.store(_LineChunk(etype, now, lines), text, sum(map(len, lines)))
+        records = _transcript_records(etype, now, lines, text)
+        self._log.store(_LineChunk(etype, now, lines), records, len(text) - len(lines) + 1)
         if self._owns_conversation and etype is EventType.OUTPUT:
             self.conversation.observe(lines)  # after the lines, so its events follow them
 
@@ -871,6 +873,26 @@ _CLI_CAPS = {
     "error_max_budget_usd": StopReason.OVER_BUDGET,
     "error_max_turns": StopReason.MAX_TURNS,
 }
+
+
+#: Latin-1 that a JSON string holds as it is (no quote, backslash or control), and the
+#: newline between lines: deleting these bytes from text leaves what must be escaped.
+_JSON_AS_IS = bytes(b for b in range(0x20, 0x100) if b not in b'"\\') + b"\n"
+
+
+def _transcript_records(etype: EventType, time: datetime, lines: list[str], text: str) -> str:
+    """The transcript records of lines of one type and time (``text``: them joined by
+    newlines), as :meth:`Event.to_json` writes them, one a line."""
+    head = f'{{"type":"{etype.value}","data":"'
+    tail = f'","code":null,"time":"{time.isoformat()}"}}\n'
+    if "\\" not in text:
+        if '"' not in text and not text.encode("latin-1", "ignore").translate(None, _JSON_AS_IS):
+            return head + (tail + head).join(lines) + tail  # nothing to escape
+        # With no backslash in the text, each escaped newline is a line break: every
+        # line is escaped by one call.
+        return head + (tail + head).join(_encode_str(text)[1:-1].split("\\n")) + tail
+    head, tail = head[:-1], tail[1:]  # each escaped line comes in its quotes
+    return head + (tail + head).join(map(_encode_str, lines)) + tail
 
 
 def _reason(exc: BaseException) -> str:
