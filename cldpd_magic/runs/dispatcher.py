@@ -428,17 +428,25 @@ class Dispatcher(BlockingAPI):
         listing them); a new Dispatcher finds the run by its container's labels.
 
         The output is replayed from the container's start, then followed to its end.
+        A run whose agent this dispatcher runs (started here: by a magic, the picker or the
+        SDK's transport) is its own session instead, whose events show the agent's output
+        from the start, also a kept-alive pod's, whose agent runs through exec.
 
         Args:
             pod_name: The pod.
 
         Returns:
-            A Session of kind ``attach``; stopping it stops the pod. Once the container
-            has ended, it is removed.
+            A Session of kind ``attach`` (stopping it stops the pod; once the container
+            has ended, it is removed), or the run's own session here.
 
         Raises:
             SessionNotFoundError: Nothing runs for the pod.
         """
+        run = self.resolve_run(pod_name, "attach to")
+        here = [s for s in self.local_sessions(active=True, run=run)
+                if s.kind is not SessionKind.ATTACH]  # fmt: skip
+        if here:
+            return here[-1]
         info = self.registry.running_container(pod_name, "attach to")
         if info is None:
             raise SessionNotFoundError(f"Pod {pod_name} is not running; nothing to attach to.")
