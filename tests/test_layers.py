@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cldpd_magic"
 #: lazily in a function, modules of its own unit and of units below it. Imports under
 #: ``if TYPE_CHECKING:`` (for annotations only) are not counted.
 UNITS = [
+    "sdk",  # the Claude Agent SDK's transport into a pod (an optional extra)
     "magics",  # the IPython front end, one module per topic
     "picker",  # the ipywidgets front end
     "cli",  # the cldpd command
