@@ -904,6 +904,9 @@ def push_patch(data: bytes, remote: str, branch: str, base: str | None, message:
     """Commit a patch on ``branch`` and push it to ``remote`` (see :meth:`Changes.push`)."""
     if not branch or branch.startswith("-") or any(c in branch for c in " ~^:?*[\\\0"):
         raise ChangesError(f"{branch!r} is not a branch name; give one like agent/fix-42.")
+    local = Path(remote).expanduser()
+    if "://" not in remote and local.exists():  # a path: from here, not from the clone
+        remote = str(local.resolve())
     with tempfile.TemporaryDirectory(prefix="cldpd-push-") as tmp:
         work = Path(tmp) / "work"
         _git(["clone", "--quiet", "--no-checkout", "--", remote, str(work)], tmp, "push")
