@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from test_real_claude import CLAUDE_CODE_VERSION, cell_text, pinned_version, result_of, stream
 
-from cldpd_magic import Dispatcher
+from cldpd_magic import Dispatcher, EventType
 from cldpd_magic.model_server.server import ScriptedModelServer, ToolCall, Turn
+from cldpd_magic.runs import deny_unattended
 
 pytestmark = [pytest.mark.docker, pytest.mark.claude]
 
@@ -97,7 +98,8 @@ ExamplePod = Callable[[str], str]
 def example_pod(
     pod_image: str, pods_dir: Path, tmp_path: Path, work: Path, docker_client
 ) -> Iterator[ExamplePod]:
-    """``example_pod(model_url)``: a copy of examples/claude-code in pods_dir; its name.
+    """``example_pod(model_url, interactive=False)``: a copy of examples/claude-code in
+    pods_dir (interactive as shipped, or the one-shot path); its name.
 
     After the test, a container left behind fails the test (and is removed).
     """
@@ -105,11 +107,13 @@ def example_pod(
     ssh = tmp_path / "ssh"
     ssh.mkdir()
 
-    def make(model_url: str) -> str:
+    def make(model_url: str, interactive: bool = False) -> str:
         name = f"claudecode{uuid.uuid4().hex[:8]}"
         pod = pods_dir / name
         shutil.copytree(EXAMPLE, pod)
         config = json.loads((pod / "pod.json").read_text())
+        assert config["interactive"] is True  # as shipped
+        config["interactive"] = interactive
         config["image"] = pod_image
         config["buildArgs"].update(BASE_IMAGE=NODE_IMAGE, AGENT_UID=str(os.getuid() or 1000))
         config["network"] = "host"
@@ -201,6 +205,30 @@ def test_allowed_commands_run_as_agent_and_refused_ones_reach_the_model_as_error
         DENIED, UNAPPROVED,
     ]  # fmt: skip
     assert all(API_KEY not in e.data for e in session.events())
+
+
+def test_an_interactive_run_nobody_watches_asks_and_is_denied_what_settings_do_not_allow(
+    example_pod, pods_dir, transcript_dir, work
+):
+    """As shipped (interactive), with nobody to answer: settings.json still decides what it
+    allows and denies; what it leaves open is asked, and denied with cldpd's sentence."""
+    with ScriptedModelServer(SCENARIO, api_key=API_KEY) as server:
+        name = example_pod(server.url, interactive=True)
+        dispatcher = Dispatcher(pods_dir, transcript_dir=transcript_dir,
+                                can_use_tool=deny_unattended)  # fmt: skip
+        session = dispatcher.start_session(name, URL)
+        session.wait(BUILD_AND_RUN)
+        results = tool_results(server)
+        asked = [json.loads(e.data)["tool"] for e in session.events()
+                 if e.type is EventType.PERMISSION_REQUEST]  # fmt: skip
+    assert session.exit_code == 0
+    assert not results[ALLOWED].get("is_error")
+    assert (work / "notes.md").read_text() == "accepted edit\n"
+    assert results[DENIED]["is_error"] and "has been denied" in str(results[DENIED]["content"])
+    unapproved = results[UNAPPROVED]
+    assert unapproved["is_error"] and "no one is here to approve Bash" in str(unapproved["content"])
+    assert asked == ["Bash"]  # only the command settings.json leaves open was asked
+    assert not (work / "refused.txt").exists()
 
 
 # --- The refusals in a cell of a real kernel -------------------------------------------

@@ -126,6 +126,7 @@ def offline_pod(
         if args is not None:
             config["args"] = args
         config["keepAlive"] = keep_alive
+        config["interactive"] = False  # the one-shot path; interactive tests ask for theirs
         config.update(extra or {})
         (pod / "pod.json").write_text(json.dumps(config, indent=2))
         made.append(name)
@@ -289,8 +290,10 @@ def test_bash_write_and_edit_run_inside_the_container(dispatcher, offline_pod, t
 
 def test_the_template_as_shipped_plays_its_sample_scenario(dispatcher, offline_pod, tmp_path):
     scenario = Scenario.from_json(TEMPLATE / "scenario.json")
+    shipped = json.loads((TEMPLATE / "pod.json").read_text())
+    assert shipped["interactive"] is True  # a Claude Code template: interactive
     with ScriptedModelServer(scenario, api_key=API_KEY) as server:
-        _, events = run(dispatcher, offline_pod(server.url))
+        _, events = run(dispatcher, offline_pod(server.url, extra={"interactive": True}))
         assert len(server.conversation_requests()) == len(scenario.turns)
     assert (
         tmp_path / "work" / "STATUS.md"
