@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..errors import CldpdError, SessionNotFoundError
 from ..logs import log_swallowed
+from ..pods import container_name
 from ..secrets import Masker
 
 if TYPE_CHECKING:
@@ -52,10 +53,12 @@ __all__ = [
     "Changes",
     "ChangesError",
     "FileChange",
+    "RunChanges",
     "SnapshotRunner",
     "capture_command",
     "changes_paths",
     "decode_capture",
+    "find_changes",
     "find_saved_changes",
     "load_changes",
     "parse_patch",
@@ -1038,6 +1041,89 @@ class ChangeCapture:
             log_swallowed(logger, f"session {session.id}: saving its changes failed", session.mask)
             note = f"The changes could not be saved beside the transcript ({exc.strerror or exc})."
             return dataclasses.replace(changes, notes=(*changes.notes, note))
+
+
+class RunChanges:
+    """What a :class:`~cldpd_magic.runs.Session` knows of its run's changes (mixed into it).
+
+    The run's job registers how to capture them (``SessionControl.set_capturer``), and
+    captures them as the run ends; :meth:`capture_changes` captures them now.
+    """
+
+    _changes: Changes | None = None
+    _capturer: Callable[[Any], Changes] | None = None
+    run: str
+
+    @property
+    def changes(self) -> Changes | None:
+        """What the run changed in its workdir, as last captured (None before any capture).
+
+        Captured as the run ends (also a failed, stopped or over-budget one) and whenever
+        :meth:`capture_changes` is called; saved beside the transcript.
+        """
+        return self._changes
+
+    def capture_changes(self) -> Changes:
+        """Capture the run's changes now, from its container running or ended.
+
+        Returns:
+            The changes since the run began (also kept as :attr:`changes`).
+
+        Raises:
+            ChangesError: The run's engine cannot capture changes, or the capture failed.
+            SessionNotFoundError: The run's container is gone.
+        """
+        if self._capturer is None:
+            raise ChangesError(
+                f"Run {self.run} has no changes to capture: its engine cannot read them, or "
+                "its container is not made yet."
+            )
+        changes = self._capturer(self)
+        self._changes = changes
+        return changes
+
+
+class RunsHere(Protocol):
+    """What :func:`find_changes` reads of a dispatcher."""
+
+    runner: Runner
+    transcript_dir: Path
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The sessions of this process."""
+
+    def resolve_run(self, name: str, doing: str = "use") -> str:
+        """The run a name means."""
+
+    def container_secrets(self, info: Any) -> list[str]:
+        """The values a running container holds that are secret."""
+
+
+def find_changes(runs: RunsHere, run: str, capture: bool = False) -> Changes:
+    """A run's changes (see :meth:`Dispatcher.changes <cldpd_magic.runs.Dispatcher.changes>`)."""
+    with contextlib.suppress(CldpdError):
+        run = runs.resolve_run(run, "show the changes of")
+    for session in reversed(runs.sessions):
+        if run not in (session.run, session.id):
+            continue
+        if capture or session.changes is None:
+            with contextlib.suppress(CldpdError):
+                return session.capture_changes()
+        if session.changes is not None:
+            return session.changes
+    saved = find_saved_changes(runs.transcript_dir, run)
+    found = load_changes(saved) if saved is not None else None
+    info = runs.runner.inspect(container_name(run)) if found is None or capture else None
+    if info is not None and info.running and ChangeCapture.supported(runs.runner):
+        mask = Masker(runs.container_secrets(info))
+        return Changes.from_capture(ChangeCapture(runs.runner, info.name).payload(), mask)
+    if found is None:
+        raise ChangesError(
+            f"No changes of run {run} are known here: it ran on an engine that cannot "
+            "capture them, in another sessions directory, or has not started."
+        )
+    return found
 
 
 def capture_at_end(capture: ChangeCapture | None, session_capture: Callable[[], Any]) -> str:

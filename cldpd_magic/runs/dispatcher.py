@@ -7,7 +7,6 @@ Its pieces: :mod:`~cldpd_magic.runs.agent` (the agent's command line),
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ from ..engines import ContainerInfo, EngineSetting, MultiEngineRunner, Runner, S
 from ..errors import CldpdError, InvalidRequestError, PodNotFoundError, SessionNotFoundError
 from ..logs import log_swallowed
 from ..pods import Pod, container_name, default_pods_dir, discover_all, discover_pod
-from ..secrets import Masker, container_secrets
+from ..secrets import container_secrets
 from .agent import (
     GREEDY_OPTIONS,
     MAX_ARGUMENT_BYTES,
@@ -37,7 +36,7 @@ from .agent import (
 )
 from .batch import Batch, Variant, plan_batch
 from .blocking import BlockingAPI
-from .changes import ChangeCapture, Changes, ChangesError, find_saved_changes, load_changes
+from .changes import Changes, find_changes
 from .egress import EgressAttempt, sweep_orphans
 from .interactive import Conversation, ToolPolicy, follow_up
 from .jobs import IDLE_COMMAND, Job, RunJobs
@@ -518,28 +517,7 @@ class Dispatcher(BlockingAPI):
         Raises:
             ChangesError: No changes of that run are known here.
         """
-        with contextlib.suppress(CldpdError):
-            run = self.resolve_run(run, "show the changes of")
-        for session in reversed(self.sessions):
-            if run not in (session.run, session.id):
-                continue
-            if capture or session.changes is None:
-                with contextlib.suppress(CldpdError):
-                    return session.capture_changes()
-            if session.changes is not None:
-                return session.changes
-        saved = find_saved_changes(self.transcript_dir, run)
-        found = load_changes(saved) if saved is not None else None
-        info = self.runner.inspect(container_name(run)) if found is None or capture else None
-        if info is not None and info.running and ChangeCapture.supported(self.runner):
-            mask = Masker(self.container_secrets(info))
-            return Changes.from_capture(ChangeCapture(self.runner, info.name).payload(), mask)
-        if found is None:
-            raise ChangesError(
-                f"No changes of run {run} are known here: it ran on an engine that cannot "
-                "capture them, in another sessions directory, or has not started."
-            )
-        return found
+        return find_changes(self, run, capture)
 
     def dispatch(
         self,

@@ -17,6 +17,7 @@ from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
 from ..logs import log_swallowed
 from ..secrets import MASK, Masker
+from .changes import RunChanges
 from .interactive import Conversation, PermissionRequest
 from .usage import Limits, UsageMeter
 
@@ -450,7 +451,7 @@ class EventLog:
                 reader.close()
 
 
-class Session:
+class Session(RunChanges):
     """One agent run (a start, a resume or an attach) in a worker thread.
 
     Its events go to an :class:`EventLog`: written, masked, to the transcript as they
@@ -582,40 +583,6 @@ class Session:
     def stop_reason(self) -> str:
         """Why cldpd stopped the run by itself (``over budget``, ...), "" otherwise."""
         return self.status.reason
-
-    # --- the run's changes (runs/changes.py) ---------------------------------------------
-    _changes: Changes | None = None
-    _capturer: Callable[[Session], Changes] | None = None
-
-    @property
-    def changes(self) -> Changes | None:
-        """What the run changed in its workdir, as last captured (None before any capture).
-
-        Captured as the run ends (also a failed, stopped or over-budget one) and whenever
-        :meth:`capture_changes` is called; saved beside the transcript.
-        """
-        return self._changes
-
-    def capture_changes(self) -> Changes:
-        """Capture the run's changes now, from its container running or ended.
-
-        Returns:
-            The changes since the run began (also kept as :attr:`changes`).
-
-        Raises:
-            ChangesError: The run's engine cannot capture changes, or the capture failed.
-            SessionNotFoundError: The run's container is gone.
-        """
-        if self._capturer is None:
-            from .changes import ChangesError
-
-            raise ChangesError(
-                f"Run {self.run} has no changes to capture: its engine cannot read them, or "
-                "its container is not made yet."
-            )
-        changes = self._capturer(self)
-        self._changes = changes
-        return changes
 
     def add_usage_listener(self, listener: Callable[[Session], None]) -> None:
         """Call ``listener(session)`` on the worker thread whenever the usage changes.
