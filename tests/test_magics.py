@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 from fakes import ISSUE_URL as URL
-from fakes import FakeRunner, echo_agent, idle_agent, lines_agent
+from fakes import (
+    FakeRunner,
+    echo_agent,
+    fake_claude,
+    idle_agent,
+    line_agent,
+    lines_agent,
+    write_pod,
+)
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -35,7 +43,7 @@ from cldpd_magic.runs.session import Session
 
 MAGICS = (
     "cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_pods", "cldpd_sessions",
-    "cldpd_attach", "cldpd_picker",
+    "cldpd_attach", "cldpd_picker", "cldpd_interrupt",
 )  # fmt: skip
 
 
@@ -598,3 +606,202 @@ def test_a_real_pod_through_the_shell(ip, docker_client, make_pod):
     final = last_text(captured)
     assert f"up: Work on this GitHub issue: {URL}" in final and "bye" in final
     assert not docker_client.containers.list(all=True, filters={"name": f"^cldpd-{name}$"})
+
+
+# -- interactive runs: approval rows, follow-ups and interrupts in the cell ------------
+
+
+@pytest.fixture
+def claude(ip, monkeypatch, pods_dir) -> FakeRunner:
+    """The magics over the scripted interactive Claude Code, in a frontend that shows
+    widgets (a kernel's); ``claude.pod(template, **pod_json)`` writes an interactive pod."""
+    runner = FakeRunner(line_agent(fake_claude))
+    magics_of(ip).runner = runner
+    monkeypatch.setattr(CldpdMagics, "live", lambda self: True)
+    made = iter(range(1, 100))
+
+    def pod(template: str = "", **config) -> str:
+        name = f"live{next(made)}"
+        write_pod(pods_dir, name, {"interactive": True, **config}, template=template or None)
+        return name
+
+    runner.pod = pod
+    yield runner
+    for dispatcher in magics_of(ip).dispatchers():
+        for session in dispatcher.local_sessions(active=True):
+            session.stop(2)
+    runner.release()
+
+
+def rows_of(ip, session):
+    """The approval rows shown under a session's output in its cell."""
+    return magics_of(ip).approvals[session.id]
+
+
+def until(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return check()
+
+
+def widget_shown(captured) -> bool:
+    """Whether a widget (the approval rows) was displayed among the captured outputs."""
+    return any("application/vnd.jupyter.widget-view+json" in o.data for o in captured.outputs)
+
+
+def test_an_approval_shows_as_a_row_under_the_output_and_allow_runs_the_tool(ip, claude):
+    name = claude.pod("Please ask first.")
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+        rows = rows_of(ip, session)
+        (row,) = until(lambda: rows.rows)
+        assert row.label.value == "Bash: touch asked.txt"
+        assert [b.description for b in row.buttons] == ["Allow", "Deny", "Always allow Bash"]
+        assert rows.widget.children == (row.widget,)
+        assert not session.done  # the agent waits for the answer
+        row.allow_button.click()
+        assert session.wait(10) == 0
+        assert until(lambda: rows.widget.children == ())
+        assert magics_of(ip).feeds[session.id].join(10)
+    assert widget_shown(captured)
+    final = last_text(captured)
+    assert "⚠ approval needed: Bash: touch asked.txt" in final
+    assert "✓ allowed Bash (by you)" in final and "touched asked.txt" in final
+
+
+def test_deny_and_always_reach_the_agent_and_a_row_goes_when_code_answers(ip, claude):
+    name = claude.pod("ask")
+    with capture_output() as captured:
+        denied = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+        (row,) = until(lambda: rows_of(ip, denied).rows)
+        row.deny_button.click()
+        assert denied.wait(10) == 0 and magics_of(ip).feeds[denied.id].join(10)
+        text = last_text(captured)
+        assert "⊘ denied Bash: The user denied this tool call." in text
+        assert "not allowed: The user denied this tool call." in text
+
+        other = claude.pod("ask")
+        always = ip.run_line_magic("cldpd_start", f"-b {other} {URL}")
+        (row,) = until(lambda: rows_of(ip, always).rows)
+        row.always_button.click()
+        assert always.wait(10) == 0
+
+        third = claude.pod("ask")
+        by_code = ip.run_line_magic("cldpd_start", f"-b {third} {URL}")
+        rows = rows_of(ip, by_code)
+        until(lambda: rows.rows)
+        (request,) = by_code.pending()
+        by_code.decide(request.request_id, allow=True)  # answered elsewhere: the row goes
+        assert until(lambda: rows.rows == [])
+        assert by_code.wait(10) == 0
+    decisions = [e.data for e in always.events() if e.type.value == "permission_decision"]
+    assert '"always": true' in decisions[0]
+
+
+def test_no_row_for_a_run_that_asks_nothing_nor_for_a_one_shot_run(ip, claude, make_pod):
+    name = claude.pod()  # the start prompt asks nothing
+    with capture_output():
+        session = ip.run_line_magic("cldpd_start", f"{name} {URL}")
+    assert session.exit_code == 0
+    assert rows_of(ip, session).rows == []
+    claude.agent = lines_agent("hello")
+    plain = make_pod()
+    with capture_output() as captured:
+        one_shot = ip.run_line_magic("cldpd_start", f"{plain} {URL}")
+    assert one_shot.id not in magics_of(ip).approvals and not widget_shown(captured)
+
+
+def test_a_blocking_start_takes_an_answer_while_it_waits(ip, claude):
+    name = claude.pod("ask")
+
+    def answer() -> None:  # what a click does, from elsewhere while the cell blocks
+        session = until(lambda: next(iter(magics_of(ip).sessions()), None))
+        row = until(lambda: session.id in magics_of(ip).approvals and rows_of(ip, session).rows)
+        row[0].allow_button.click()
+
+    clicker = threading.Thread(target=answer, daemon=True)
+    clicker.start()
+    with capture_output() as captured:
+        session = ip.run_line_magic("cldpd_start", f"{name} {URL}")
+    clicker.join(10)
+    assert session.exit_code == 0
+    assert "touched asked.txt" in last_text(captured)
+
+
+def test_a_kept_alive_run_returns_when_it_waits_then_resume_is_a_live_follow_up(ip, claude):
+    name = claude.pod(keepAlive=True)
+    with capture_output() as started:
+        start = ip.run_line_magic("cldpd_start", f"{name} {URL}")
+        assert not start.done and start.conversation.waiting.is_set()  # returned: it waits
+        with capture_output() as resumed:
+            follow = ip.run_line_magic("cldpd_resume", f"{name} and add tests")
+    assert follow.exit_code == 0 and follow.kind == "resume"
+    assert len([cmd for _, cmd in claude.execs if "--input-format" in cmd]) == 1  # one agent
+    turn = last_text(resumed)
+    assert turn.startswith(f"{name} resume: exited 0") and "done: and add tests" in turn
+    assert "Work on this GitHub issue" not in turn  # only the turn it caused
+    assert views(started)  # the start's cell showed the run, and goes on showing everything:
+    start_view = magics_of(ip).feeds[start.id].view
+    assert until(lambda: "done: and add tests" in start_view.bundle()["text/plain"])
+    assert not start.done
+    with capture_output() as stopped:
+        ip.run_line_magic("cldpd_stop", name)
+    assert f"Pod {name} stopped." in stopped.stdout
+    assert start.wait(10) is not None
+
+
+def test_interrupt_ends_the_turn_and_keeps_the_run(ip, claude):
+    name = claude.pod("slow", keepAlive=True)
+    with capture_output() as captured:
+        start = ip.run_line_magic("cldpd_start", f"-b {name} {URL}")
+        until(lambda: any("control_request" not in e.data and '"init"' in e.data
+                          for e in list_events(start)))  # fmt: skip
+        assert not start.conversation.waiting.is_set()
+        ip.run_line_magic("cldpd_interrupt", name)
+        assert until(lambda: start.conversation.waiting.is_set())
+        follow = ip.run_line_magic("cldpd_resume", f"{name} now the real thing")
+        assert follow.exit_code == 0
+        ip.run_line_magic("cldpd_stop", name)
+        assert magics_of(ip).feeds[start.id].join(10)
+    assert f"Run {name} interrupted" in captured.stdout
+    sent = [line for stdin in claude.stdins for line in stdin.lines]
+    assert any('"subtype": "interrupt"' in line for line in sent)
+
+
+def list_events(session) -> list:
+    found: list = []
+    done = threading.Event()
+
+    def read() -> None:
+        for batch in session.event_batches():
+            found.extend(batch)
+            break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(2)
+    return found
+
+
+def test_interrupt_of_a_run_that_is_not_interactive_or_not_here_says_so(ip, claude, make_pod):
+    one_line_error(ip, "cldpd_interrupt", "nothing", "No interactive agent of run nothing")
+    claude.agent = idle_agent
+    plain = make_pod()
+    with capture_output():
+        session = ip.run_line_magic("cldpd_start", f"-b {plain} {URL}")
+        assert claude.agent_started.wait(10)
+        one_line_error(ip, "cldpd_interrupt", plain, "is not interactive")
+        ip.run_line_magic("cldpd_stop", plain)
+        assert magics_of(ip).feeds[session.id].join(10)
+    assert session.done
+    one_line_error(ip, "cldpd_interrupt", "", "required")
+
+
+def test_ui_events_do_nothing_outside_a_kernel(ip):
+    from cldpd_magic.magics.uievents import UiEvents, ui_events
+
+    assert UiEvents.of(ip) is None  # a plain IPython shell has no kernel
+    with ui_events(ip) as poll:
+        assert poll() == 0

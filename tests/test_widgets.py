@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from fakes import ISSUE_URL as URL
-from fakes import AgentCall, FakeRunner, echo_agent, idle_agent
+from fakes import AgentCall, FakeRunner, echo_agent, fake_claude, idle_agent, line_agent, write_pod
 from html_safety import PAYLOADS, html_problems
 
 from cldpd_magic import Dispatcher, DockerUnavailableError, PodPicker
-from cldpd_magic.errors import SessionNotFoundError
+from cldpd_magic.errors import InvalidRequestError, SessionNotFoundError
 from cldpd_magic.events import EventType, RunState
 from cldpd_magic.picker import Controls, PodControl
 from cldpd_magic.picker.state import FollowedRun
@@ -650,7 +650,7 @@ def test_a_look_up_shows_a_pod_started_elsewhere_unless_the_picker_knows_better(
 
 PICKER = Path(__file__).resolve().parent.parent / "cldpd_magic" / "picker"
 #: What the picker knows and does, and the details pane: none of them imports ipywidgets.
-WIDGET_FREE = ("state", "actions", "details")
+WIDGET_FREE = ("state", "actions", "details", "approvals")
 
 
 def test_state_actions_and_details_import_no_ipywidgets():
@@ -670,6 +670,8 @@ def test_state_actions_and_details_import_no_ipywidgets():
         "sys.modules['ipywidgets'] = None\n"
         "from cldpd_magic.picker import Controls, PodActions, PodControl, pod_details_html\n"
         "import cldpd_magic.picker.state, cldpd_magic.picker.actions, cldpd_magic.picker.details\n"
+        "from cldpd_magic.picker import ApprovalQueue\n"
+        "print(ApprovalQueue().items())\n"
         "control = PodControl('p', None, None)\n"
         "print(control.controls(True), control.status_text())\n"
         "try:\n"
@@ -679,6 +681,170 @@ def test_state_actions_and_details_import_no_ipywidgets():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [
-        "Controls(start=False, resume=False, stop=False, attach=False) p: not running",
+        "[]",
+        "Controls(start=False, resume=False, stop=False, attach=False, interrupt=False) "
+        "p: not running",
         "the layout needs ipywidgets",
     ]
+
+
+# -- interactive runs: one approval queue across runs, interrupt, live follow-ups -------
+
+
+def interactive_pod(pods_dir: Path, name: str, template: str = "", **config) -> str:
+    write_pod(pods_dir, name, {"interactive": True, **config}, template=template or None)
+    return name
+
+
+def labels(rows) -> list[str]:
+    return [row.label.value for row in rows.rows]
+
+
+def test_one_queue_across_runs_newest_last_each_answered_on_its_own(pods_dir, fake):
+    first = interactive_pod(pods_dir, "first", "ask before you touch")
+    second = interactive_pod(pods_dir, "second", "ask as well")
+    quiet = interactive_pod(pods_dir, "quiet", "nothing to approve")
+    picker, _runner = fake(runner=FakeRunner(line_agent(fake_claude)))
+    start(picker, first)
+    wait_for(lambda: labels(picker.approvals) == ["first: Bash: touch asked.txt"], picker)
+    start(picker, quiet)
+    start(picker, second)
+    wait_for(lambda: len(picker.approvals.rows) == 2, picker)
+    assert labels(picker.approvals) == ["first: Bash: touch asked.txt",
+                                        "second: Bash: touch asked.txt"]  # fmt: skip
+    assert picker.approvals.widget.children == tuple(r.widget for r in picker.approvals.rows)
+    picker.approvals.rows[1].deny_button.click()  # the second run's only
+    wait_for(status_is(picker, "second: exited 0"), picker)
+    assert labels(picker.approvals) == ["first: Bash: touch asked.txt"]
+    session = picker.control("second").runs[-1].session
+    assert any("not allowed: The user denied" in e.data for e in session.events())
+    assert not picker.control("first").runs[-1].session.done  # still waiting for its answer
+    picker.approvals.rows[0].allow_button.click()
+    picker.pod_select.value = first
+    wait_for(status_is(picker, "first: exited 0"), picker)
+    wait_for(lambda: picker.approvals.rows == [], picker)
+    assert "touched asked.txt" in text_of(picker)
+
+
+def test_a_question_answered_by_code_leaves_the_queue_and_a_late_click_says_so(pods_dir, fake):
+    name = interactive_pod(pods_dir, "asks", "ask")
+    picker, _runner = fake(runner=FakeRunner(line_agent(fake_claude)))
+    start(picker, name)
+    wait_for(lambda: len(picker.approvals.rows) == 1, picker)
+    (row,) = picker.approvals.rows
+    session = picker.control(name).runs[-1].session
+    session.decide(session.pending()[0].request_id, allow=False, message="no")
+    wait_for(lambda: picker.approvals.rows == [], picker)
+    assert picker.approvals.widget.children == ()
+    row.allow_button.click()  # a click on the row just gone: one sentence, nothing else
+    assert "no pending approval" in picker.notice.value
+    assert row.allow_button.disabled
+
+
+def test_a_secret_or_markup_in_a_tool_call_shows_masked_and_as_text(pods_dir, fake):
+    payload = PAYLOADS[0]
+
+    def asks_with(call: AgentCall, line: str) -> None:
+        frame = __import__("json").loads(line)
+        if frame.get("type") == "user":
+            request = {"subtype": "can_use_tool", "tool_name": "Bash",
+                       "input": {"command": f"curl -H {SECRET} {payload}"}}  # fmt: skip
+            call.out(
+                __import__("json").dumps(
+                    {"type": "control_request", "request_id": "r1", "request": request}
+                )
+            )
+        else:
+            fake_claude(call, line)
+
+    name = interactive_pod(pods_dir, "secretive", env={"API_TOKEN": SECRET})
+    picker, _runner = fake(runner=FakeRunner(line_agent(asks_with)))
+    start(picker, name)
+    wait_for(lambda: len(picker.approvals.rows) == 1, picker)
+    (row,) = picker.approvals.rows
+    assert SECRET not in row.label.value and MASK in row.label.value
+    assert payload in row.label.value  # a Label shows text: markup stays text
+    assert isinstance(row.label, __import__("ipywidgets").Label)
+    row.deny_button.click()
+
+
+def test_interrupt_button_ends_the_turn_and_resume_sends_a_live_follow_up(pods_dir, fake):
+    name = interactive_pod(pods_dir, "kept", "slow", keepAlive=True)
+    picker, runner = fake(runner=FakeRunner(line_agent(fake_claude)))
+    assert picker.interrupt_button.disabled
+    start(picker, name)
+    wait_for(lambda: not picker.interrupt_button.disabled, picker)
+    session = picker.control(name).runs[-1].session
+    assert not session.conversation.waiting.is_set()  # its slow turn runs
+    picker.interrupt_button.click()
+    wait_for(lambda: session.conversation.waiting.is_set(), picker)
+    wait_for(lambda: picker.status.value.endswith("waiting for a prompt: resume or stop"), picker)
+    assert any('"interrupt"' in line for line in runner.stdins[0].lines)
+    assert not picker.resume_button.disabled
+    picker.prompt.value = "now the real thing"
+    picker.resume_button.click()
+    wait_for(lambda: len(picker.output.outputs) == 2, picker)
+    follow = picker.control(name).runs[-1]
+    assert follow.session.wait(10) == 0 and follow.session.kind == "resume"
+    wait_for(lambda: "done: now the real thing" in text_of(picker), picker)
+    assert len([cmd for _, cmd in runner.execs if "--input-format" in cmd]) == 1  # one agent
+    assert not session.done  # the run stayed
+    picker.stop_button.click()
+    wait_for(lambda: picker.status.value == f"{name}: stopped", picker)
+    assert picker.interrupt_button.disabled
+
+
+def test_a_failed_interrupt_is_one_sentence_in_the_status(pods_dir, fake, monkeypatch):
+    name = interactive_pod(pods_dir, "kept", "slow", keepAlive=True)
+    picker, _runner = fake(runner=FakeRunner(line_agent(fake_claude)))
+    start(picker, name)
+    wait_for(lambda: not picker.interrupt_button.disabled, picker)
+    session = picker.control(name).runs[-1].session
+
+    def refuse() -> None:
+        raise InvalidRequestError("The agent of run kept refused interrupt: busy.")
+
+    monkeypatch.setattr(session, "interrupt", refuse)
+    picker.interrupt_button.click()
+    wait_for(lambda: "interrupt failed" in picker.status.value, picker, fail_fast=False)
+    assert picker.status.value == (
+        "kept: interrupt failed: The agent of run kept refused interrupt: busy."
+    )
+    picker.stop_button.click()
+    wait_for(status_is(picker, f"{name}: stopped"), picker, fail_fast=False)
+
+
+def test_batch_panel_queues_the_runs_approvals_and_interrupts_one(pods_dir, transcript_dir):
+    from cldpd_magic.picker import BatchPanel
+
+    interactive_pod(pods_dir, "fleet")
+    runner = FakeRunner(line_agent(fake_claude))
+    dispatcher = Dispatcher(pods_dir, runner, transcript_dir)
+    variants = [{"name": "asks", "prompt": "ask first"}, {"name": "slow", "prompt": "slow"}]
+    batch = dispatcher.dispatch("fleet", URL, variants=variants, repeats=2, max_parallel=4)
+    panel = BatchPanel(batch, interval=0.02, stop_timeout=2)
+    try:
+        deadline = time.monotonic() + 20
+        while len(panel.approvals.rows) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        rows = panel.approvals.rows
+        assert len(batch.runs) == 4 and len(rows) == 2  # both waiting at once, one queue
+        asking = {s.run for s in batch.runs if s.pending()}
+        assert {row.item.run for row in rows} == asking
+        assert all(row.label.value.endswith(": Bash: touch asked.txt") for row in rows)
+        assert [r.item.time for r in rows] == sorted(r.item.time for r in rows)
+        rows[0].allow_button.click()
+        rows[1].deny_button.click()
+        slow = [s for s in batch.runs if s.run not in asking]
+        panel.run_select.value = slow[0].run
+        panel.interrupt_button.click()
+        panel.run_select.value = slow[1].run
+        panel.interrupt_button.click()
+        batch.wait(timeout=20)
+        assert all(s.done for s in batch.runs), [s.state for s in batch.runs]
+        assert [s.exit_code for s in batch.runs if s.run in asking] == [0, 0]
+        assert panel.join(10) and panel.approvals.rows == []
+        assert panel.interrupt_button.disabled
+    finally:
+        batch.stop()
+        panel.close()

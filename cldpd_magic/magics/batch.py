@@ -19,6 +19,7 @@ from ..pods import validate_pod_name
 from ..render import BatchFeed, BatchView
 from ..runs import validate_issue_url
 from .support import BACKGROUND, FOLLOWED_LIVE, MagicsCore, parse_args, unquote, user_errors
+from .uievents import wait_until
 
 
 @magics_class
@@ -65,7 +66,9 @@ class BatchMagics(Magics):
         Every pod runs on every issue, once per variant and repeat, at most
         --max-parallel at once. The table has a row per run (state, elapsed, turns,
         cost, last tool call); choose a run to see its output, stop one or all. Blocks
-        until the batch ends unless -b is given; interrupting the kernel stops the batch.
+        until the batch ends unless -b is given (or until every agent of an interactive
+        pod waits for a prompt; the table shows what they wait to have approved and takes
+        the answers meanwhile); interrupting the kernel stops the batch.
         ``batch.to_dataframe()`` gives the results.
         """
         args = parse_args(self.cldpd_batch, line)
@@ -115,8 +118,11 @@ class BatchMagics(Magics):
             return batch
         FOLLOWED_LIVE.add(batch)
         try:
-            while not feed.join(0.25):
-                pass
+            runs = list(batch.runs)
+            wait_until(
+                self.shell, feed.join, widgets=any(s.interactive for s in runs),
+                settled=lambda: all(_settled(s) for s in batch.runs),
+            )  # fmt: skip
         except KeyboardInterrupt:
             batch.stop()
             feed.join(30)
@@ -125,6 +131,13 @@ class BatchMagics(Magics):
             if not self.core.live():
                 handle.update(feed.view.bundle(), raw=True)
         return batch
+
+
+def _settled(session: Any) -> bool:
+    """Whether a batch's run needs no more waiting: ended, or its agent waits for a prompt."""
+    conversation = session.conversation
+    waiting = conversation is not None and conversation.waiting.is_set()
+    return session.done or (session.owns_conversation and waiting)
 
 
 __all__ = ["BatchMagics"]

@@ -1,11 +1,11 @@
 """IPython magics: run pods from a notebook and stream them live into the cell.
 
 ``%load_ext cldpd_magic`` registers ``%cldpd_start``, ``%cldpd_resume`` (and
-``%%cldpd_resume``), ``%cldpd_stop``, ``%cldpd_pods``, ``%cldpd_sessions``,
-``%cldpd_attach``, ``%cldpd_picker``, ``%cldpd_new``, ``%cldpd_egress`` and ``%cldpd_batch`` (and
-``%%cldpd_batch``, one issue URL a line), and completes pod names
-after the magics that take one. Settings are traits of :class:`CldpdMagics`, e.g.
-``%config CldpdMagics.pods_dir = "~/pods"``.
+``%%cldpd_resume``), ``%cldpd_interrupt``, ``%cldpd_stop``, ``%cldpd_pods``,
+``%cldpd_sessions``, ``%cldpd_attach``, ``%cldpd_picker``, ``%cldpd_new``,
+``%cldpd_egress`` and ``%cldpd_batch`` (and ``%%cldpd_batch``, one issue URL a line), and
+completes pod names after the magics that take one. Settings are traits of
+:class:`CldpdMagics`, e.g. ``%config CldpdMagics.pods_dir = "~/pods"``.
 
 As IPython splits its own magics, these are three classes registered together:
 :class:`CldpdMagics` (the run magics and the settings of all),
@@ -24,6 +24,13 @@ extension): stop them first with ``%cldpd_stop`` if they should end.
 Each magic has one argparse parser, the one its help (``%cldpd_start?``) shows: it parses
 the magic's options, and the completer reads its options and positions from it. A prompt
 is the verbatim rest of the line after the parsed ``[options] RUN``.
+
+An interactive run (a Claude Code pod) asks before a tool call its settings do not
+allow: its cell shows a row per question under the output (Allow, Deny, Always allow the
+tool for this run), and a blocking cell takes the clicks while it waits
+(:mod:`~cldpd_magic.magics.uievents`); it returns once a kept-alive agent waits for a
+follow-up, which ``%cldpd_resume`` sends to the same process. ``%cldpd_interrupt`` ends
+the agent's turn and keeps the run.
 
 ``%config CldpdMagics.log_level = "DEBUG"`` logs what the package does, and every error it
 swallows with its traceback (masked), to the kernel's stderr: the terminal that runs
@@ -73,11 +80,12 @@ from .support import (
     unquote,
     user_errors,
 )
+from .uievents import wait_followed
 
 #: Magics that follow a run in their cell; a bare blocking call leaves no result under it.
 FOLLOW_MAGICS = frozenset({"cldpd_start", "cldpd_resume", "cldpd_attach", "cldpd_batch"})
 #: Magics whose first positional argument is a pod, or a run (completed with Tab).
-POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach")
+POD_MAGICS = ("cldpd_start", "cldpd_resume", "cldpd_stop", "cldpd_attach", "cldpd_interrupt")
 #: The positional argument the completer fills: a pod (start) or a run (the others).
 NAME_ARGUMENTS = ("pod", "run")
 logger = logging.getLogger(__package__)
@@ -149,6 +157,7 @@ class CldpdMagics(Magics):
         self._runner = runner
         self._dispatchers: dict[tuple[str, str, int], Dispatcher] = {}
         self.feeds: dict[str, LiveFeed] = {}
+        self.approvals: dict[str, Any] = {}
         self.batch_feeds: list[BatchFeed] = []
         self._apply_log_level()
 
@@ -240,6 +249,8 @@ class CldpdMagics(Magics):
             publish = functools.partial(self._publish, handle, session)
             feed = LiveFeed(session, view, publish, self.flush_interval)
             self.feeds[session.id] = feed
+            if session.interactive and self.live():
+                self._show_approvals(session, view)
         except KeyboardInterrupt:
             session.stop(self.stop_timeout)
             raise
@@ -247,8 +258,7 @@ class CldpdMagics(Magics):
             return session
         FOLLOWED_LIVE.add(session)
         try:
-            while not feed.join(0.25):
-                pass
+            wait_followed(self.shell, feed, session)
         except KeyboardInterrupt:
             self._interrupted(session, feed, handle)
         if not self.live():
@@ -256,6 +266,31 @@ class CldpdMagics(Magics):
         if session.error is not None:
             raise UsageError(one_line(f"{title} failed: {session.error}"))
         return session
+
+    def _show_approvals(self, session: Session, view: SessionView) -> None:
+        """Show, under a run's output, a row per tool call waiting for approval."""
+        from ..picker import ApprovalRows  # ipywidgets loads only when it is used
+
+        rows = ApprovalRows(notice=lambda text: view.note(text, kind="error"))
+        display(rows)
+        rows.follow(session)
+        self.approvals[session.id] = rows
+
+    def _live_run(self, name: str) -> Session:
+        """The session of this kernel running a run's interactive agent, which takes input."""
+        sessions = [s for s in self.sessions() if not s.done and name in (s.run, s.pod_name)]
+        for dispatcher in self.dispatchers() or [self.dispatcher]:
+            live = dispatcher.registry.live_conversation(dispatcher.resolve_run(name, "interrupt"))
+            if live is not None:
+                return live
+        if sessions and not any(s.interactive for s in sessions):
+            raise UsageError(
+                f"Run {name} is not interactive, so it cannot be interrupted; %cldpd_stop ends it."
+            )
+        raise UsageError(
+            f"No interactive agent of run {name} runs in this kernel now; only runs this "
+            "kernel started can be interrupted (%cldpd_stop ends any run)."
+        )
 
     def _stop_pod(self, pod: str, timeout: float) -> bool:
         """Stop a pod through the dispatchers running it here (Dispatcher.stop owns the order).
@@ -397,6 +432,24 @@ class CldpdMagics(Magics):
             validate_pod_name(args.run)
             session = self.dispatcher.attach_session(args.run)
         return self._follow(session, f"{args.run} attach", args.background)
+
+    @magic_arguments()
+    @argument("run", metavar="RUN", help=RUN_HELP)
+    @line_magic
+    def cldpd_interrupt(self, line: str) -> None:
+        """End the turn a run's agent is on, without stopping the run.
+
+        The agent stops what it was doing (a call waiting for approval is withdrawn) and
+        waits for the next prompt: send it with ``%cldpd_resume RUN PROMPT``. The run and
+        its container stay; ``%cldpd_stop`` ends the run. Works on the interactive runs
+        this kernel started.
+        """
+        args = parse_args(self.cldpd_interrupt, line)
+        with user_errors():
+            validate_pod_name(args.run)
+            session = self._live_run(args.run)
+            session.interrupt()
+        print(f"Run {session.run} interrupted; its agent waits for a prompt (%cldpd_resume).")
 
     @magic_arguments()
     @argument("run", metavar="RUN", help=RUN_HELP)

@@ -1,4 +1,5 @@
-"""What the picker's buttons do, free of ipywidgets: start, resume, attach, stop, look up.
+"""What the picker's buttons do, free of ipywidgets: start, resume, attach, interrupt, stop,
+look up.
 
 Every Docker operation runs on a worker thread (:class:`Workers`), so a button handler
 returns at once and the kernel stays free; what changes is reported through callbacks,
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import InvalidRequestError
 from ..logs import log_swallowed
 from ..render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, LiveFeed, SessionView
 from ..runs import Dispatcher, Session, SessionKind
@@ -129,6 +131,23 @@ class PodActions:
     def attach(self, control: PodControl) -> None:
         """Follow a running pod: a session of this kernel if there is one, else its container."""
         self._launch(control, "attaching", lambda: self._attach_session(control))
+
+    def interrupt(self, control: PodControl) -> None:
+        """End the turn of a pod's interactive agent; the run stays and takes a follow-up."""
+        self._workers.spawn(self._interrupt_worker, control)
+
+    def _interrupt_worker(self, control: PodControl) -> None:
+        session = control.live_session()
+        try:
+            if session is None:
+                raise InvalidRequestError(
+                    f"No interactive agent of pod {control.name} takes input now."
+                )
+            session.interrupt()
+        except Exception as exc:
+            log_swallowed(logger, f"pod {control.name}: the interrupt failed", control.mask)
+            control.failed("interrupt", exc)
+        self._show(control)
 
     def stop(self, control: PodControl) -> None:
         """Stop a pod."""

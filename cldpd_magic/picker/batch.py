@@ -1,5 +1,6 @@
-"""A batch in widgets: its live table over the chosen run's output; stop one run or all;
-compare the changes of the runs chosen."""
+"""A batch in widgets: its live table over the chosen run's output; stop or interrupt one
+run, stop all; answer the approvals its runs wait for; compare the changes of the runs
+chosen."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ..runs import Session
 from ..secrets import Masker
 from ._tree import close_tree
 from .actions import Workers
+from .approval_rows import ApprovalRows
+from .state import error_sentence
 
 
 class BatchPanel:
@@ -40,7 +43,11 @@ class BatchPanel:
         feed: Follows the runs and publishes the view.
         run_select: The run whose output shows.
         stop_button: Stops the selected run.
+        interrupt_button: Ends the turn of the selected run's interactive agent; the run
+            stays.
         stop_all_button: Stops the batch: no new run starts, running ones stop.
+        approvals: The tool calls the batch's runs wait to have approved, a row each
+            (Allow, Deny, Always allow the tool), newest last, the run named.
         compare_select: The runs whose changes to compare (none chosen: every run's).
         compare_button: Compares the changes of the runs chosen.
         comparison: The comparison: files by runs, and how versions of a file differ.
@@ -67,6 +74,10 @@ class BatchPanel:
         self._workers = Workers(self._set_notice)
         self.run_select = widgets.Dropdown(options=[], description="run")
         self.stop_button = widgets.Button(description="Stop run", icon="stop")
+        self.interrupt_button = widgets.Button(
+            description="Interrupt run", icon="pause",
+            tooltip="End the selected run's turn; the run stays and takes a follow-up",
+        )  # fmt: skip
         self.stop_all_button = widgets.Button(
             description="Stop all", icon="stop", button_style="danger"
         )
@@ -75,9 +86,13 @@ class BatchPanel:
         self.compare_select = widgets.SelectMultiple(options=[], rows=4, description="compare")
         self.compare_button = widgets.Button(description="Compare changes", icon="columns")
         self.comparison = widgets.HTML(value="")
+        self.approvals = ApprovalRows(show_run=True, notice=self._set_notice)
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.run_select, self.stop_button, self.stop_all_button]),
+                widgets.HBox(
+                    [self.run_select, self.stop_button, self.interrupt_button, self.stop_all_button]
+                ),
+                self.approvals.widget,
                 self.output,
                 widgets.HBox([self.compare_select, self.compare_button]),
                 self.comparison,
@@ -86,9 +101,11 @@ class BatchPanel:
         )
         self.run_select.observe(self._on_select, names="value")
         self.stop_button.on_click(self._on_stop)
+        self.interrupt_button.on_click(self._on_interrupt)
         self.stop_all_button.on_click(self._on_stop_all)
         self.compare_button.on_click(self._on_compare)
         self.feed = BatchFeed(batch, self.view, self._publish, interval)
+        self.approvals.watch(lambda: list(self.batch.runs), until=lambda: bool(self.batch.done))
 
     def _set_notice(self, text: str) -> None:
         if not self._closed:
@@ -111,6 +128,22 @@ class BatchPanel:
 
     def _stop_worker(self, session: Session) -> None:
         session.stop(self.stop_timeout)
+        self._set_notice("")
+
+    def _on_interrupt(self, _button: Any = None) -> None:
+        run = self.run_select.value or ""
+        session = self._session(run)
+        if session is None or session.done:
+            return
+        self._set_notice(f"interrupting {run}…")
+        self._workers.spawn(self._interrupt_worker, session)
+
+    def _interrupt_worker(self, session: Session) -> None:
+        try:
+            session.interrupt()
+        except Exception as exc:  # one sentence, never a traceback in the cell
+            self._set_notice(f"{session.run}: the interrupt failed: {error_sentence(exc)}")
+            return
         self._set_notice("")
 
     def _on_stop_all(self, _button: Any = None) -> None:
@@ -160,6 +193,7 @@ class BatchPanel:
             self.output.outputs = (entry,)
             if self._ended(view):
                 self.stop_button.disabled = self.stop_all_button.disabled = True
+                self.interrupt_button.disabled = True
 
     def _ended(self, view: BatchView) -> bool:
         return bool(self.batch.done) and view.finished
@@ -184,4 +218,5 @@ class BatchPanel:
         """Stop showing the batch and close the widgets; its runs go on."""
         with self._lock:
             self._closed = True
+            self.approvals.close()
             close_tree(self.widget)

@@ -33,6 +33,7 @@ from ..render import diff as diff_view
 from ..runs import Dispatcher, SessionKind, validate_issue_url
 from ._tree import close_tree
 from .actions import PodActions
+from .approval_rows import ApprovalRows
 from .batch import BatchPanel
 from .details import pod_details_html
 from .state import DEFAULT_MAX_RUNS, FollowedRun, PodControl
@@ -111,6 +112,9 @@ class PodPicker:
         resume_button: Sends the prompt to the running pod.
         stop_button: Stops the selected pod.
         attach_button: Follows a pod started outside this picker.
+        interrupt_button: Ends the turn of the selected pod's interactive agent.
+        approvals: The tool calls every interactive run waits to have approved, a row
+            each (Allow, Deny, Always allow the tool), newest last, the run named.
         notice: Messages about the picker as a whole (Docker unreachable, ...).
         widget: The top-level widget.
         batch_panels: The batches shown with :meth:`show_batch`, oldest first.
@@ -184,7 +188,12 @@ class PodPicker:
         self.attach_button = widgets.Button(
             description="Attach", icon="link", disabled=True, tooltip="Follow a running pod"
         )
+        self.interrupt_button = widgets.Button(
+            description="Interrupt", icon="pause", disabled=True,
+            tooltip="End the agent's turn; the run stays and takes a follow-up",
+        )  # fmt: skip
         self.notice = widgets.Label(value="")
+        self.approvals = ApprovalRows(show_run=True, notice=self._set_notice)
 
     def _build_panes(self) -> None:
         """Arrange the controls and the selected pod's pane into the top-level widget."""
@@ -195,10 +204,12 @@ class PodPicker:
                 widgets.HBox([self.issue_url, self.start_button]),
                 self.url_hint,
                 self._pane,
+                self.approvals.widget,
                 widgets.HBox(
                     [
                         self.prompt,
-                        widgets.VBox([self.resume_button, self.stop_button, self.attach_button]),
+                        widgets.VBox([self.resume_button, self.interrupt_button]),
+                        widgets.VBox([self.stop_button, self.attach_button]),
                     ]
                 ),
                 self.notice,
@@ -214,6 +225,9 @@ class PodPicker:
         self.resume_button.on_click(self._on_resume)
         self.stop_button.on_click(self._on_stop)
         self.attach_button.on_click(self._on_attach)
+        self.interrupt_button.on_click(self._on_interrupt)
+        # One queue of the approvals every interactive run of the dispatcher waits for.
+        self.approvals.watch(lambda: self.dispatcher.sessions, until=lambda: self._closed)
 
     # -- the selected pod -----------------------------------------------------------------
 
@@ -333,6 +347,12 @@ class PodPicker:
             return
         self.actions.attach(control)
 
+    def _on_interrupt(self, _button: Any = None) -> None:
+        control = self._selected()
+        if self.interrupt_button.disabled or not control.name:
+            return
+        self.actions.interrupt(control)
+
     def _on_stop(self, _button: Any = None) -> None:
         control = self._selected()
         if self.stop_button.disabled or not control.name:
@@ -409,6 +429,7 @@ class PodPicker:
         self.prompt.disabled = not can.resume
         self.stop_button.disabled = not can.stop
         self.attach_button.disabled = not can.attach
+        self.interrupt_button.disabled = not can.interrupt
 
     # -- presentation -------------------------------------------------------------------
 
@@ -440,6 +461,7 @@ class PodPicker:
             return
         with self._lock:
             self._closed = True
+            self.approvals.close()
             for panel in self.batch_panels:
                 panel.close()
             for control in [self._blank, *self._controls.values()]:

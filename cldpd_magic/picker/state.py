@@ -62,12 +62,14 @@ class Controls:
         resume: Send a follow-up prompt.
         stop: Stop the pod.
         attach: Follow a pod started outside the picker.
+        interrupt: End the turn of the pod's interactive agent (the run stays).
     """
 
     start: bool
     resume: bool
     stop: bool
     attach: bool
+    interrupt: bool = False
 
 
 class PodControl:
@@ -153,6 +155,14 @@ class PodControl:
             )
         )
 
+    def live_session(self) -> Session | None:
+        """The session running the pod's interactive agent while it takes input, if any."""
+        for run in reversed(self.active_runs()):
+            conversation = run.session.conversation
+            if conversation is not None and run.session.owns_conversation and conversation.live:
+                return run.session
+        return None
+
     @property
     def busy(self) -> bool:
         """Whether a run is being made or a stop is under way."""
@@ -170,6 +180,7 @@ class PodControl:
                 resume=alive and not resuming and not busy,
                 stop=(alive or bool(active) or bool(self.launching)) and not self.stopping,
                 attach=alive and self.outside is not None and not following and not busy,
+                interrupt=self.live_session() is not None and not self.stopping,
             )
 
     def entries(self) -> tuple[dict[str, Any], ...]:
@@ -205,6 +216,8 @@ class PodControl:
                 text = run.view.status_text()
                 if run.view.finished and self.idle:
                     text += " · container idle: resume or stop"
+                elif self._waiting(run):
+                    text += " · waiting for a prompt: resume or stop"
                 return text
             if self.error is not None:
                 return f"{self.name}: broken: {error_sentence(self.error)}"
@@ -212,7 +225,23 @@ class PodControl:
                 return "no pod selected"
             return f"{self.name}: not running"
 
+    @staticmethod
+    def _waiting(run: FollowedRun) -> bool:
+        """Whether a kept-alive interactive agent's turn is over and it waits for more."""
+        conversation = run.session.conversation
+        return bool(
+            conversation is not None
+            and run.session.owns_conversation
+            and not run.ended
+            and conversation.waiting.is_set()
+        )
+
     # -- changing -----------------------------------------------------------------------
+
+    def failed(self, doing: str, exc: BaseException) -> None:
+        """Something asked of a running pod (an interrupt) failed: say so in its status."""
+        with self.lock:
+            self.note = f"{self.name}: {doing} failed: {self.mask(error_sentence(exc))}"
 
     def begin_launch(self, verb: str) -> None:
         """A run is being made (``verb``: starting, resuming, attaching)."""
