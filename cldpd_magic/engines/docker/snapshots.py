@@ -8,6 +8,8 @@ the given ``sh`` script; its stdout is the result. Both are removed whatever hap
 
 from __future__ import annotations
 
+import contextlib
+
 import docker
 import docker.errors
 
@@ -65,15 +67,12 @@ class Snapshots:
             try:
                 return self._run(api, attrs, image, script, container)
             finally:
-                try:
+                # Removed already, or still used by a container being removed: let it be.
+                with contextlib.suppress(docker.errors.APIError):
                     api.remove_image(image, force=True)
-                except docker.errors.APIError:
-                    pass  # removed already, or in use by a container being removed
 
     @staticmethod
-    def _run(
-        api: docker.APIClient, attrs: dict, image: str, script: str, container: str
-    ) -> bytes:
+    def _run(api: docker.APIClient, attrs: dict, image: str, script: str, container: str) -> bytes:
         config = attrs.get("Config") or {}
         host_config = api.create_host_config(
             volumes_from=[attrs["Id"]],
