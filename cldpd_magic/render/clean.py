@@ -41,6 +41,24 @@ def clean_text(text: str) -> str:
     return _SURROGATE_RE.sub("\ufffd", text)
 
 
+#: Latin-1 that clean_text keeps (all but the control characters; tab and newline stay).
+_KEPT_LATIN1 = bytes(range(0x20, 0x7F)) + b"\t\n" + bytes(range(0xA0, 0x100))
+#: What else clean_text removes or replaces: bidirectional marks and lone surrogates.
+_BIDI_OR_SURROGATE_RE = re.compile("[\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def is_clean(text: str) -> bool:
+    """Whether :func:`clean_text` leaves the text, and each of its lines, as it is.
+
+    Every escape sequence starts with a control character, so text without one, without
+    bidirectional marks and without lone surrogates is clean. Quick for many lines at
+    once (a flood of plain text): mostly byte operations, not a regex over each line.
+    """
+    if text.encode("latin-1", "ignore").translate(None, _KEPT_LATIN1):
+        return False  # a control character (C0 or C1) other than tab and newline
+    return text.isascii() or _BIDI_OR_SURROGATE_RE.search(text) is None
+
+
 def _clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
     if len(text) <= limit:
         return text

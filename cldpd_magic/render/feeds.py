@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from ..engines import Writer
@@ -27,6 +29,8 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 
 #: Line kinds a running text writes to stderr; the rest go to stdout.
 _NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
+_TYPE = itemgetter(0)  # Event.type, read without Python code per event
+_DATA = itemgetter(1)  # Event.data
 
 
 class _FirstError:
@@ -177,27 +181,38 @@ class TextFeed:
         self.raw = raw
         self.verbose = verbose
         self.notes = notes
-        self.model = RunLines(session.mask, session.kind)
+        self.model = RunLines(session.mask, session.kind, markup=False)
 
     def write(self, events: Iterable[Event]) -> None:
         """Write a batch of events (one write per stream)."""
         shown: list[str] = []
         noted: list[str] = []
-        for event in events:
-            if self.raw and event.type is EventType.OUTPUT:
-                shown.append(event.data)
-                continue
-            if self.raw and event.type is EventType.STDERR:
-                noted.append(event.data)
-                continue
-            for line in self.model.lines(event):
-                if not self._wanted(line.kind):
-                    continue
-                (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
+        # Runs of one type at a time: a run of output lines is written at once when its
+        # lines show as they are (raw, or plain text with nothing to clean or mask).
+        for etype, run in groupby(events, _TYPE):
+            if etype is EventType.OUTPUT:
+                self._output(list(run), shown, noted)
+            elif self.raw and etype is EventType.STDERR:
+                noted.extend(map(_DATA, run))
+            else:
+                self._render(run, shown, noted)
         if shown:
             self.out.write("\n".join(shown) + "\n")
         if noted:
             self.err.write("\n".join(noted) + "\n")
+
+    def _output(self, events: list[Event], shown: list[str], noted: list[str]) -> None:
+        texts = list(map(_DATA, events))
+        if self.raw or self.model.renderer.renders_as_is(texts, "\n".join(texts)):
+            shown.extend(texts)
+        else:
+            self._render(events, shown, noted)
+
+    def _render(self, events: Iterable[Event], shown: list[str], noted: list[str]) -> None:
+        for event in events:
+            for line in self.model.lines(event):
+                if self._wanted(line.kind):
+                    (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
 
     def _wanted(self, kind: str) -> bool:
         if kind == "error":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..logs import log_swallowed
-from ..secrets import MASK
+from ..secrets import MASK, Masker
 from ..stream_json import (
     ApiRetry,
     AssistantMessage,
@@ -35,7 +35,7 @@ from ..stream_json import (
     UserMessage,
     read_line,
 )
-from .clean import _clip, _first_line, _short, clean_text, format_count
+from .clean import MAX_SHOWN_CHARS, _clip, _first_line, _short, clean_text, format_count, is_clean
 from .markdown import _MASK_STAND_IN, markdown_to_html
 
 log = logging.getLogger(__package__)
@@ -183,11 +183,36 @@ class StreamRenderer:
 
     Args:
         mask: Applied to the text of every produced line (e.g. a session's ``Masker``).
+        markup: Make the HTML of Markdown lines as they are rendered (``Line.markup``);
+            a reader of text alone (a terminal) has no use for it.
     """
 
-    def __init__(self, mask: Callable[[str], str] | None = None) -> None:
+    def __init__(self, mask: Callable[[str], str] | None = None, *, markup: bool = True) -> None:
         self.mask = mask
+        self.markup = markup
         self.last_text = ""
+
+    def renders_as_is(self, texts: list[str], text: str) -> bool:
+        """Whether each of these output lines renders as one text line that is the line itself.
+
+        True when no line may be stream-json (none starts with ``{`` or white space),
+        none is clipped, and nothing in them is cleaned or masked; then rendering them
+        one by one would give them back unchanged. One scan of their text for many lines.
+
+        Args:
+            texts: Output lines.
+            text: The same lines joined by newlines.
+        """
+        if text[:1] in ("{", " ", "\t") or "\n{" in text or "\n " in text or "\n\t" in text:
+            return False
+        if len(text) > MAX_SHOWN_CHARS and max(map(len, texts)) > MAX_SHOWN_CHARS:
+            return False
+        if not is_clean(text):
+            return False
+        if not text.isascii() and any([line[:1].isspace() for line in texts]):
+            return False  # white space beyond ASCII: a line may still be stream-json
+        mask = self.mask
+        return mask is None or (isinstance(mask, Masker) and mask.is_clean(text))
 
     def render(self, text: str) -> list[Line]:
         """Render one output line: a Claude Code stream-json event, or plain text."""
@@ -209,7 +234,7 @@ class StreamRenderer:
         text = clean_text(line.text)
         if self.mask is None:
             return Line(line.kind, text, line.lines)
-        if line.kind != "markdown":
+        if line.kind != "markdown" or not self.markup:
             return Line(line.kind, self.mask(text), line.lines)
         # The mask must stay text in Markdown ("********" alone would be a rule): it goes
         # through as a private-use character. The decoded text (entities, escapes) is

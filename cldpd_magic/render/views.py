@@ -77,10 +77,10 @@ class RunLines:
         build_total: How many steps the build has.
     """
 
-    def __init__(self, mask: Masker, kind: str = "") -> None:
+    def __init__(self, mask: Masker, kind: str = "", *, markup: bool = True) -> None:
         self.mask = mask
         self.kind = str(kind)
-        self.renderer = StreamRenderer(mask)
+        self.renderer = StreamRenderer(mask, markup=markup)
         self.build_step = 0
         self.build_total = 0
 
