@@ -70,9 +70,17 @@ _RESULT_NAMES = {
 }
 #: Event types that carry nothing a person needs to read (partial messages, tool ticks).
 #: An interactive run's control answers and withdrawals are cldpd's own business: an
-#: approval and its answer show as PERMISSION_REQUEST and PERMISSION_DECISION events.
+#: approval and its answer show as PERMISSION_REQUEST and PERMISSION_DECISION events; a
+#: message's progress through the queue shows as its replay when its turn starts.
 _QUIET_TYPES = frozenset(
-    {"stream_event", "tool_progress", "keep_alive", "control_response", "control_cancel_request"}
+    {
+        "stream_event",
+        "tool_progress",
+        "keep_alive",
+        "control_response",
+        "control_cancel_request",
+        "command_lifecycle",
+    }
 )
 #: System subtypes that only tick (thinking token estimates while the model thinks), or
 #: say what cldpd already shows (an interactive run's turn is running, waiting, idle).
