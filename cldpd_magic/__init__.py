@@ -21,6 +21,7 @@ from .errors import (
     PodNotFoundError,
     PodRunningError,
     SessionNotFoundError,
+    StdinClosedError,
     StopFailedError,
 )
 from .events import Event, EventType, RunState, Usage
@@ -82,6 +83,7 @@ __all__ = [
     "Scaffold",
     "Session",
     "SessionNotFoundError",
+    "StdinClosedError",
     "StopFailedError",
     "StopReason",
     "Template",

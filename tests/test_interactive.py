@@ -12,7 +12,7 @@ import pytest
 
 from cldpd_magic.errors import InvalidRequestError
 from cldpd_magic.events import EventType
-from cldpd_magic.runs.interactive import Conversation, PermissionRequest, deny_unattended
+from cldpd_magic.runs import Conversation, PermissionRequest, deny_unattended
 
 
 class Pipe:

@@ -260,9 +260,9 @@ class InjectingRunner:
     def start(self, opts):
         return self.runner.start(self._injecting(opts))
 
-    def exec(self, container, cmd, stdout, stderr=None, on_start=None):
+    def exec(self, container, cmd, stdout, stderr=None, on_start=None, stdin=None):
         self.injector.at("exec")
-        return self.runner.exec(container, cmd, stdout, stderr, on_start)
+        return self.runner.exec(container, cmd, stdout, stderr, on_start, stdin=stdin)
 
     def stop(self, container, timeout=10.0):
         self.stopped.append(container)

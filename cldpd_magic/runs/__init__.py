@@ -14,6 +14,7 @@ from .agent import (
     validate_issue_url,
     with_deadline,
 )
+from .approvals import Approvals, PermissionRequest, ToolPolicy, deny_unattended
 from .batch import RESULT_KEYS, Batch, RunSpec, Variant, plan_batch
 from .blocking import BlockingAPI
 from .dispatcher import Dispatcher, default_transcript_dir
@@ -31,13 +32,7 @@ from .egress import (
     seconds_since,
     sweep_orphans,
 )
-from .interactive import (
-    Conversation,
-    PermissionRequest,
-    ToolPolicy,
-    deny_unattended,
-    follow_up,
-)
+from .interactive import Conversation, follow_up
 from .jobs import RunJobs
 from .registry import (
     LABEL_POD,
@@ -54,6 +49,7 @@ from .usage import Limits, UsageMeter, estimate_cost, usage_from_transcript
 __all__ = [
     "LABEL_POD",
     "RESULT_KEYS",
+    "Approvals",
     "Batch",
     "BlockingAPI",
     "Conversation",

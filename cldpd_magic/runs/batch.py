@@ -17,9 +17,10 @@ from typing import Any, TypedDict
 
 from ..errors import CldpdError, InvalidRequestError
 from ..events import RunState, Usage
+from .agent import validate_issue_url
 from .session import Session, SessionControl, SessionStopped, StopReason
 
-__all__ = ["RESULT_KEYS", "Batch", "RunSpec", "Variant", "plan_batch"]
+__all__ = ["RESULT_KEYS", "Batch", "BatchAPI", "RunSpec", "Variant", "plan_batch"]
 
 #: The keys of every record of :meth:`Batch.results`, in column order.
 RESULT_KEYS = (
@@ -402,3 +403,77 @@ class Batch:
                 "install it with: pip install 'cldpd_magic[pandas]'."
             ) from None
         return pandas.DataFrame(self.results(), columns=list(RESULT_KEYS))
+
+
+class BatchAPI:
+    """``dispatch``: batches of runs, over a class's pods, runner and ``start_session``.
+
+    :class:`~cldpd_magic.runs.Dispatcher` has it.
+    """
+
+    runner: Any
+
+    def pod(self, name: str) -> Any:
+        """Discover one pod by name (the class provides it)."""
+        raise NotImplementedError
+
+    def start_session(self, pod_name: str, issue_url: str, **kwargs: Any) -> Session:
+        """Start a run, returning at once (the class provides it)."""
+        raise NotImplementedError
+
+    def dispatch(
+        self,
+        pods: str | Sequence[str],
+        issues: str | Sequence[str],
+        *,
+        variants: Sequence[Variant] | None = None,
+        repeats: int = 1,
+        max_parallel: int = 4,
+        budget_usd: float | None = None,
+        timeout: float | None = None,
+    ) -> Batch:
+        """Run pods x issues x variants x repeats, at most ``max_parallel`` at once.
+
+        Every run is made at once, as a session that waits its turn (``starting``, queued)
+        in order; its run name is ``<pod>-<issue number>`` (``-2``, ... for repeats and
+        variants), or the pod's own when the batch has one run and the pod no other.
+
+        Args:
+            pods: A pod name or a list of them.
+            issues: An issue URL or a list of them.
+            variants: Ways to run each: ``{"name": str, "args": [str], "prompt": str}``
+                (all optional): CLI arguments after the pod's, text after the prompt.
+            repeats: How many runs of each pod, issue and variant.
+            max_parallel: How many runs go at once; the rest wait.
+            budget_usd: The batch's budget: once its runs together cost this much, no run
+                starts and the running ones stop gracefully (``batch over budget``).
+            timeout: Seconds each run's agent may run (over pod.json's
+                ``timeoutSeconds``); a run past it stops gracefully (``timed out``).
+
+        Returns:
+            The :class:`Batch`, running.
+
+        Raises:
+            InvalidRequestError: No pod or issue, a bad URL, variant, count or budget.
+            PodNotFoundError, InvalidPodError, PodConfigError: A pod is unusable.
+            DockerUnavailableError: Docker does not answer.
+        """
+        plan = plan_batch(pods, issues, variants, repeats, max_parallel, budget_usd)
+        for spec in plan:
+            spec.issue = validate_issue_url(spec.issue)
+            self.pod(spec.pod)
+        self.runner.preflight()
+        batch = Batch(max_parallel=max_parallel, budget_usd=budget_usd)
+        alone = len(plan) == 1
+        try:
+            for index, spec in enumerate(plan):
+                session = self.start_session(
+                    spec.pod, spec.issue, args=spec.args, prompt=spec.prompt, timeout=timeout,
+                    _wrap_job=batch.queue(index), _alone=alone,
+                )  # fmt: skip
+                batch.add(spec, session)
+        except BaseException:
+            batch.stop()
+            raise
+        batch.open()
+        return batch

@@ -7,7 +7,7 @@ import sys
 from ..engines import Writer
 from ..errors import ContainerFailedError
 from ..render import TextFeed
-from .interactive import deny_unattended
+from .approvals import deny_unattended
 from .session import Session
 
 

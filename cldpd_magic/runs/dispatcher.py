@@ -34,11 +34,12 @@ from .agent import (
     validate_issue_url,
     with_deadline,
 )
-from .batch import Batch, Variant, plan_batch
+from .approvals import ToolPolicy
+from .batch import BatchAPI
 from .blocking import BlockingAPI
 from .changes import Changes, find_changes
+from .driving import InteractiveAPI
 from .egress import EgressAttempt, sweep_orphans
-from .interactive import Conversation, ToolPolicy, follow_up
 from .jobs import IDLE_COMMAND, Job, RunJobs
 from .registry import (
     LABEL_CLAUDE_SESSION,
@@ -69,7 +70,7 @@ def default_transcript_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cldpd" / "sessions"
 
 
-class Dispatcher(BlockingAPI):
+class Dispatcher(BlockingAPI, InteractiveAPI, BatchAPI):
     """Discovers pods, builds their images and runs their agents.
 
     Args:
@@ -261,49 +262,6 @@ class Dispatcher(BlockingAPI):
             raise
         return self.registry.register(session)
 
-    def drive_session(
-        self,
-        pod_name: str,
-        *,
-        issue_url: str | None = None,
-        run: str | None = None,
-        args: Sequence[str] = (),
-        resume: str | None = None,
-        timeout: float | None = None,
-    ) -> Session:
-        """Start a pod's agent for a caller that drives it through its stdin; at once.
-
-        The agent runs interactive (Claude Code's stream-json in and out, tool approvals
-        asked on its stdout) whatever pod.json says, and cldpd answers nothing: the
-        caller writes the prompts, control requests and approvals to ``session.stdin``
-        and reads the agent's lines from the session's events (the Claude Agent SDK's
-        transport, :class:`cldpd_magic.sdk.PodTransport`, does). It is a run like any
-        other: named, labelled, listed, masked, with a transcript; stopping it stops it.
-
-        Args:
-            pod_name: The pod.
-            issue_url: The issue the run is on, if any: its line (and the template) is
-                ``session.start_prompt``, for the caller to put before its first prompt.
-            run: The run's name; made up when None.
-            args: CLI arguments after the pod's own (the driver's options).
-            resume: A Claude Code session to resume instead of starting a new one.
-            timeout: Seconds the agent may run; pod.json's ``timeoutSeconds`` when None.
-
-        Returns:
-            The Session; ``session.stdin`` is the agent's stdin (a StdinPipe).
-
-        Raises:
-            As :meth:`start_session`.
-        """
-        url = validate_issue_url(issue_url) if issue_url else ""
-        pod = self.pod(pod_name)
-        plan = plan_start(pod, url, "", args, timeout, interactive=True, resume=resume)
-        pipe = StdinPipe()
-        session = self._launch(pod, plan, url, run, timeout, stdin=pipe)
-        session.stdin = pipe
-        session.start_prompt = plan.prompt
-        return session
-
     @staticmethod
     def secrets(pod: Pod) -> list[str]:
         """The values to mask for a pod: secret-looking env values and forwarded variables."""
@@ -397,27 +355,6 @@ class Dispatcher(BlockingAPI):
                           kind=SessionKind.RESUME, claude_session=session_uuid,
                           run=run_of(info), limits=pod_limits(pod),
                           conversation=conversation)  # fmt: skip
-        return self.registry.register(session)
-
-    def _conversation(self, pod: Pod, run: str, prompt: str) -> Conversation:
-        """The conversation of an interactive agent about to start: its first message waits."""
-        conversation = Conversation(
-            run, StdinPipe(), keep_alive=pod.config.keep_alive,
-            approval_timeout=pod.config.approval_timeout_seconds,
-            idle_timeout=pod.config.idle_timeout_seconds, policy=self.can_use_tool,
-        )  # fmt: skip
-        conversation.send_user(prompt)
-        return conversation
-
-    def _follow_up(self, live: Session, prompt: str) -> Session:
-        """A follow-up sent to a live interactive run's agent (see :func:`follow_up`)."""
-        assert live.conversation is not None
-        job = follow_up(live, live.conversation, prompt)
-        session = Session(live.pod_name, live.container, job, self.transcript_dir,
-                          live.mask.values, kind=SessionKind.RESUME,
-                          claude_session=live.claude_session, run=live.run,
-                          conversation=live.conversation,
-                          owns_conversation=False)  # fmt: skip
         return self.registry.register(session)
 
     def attach_session(self, pod_name: str) -> Session:
@@ -518,63 +455,6 @@ class Dispatcher(BlockingAPI):
             ChangesError: No changes of that run are known here.
         """
         return find_changes(self, run, capture)
-
-    def dispatch(
-        self,
-        pods: str | Sequence[str],
-        issues: str | Sequence[str],
-        *,
-        variants: Sequence[Variant] | None = None,
-        repeats: int = 1,
-        max_parallel: int = 4,
-        budget_usd: float | None = None,
-        timeout: float | None = None,
-    ) -> Batch:
-        """Run pods x issues x variants x repeats, at most ``max_parallel`` at once.
-
-        Every run is made at once, as a session that waits its turn (``starting``, queued)
-        in order; its run name is ``<pod>-<issue number>`` (``-2``, ... for repeats and
-        variants), or the pod's own when the batch has one run and the pod no other.
-
-        Args:
-            pods: A pod name or a list of them.
-            issues: An issue URL or a list of them.
-            variants: Ways to run each: ``{"name": str, "args": [str], "prompt": str}``
-                (all optional): CLI arguments after the pod's, text after the prompt.
-            repeats: How many runs of each pod, issue and variant.
-            max_parallel: How many runs go at once; the rest wait.
-            budget_usd: The batch's budget: once its runs together cost this much, no run
-                starts and the running ones stop gracefully (``batch over budget``).
-            timeout: Seconds each run's agent may run (over pod.json's
-                ``timeoutSeconds``); a run past it stops gracefully (``timed out``).
-
-        Returns:
-            The :class:`Batch`, running.
-
-        Raises:
-            InvalidRequestError: No pod or issue, a bad URL, variant, count or budget.
-            PodNotFoundError, InvalidPodError, PodConfigError: A pod is unusable.
-            DockerUnavailableError: Docker does not answer.
-        """
-        plan = plan_batch(pods, issues, variants, repeats, max_parallel, budget_usd)
-        for spec in plan:
-            spec.issue = validate_issue_url(spec.issue)
-            self.pod(spec.pod)
-        self.runner.preflight()
-        batch = Batch(max_parallel=max_parallel, budget_usd=budget_usd)
-        alone = len(plan) == 1
-        try:
-            for index, spec in enumerate(plan):
-                session = self.start_session(
-                    spec.pod, spec.issue, args=spec.args, prompt=spec.prompt, timeout=timeout,
-                    _wrap_job=batch.queue(index), _alone=alone,
-                )  # fmt: skip
-                batch.add(spec, session)
-        except BaseException:
-            batch.stop()
-            raise
-        batch.open()
-        return batch
 
 
 __all__ = [

@@ -25,8 +25,6 @@ import os
 import threading
 import uuid as _uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ..errors import CldpdError, InvalidRequestError
@@ -44,16 +42,15 @@ from ..stream_json import (
     UserMessage,
     read_line,
 )
+from .approvals import (
+    DEFAULT_APPROVAL_TIMEOUT,
+    Approvals,
+    PermissionRequest,
+    ToolPolicy,
+)
 
 logger = logging.getLogger(__package__)
 
-#: What a policy answers: allow or not, or that with the message the agent is told.
-Decision = bool | tuple[bool, str]
-#: ``Dispatcher(can_use_tool=...)``: decides a run's tool calls, ``(run, tool, input)``.
-ToolPolicy = Callable[[str, str, Mapping[str, Any]], Decision]
-
-#: Seconds a pending approval waits for an answer unless pod.json says otherwise.
-DEFAULT_APPROVAL_TIMEOUT = 600.0
 #: Seconds cldpd waits for the CLI's answer to one of its control requests.
 CONTROL_TIMEOUT = 30.0
 #: Seconds after a result with no sign of another turn before the turn counts as the
@@ -76,48 +73,6 @@ class InputPipe(Protocol):
 
     def close(self) -> None:
         """End the input: the agent reads EOF once what was written is read."""
-
-
-@dataclass(frozen=True)
-class PermissionRequest:
-    """A tool call the agent asks to run, waiting for an answer.
-
-    Attributes:
-        request_id: The CLI's id of the request; :meth:`Conversation.decide` takes it.
-        tool: The tool's name (``Bash``, ``Write``, ...).
-        input: The call's input as the agent wrote it (masked).
-        suggestions: The CLI's suggested permission updates (masked).
-        time: When it came (UTC).
-        run: The run that asks.
-    """
-
-    request_id: str
-    tool: str
-    input: Mapping[str, Any]
-    suggestions: tuple[Mapping[str, Any], ...] = ()
-    time: datetime = field(default_factory=lambda: datetime.now(UTC))
-    run: str = ""
-
-
-def _decision(answer: Any) -> tuple[bool, str]:
-    """A policy's answer as (allow, message); anything but a bool or a pair is a deny."""
-    if isinstance(answer, bool):
-        return answer, ""
-    if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], bool):
-        return answer[0], str(answer[1])
-    return False, "the approval policy gave no yes or no"
-
-
-def deny_unattended(run: str, tool: str, tool_input: Mapping[str, Any]) -> Decision:
-    """The policy of a run nobody watches (``cldpd`` without a terminal, a CLI batch).
-
-    The pod's ``settings.json`` rules decide first (the CLI asks only for what they do not
-    allow); what is asked anyway is denied, and the agent is told why.
-    """
-    return False, (
-        f"cldpd: no one is here to approve {tool}; allow it in the pod's settings.json, "
-        "or run the pod where a person can answer."
-    )
 
 
 class _Waiter:
@@ -155,21 +110,17 @@ class Conversation:
         self.run = run
         self.pipe = pipe
         self.keep_alive = keep_alive
-        self.approval_timeout = (
-            DEFAULT_APPROVAL_TIMEOUT if approval_timeout is None else approval_timeout
-        )
         self.idle_timeout = idle_timeout
-        self.policy = policy
         self._emit: Callable[[EventType, str], None] = lambda _etype, _data: None
+        self.approvals = Approvals(
+            run, self._write, lambda etype, data: self._emit(etype, data),
+            DEFAULT_APPROVAL_TIMEOUT if approval_timeout is None else approval_timeout, policy,
+        )  # fmt: skip
         self._lock = threading.Lock()
-        self._pending: dict[str, PermissionRequest] = {}
-        self._timers: dict[str, threading.Timer] = {}
         self._waiters: dict[str, _Waiter] = {}
-        self._always: set[str] = set()
         self._ids = itertools.count(1)
         self._activity = 0  # bumped by every sign of a turn: a check of idleness compares it
         self._idle_timer: threading.Timer | None = None
-        self._turn_listeners: list[Callable[[Result], None]] = []
         self.ended = threading.Event()
         #: Set while a kept-alive agent's turn is over and it waits for a follow-up (a
         #: blocking cell returns then; the cell goes on showing what comes).
@@ -180,15 +131,6 @@ class Conversation:
     def attach(self, emit: Callable[[EventType, str], None]) -> None:
         """Record the run's events through ``emit(event type, data)`` (the start session's)."""
         self._emit = emit
-
-    def add_turn_listener(self, listener: Callable[[Result], None]) -> None:
-        """Call ``listener(result)`` at the end of every turn (on the session's reader)."""
-        self._turn_listeners.append(listener)
-
-    def remove_turn_listener(self, listener: Callable[[Result], None]) -> None:
-        """Stop calling a listener added with :meth:`add_turn_listener`."""
-        if listener in self._turn_listeners:
-            self._turn_listeners.remove(listener)
 
     @property
     def live(self) -> bool:
@@ -335,124 +277,24 @@ class Conversation:
 
     # --- approvals -----------------------------------------------------------------------
 
+    @property
+    def policy(self) -> ToolPolicy | None:
+        """Decides questions as they come (None: they wait for a person or their timeout)."""
+        return self.approvals.policy
+
+    @policy.setter
+    def policy(self, policy: ToolPolicy | None) -> None:
+        self.approvals.policy = policy
+
     def pending(self) -> list[PermissionRequest]:
         """The questions waiting for an answer, oldest first."""
-        with self._lock:
-            return sorted(self._pending.values(), key=lambda r: r.time)
+        return self.approvals.pending()
 
     def decide(
-        self,
-        request_id: str,
-        *,
-        allow: bool,
-        message: str = "",
-        always: bool = False,
-        by: str = "user",
+        self, request_id: str, *, allow: bool, message: str = "", always: bool = False
     ) -> None:
-        """Answer a question: the tool call runs, or the agent is told ``message``.
-
-        Args:
-            request_id: A pending request's id.
-            allow: Whether the call may run.
-            message: What the agent is told when it may not.
-            always: Allow this tool for the rest of the run without asking.
-            by: Who decided (``user``, ``policy``, ``timeout``), for the record.
-
-        Raises:
-            InvalidRequestError: No such question is pending (answered, withdrawn or
-                never asked).
-        """
-        with self._lock:
-            request = self._pending.pop(request_id, None)
-            timer = self._timers.pop(request_id, None)
-            if request is not None and allow and always:
-                self._always.add(request.tool)
-        if timer is not None:
-            timer.cancel()
-        if request is None:
-            raise InvalidRequestError(
-                f"Run {self.run} has no pending approval {str(request_id)[:60]!r}; it was "
-                "answered, withdrawn or timed out (see pending())."
-            )
-        answer: dict[str, Any] = {"behavior": "allow" if allow else "deny"}
-        if allow and always:
-            answer["updatedPermissions"] = [
-                {
-                    "type": "addRules",
-                    "rules": [{"toolName": request.tool}],
-                    "behavior": "allow",
-                    # This run only: "localSettings" would write into the workdir.
-                    "destination": "session",
-                }
-            ]
-        if not allow:
-            answer["message"] = message or "The user denied this tool call."
-        self._emit_decision(request, allow, answer.get("message", ""), always, by)
-        try:
-            reply = {"subtype": "success", "request_id": request_id, "response": answer}
-            self._write({"type": "control_response", "response": reply})
-        except (CldpdError, OSError):
-            log_swallowed(logger, f"answering an approval of run {self.run} failed")
-
-    def _emit_decision(
-        self, request: PermissionRequest, allow: bool, message: str, always: bool, by: str
-    ) -> None:
-        data = {"request_id": request.request_id, "tool": request.tool, "allow": allow,
-                "message": message, "always": always, "by": by}  # fmt: skip
-        self._emit(EventType.PERMISSION_DECISION, json.dumps(data, ensure_ascii=False))
-
-    def _asked(self, event: CanUseTool) -> None:
-        request = PermissionRequest(
-            event.request_id, event.tool_name or "tool", dict(event.input or {}),
-            tuple(event.permission_suggestions or ()), run=self.run,
-        )  # fmt: skip
-        with self._lock:
-            always = request.tool in self._always
-            if not always:
-                self._pending[request.request_id] = request
-        data = {"request_id": request.request_id, "tool": request.tool,
-                "input": request.input, "suggestions": list(request.suggestions)}  # fmt: skip
-        self._emit(EventType.PERMISSION_REQUEST, json.dumps(data, ensure_ascii=False, default=str))
-        if always:
-            with self._lock:
-                self._pending[request.request_id] = request
-            self.decide(request.request_id, allow=True, by="always")
-            return
-        if self.approval_timeout > 0:
-            timer = threading.Timer(self.approval_timeout, self._timed_out, (request.request_id,))
-            timer.daemon = True
-            with self._lock:
-                self._timers[request.request_id] = timer
-            timer.start()
-        if self.policy is not None:
-            threading.Thread(
-                target=self._ask_policy, args=(request,), daemon=True,
-                name=f"cldpd-policy-{self.run}",
-            ).start()  # fmt: skip
-
-    def _ask_policy(self, request: PermissionRequest) -> None:
-        try:
-            allow, message = _decision(self.policy(self.run, request.tool, request.input))
-        except Exception as exc:
-            log_swallowed(logger, f"the approval policy of run {self.run} failed")
-            allow, message = False, f"cldpd: the approval policy failed ({type(exc).__name__})."
-        with contextlib.suppress(InvalidRequestError):  # answered meanwhile (a person, ...)
-            self.decide(request.request_id, allow=allow, message=message, by="policy")
-
-    def _timed_out(self, request_id: str) -> None:
-        seconds = f"{self.approval_timeout:g}"
-        with contextlib.suppress(InvalidRequestError):  # answered in the last moment
-            self.decide(request_id, allow=False, by="timeout",
-                        message=f"cldpd: no answer within {seconds} s; denied.")  # fmt: skip
-
-    def _withdrawn(self, request_id: str) -> None:
-        with self._lock:
-            request = self._pending.pop(request_id, None)
-            timer = self._timers.pop(request_id, None)
-        if timer is not None:
-            timer.cancel()
-        if request is not None:
-            self._emit_decision(request, False, "", False, "cancelled")
+        """Answer a pending question (see :meth:`Approvals.decide`)."""
+        self.approvals.decide(request_id, allow=allow, message=message, always=always)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -468,7 +310,7 @@ class Conversation:
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, CanUseTool):
-            self._asked(event)
+            self.approvals.asked(event)
         elif isinstance(event, ControlResponse):
             with self._lock:
                 waiter = self._waiters.get(event.request_id)
@@ -476,15 +318,13 @@ class Conversation:
                 waiter.response = event
                 waiter.done.set()
         elif isinstance(event, ControlCancel):
-            self._withdrawn(event.request_id)
+            self.approvals.withdrawn(event.request_id)
         elif isinstance(event, SessionStateChanged):
             if event.state == "idle":
                 self._turn_over(checked=True)
             else:
                 self._busy()
         elif isinstance(event, Result):
-            for listener in list(self._turn_listeners):
-                listener(event)
             self._turn_over(checked=False)
         elif isinstance(event, SystemInit | AssistantMessage):
             self._busy()
@@ -510,7 +350,7 @@ class Conversation:
 
     def _idle(self, seen: int) -> None:
         with self._lock:
-            if seen != self._activity or self._pending or self.ended.is_set():
+            if seen != self._activity or self.approvals.any or self.ended.is_set():
                 return
             if self.keep_alive:
                 self._start_idle_timer()
@@ -539,16 +379,10 @@ class Conversation:
         self.waiting.clear()
         with self._lock:
             self._cancel_idle()
-            pending = list(self._pending)
             waiters = list(self._waiters.values())
-        for request_id in pending:
-            self._withdrawn(request_id)
+        self.approvals.withdraw_all()
         for waiter in waiters:
             waiter.done.set()
-
-    def wait_ended(self, timeout: float | None = None) -> bool:
-        """Wait for the agent's process to end; whether it did in time."""
-        return self.ended.wait(timeout)
 
 
 class Followed(Protocol):

@@ -17,8 +17,9 @@ from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
 from ..logs import log_swallowed
 from ..secrets import MASK, Masker
+from .approvals import PermissionRequest
 from .changes import RunChanges
-from .interactive import Conversation, PermissionRequest
+from .interactive import Conversation
 from .usage import Limits, UsageMeter
 
 if TYPE_CHECKING:
