@@ -603,7 +603,7 @@ def test_a_feed_keeps_the_first_error_of_its_threads(tmp_path):
         yield  # pragma: no cover
 
     session = _session(tmp_path, 1000)
-    session.events = events  # type: ignore[method-assign]
+    session.event_batches = events  # type: ignore[method-assign]
     view = SessionView("pod")
     feed = LiveFeed(session, view, publish, interval=0.02)
     assert feed.join(30)

@@ -8,14 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from itertools import groupby
-from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from ..engines import Writer
 from ..events import Event, EventType
 from ..logs import log_swallowed
 from .tables import BatchView
-from .views import RunLines, SessionView
+from .views import _DATA, _TYPE, RunLines, SessionView
 
 if TYPE_CHECKING:
     from ..runs import Session
@@ -29,8 +28,6 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 
 #: Line kinds a running text writes to stderr; the rest go to stdout.
 _NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
-_TYPE = itemgetter(0)  # Event.type, read without Python code per event
-_DATA = itemgetter(1)  # Event.data
 
 
 class _FirstError:
@@ -102,8 +99,9 @@ class LiveFeed(_FirstError):
 
     def _read(self) -> None:
         try:
-            for event in self.session.events():
-                self.view.add(event)
+            for events in self.session.event_batches():
+                self.view.add_events(events)
+                self._wake.set()
         except BaseException as exc:  # the feed must end even if a transcript read fails
             log_swallowed(log, "reading the session's events failed", self.session.mask)
             self._record(exc)
@@ -121,16 +119,19 @@ class LiveFeed(_FirstError):
             self._record(exc)
 
     def _write(self) -> None:
-        shown_version = -1
-        shown_second = -1
+        # What changes is shown at once (the first line with no delay), then at most once
+        # per interval: after a publication the writer sleeps out the interval first.
+        shown = (-1, -1)
         while not self._consumed.is_set():
-            self._wake.wait(self.interval)
+            self._wake.wait(self.interval)  # set by the reader when events come
+            self._wake.clear()
             if self._consumed.is_set():
                 break
-            second = int(self.view.elapsed())
-            if self.view.version != shown_version or second != shown_second:
-                shown_version, shown_second = self.view.version, second
+            state = (self.view.version, int(self.view.elapsed()))
+            if state != shown:
+                shown = state
                 self._publish()
+                self._consumed.wait(self.interval)
         self._publish()
         self._done.set()
 

@@ -10,6 +10,8 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from ..events import Event, EventType, RunState, RunStatus, Usage
@@ -59,6 +61,8 @@ _CSS = (
 
 #: Line kinds a running text shows but a view does not: it has its status line instead.
 _STATUS_KINDS = frozenset({"status", "build_log"})
+_TYPE = itemgetter(0)  # Event.type, read without Python code per event
+_DATA = itemgetter(1)  # Event.data
 
 
 class RunLines:
@@ -71,6 +75,7 @@ class RunLines:
     Args:
         mask: Masks secret values (a session's ``Masker``).
         kind: What the run does (``start``, ``resume``, ``attach``), for its status lines.
+        markup: Make Markdown's HTML as lines are rendered (a text reader needs none).
 
     Attributes:
         build_step: The last build step seen.
@@ -212,6 +217,15 @@ class SessionView:
             self.tail_lines -= dropped.lines
             self.elided += dropped.lines
 
+    def _push_texts(self, texts: list[str]) -> None:
+        """Push plain text lines, each one screen line: only those the tail can keep are made."""
+        kept = texts[-self.max_lines :]
+        skipped = len(texts) - len(kept)
+        self.elided += skipped
+        self.total_lines += skipped
+        for text in kept:
+            self._push(Line("text", text))
+
     def add(self, event: Event, stopped: bool = False) -> None:
         """Take one session event into the view; never raises, whatever the agent printed.
 
@@ -221,14 +235,39 @@ class SessionView:
         """
         with self.lock:
             self.version += 1
-            if not self._bound:
-                self.status.on_event(event, stopped)
-            for line in self.model.lines(event):
-                if line.kind in _STATUS_KINDS:
-                    continue
-                if line.kind == "error" and self.status.state is RunState.STOPPED:
-                    continue  # a stop is not an error
-                self._push(line)
+            self._add(event, stopped)
+
+    def add_events(self, events: list[Event], stopped: bool = False) -> None:
+        """Take session events into the view, as :meth:`add` of each would; never raises.
+
+        A run of output lines that render as they are (plain text, nothing to clean or
+        mask) is taken at once: a flood costs a few scans, not a rendering per line.
+
+        Args:
+            events: The events, in order.
+            stopped: For a view without a session: a stop was asked for.
+        """
+        with self.lock:
+            self.version += 1
+            for etype, run in groupby(events, _TYPE):
+                group = list(run)
+                if etype is EventType.OUTPUT:
+                    texts = list(map(_DATA, group))
+                    if self.model.renderer.renders_as_is(texts, "\n".join(texts)):
+                        self._push_texts(texts)
+                        continue
+                for event in group:
+                    self._add(event, stopped)
+
+    def _add(self, event: Event, stopped: bool) -> None:
+        if not self._bound:
+            self.status.on_event(event, stopped)
+        for line in self.model.lines(event):
+            if line.kind in _STATUS_KINDS:
+                continue
+            if line.kind == "error" and self.status.state is RunState.STOPPED:
+                continue  # a stop is not an error
+            self._push(line)
 
     def note(self, text: str, kind: str = "system") -> None:
         """Add a line of our own (masked) to the tail."""
