@@ -24,6 +24,7 @@ import pytest
 
 from cldpd_magic.engines.docker import DockerRunner
 from cldpd_magic.engines.docker.snapshots import LABEL_SNAPSHOT, Snapshots
+from cldpd_magic.errors import CldpdError
 from cldpd_magic.runs import Dispatcher
 from cldpd_magic.runs.changes import (
     Changes,
@@ -395,12 +396,22 @@ def test_a_batch_has_the_columns_of_its_runs_changes(dispatcher, make_pod):
     assert all("+3" in patch for patch in frame["patch"])
 
 
-def test_without_snapshots_a_runner_takes_no_baseline(make_pod, pods_dir, transcript_dir):
-    plain = Dispatcher(pods_dir, DockerRunner(), transcript_dir)
-    name = _pod(make_pod, "echo x > x.txt")
+class NoSnapshots(DockerRunner):
+    """A runner whose engine cannot read ended containers (no ``capture``)."""
+
+    capture = None
+
+
+def test_a_runner_that_cannot_read_ended_containers_takes_no_baseline(
+    make_pod, pods_dir, transcript_dir
+):
+    plain = Dispatcher(pods_dir, NoSnapshots(), transcript_dir)
+    name = _pod(make_pod, 'echo "$0 $*" > x.txt')
     session = plain.start_session(name, URL)
     session.wait(120)
     assert session.changes is None  # a control: the same run through CapturingRunner has them
+    with pytest.raises(CldpdError, match="has no changes to capture"):
+        session.capture_changes()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git on the host")
