@@ -207,3 +207,58 @@ def test_a_batch_of_four_with_two_asking_at_once_shows_both_in_one_queue(
     assert panel.approvals.rows == []
     for session in batch.runs:
         assert_secret_nowhere(session)
+
+
+def displays_of(messages: list[Message]) -> list[Message]:
+    return [m for m in messages if m["msg_type"].endswith("display_data")]
+
+
+def display_text(message: Message) -> str:
+    return str(message["content"]["data"].get("text/plain", ""))
+
+
+@pytest.mark.kernel
+def test_a_kept_alive_start_returns_when_it_waits_and_resume_is_a_live_follow_up(ks, offline_pod):
+    from kernel_util import display_id
+
+    scenario = [Turn(text="First answer."), Turn(text="Second answer.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url, keepAlive=True)
+        before = len(ks.messages)
+        try:
+            started = ks.execute(f"%cldpd_start {name} {URL}", timeout=180)  # returns: it waits
+            start_display = display_id(displays_of(started)[0])
+            assert "First answer." in display_text(displays_of(started)[-1])
+            resumed = ks.execute(f"%cldpd_resume {name} And the second question?", timeout=120)
+            turn = display_text(displays_of(resumed)[-1])
+            assert turn.startswith(f"{name} resume: exited 0"), turn
+            assert "Second answer." in turn and "First answer." not in turn
+
+            def start_cell_shows_it(m: Message) -> bool:
+                return display_id(m) == start_display and "Second answer." in display_text(m)
+
+            ks.wait_for(start_cell_shows_it, 30, since=before)  # the start cell goes on
+            requests = server.conversation_requests()
+        finally:
+            ks.execute(f"%cldpd_stop {name}", timeout=60, check=False)
+    contents = str(requests[-1].messages)
+    assert "Work on this GitHub issue" in contents and "And the second question?" in contents
+    assert len(requests) == 2  # one process: no second --resume read the session anew
+
+
+@pytest.mark.kernel
+def test_interrupt_ends_a_slow_turn_in_the_kernel_and_a_follow_up_works(ks, offline_pod):
+    scenario = [Turn(delay=300, text="too late"), Turn(text="After the interrupt.")]
+    with ScriptedModelServer(scenario, api_key=API_KEY) as server:
+        name = live(offline_pod, server.url, keepAlive=True)
+        try:
+            ks.execute(f"s = %cldpd_start -b {name} {URL}", timeout=60)
+            server.wait_for_turn(0, timeout=180)
+            said = ks.execute(f"%cldpd_interrupt {name}", timeout=60)
+            assert f"Run {name} interrupted" in str(said)
+            ks.execute("assert s.conversation.waiting.wait(60)", timeout=90)
+            resumed = ks.execute(f"%cldpd_resume {name} Go on, quickly.", timeout=120)
+            assert "After the interrupt." in display_text(displays_of(resumed)[-1])
+            assert ks.value("s.done") == "False"  # the run stayed
+        finally:
+            ks.execute(f"%cldpd_stop {name}", timeout=60, check=False)
