@@ -21,6 +21,7 @@ import inspect
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -163,7 +164,7 @@ def wait_until(
     *,
     widgets: bool,
     settled: Callable[[], bool] = lambda: False,
-) -> None:
+) -> bool:
     """Block a cell until ``finished(seconds)`` (a wait of at most that long) is true.
 
     Args:
@@ -172,23 +173,27 @@ def wait_until(
         widgets: Handle widget events meanwhile (a run that may ask for approvals).
         settled: Checked after each wait: true returns early (an agent that waits for a
             follow-up), the cell going on showing what comes.
+
+    Returns:
+        Whether it returned early, settled.
     """
     with ui_events(shell, widgets) as poll:
         while not finished(POLL_INTERVAL if widgets else 0.25):
             poll()
             if settled():
-                return
+                return True
+    return False
 
 
 def wait_followed(shell: Any, feed: Any, session: Any) -> None:
     """Block a cell until a run's last view is shown (``feed.join``).
 
     An interactive run's cell handles clicks meanwhile (its approval rows), and returns
-    once its kept-alive agent waits for a follow-up.
+    once its kept-alive agent waits for a follow-up, its turn's end shown.
 
     Args:
         shell: The IPython shell.
-        feed: The run's live feed (``join(timeout) -> bool``).
+        feed: The run's live feed (:class:`~cldpd_magic.render.LiveFeed`).
         session: The run's session.
     """
     conversation = session.conversation
@@ -196,8 +201,17 @@ def wait_followed(shell: Any, feed: Any, session: Any) -> None:
         wait_until(shell, feed.join, widgets=False)
         return
     owner = session.owns_conversation  # a follow-up's session ends with its turn
-    wait_until(shell, feed.join, widgets=True,
-               settled=lambda: owner and conversation.waiting.is_set())  # fmt: skip
+    if not wait_until(shell, feed.join, widgets=True,
+                      settled=lambda: owner and conversation.waiting.is_set()):  # fmt: skip
+        return
+    # The agent said it waits before the feed showed its last lines: one publication
+    # more (a few intervals at most) shows them in the cell before it returns.
+    seen, end = feed.publications, time.monotonic() + 2 * feed.interval + 1.0
+
+    def caught_up(seconds: float) -> bool:
+        return feed.join(seconds) or feed.publications > seen or time.monotonic() > end
+
+    wait_until(shell, caught_up, widgets=True)
 
 
 @contextlib.contextmanager
