@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_real_claude as real_claude
 from fakes import ISSUE_URL as URL
 from fakes import FakeRunner
 
@@ -389,3 +390,77 @@ def test_resume_and_stop(docker_client, pods_dir, make_pod):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- approvals of an interactive run: asked on a terminal, denied without one ------------
+# The real Claude Code CLI against the scripted model (tests/test_real_claude.py's pods,
+# its fixtures taken under their names).
+
+claude_image = real_claude.claude_image
+offline_pod = real_claude.offline_pod
+_api_key = real_claude._api_key
+ASKS = [
+    real_claude.Turn(tool_calls=[real_claude.ToolCall("Bash", {"command": "touch asked.txt"})]),
+    real_claude.Turn(text="My turn is over."),
+]
+QUESTION = "allow? [y/N/a=always] "
+
+
+def interactive(offline_pod, url: str) -> str:
+    return offline_pod(url, args=["--max-turns", "6"], extra={"interactive": True})
+
+
+def on_a_terminal(pods_dir: Path, name: str, answer: str) -> tuple[int, str]:
+    """``cldpd start`` in a pseudo-terminal, answering its question; (exit code, what it showed)."""
+    import pexpect
+
+    args = ["-m", "cldpd_magic.cli", "--pods-dir", str(pods_dir), "start", name, "--issue",
+            real_claude.URL]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=180)
+    try:
+        child.expect_exact(QUESTION)
+        asked = child.before + child.after
+        child.sendline(answer)
+        child.expect(pexpect.EOF)
+        shown = asked + child.before
+    finally:
+        child.close()
+    return child.exitstatus, shown
+
+
+@pytest.mark.docker
+@pytest.mark.claude
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_on_a_terminal_cldpd_asks_and_obeys(pods_dir, offline_pod, tmp_path, answer):
+    with real_claude.ScriptedModelServer(ASKS, api_key=real_claude.API_KEY) as server:
+        name = interactive(offline_pod, server.url)
+        code, shown = on_a_terminal(pods_dir, name, answer)
+        (result,) = server.conversation_requests()[-1].tool_results()
+    assert f"cldpd: {name} asks to run Bash: touch asked.txt\r\n{QUESTION}" in shown
+    assert code == 0, shown
+    made = (tmp_path / "work" / "asked.txt").exists()
+    if answer == "y":
+        assert made and not result.get("is_error")
+        assert "✓ allowed Bash (by the policy)" in shown
+    else:
+        assert not made and result.get("is_error")
+        assert "A person at the terminal said no." in json.dumps(result)
+        assert "⊘ denied Bash: A person at the terminal said no." in shown
+    assert "My turn is over." in shown
+    assert real_claude.API_KEY not in shown
+
+
+@pytest.mark.docker
+@pytest.mark.claude
+def test_without_a_terminal_cldpd_denies_and_says_why(pods_dir, offline_pod, tmp_path):
+    with real_claude.ScriptedModelServer(ASKS, api_key=real_claude.API_KEY) as server:
+        name = interactive(offline_pod, server.url)
+        done = cldpd(pods_dir, "start", name, "--issue", real_claude.URL, stdin=subprocess.DEVNULL)
+        (result,) = server.conversation_requests()[-1].tool_results()
+    assert done.returncode == 0, done.stderr
+    assert QUESTION not in done.stderr  # nobody to ask: no question, no wait
+    assert not (tmp_path / "work" / "asked.txt").exists()
+    said = "cldpd: no one is here to approve Bash"
+    assert result.get("is_error") and said in json.dumps(result)
+    assert f"⊘ denied Bash: {said}" in done.stdout + done.stderr
