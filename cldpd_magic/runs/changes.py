@@ -1008,21 +1008,31 @@ class ChangeCapture:
                 "its changes are those captured when it ended, if any."
             )
         if info.running:
-            out, err = _Collect(), _Collect()
-            code = self.runner.exec(self.container, capture_command(self.max_bytes), out, err)
-            if code != 0:
-                detail = " ".join(err.text().split())[-300:]
-                raise ChangesError(
-                    f"Capturing the changes in {self.container} failed (exit {code}"
-                    + (f": {detail}" if detail else "") + ")."
-                )  # fmt: skip
-            return out.text().encode("ascii", "replace")
+            try:
+                return self._exec()
+            except SessionNotFoundError:
+                # It ended meanwhile (or its engine says a service runs whose task has
+                # ended, as a swarm's does): read it as an ended container.
+                if not isinstance(self.runner, SnapshotRunner):
+                    raise
         if not isinstance(self.runner, SnapshotRunner):
             raise ChangesError(
                 f"The container {self.container} has ended and its engine cannot read an "
                 "ended container's files; capture changes while the run runs."
             )
         return self.runner.capture(self.container, capture_script(self.max_bytes))
+
+    def _exec(self) -> bytes:
+        """The capture's output through an exec into the running container."""
+        out, err = _Collect(), _Collect()
+        code = self.runner.exec(self.container, capture_command(self.max_bytes), out, err)
+        if code != 0:
+            detail = " ".join(err.text().split())[-300:]
+            raise ChangesError(
+                f"Capturing the changes in {self.container} failed (exit {code}"
+                + (f": {detail}" if detail else "") + ")."
+            )  # fmt: skip
+        return out.text().encode("ascii", "replace")
 
     def payload(self) -> bytes:
         """What the capture found, read from its output (see :func:`decode_capture`)."""
