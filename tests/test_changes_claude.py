@@ -31,6 +31,7 @@ from test_real_claude import (  # noqa: F401 - its fixtures
     offline_pod,
 )
 
+from cldpd_magic.engines.docker import DockerRunner
 from cldpd_magic.model_server.server import ScriptedModelServer, ToolCall, Turn
 from cldpd_magic.render import diff as diff_view
 from cldpd_magic.runs import Dispatcher
@@ -309,3 +310,27 @@ def test_two_variants_compared_with_cldpd_diff_in_a_real_kernel(
     assert "-    return 'hi'" in html and "+    return 'yo'" in html
     assert "<span class=\"cldpd-gi\">+    return 'hi'" in one[-1]["content"]["data"]["text/html"]
     assert API_KEY not in json.dumps(messages, default=str)
+
+
+@pytest.mark.skipif(
+    not hasattr(DockerRunner, "capture"),
+    reason="the cell's section comes with the engines and magics wiring of issue 22",
+)
+def test_a_runs_cell_ends_with_its_changes(offline_pod, pods_dir, transcript_dir, repo, tmp_path):
+    from kernel_util import KernelSession, outputs, text_of
+
+    _work, start = repo
+    with ScriptedModelServer(agent_turns("hi"), api_key=API_KEY) as server:
+        name = repo_in_image(pods_dir, offline_pod(server.url, args=ARGS), start)
+        env = {"ANTHROPIC_API_KEY": API_KEY, "CLDPD_SESSIONS_DIR": str(transcript_dir)}
+        with KernelSession(env=env, cwd=str(tmp_path)) as ks:
+            ks.execute(
+                f"%load_ext cldpd_magic\n%config CldpdMagics.pods_dir = {str(pods_dir)!r}\n"
+                f"%config CldpdMagics.transcript_dir = {str(transcript_dir)!r}"
+            )
+            shown = outputs(ks.execute(f"run = %cldpd_start {name} {URL}", timeout=300))
+    last = shown[-1]["content"]["data"]["text/html"]
+    assert f"Changes: 3 files, +6 {diff_view.MINUS}1" in last
+    assert "<span class=\"cldpd-gi\">+    return 'hi'" in last
+    assert last.index("cldpd-status") < last.index("cldpd-changes")  # at the end of the cell
+    assert "Changes: 3 files" in text_of(shown[-1])
