@@ -181,7 +181,8 @@ def test_the_baseline_and_the_capture_write_nothing_in_the_repository(box, docke
     _git_image(docker_client)
     b = box(GIT_IMAGE)
     b.sh(START)
-    listing = "find .git -type f | sort | xargs md5sum; ls -la --time-style=+%s .git"
+    # Every file's content, every file's and directory's size and time, under .git.
+    listing = "find .git -type f | xargs md5sum | sort; find .git -exec stat -c '%n %s %Y' {} +"
     before = b.sh(listing)
     b.baseline()
     b.sh("echo more >> a.txt && echo new > new.txt")
