@@ -6,6 +6,7 @@ import contextvars
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -113,10 +114,28 @@ def test_fifty_runs_publish_no_more_often_than_one_and_keep_their_own_lines(tmp_
     assert len(published) <= wall / 0.05 + 3
     for i, row in enumerate(view.rows()):
         assert row.total_lines == 2000
+        assert bool(row.tail) is (i == 0)  # only the selected run's output is rendered
+        view.select(f"run{i}")  # the others are rendered from their raw tail once chosen
         shown = [line.text for line in row.tail]
-        assert shown[-1] == f"run{i} line 1999"
+        assert shown[-1] == f"run{i} line 1999" and len(shown) == row.max_lines
         assert all(text.startswith(f"run{i} ") for text in shown)
+        assert (row.total_lines, row.elided) == (2000, 2000 - row.max_lines)
     assert view.summary().startswith("batch: 50 exited")
+
+
+def test_a_run_not_shown_is_rendered_when_chosen_as_if_it_had_been_all_along(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "claude" / "success_with_tools.jsonl"
+    lines = [*fixture.read_text().splitlines(), "plain \x1b[31mred", _tool("Grep", pattern="x")]
+    shown_all_along = _session(tmp_path, "first", lines)
+    chosen_later = _session(tmp_path, "second", lines)
+    view, _ = _fed(tmp_path, [shown_all_along, chosen_later])
+    first, second = view.rows()
+    assert not second.tail and second.total_lines == len(lines)  # counted, not rendered
+    assert second.last_tool == first.last_tool == "Grep: x"  # noted without rendering
+    view.select("second")
+    assert [line.text for line in second.tail] == [line.text for line in first.tail]
+    assert second.body_html() == first.body_html()
+    assert "── second ──" in view.text() and "Grep: x" in view.text()
 
 
 def test_runs_that_join_a_running_batch_are_followed(tmp_path):

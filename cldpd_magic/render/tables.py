@@ -5,15 +5,16 @@ from __future__ import annotations
 import html
 import logging
 import threading
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..events import Event, RunState
+from ..events import Event, EventType, RunState
 from ..logs import log_swallowed
 from ..stream_json import json_number
 from .clean import _first_line, clean_text
-from .stream import Line
-from .views import DEFAULT_MAX_LINES, SessionView
+from .stream import Line, StreamRenderer
+from .views import _DATA, _TYPE, DEFAULT_MAX_LINES, RunLines, SessionView
 
 if TYPE_CHECKING:
     from ..runs import Session
@@ -139,6 +140,10 @@ class Report:
 BATCH_COLUMNS = ("run", "pod", "state", "elapsed", "turns", "cost", "last tool call")
 #: What marks the selected run's name in a batch's table.
 SELECTED_MARK = "▶ "
+#: In every output line holding a tool call (``"type":"tool_use"``, server and MCP ones).
+_TOOL_MARK = 'tool_use"'
+#: Events that are lines of the run's output.
+_LINE_TYPES = (EventType.OUTPUT, EventType.STDERR)
 
 
 def run_name(session: Session) -> str:
@@ -158,12 +163,67 @@ def _usage_cells(session: Session) -> tuple[str, str]:
 
 
 class _BatchRunView(SessionView):
-    """One run's view in a batch: a :class:`SessionView` that remembers the last tool call."""
+    """One run's view in a batch: a :class:`SessionView` rendered only while it is shown.
 
-    def __init__(self, session: Session, max_lines: int) -> None:
+    A run whose output is not shown keeps its last events as they came (a raw tail twice
+    as long as the view's), counts its lines and notes its last tool call; its tail is
+    rendered from the raw tail once it is shown. So a batch renders one run's output,
+    however many runs it has.
+    """
+
+    def __init__(self, session: Session, max_lines: int, shown: bool = True) -> None:
         self.last_tool = ""
         super().__init__(run_name(session), max_lines, session=session)
         self.session = session
+        self.shown = shown
+        # Twice the tail: some events show as no line (a status, a tick of the agent).
+        self._raw: deque[Event] = deque(maxlen=2 * self.max_lines)
+        self._lines_seen = 0  # output and stderr lines, shown or not
+        self._tools = StreamRenderer(self.mask, markup=False)
+
+    def add(self, event: Event, stopped: bool = False) -> None:
+        """Take one event of the run (see :meth:`add_events`); never raises."""
+        self.add_events([event], stopped)
+
+    def add_events(self, events: list[Event], stopped: bool = False) -> None:
+        """Take events of the run: rendered if it is shown, else kept raw and counted."""
+        with self.lock:
+            self.version += 1
+            self._raw.extend(events)
+            kinds = Counter(map(_TYPE, events))
+            self._lines_seen += kinds[EventType.OUTPUT] + kinds[EventType.STDERR]
+            if self.shown:
+                self._take(events, stopped)
+                return
+            self.total_lines += kinds[EventType.OUTPUT] + kinds[EventType.STDERR]
+            if kinds[EventType.OUTPUT]:
+                self._note_tool_calls(events)
+
+    def _note_tool_calls(self, events: list[Event]) -> None:
+        """Remember the last tool call among output lines that are not shown."""
+        if _TOOL_MARK not in "\n".join(map(_DATA, events)):
+            return
+        for event in events:
+            if event.type is EventType.OUTPUT and _TOOL_MARK in event.data:
+                for line in self._tools.render(event.data):
+                    if line.kind == "tool":
+                        self.last_tool = _first_line(line.text.removeprefix("▸ "), 80)
+
+    def show(self, shown: bool) -> None:
+        """Show the run's output or stop rendering it; shown, its raw tail is rendered."""
+        with self.lock:
+            if shown and not self.shown:
+                model = RunLines(self.mask, self.model.kind)
+                model.build_step, model.build_total = self.build_step, self.build_total
+                self.model = model
+                raw = list(self._raw)
+                kept = sum(1 for event in raw if event.type in _LINE_TYPES)
+                self.tail.clear()
+                self.tail_lines = 0
+                self.elided = self.total_lines = self._lines_seen - kept
+                self._take(raw, False)
+            self.shown = shown
+            self.version += 1
 
     def _push(self, line: Line) -> None:
         if line.kind == "tool":
@@ -240,10 +300,11 @@ class BatchView:
         with self.lock:
             if id(session) in self._rows:
                 return False
-            self._rows[id(session)] = _BatchRunView(session, self.max_lines)
-            self._own_version += 1
             if not self.selected:
                 self.selected = run_name(session)
+            shown = clean_text(run_name(session)) == self.selected
+            self._rows[id(session)] = _BatchRunView(session, self.max_lines, shown)
+            self._own_version += 1
             return True
 
     def add(self, session: Session, event: Event) -> None:
@@ -264,10 +325,13 @@ class BatchView:
         return [row.title for row in self.rows()]
 
     def select(self, run: str) -> None:
-        """Show this run's output under the table ("" for none)."""
+        """Show this run's output under the table ("" for none); only it is rendered."""
         with self.lock:
             self.selected = clean_text(run)
             self._own_version += 1
+            rows = list(self._rows.values())
+        for row in rows:
+            row.show(row.title == self.selected)
 
     def _selected_row(self) -> _BatchRunView | None:
         return next((r for r in self._rows.values() if r.title == self.selected), None)

@@ -249,15 +249,18 @@ class SessionView:
         """
         with self.lock:
             self.version += 1
-            for etype, run in groupby(events, _TYPE):
-                group = list(run)
-                if etype is EventType.OUTPUT:
-                    texts = list(map(_DATA, group))
-                    if self.model.renderer.renders_as_is(texts, "\n".join(texts)):
-                        self._push_texts(texts)
-                        continue
-                for event in group:
-                    self._add(event, stopped)
+            self._take(events, stopped)
+
+    def _take(self, events: list[Event], stopped: bool) -> None:
+        for etype, run in groupby(events, _TYPE):
+            group = list(run)
+            if etype is EventType.OUTPUT:
+                texts = list(map(_DATA, group))
+                if self.model.renderer.renders_as_is(texts, "\n".join(texts)):
+                    self._push_texts(texts)
+                    continue
+            for event in group:
+                self._add(event, stopped)
 
     def _add(self, event: Event, stopped: bool) -> None:
         if not self._bound:
