@@ -304,6 +304,7 @@ def test_a_truncated_capture_keeps_the_files_and_their_sizes():
         FileChange("spécial", "added", 0, 0, binary=True, size=12),
         FileChange("sub/x", "deleted", 0, 1, size=12),
     ]
+    assert [f.size for f in changes.files] == [4000, 12, 12]  # (not part of equality)
     assert changes.commits == ["cccccccccccc agent work"]
     assert "over the 100 bytes" in changes.notes[-1]
     assert changes.diff("big.txt") == ""

@@ -244,8 +244,9 @@ class FileChange:
     insertions: int = 0
     deletions: int = 0
     binary: bool = False
-    old_path: str = ""
-    size: int | None = None
+    # Known for some changes only: equality is the contract's five fields.
+    old_path: str = field(default="", compare=False)
+    size: int | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The entry as a JSON object."""
