@@ -151,7 +151,8 @@ class ApprovalRows:
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         render = self.widget._repr_mimebundle_
         bundle = dict(render(**kwargs) or {}) if render else {}
-        bundle["text/plain"] = repr(self)
+        # Under a run's output, nothing waiting reads as nothing (a saved notebook).
+        bundle["text/plain"] = repr(self) if self.rows else ""
         return bundle
 
 
