@@ -64,6 +64,18 @@ def _changes(bench: Bench) -> list[Result]:
     return changes(bench)
 
 
+def _decision_latency(bench: Bench) -> list[Result]:
+    from bench.interactive import decision_latency
+
+    return decision_latency(bench)
+
+
+def _interactive_streaming(bench: Bench) -> list[Result]:
+    from bench.interactive import interactive_streaming
+
+    return interactive_streaming(bench)
+
+
 def _tls_streaming(bench: Bench) -> list[Result]:
     from bench.engines import tls_streaming
 
@@ -91,6 +103,8 @@ FIGURES: dict[int, tuple[str, Figure]] = {
     12: ("kernel memory after a batch of 50 runs x 100,000 lines", _kernel_memory),
     13: ("first line in a cell: %cldpd_start in a real kernel", _first_line_kernel),
     14: ("a run's changes: capture and render of 1,000 files", _changes),
+    15: ("an approval decided by a policy: the agent's question to its answer", _decision_latency),
+    16: ("streaming from an interactive run (stdin attached)", _interactive_streaming),
 }
 HEADER = ("figure", "measure", "ours", "baseline", "ratio", "target", "result")
 
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 5")
     parser.add_argument("--reps", type=int, help="repetitions per figure (overrides --quick)")
-    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-14)")
+    parser.add_argument("--only", metavar="N,M", help="run only these figures (1-16)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     args = parser.parse_args(argv)
     chosen = _selection(args.only)
