@@ -104,7 +104,9 @@ def test_bad_url_is_refused(pods_dir, make_pod, capsys):
 def test_list_shows_pods_and_broken_ones(pods_dir, make_pod, capsys, monkeypatch, tmp_path):
     runner = FakeRunner()  # the engine's answer: one run of the good pod
     monkeypatch.setattr(
-        cli, "Dispatcher", lambda pods_dir, engines: Dispatcher(pods_dir, runner, tmp_path)
+        cli,
+        "Dispatcher",
+        lambda pods_dir, engines, **_policy: Dispatcher(pods_dir, runner, tmp_path),
     )
     good = make_pod("echo hi")
     bad = make_pod("echo hi", pod_json="{nope")
