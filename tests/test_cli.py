@@ -400,7 +400,6 @@ def test_resume_and_stop(docker_client, pods_dir, make_pod):
 
 claude_image = real_claude.claude_image
 offline_pod = real_claude.offline_pod
-_api_key = real_claude._api_key
 ASKS = [
     real_claude.Turn(tool_calls=[real_claude.ToolCall("Bash", {"command": "touch asked.txt"})]),
     real_claude.Turn(text="My turn is over."),
@@ -408,7 +407,9 @@ ASKS = [
 QUESTION = "allow? [y/N/a=always] "
 
 
-def interactive(offline_pod, url: str) -> str:
+def interactive(offline_pod, url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An interactive pod of the real CLI; the model's key forwarded from this process."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", real_claude.API_KEY)
     return offline_pod(url, args=["--max-turns", "6"], extra={"interactive": True})
 
 
@@ -434,9 +435,9 @@ def on_a_terminal(pods_dir: Path, name: str, answer: str) -> tuple[int, str]:
 @pytest.mark.docker
 @pytest.mark.claude
 @pytest.mark.parametrize("answer", ["y", "n"])
-def test_on_a_terminal_cldpd_asks_and_obeys(pods_dir, offline_pod, tmp_path, answer):
+def test_on_a_terminal_cldpd_asks_and_obeys(pods_dir, offline_pod, tmp_path, monkeypatch, answer):
     with real_claude.ScriptedModelServer(ASKS, api_key=real_claude.API_KEY) as server:
-        name = interactive(offline_pod, server.url)
+        name = interactive(offline_pod, server.url, monkeypatch)
         code, shown = on_a_terminal(pods_dir, name, answer)
         (result,) = server.conversation_requests()[-1].tool_results()
     assert f"cldpd: {name} asks to run Bash: touch asked.txt\r\n{QUESTION}" in shown
@@ -455,9 +456,9 @@ def test_on_a_terminal_cldpd_asks_and_obeys(pods_dir, offline_pod, tmp_path, ans
 
 @pytest.mark.docker
 @pytest.mark.claude
-def test_without_a_terminal_cldpd_denies_and_says_why(pods_dir, offline_pod, tmp_path):
+def test_without_a_terminal_cldpd_denies_and_says_why(pods_dir, offline_pod, tmp_path, monkeypatch):
     with real_claude.ScriptedModelServer(ASKS, api_key=real_claude.API_KEY) as server:
-        name = interactive(offline_pod, server.url)
+        name = interactive(offline_pod, server.url, monkeypatch)
         done = cldpd(pods_dir, "start", name, "--issue", real_claude.URL, stdin=subprocess.DEVNULL)
         (result,) = server.conversation_requests()[-1].tool_results()
     assert done.returncode == 0, done.stderr
