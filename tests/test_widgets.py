@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import html
+import json
 import os
 import subprocess
 import sys
@@ -745,7 +746,7 @@ def test_a_secret_or_markup_in_a_tool_call_shows_masked_and_as_text(pods_dir, fa
     payload = PAYLOADS[0]
 
     def asks_with(call: AgentCall, line: str) -> None:
-        frame = __import__("json").loads(line)
+        frame = json.loads(line)
         if frame.get("type") == "user":
             request = {"subtype": "can_use_tool", "tool_name": "Bash",
                        "input": {"command": f"curl -H {SECRET} {payload}"}}  # fmt: skip
@@ -848,3 +849,25 @@ def test_batch_panel_queues_the_runs_approvals_and_interrupts_one(pods_dir, tran
     finally:
         batch.stop()
         panel.close()
+
+
+def test_every_hostile_payload_in_a_tool_call_reads_as_clean_masked_text(transcript_dir):
+    from types import SimpleNamespace
+
+    from cldpd_magic.events import Event
+    from cldpd_magic.picker.approvals import pending_from
+    from cldpd_magic.secrets import Masker
+
+    run = SimpleNamespace(run="r", mask=Masker([SECRET]))
+    escapes = "\x1b[31m\x1b]0;title\x07\u202e"
+    for payload in PAYLOADS:
+        data = {"request_id": "q", "tool": f"Bash{escapes}",
+                "input": {"command": f"{SECRET} {escapes} {payload}"}}  # fmt: skip
+        item = pending_from(
+            run, Event(EventType.PERMISSION_REQUEST, __import__("json").dumps(data))
+        )
+        assert item is not None and item.tool == "Bash", payload
+        assert SECRET not in item.call and MASK in item.call, payload
+        assert not any(c in item.call for c in "\x1b\x07\u202e"), repr(item.call)
+    unreadable = Event(EventType.PERMISSION_REQUEST, "{not json")
+    assert pending_from(run, unreadable) is None  # a control: bad data asks nothing
