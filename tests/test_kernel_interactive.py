@@ -262,3 +262,22 @@ def test_interrupt_ends_a_slow_turn_in_the_kernel_and_a_follow_up_works(ks, offl
             assert ks.value("s.done") == "False"  # the run stayed
         finally:
             ks.execute(f"%cldpd_stop {name}", timeout=60, check=False)
+
+
+@pytest.mark.kernel
+def test_interrupting_the_kernel_while_a_blocking_cell_takes_clicks_stops_the_pod(
+    ks, offline_pod, docker_client
+):
+    from test_real_claude import container_gone
+
+    with ScriptedModelServer([Turn(delay=300, text="too late")], api_key=API_KEY) as server:
+        name = live(offline_pod, server.url)
+        msg_id = ks.submit(f"%cldpd_start {name} {URL}")
+        server.wait_for_turn(0, timeout=180)
+        time.sleep(0.5)  # the cell's wait loop polls the widgets' messages meanwhile
+        ks.interrupt()
+        ks.wait(msg_id, timeout=90, check=False)
+    reply = ks.replies[msg_id]["content"]
+    assert reply["status"] == "error" and "nterrupted" in reply["evalue"], reply
+    assert container_gone(docker_client, name)
+    assert ks.value("1 + 1") == "2"  # the kernel took the interrupt and goes on
