@@ -805,3 +805,13 @@ def test_ui_events_do_nothing_outside_a_kernel(ip):
     assert UiEvents.of(ip) is None  # a plain IPython shell has no kernel
     with ui_events(ip) as poll:
         assert poll() == 0
+
+
+def test_a_blocking_batch_of_kept_alive_interactive_pods_returns_once_every_agent_waits(ip, claude):
+    name = claude.pod(keepAlive=True)
+    with capture_output():
+        batch = ip.run_line_magic("cldpd_batch", f"-p {name} --repeats 2 {URL}")
+        assert len(batch.runs) == 2 and not batch.done  # returned: both agents wait
+        assert all(s.conversation.waiting.is_set() for s in batch.runs)
+        batch.stop()
+        assert batch.wait(timeout=10).done
