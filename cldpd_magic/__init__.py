@@ -39,7 +39,10 @@ from .pods import (
 )
 from .runs import (
     Batch,
+    Changes,
+    ChangesError,
     Dispatcher,
+    FileChange,
     Limits,
     PermissionRequest,
     RunningPod,
@@ -57,6 +60,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "Batch",
     "BuildFailedError",
+    "Changes",
+    "ChangesError",
     "CldpdError",
     "ContainerFailedError",
     "Dispatcher",
@@ -64,6 +69,7 @@ __all__ = [
     "DockerUnavailableError",
     "Event",
     "EventType",
+    "FileChange",
     "InvalidPodError",
     "InvalidRequestError",
     "Limits",

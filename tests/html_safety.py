@@ -85,7 +85,7 @@ ALLOWED_TAGS = frozenset(
     re.split(
         r"\s+",
         "div p br hr h1 h2 h3 h4 h5 h6 ul ol li code pre em strong s a table thead tbody "
-        "tr th td blockquote caption b i style",
+        "tr th td blockquote caption b i style details summary span",
     )
 )
 _SAFE_HREF = re.compile(r"(?:https?://|mailto:|#)", re.IGNORECASE)

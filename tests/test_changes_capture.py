@@ -39,15 +39,10 @@ from cldpd_magic.secrets import MASK
 
 GIT_IMAGE = "cldpd-debian:bookworm"
 BUSYBOX = "busybox:latest"
+pytestmark = pytest.mark.docker
+
 URL = "https://github.com/octocat/Hello-World/issues/3"
 GIT_ID = "git config --global user.email a@example.com && git config --global user.name agent"
-
-
-class CapturingRunner(DockerRunner):
-    """A DockerRunner that reads ended containers (the engines wiring gives it ``capture``)."""
-
-    def capture(self, container: str, script: str) -> bytes:
-        return Snapshots(self.connection).capture(container, script)
 
 
 class Box:
@@ -326,7 +321,7 @@ POD_DOCKERFILE = (
 
 @pytest.fixture
 def dispatcher(pods_dir: Path, transcript_dir: Path) -> Dispatcher:
-    return Dispatcher(pods_dir, CapturingRunner(), transcript_dir)
+    return Dispatcher(pods_dir, DockerRunner(), transcript_dir)
 
 
 def _pod(make_pod, script: str, **config) -> str:
@@ -410,7 +405,7 @@ def test_a_runner_that_cannot_read_ended_containers_takes_no_baseline(
     name = _pod(make_pod, 'echo "$0 $*" > x.txt')
     session = plain.start_session(name, URL)
     session.wait(120)
-    assert session.changes is None  # a control: the same run through CapturingRunner has them
+    assert session.changes is None  # a control: the same run through a DockerRunner has them
     with pytest.raises(CldpdError, match="has no changes to capture"):
         session.capture_changes()
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_changes_capture import CapturingRunner, tree
+from test_changes_capture import tree
 from test_real_claude import (  # noqa: F401 - its fixtures
     API_KEY,
     COSTLY,
@@ -65,7 +65,7 @@ def own(path: Path) -> None:
 
 @pytest.fixture
 def dispatcher(pods_dir: Path, transcript_dir: Path) -> Dispatcher:
-    return Dispatcher(pods_dir, CapturingRunner(), transcript_dir)
+    return Dispatcher(pods_dir, DockerRunner(), transcript_dir)
 
 
 @pytest.fixture
@@ -266,19 +266,10 @@ KERNEL_SETUP = """
 %load_ext cldpd_magic
 %config CldpdMagics.pods_dir = {pods!r}
 %config CldpdMagics.transcript_dir = {sessions!r}
-from cldpd_magic.engines.docker import DockerRunner
-from cldpd_magic.engines.docker.snapshots import Snapshots
 from cldpd_magic.runs import Dispatcher
-from cldpd_magic.magics.diff import DiffMagics
 
-class CapturingRunner(DockerRunner):
-    def capture(self, container, script):
-        return Snapshots(self.connection).capture(container, script)
-
-ip = get_ipython()
-if "cldpd_diff" not in ip.magics_manager.magics["line"]:  # until %load_ext registers it
-    ip.register_magics(DiffMagics(ip, ip.magics_manager.registry["CldpdMagics"]))
-dispatcher = Dispatcher({pods!r}, CapturingRunner(), {sessions!r})
+assert "cldpd_diff" in get_ipython().magics_manager.magics["line"]
+dispatcher = Dispatcher({pods!r}, transcript_dir={sessions!r})
 """
 
 

@@ -14,7 +14,6 @@ import subprocess
 import threading
 from pathlib import Path
 
-import html_safety
 import pytest
 from fakes import FakeRunner
 from html_safety import html_problems
@@ -76,12 +75,6 @@ def ip(pods_dir: Path, transcript_dir: Path):
     shell.extension_manager.unload_extension("cldpd_magic")
     shell.magics_manager.magics["line"].pop("cldpd_diff", None)
     del shell.config["CldpdMagics"]
-
-
-@pytest.fixture(autouse=True)
-def _section_elements(monkeypatch: pytest.MonkeyPatch) -> None:
-    tags = html_safety.ALLOWED_TAGS | {"details", "summary", "span"}
-    monkeypatch.setattr(html_safety, "ALLOWED_TAGS", tags)
 
 
 def test_cldpd_diff_of_one_run_a_file_and_two_runs(ip, transcript_dir):

@@ -74,6 +74,7 @@ case "$1" in
   idle) trap 'exit 0' INT TERM; while :; do sleep 1 & wait; done ;;
   stdin) cat; echo "stdin closed" ;;
   catint) trap 'echo got INT; exit 130' INT; echo ready; exec 3<&0; cat <&3 & wait ;;
+  write) mkdir -p "$2" && printf '%s\n' "$3" > "$2/made.txt" && echo wrote ;;
   *) echo "$@" ;;
 esac
 """
@@ -739,3 +740,17 @@ def test_resume_attach_and_stop_on_the_tls_engine_from_a_new_dispatcher(extra_en
         with contextlib.suppress(docker.errors.NotFound):
             client.api.remove_container("cldpd-far", force=True)
         client.close()
+
+
+def test_capture_reads_an_ended_containers_files_and_leaves_nothing(target):
+    opts = target.opts("write", "/work/out", "made in the run", remove=False)
+    assert target.runner.run(opts, Text(), Text()) == 0
+    # No network: its only interface is loopback (no packet is sent to find out).
+    script = "cat /work/out/made.txt; pwd; id -u; ls /sys/class/net"
+    assert target.runner.capture(opts.name, script) == b"made in the run\n/work\n0\nlo\n"
+    with pytest.raises(SessionNotFoundError):
+        target.runner.capture("cldpd-conf-no-such-container", "true")
+    target.runner.remove(opts.name)
+    snapshots = {"label": "cldpd.snapshot"}
+    assert target.client.containers.list(all=True, filters=snapshots) == []
+    assert target.client.images.list(filters=snapshots) == []

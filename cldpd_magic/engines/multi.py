@@ -374,6 +374,17 @@ class MultiEngineRunner:
         if engine is not None:
             self._on(engine, lambda r: r.stop(container, timeout))
 
+    def capture(self, container: str, script: str) -> bytes:
+        """Read an ended container's files on whichever engine holds it (see SnapshotRunner).
+
+        Raises:
+            SessionNotFoundError: No engine holds such a container.
+        """
+        engine = self._holder(container)
+        if engine is None:
+            raise SessionNotFoundError(f"No container named {container}.")
+        return self._on(engine, lambda r: r.capture(container, script))  # type: ignore[attr-defined]
+
     def remove(self, container: str) -> None:
         """Remove a container on whichever engine holds it; a missing one is fine."""
         engine = self._holder(container)

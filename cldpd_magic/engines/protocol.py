@@ -387,3 +387,17 @@ class EgressRunner(Runner, Protocol):
 
     def start_service(self, opts: RunOptions, networks: list[str], stdin: bytes) -> ContainerInfo:
         """Start a detached container on ``opts.network`` and ``networks``, fed ``stdin``."""
+
+
+@runtime_checkable
+class SnapshotRunner(Runner, Protocol):
+    """A Runner that can read an ended container's files: a run's changes, taken before
+    its container is removed (a running one is read through :meth:`Runner.exec`)."""
+
+    def capture(self, container: str, script: str) -> bytes:
+        """Run ``sh -c script`` over a container's files (its volumes and bind mounts too),
+        as its user in its workdir, with no network and no capability; its stdout.
+
+        Raises:
+            SessionNotFoundError: There is no such container.
+        """

@@ -1,6 +1,7 @@
 """The IPython front end, one module per topic (as IPython's ``core/magics/``)."""
 
 from .batch import BatchMagics
+from .diff import DiffMagics
 from .inventory import InventoryMagics
 from .run import (
     POD_MAGICS,
@@ -27,6 +28,7 @@ __all__ = [
     "ArgumentScan",
     "BatchMagics",
     "CldpdMagics",
+    "DiffMagics",
     "InventoryMagics",
     "MagicsCore",
     "is_docker_error",

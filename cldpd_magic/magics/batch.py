@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..arguments import non_negative, parse_variant
 from ..pods import validate_pod_name
-from ..render import BatchFeed, BatchView
+from ..render import BatchFeed, ChangesBatchView
 from ..runs import validate_issue_url
 from .support import BACKGROUND, FOLLOWED_LIVE, MagicsCore, parse_args, unquote, user_errors
 from .uievents import wait_until
@@ -107,7 +107,7 @@ class BatchMagics(Magics):
                 display(panel)
                 feed = panel.feed
             else:  # a terminal prints every update: there, show the end only
-                view = BatchView(max_lines=self.core.max_output_lines)
+                view = ChangesBatchView(max_lines=self.core.max_output_lines)
                 handle = display(view.bundle(), raw=True, display_id=True)
                 feed = BatchFeed(batch, view, lambda _view: None)
             self.core.batch_feeds.append(feed)

@@ -66,8 +66,10 @@ from ..errors import one_line
 from ..logs import LEVELS, disable_logging, enable_logging, log_swallowed
 from ..pods import scan_pods, validate_pod_name
 from ..render import DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_LINES, BatchFeed, LiveFeed, SessionView
+from ..render import diff as diff_view
 from ..runs import Dispatcher, Session, validate_issue_url
 from .batch import BatchMagics
+from .diff import DiffMagics
 from .inventory import InventoryMagics
 from .support import (
     BACKGROUND,
@@ -233,6 +235,8 @@ class CldpdMagics(Magics):
         # why in its output instead.
         if session.transcript_error:
             view.transcript = ""
+        if view.finished:  # the run's changes, captured as it ended, close its cell
+            return diff_view.with_changes(view.bundle(), session.changes, session.mask)
         return view.bundle()
 
     def _publish(self, handle: DisplayHandle, session: Session, view: SessionView) -> None:
@@ -552,6 +556,7 @@ def load_ipython_extension(ipython: Any) -> None:
         magics,
         InventoryMagics(ipython, magics),
         BatchMagics(ipython, magics),
+        DiffMagics(ipython, magics),
     ]
     ipython.register_magics(*registered)
 

@@ -3,6 +3,17 @@ feeds, tables.
 """
 
 from .clean import clean_text
+from .diff import (
+    ChangesBatchView,
+    ChangesReport,
+    changes_html,
+    changes_summary,
+    changes_text,
+    compare_html,
+    compare_text,
+    file_diff_html,
+    with_changes,
+)
 from .feeds import DEFAULT_FLUSH_INTERVAL, BatchFeed, LiveFeed, RunSource, TextFeed
 from .markdown import markdown_to_html
 from .stream import Line, StreamRenderer, render_output_line, tool_call
@@ -15,6 +26,8 @@ __all__ = [
     "SELECTED_MARK",
     "BatchFeed",
     "BatchView",
+    "ChangesBatchView",
+    "ChangesReport",
     "Line",
     "LiveFeed",
     "Report",
@@ -24,9 +37,16 @@ __all__ = [
     "StreamRenderer",
     "Table",
     "TextFeed",
+    "changes_html",
+    "changes_summary",
+    "changes_text",
     "clean_text",
+    "compare_html",
+    "compare_text",
+    "file_diff_html",
     "markdown_to_html",
     "render_output_line",
     "run_name",
     "tool_call",
+    "with_changes",
 ]

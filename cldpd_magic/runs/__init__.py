@@ -17,6 +17,15 @@ from .agent import (
 from .approvals import Approvals, PermissionRequest, ToolPolicy, deny_unattended
 from .batch import RESULT_KEYS, Batch, RunSpec, Variant, plan_batch
 from .blocking import BlockingAPI
+from .changes import (
+    ChangeCapture,
+    Changes,
+    ChangesError,
+    FileChange,
+    find_saved_changes,
+    load_changes,
+    with_baseline,
+)
 from .dispatcher import Dispatcher, default_transcript_dir
 from .egress import (
     EgressAttempt,
@@ -52,10 +61,14 @@ __all__ = [
     "Approvals",
     "Batch",
     "BlockingAPI",
+    "ChangeCapture",
+    "Changes",
+    "ChangesError",
     "Conversation",
     "Dispatcher",
     "EgressAttempt",
     "EgressGuard",
+    "FileChange",
     "Limits",
     "PermissionRequest",
     "RunGuard",
@@ -84,8 +97,10 @@ __all__ = [
     "egress_reports",
     "egress_resources",
     "estimate_cost",
+    "find_saved_changes",
     "follow_up",
     "issue_number",
+    "load_changes",
     "parse_access_line",
     "plan_batch",
     "plan_start",
@@ -100,5 +115,6 @@ __all__ = [
     "sweep_orphans",
     "usage_from_transcript",
     "validate_issue_url",
+    "with_baseline",
     "with_deadline",
 ]

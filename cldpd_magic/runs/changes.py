@@ -34,8 +34,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ..engines import SnapshotRunner
 from ..errors import CldpdError, SessionNotFoundError
 from ..logs import log_swallowed
 from ..pods import container_name
@@ -54,7 +55,6 @@ __all__ = [
     "ChangesError",
     "FileChange",
     "RunChanges",
-    "SnapshotRunner",
     "capture_command",
     "changes_paths",
     "decode_capture",
@@ -79,19 +79,6 @@ SUMMARY_VERSION = 1
 
 class ChangesError(CldpdError):
     """A run's changes could not be captured, read, applied or pushed (one sentence why)."""
-
-
-@runtime_checkable
-class SnapshotRunner(Protocol):
-    """A runner that can read an ended container's files (its changes) before removing it.
-
-    ``capture`` runs ``sh -c script`` in a throwaway container made from the ended
-    container's filesystem and volumes (no network, no capabilities) and returns what it
-    printed. Running containers are read through :meth:`Runner.exec` instead.
-    """
-
-    def capture(self, container: str, script: str) -> bytes:
-        """Run ``script`` over an ended container's files; its stdout."""
 
 
 # --- the scripts -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .engine import DockerConnection, PrivateAPI
 from .images import LABEL_CONTEXT, ImageBuilder
 from .networks import Networks
 from .processes import Processes
+from .snapshots import Snapshots
 
 if TYPE_CHECKING:
     import docker
@@ -70,6 +71,7 @@ class DockerRunner:
         self.images = ImageBuilder(self.connection, self.containers)
         self.processes = Processes(self.connection, self.containers)
         self.networks = Networks(self.connection)
+        self.snapshots = Snapshots(self.connection)
 
     def preflight(self) -> None:
         """Check that the Docker engine answers (see :meth:`DockerConnection.preflight`)."""
@@ -161,6 +163,10 @@ class DockerRunner:
     def create_network(self, name: str, labels: dict[str, str], internal: bool = True) -> str:
         """Create a bridge network; its subnet (see :meth:`Networks.create_network`)."""
         return self.networks.create_network(name, labels, internal)
+
+    def capture(self, container: str, script: str) -> bytes:
+        """Run ``sh -c script`` over an ended container's files (see Snapshots.capture)."""
+        return self.snapshots.capture(container, script)
 
     def gateway(self, network: str) -> str:
         """The gateway address reserved on a network (see :meth:`Networks.gateway`)."""

@@ -39,7 +39,7 @@ from ..protocol import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe,
 from .images import Images
 from .logs import Logs
 from .nodes import LABEL_ENDPOINT, Nodes
-from .services import LABEL_SECRET_OF, Services, task_status
+from .services import LABEL_SECRET_OF, Services, container_id, task_status
 
 
 class SwarmRunner:
@@ -243,6 +243,19 @@ class SwarmRunner:
             if time.monotonic() > deadline + 10:
                 break
             time.sleep(self.poll)
+
+    @engine_errors
+    def capture(self, container: str, script: str) -> bytes:
+        """Read a run's ended task container's files on its node (see SnapshotRunner).
+
+        Raises:
+            SessionNotFoundError: The run has no task container.
+        """
+        task = self.services.task(container)
+        cid = container_id(task)
+        if task is None or not cid:
+            raise SessionNotFoundError(f"No container named {container}.")
+        return self.nodes.runner_of(task["NodeID"]).capture(cid, script)
 
     @engine_errors
     def remove(self, container: str) -> None:
