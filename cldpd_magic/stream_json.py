@@ -82,11 +82,15 @@ def json_number(value: Any, minimum: float | None = None) -> float | None:
         minimum: The smallest number accepted (e.g. 0 for counts and costs); None
             accepts any finite number.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
+    kind = type(value)
+    if kind is float:  # what JSON decoding gives, checked first: most values are these
+        number = value
+    elif kind is int or (kind is not bool and isinstance(value, int | float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+    else:
         return None
     if not math.isfinite(number) or (minimum is not None and number < minimum):
         return None

@@ -35,7 +35,7 @@ def clean_text(text: str) -> str:
     overrides go too, and lone surrogates (which no page or terminal can encode) become
     U+FFFD.
     """
-    if not text:
+    if not text or is_clean(text):
         return text
     text = _BIDI_RE.sub("", _TERMINAL_RE.sub("", text))
     return _SURROGATE_RE.sub("\ufffd", text)
