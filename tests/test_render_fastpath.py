@@ -9,6 +9,7 @@ says no where it must (a control that the check can fail).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import threading
@@ -21,7 +22,7 @@ from cldpd_magic.render.clean import MAX_SHOWN_CHARS, clean_text, is_clean
 from cldpd_magic.render.feeds import LiveFeed, TextFeed
 from cldpd_magic.render.stream import Line, StreamRenderer
 from cldpd_magic.render.views import RunLines, SessionView
-from cldpd_magic.runs.session import Session
+from cldpd_magic.runs.session import OutputLines, Session
 from cldpd_magic.secrets import Masker
 
 FIXTURES = Path(__file__).parent / "fixtures" / "claude"
@@ -120,14 +121,30 @@ class _FakeSession:
         return iter(self._batches)
 
 
+class _LinesSession(_FakeSession):
+    """A session giving output and stderr lines of one type in a row as one OutputLines."""
+
+    def line_batches(self):
+        for batch in self._batches:
+            items: list = []
+            for etype, run in itertools.groupby(batch, lambda e: e.type):
+                group = list(run)
+                if etype in (EventType.OUTPUT, EventType.STDERR):
+                    items.append(OutputLines(etype, [e.data for e in group], group[0].time))
+                else:
+                    items += group
+            yield items
+
+
 @pytest.mark.parametrize("raw", [False, True])
-def test_the_text_feed_writes_what_rendering_each_event_writes(raw):
+@pytest.mark.parametrize("session_type", [_FakeSession, _LinesSession])
+def test_the_text_feed_writes_what_rendering_each_event_writes(raw, session_type):
     rng = random.Random(f"text feed {raw}")
     mask = Masker([SECRET])
     for _ in range(300):
         batches = [_events(rng) for _ in range(rng.randint(1, 4))]
         out, err = io.StringIO(), io.StringIO()
-        TextFeed(_FakeSession(mask, batches), out, err, raw=raw).follow()
+        TextFeed(session_type(mask, batches), out, err, raw=raw).follow()
         model = RunLines(mask, "start")
         want_out = want_err = ""
         for batch in batches:  # one write per stream and batch, as the feed does

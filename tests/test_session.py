@@ -16,9 +16,11 @@ from cldpd_magic import BuildFailedError, CldpdError, Event, EventType, Session
 from cldpd_magic.engines.protocol import ContainerInfo
 from cldpd_magic.events import TRANSITIONS, RunState, RunStatus
 from cldpd_magic.runs.session import (
+    OutputLines,
     SessionControl,
     SessionKind,
     SessionStopped,
+    _TranscriptReader,
     new_session_id,
     read_transcript,
 )
@@ -561,6 +563,62 @@ def test_json_escaped_secrets_are_masked(transcript_dir):
     ]
     for line in session.transcript.read_text().splitlines():
         assert "ss" not in json.loads(line)["data"]
+
+
+def test_line_batches_give_the_lines_of_one_read_as_one_item(transcript_dir, monkeypatch):
+    # What memory holds comes as OutputLines, one per read; what it no longer holds is
+    # read back from the transcript as Events: in order, the same as event_batches.
+    monkeypatch.setattr(Session, "MAX_EVENTS", 50)
+    gate = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        for i in range(0, 3000, 10):
+            ctl.stdout.write("".join(f"{n:07d}\n" for n in range(i, i + 10)))
+            ctl.stderr.write(f"err {i}\n")
+            if i == 1000:
+                gate.set()
+        return 0
+
+    session = make_session(transcript_dir, job)
+    batches = session.line_batches()
+    items = list(next(batches))
+    gate.wait(10)
+    items += [item for batch in batches for item in batch]
+    assert session.wait(10) == 0
+    flat = []
+    for item in items:
+        if isinstance(item, OutputLines):
+            flat += [(item.type, line) for line in item.lines]
+        else:
+            flat.append((item.type, item.data))
+    assert flat == [(e.type, e.data) for e in session.events()]
+    assert any(isinstance(i, OutputLines) and len(i.lines) == 10 for i in items)
+    assert any(type(i) is Event and i.type is E.OUTPUT for i in items)  # read back
+
+
+def test_a_reader_behind_when_the_run_ends_reads_on_from_memory(transcript_dir, monkeypatch):
+    # An ended session keeps only what its transcript lacks, but not under a reader's
+    # feet: one still reading goes on from memory (no transcript read), and once it is
+    # done the ended session holds next to nothing.
+    read_back: list[int] = []
+    original = _TranscriptReader.read
+
+    def read(self, start: int, stop: int) -> list[Event]:
+        read_back.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(_TranscriptReader, "read", read)
+    session = make_session(transcript_dir, lines_job(3000))
+    batches = session.event_batches()
+    seen = list(next(batches))
+    assert session.wait(10) == 0  # ended while this reader is at its first batch
+    seen += [event for batch in batches for event in batch]
+    assert [e.data for e in seen][1:-1] == [f"{i:07d}" for i in range(3000)]
+    assert read_back == []
+    assert session.held_in_memory[0] == 1
+    assert [e.data for e in session.events()][1:-1] == [f"{i:07d}" for i in range(3000)]
+    assert sum(read_back) > 0  # a reader that comes later reads the transcript
 
 
 def test_an_ended_session_holds_almost_nothing_in_memory(transcript_dir):

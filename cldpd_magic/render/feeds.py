@@ -6,15 +6,16 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from itertools import groupby
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..engines import Writer
 from ..events import Event, EventType
 from ..logs import log_swallowed
 from .tables import BatchView
-from .views import _DATA, _TYPE, RunLines, SessionView
+from .views import _TYPE, RunLines, SessionView
 
 if TYPE_CHECKING:
     from ..runs import Session
@@ -28,6 +29,36 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 
 #: Line kinds a running text writes to stderr; the rest go to stdout.
 _NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
+
+
+class Lines(Protocol):
+    """Lines of one read of a run's output as one item: a session's ``OutputLines``, a
+    tuple whose first field is the type, as an Event's is."""
+
+    type: EventType
+    lines: list[str]
+    time: datetime
+
+
+def _texts(items: Iterable[Event | Lines]) -> list[str]:
+    """The lines of events and of :class:`Lines` items, in order."""
+    texts: list[str] = []
+    for item in items:
+        if type(item) is Event:
+            texts.append(item.data)
+        else:
+            texts.extend(item.lines)
+    return texts
+
+
+def _events(items: Iterable[Event | Lines]) -> Iterator[Event]:
+    """Events, each line of a :class:`Lines` item made one."""
+    for item in items:
+        if type(item) is Event:
+            yield item
+        else:
+            for text in item.lines:
+                yield Event(item.type, text, None, item.time)
 
 
 class _FirstError:
@@ -184,8 +215,13 @@ class TextFeed:
         self.notes = notes
         self.model = RunLines(session.mask, session.kind, markup=False)
 
-    def write(self, events: Iterable[Event]) -> None:
-        """Write a batch of events (one write per stream)."""
+    def write(self, events: Iterable[Event | Lines]) -> None:
+        """Write a batch of events (one write per stream).
+
+        Args:
+            events: Events, and lines of one read as one item (``type`` first, then
+                their ``lines``; see :meth:`Session.line_batches`).
+        """
         shown: list[str] = []
         noted: list[str] = []
         # Runs of one type at a time: a run of output lines is written at once when its
@@ -194,7 +230,7 @@ class TextFeed:
             if etype is EventType.OUTPUT:
                 self._output(list(run), shown, noted)
             elif self.raw and etype is EventType.STDERR:
-                noted.extend(map(_DATA, run))
+                noted.extend(_texts(run))
             else:
                 self._render(run, shown, noted)
         if shown:
@@ -202,15 +238,15 @@ class TextFeed:
         if noted:
             self.err.write("\n".join(noted) + "\n")
 
-    def _output(self, events: list[Event], shown: list[str], noted: list[str]) -> None:
-        texts = list(map(_DATA, events))
+    def _output(self, items: list[Event | Lines], shown: list[str], noted: list[str]) -> None:
+        texts = _texts(items)
         if self.raw or self.model.renderer.renders_as_is(texts, "\n".join(texts)):
             shown.extend(texts)
         else:
-            self._render(events, shown, noted)
+            self._render(items, shown, noted)
 
-    def _render(self, events: Iterable[Event], shown: list[str], noted: list[str]) -> None:
-        for event in events:
+    def _render(self, items: Iterable[Event | Lines], shown: list[str], noted: list[str]) -> None:
+        for event in _events(items):
             for line in self.model.lines(event):
                 if self._wanted(line.kind):
                     (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
@@ -224,7 +260,8 @@ class TextFeed:
 
     def follow(self) -> None:
         """Write every event of the session, from the first, until it ends."""
-        for batch in self.session.event_batches():
+        batches = getattr(self.session, "line_batches", self.session.event_batches)
+        for batch in batches():
             self.write(batch)
 
 

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
@@ -91,6 +91,21 @@ class _LineChunk(_Chunk):
     def events(self, offset: int) -> list[Event]:
         new, etype, time = tuple.__new__, self.etype, self.time
         return [new(Event, (etype, line, None, time)) for line in self.items[offset:]]
+
+
+class OutputLines(NamedTuple):
+    """Lines of one read of the agent's output (or stderr), in a batch of
+    :meth:`Session.line_batches` in place of an Event each.
+
+    Attributes:
+        type: OUTPUT or STDERR.
+        lines: The lines, masked, in order.
+        time: When they were read.
+    """
+
+    type: EventType
+    lines: list[str]
+    time: datetime
 
 
 class SessionStopped(CldpdError):
@@ -288,6 +303,7 @@ class EventLog:
         self.finished = threading.Event()
         self.ended_at: datetime | None = None
         self.error = ""
+        self._reading = 0  # readers iterating over batches()
         self._lost_because = ""
         self._file: IO[str] | None = None
         try:
@@ -363,12 +379,17 @@ class EventLog:
         with self._cond:
             self._ended = True
             self.ended_at = _now()
-            # An ended session keeps only what its transcript does not hold (its last
-            # chunk when it does): late readers replay the rest from the transcript.
-            while len(self._buf) > 1 and self._buf[1].start <= self._on_disk:
-                self._drop_oldest()
+            if not self._reading:
+                self._keep_what_disk_lacks()
             self.finished.set()
             self._cond.notify_all()
+
+    def _keep_what_disk_lacks(self) -> None:
+        """An ended session keeps only what its transcript does not hold (its last chunk
+        when it does): later readers replay the rest from the transcript. Readers still
+        reading when it ends read on from memory (the last of them drops it)."""
+        while len(self._buf) > 1 and self._buf[1].start <= self._on_disk:
+            self._drop_oldest()
 
     def _close_transcript(self) -> None:
         f, self._file = self._file, None
@@ -392,15 +413,22 @@ class EventLog:
         notice = [Event(EventType.STDERR, self.error)]
         self._buffer(_Chunk(notice), len(self.error), on_disk=False)
 
-    def batches(self, start: int = 0) -> Iterator[list[Event]]:
+    def batches(self, start: int = 0, *, lines: bool = False) -> Iterator[list[Any]]:
         """Every event from ``start`` (the first: 0), in order, in lists of those that came
         since the last.
 
         A consumer that handles a batch at a time keeps up with millions of lines.
+
+        Args:
+            start: The index of the first event.
+            lines: Give the lines of one read held in memory as one :class:`OutputLines`
+                in place of an Event each.
         """
         index = max(0, start)
         reader: _TranscriptReader | None = None
         unreadable = ""
+        with self._cond:
+            self._reading += 1
         try:
             while True:
                 with self._cond:
@@ -419,8 +447,15 @@ class EventLog:
                 if index >= first:
                     batch = []
                     for chunk in reversed(chunks):
-                        batch.extend(chunk.events(max(0, index - chunk.start)))
-                elif index < on_disk:
+                        offset = max(0, index - chunk.start)
+                        if lines and type(chunk) is _LineChunk:
+                            batch.append(OutputLines(chunk.etype, chunk.items[offset:], chunk.time))
+                        else:
+                            batch.extend(chunk.events(offset))
+                    index = chunks[0].start + len(chunks[0].items)
+                    yield batch
+                    continue
+                if index < on_disk:
                     try:
                         if reader is None:
                             reader = _TranscriptReader(self.transcript)
@@ -450,6 +485,10 @@ class EventLog:
         finally:
             if reader is not None:
                 reader.close()
+            with self._cond:
+                self._reading -= 1
+                if self._ended and not self._reading:
+                    self._keep_what_disk_lacks()
 
 
 class Session(RunChanges):
@@ -793,6 +832,14 @@ class Session(RunChanges):
                 only what comes from now on).
         """
         return self._log.batches(start)
+
+    def line_batches(self) -> Iterator[list[Event | OutputLines]]:
+        """Like :meth:`event_batches`, with the lines of one read as one :class:`OutputLines`.
+
+        A consumer that takes lines together (a text feed) is spared making an Event
+        for each of them; lines read back from the transcript still come as Events.
+        """
+        return self._log.batches(lines=True)
 
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the session to end, whether or not anyone consumes its events.
