@@ -621,6 +621,34 @@ def test_a_reader_behind_when_the_run_ends_reads_on_from_memory(transcript_dir, 
     assert sum(read_back) > 0  # a reader that comes later reads the transcript
 
 
+def test_lines_read_back_from_the_transcript_are_the_lines_written(transcript_dir, monkeypatch):
+    # A reader behind what memory holds reads the transcript: records without an escape
+    # are read by slicing, the others as JSON; either way every line comes back as it was.
+    monkeypatch.setattr(Session, "MAX_EVENTS", 10)
+    lines = ["plain", 'say "hi"', "a\\b", '","code":null,"time":"x"}', "tab\t", "é 😀", "\ud800"]
+    lines += ['{"type":"assistant"}', "", "x" * 3000, "\x1b[31mred\x1b[0m"]
+    gate = threading.Event()
+
+    def job(ctl: SessionControl) -> int:
+        gate.wait(10)
+        for n in range(30):
+            ctl.stdout.write("".join(f"{n} {line}\n" for line in lines))
+            ctl.stderr.write(f"{n} {lines[n % len(lines)]}\n")
+        return 0
+
+    session = make_session(transcript_dir, job)
+    batches = session.event_batches()
+    gate.set()
+    session.wait(10)  # ended: a reader starting now reads all but the last from disk
+    read = [(e.type, e.data) for batch in batches for e in batch]
+    written = [(E.OUTPUT, f"{n} {line}") for n in range(30) for line in lines]
+    assert [r for r in read if r[0] is E.OUTPUT] == written
+    assert [r for r in read if r[0] is E.STDERR] == [
+        (E.STDERR, f"{n} {lines[n % len(lines)]}") for n in range(30)
+    ]
+    assert read_transcript(session.transcript) == [e for b in session.event_batches() for e in b]
+
+
 def test_an_ended_session_holds_almost_nothing_in_memory(transcript_dir):
     session = make_session(transcript_dir, lines_job(3000))
     assert session.wait(10) == 0
