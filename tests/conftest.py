@@ -89,6 +89,24 @@ def _no_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLDPD_PODS_DIR", str(tmp_path / "home-pods"))
 
 
+@pytest.fixture
+def ip(pods_dir: Path, transcript_dir: Path):
+    """The IPython shell singleton with the extension loaded, pointed at tmp paths."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryAccessor.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.config.CldpdMagics.pods_dir = str(pods_dir)
+    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
+    shell.config.CldpdMagics.flush_interval = 0.05
+    shell.extension_manager.load_extension("cldpd_magic")
+    yield shell
+    shell.extension_manager.unload_extension("cldpd_magic")
+    del shell.config["CldpdMagics"]
+
+
 MakePod = Callable[..., str]
 
 

@@ -327,23 +327,6 @@ def dispatched(monkeypatch, tmp_path) -> list[dict]:
     return calls
 
 
-@pytest.fixture
-def ip(pods_dir, transcript_dir):
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.config.CldpdMagics.flush_interval = 0.05
-    shell.extension_manager.load_extension("cldpd_magic")
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    del shell.config["CldpdMagics"]
-
-
 def test_the_batch_magic_dispatches_and_shows_the_final_table(ip, dispatched):
     from IPython.utils.capture import capture_output
 

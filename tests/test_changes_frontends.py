@@ -18,12 +18,9 @@ import pytest
 from fakes import FakeRunner
 from html_safety import html_problems
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
 
 from cldpd_magic import cli
 from cldpd_magic.events import EventType
-from cldpd_magic.magics.diff import DiffMagics
 from cldpd_magic.render import diff as diff_view
 from cldpd_magic.render.tables import _TABLE_CSS
 from cldpd_magic.runs.changes import Changes
@@ -60,21 +57,10 @@ def session_with(transcript_dir: Path, run: str, patch: str, secrets=()) -> Sess
 
 
 @pytest.fixture
-def ip(pods_dir: Path, transcript_dir: Path):
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.extension_manager.load_extension("cldpd_magic")
-    core = shell.magics_manager.registry["CldpdMagics"]
-    core.runner = FakeRunner()
-    if "cldpd_diff" not in shell.magics_manager.magics["line"]:  # until %load_ext does
-        shell.register_magics(DiffMagics(shell, core))
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    shell.magics_manager.magics["line"].pop("cldpd_diff", None)
-    del shell.config["CldpdMagics"]
+def ip(ip):
+    """The shell of conftest's ``ip``, its magics on a fake engine."""
+    ip.magics_manager.registry["CldpdMagics"].runner = FakeRunner()
+    return ip
 
 
 def test_cldpd_diff_of_one_run_a_file_and_two_runs(ip, transcript_dir):

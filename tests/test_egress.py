@@ -542,24 +542,6 @@ def test_the_brokered_key_reaches_upstream_and_no_container_holds_it(
 # --- the notebook --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ip(pods_dir: Path, transcript_dir: Path):
-    """The shell singleton with the extension loaded, pointed at tmp paths."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.config.CldpdMagics.flush_interval = 0.05
-    shell.extension_manager.load_extension("cldpd_magic")
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    del shell.config["CldpdMagics"]
-
-
 def test_egress_of_a_run_without_a_proxy_is_one_sentence(ip):
     from IPython.core.error import UsageError
 

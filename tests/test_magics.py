@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 from fakes import ISSUE_URL as URL
@@ -27,7 +26,6 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets import TraitError
-from traitlets.config import Config
 
 from cldpd_magic.arguments import RUN_HELP
 from cldpd_magic.errors import DockerUnavailableError
@@ -51,21 +49,6 @@ def pretend_running(runner: FakeRunner, pod: str) -> None:
     """A pod's container running, started by another kernel."""
     labels = {LABEL_POD: pod, LABEL_SESSION: f"{pod}-elsewhere", LABEL_CLAUDE_SESSION: "uuid-1"}
     runner.add_container(f"cldpd-{pod}", labels)
-
-
-@pytest.fixture
-def ip(pods_dir: Path, transcript_dir: Path):
-    """The shell singleton with the extension loaded, pointed at tmp paths."""
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.config.CldpdMagics.flush_interval = 0.05
-    shell.extension_manager.load_extension("cldpd_magic")
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    del shell.config["CldpdMagics"]
 
 
 def magics_of(shell: InteractiveShell) -> CldpdMagics:

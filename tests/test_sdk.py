@@ -422,23 +422,6 @@ def test_importing_cldpd_magic_imports_neither_the_transport_nor_the_sdk():
 # --- in a notebook: the magics see the run -------------------------------------------------
 
 
-@pytest.fixture
-def ip(pods_dir: Path, transcript_dir: Path):
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.config.CldpdMagics.flush_interval = 0.05
-    shell.extension_manager.load_extension("cldpd_magic")
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    del shell.config["CldpdMagics"]
-
-
 def test_in_a_notebook_the_run_is_in_cldpd_sessions_and_attach_follows_it(ip, pods_dir, fake):
     from IPython.utils.capture import capture_output
 

@@ -23,9 +23,7 @@ from pathlib import Path
 import pytest
 from fakes import ISSUE_URL as URL
 from fakes import write_pod
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 from cldpd_magic import (
     Dispatcher,
@@ -462,21 +460,6 @@ def test_a_linked_source_reaches_the_container_as_its_target(
     (tmp_path / "link").symlink_to(tmp_path / "other")
     assert session.wait(120) == 0
     assert outputs(session) == ["the target's file", "the target's file"]
-
-
-@pytest.fixture
-def ip(pods_dir: Path, transcript_dir: Path):
-    """The shell with the extension loaded on the real engine, pointed at tmp paths."""
-    config = Config()
-    config.HistoryAccessor.enabled = False
-    shell = InteractiveShell.instance(config=config)
-    shell.config.CldpdMagics.pods_dir = str(pods_dir)
-    shell.config.CldpdMagics.transcript_dir = str(transcript_dir)
-    shell.config.CldpdMagics.flush_interval = 0.05
-    shell.extension_manager.load_extension("cldpd_magic")
-    yield shell
-    shell.extension_manager.unload_extension("cldpd_magic")
-    del shell.config["CldpdMagics"]
 
 
 SOCKET_POD = """
