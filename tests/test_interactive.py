@@ -281,3 +281,14 @@ def test_finishing_withdraws_pending_questions_and_ends_waits():
     assert conv.pending() == [] and events.decisions()[0]["by"] == "cancelled"
     with pytest.raises(InvalidRequestError, match="has ended"):
         conv.interrupt()
+
+
+def test_a_request_cldpd_cannot_answer_gets_an_error_so_the_agent_never_waits():
+    conv, pipe, events = conversation()
+    request = {"subtype": "hook_callback", "callback_id": "hook_0", "input": {}}
+    hook = {"type": "control_request", "request_id": "h1", "request": request}
+    conv.observe([json.dumps(hook)])
+    (reply,) = pipe.lines
+    assert reply["response"]["subtype"] == "error" and reply["response"]["request_id"] == "h1"
+    assert "hook_callback" in reply["response"]["error"]
+    assert conv.pending() == [] and events.events == []

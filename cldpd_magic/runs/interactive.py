@@ -34,6 +34,7 @@ from ..stream_json import (
     AssistantMessage,
     CanUseTool,
     ControlCancel,
+    ControlRequest,
     ControlResponse,
     Result,
     SessionStateChanged,
@@ -309,8 +310,12 @@ class Conversation:
                 log_swallowed(logger, f"run {self.run}: an output line could not be followed")
 
     def _on_event(self, event: Any) -> None:
+        if isinstance(event, ControlRequest) and not event.request_id:
+            return  # no id to answer to: nothing waits for an answer it could get
         if isinstance(event, CanUseTool):
             self.approvals.asked(event)
+        elif isinstance(event, ControlRequest):
+            self._unsupported(event)
         elif isinstance(event, ControlResponse):
             with self._lock:
                 waiter = self._waiters.get(event.request_id)
@@ -328,6 +333,19 @@ class Conversation:
             self._turn_over(checked=False)
         elif isinstance(event, SystemInit | AssistantMessage):
             self._busy()
+
+    def _unsupported(self, event: ControlRequest) -> None:
+        """Answer a question cldpd cannot (a hook, an MCP message: nothing registers those
+        here) with an error, as the SDK does, so the agent never waits for it."""
+        reply = {
+            "subtype": "error",
+            "request_id": event.request_id,
+            "error": f"cldpd answers no {event.subtype[:60] or 'such'} request",
+        }
+        try:
+            self._write({"type": "control_response", "response": reply})
+        except (CldpdError, OSError):
+            log_swallowed(logger, f"answering a request of run {self.run} failed")
 
     def _busy(self) -> None:
         with self._lock:
