@@ -316,7 +316,14 @@ class Usage:
     cost_usd: float = 0.0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(_fields(self), _fields(other), strict=True)))
+        return Usage(
+            self.turns + other.turns,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_creation_tokens + other.cache_creation_tokens,
+            self.cost_usd + other.cost_usd,
+        )
 
     def summary(self) -> str:
         """``3 turns · 12,345 tokens · $0.0123``: what a status line shows."""
@@ -328,17 +335,6 @@ class Usage:
         )
         turns = f"{self.turns} turn{'' if self.turns == 1 else 's'}"
         return f"{turns} · {tokens:,} tokens · ${self.cost_usd:.4f}"
-
-
-def _fields(usage: Usage) -> tuple[float, ...]:
-    return (
-        usage.turns,
-        usage.input_tokens,
-        usage.output_tokens,
-        usage.cache_read_tokens,
-        usage.cache_creation_tokens,
-        usage.cost_usd,
-    )
 
 
 __all__ = [

@@ -44,6 +44,16 @@ def test_a_message_counts_once_however_many_blocks_repeat_its_usage():
     assert usage.cost_usd == pytest.approx((1200 * 3 + 30 * 15) / 1e6)
 
 
+def test_a_message_seen_again_with_other_figures_counts_its_latest_once():
+    meter = UsageMeter()
+    meter.feed(assistant("msg_1", 1000, 10))
+    meter.feed(assistant("msg_2", 200, 20))
+    assert meter.feed(assistant("msg_1", 1000, 400)) is True  # its final output tokens
+    usage = meter.usage
+    assert (usage.turns, usage.input_tokens, usage.output_tokens) == (2, 1200, 420)
+    assert usage.cost_usd == pytest.approx((1200 * 3 + 420 * 15) / 1e6)
+
+
 def test_the_result_is_authoritative_and_later_messages_add_to_it():
     meter = UsageMeter()
     meter.feed(assistant("msg_1", 1000, 10))

@@ -87,6 +87,18 @@ def _count(value: float | None) -> int:
     return 0 if value is None or value < 0 else int(value)
 
 
+def _turn(model: str, tokens: Usage) -> Usage:
+    """One assistant message as a turn: its tokens and their estimated cost."""
+    return Usage(
+        1,
+        tokens.input_tokens,
+        tokens.output_tokens,
+        tokens.cache_read_tokens,
+        tokens.cache_creation_tokens,
+        estimate_cost(model, tokens),
+    )
+
+
 def _tokens(usage: TokenUsage | None) -> Usage:
     if usage is None:
         return Usage()
@@ -129,6 +141,7 @@ class UsageMeter:
         self._lock = threading.Lock()
         self._results = Usage()
         self._messages: dict[str, tuple[str, Usage]] = {}
+        self._since = Usage()  # the messages since the last result, summed as they come
         self._usage = Usage()
         self.result_subtype = ""
         self.links: list[str] = []
@@ -162,11 +175,11 @@ class UsageMeter:
                 self._on_result(event)
             elif not (isinstance(event, AssistantMessage) and self._on_assistant(event)):
                 return False
-            self._usage = self._total()
+            self._usage = self._results + self._since
         return True
 
     def _on_result(self, result: Result) -> None:
-        since = self._since_result()
+        since = self._since
         turns = _count(result.turns) or since.turns
         if result.turn_model_usage is not None:
             # The turn's tokens by model: right also where "usage" says 0 (over budget).
@@ -188,33 +201,26 @@ class UsageMeter:
             cost,
         )
         self._messages.clear()
+        self._since = Usage()
         self.result_subtype = result.subtype or ""
 
     def _on_assistant(self, message: AssistantMessage) -> bool:
         if message.message_id is None or message.usage is None:
             return False
         entry = (message.model, _tokens(message.usage))
-        if self._messages.get(message.message_id) == entry:
+        known = self._messages.get(message.message_id)
+        if known == entry:
             return False
         self._messages[message.message_id] = entry
+        if known is None:
+            self._since = self._since + _turn(*entry)
+        else:  # a message seen again with other figures: sum them all again
+            self._since = self._since_result()
         return True
 
     def _since_result(self) -> Usage:
         """The messages since the last result: a turn each, their tokens, estimated cost."""
-        total = Usage()
-        for model, tokens in self._messages.values():
-            total = total + Usage(
-                1,
-                tokens.input_tokens,
-                tokens.output_tokens,
-                tokens.cache_read_tokens,
-                tokens.cache_creation_tokens,
-                estimate_cost(model, tokens),
-            )
-        return total
-
-    def _total(self) -> Usage:
-        return self._results + self._since_result()
+        return sum((_turn(model, tokens) for model, tokens in self._messages.values()), Usage())
 
     def _collect_links(self, line: str) -> None:
         for link in _LINK.findall(line):
