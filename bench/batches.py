@@ -9,12 +9,22 @@ parallel ``docker run``.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from tests.kernel_util import KernelSession
 
 from .figures import CONCURRENT_LINES, CONCURRENT_PODS, _concurrent_cli, _samples
-from .harness import ISSUE_URL, PADDING, Bench, Result, check_transcript, interleaved, median
+from .harness import (
+    ISSUE_URL,
+    PADDING,
+    Bench,
+    Result,
+    check_transcript,
+    docker,
+    interleaved,
+    median,
+)
 
 FLEET_SIZES = (1, 10, 50)
 FLEET_SECONDS = 10
@@ -35,6 +45,8 @@ while [ "$tick" -lt "$((${{BENCH_SECONDS:-10}} * 10))" ]; do
 done
 """
 CPU_TARGET = 0.10
+#: Seconds over which figure 7d reads the kernel's CPU while every run prints.
+STEADY_SECONDS = 4.0
 CELL_TIMEOUT = 900
 
 
@@ -51,8 +63,32 @@ def _is_update(msg: dict) -> bool:
     )
 
 
+def _running(pod: str) -> int:
+    """How many containers of the pod run now (the docker CLI, not the kernel, asks)."""
+    return len(docker("ps", "-q", "--filter", f"label=cldpd.pod={pod}").split())
+
+
+def _steady_cpu(pid: int, pod: str, runs: int, found: dict[str, float]) -> None:
+    """The kernel's CPU while all the runs print: from a second after the last one
+    started, for STEADY_SECONDS (or until one ends); in ``found["steady"]``."""
+    deadline = time.monotonic() + CELL_TIMEOUT
+    while _running(pod) < runs:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+    time.sleep(1.0)
+    cpu, began = _cpu_seconds(pid), time.perf_counter()
+    while time.perf_counter() - began < STEADY_SECONDS and _running(pod) == runs:
+        time.sleep(0.2)
+    if time.perf_counter() - began >= STEADY_SECONDS / 2:
+        found["steady"] = (_cpu_seconds(pid) - cpu) / (time.perf_counter() - began)
+
+
 def _fleet_cell(kernel: KernelSession, pid: int, pod: str, runs: int) -> dict[str, float]:
     first = len(kernel.messages)
+    steady: dict[str, float] = {}
+    watcher = threading.Thread(target=_steady_cpu, args=(pid, pod, runs, steady), daemon=True)
+    watcher.start()
     cpu = _cpu_seconds(pid)
     started = time.perf_counter()
     kernel.execute(
@@ -62,6 +98,7 @@ def _fleet_cell(kernel: KernelSession, pid: int, pod: str, runs: int) -> dict[st
     )
     seconds = time.perf_counter() - started
     cpu = _cpu_seconds(pid) - cpu
+    watcher.join(STEADY_SECONDS + 5)
     kernel.drain(0.5)
     msgs = kernel.messages[first:]
     del kernel.messages[first:]
@@ -70,6 +107,7 @@ def _fleet_cell(kernel: KernelSession, pid: int, pod: str, runs: int) -> dict[st
         "messages": len(msgs) / seconds,
         "updates": sum(map(_is_update, msgs)) / seconds,
         "cpu": cpu / seconds,
+        "steady": steady.get("steady", float("nan")),
     }
 
 
@@ -117,10 +155,27 @@ def fleet_kernel(bench: Bench) -> list[Result]:
             rate, one, "msg/s", "flat (ratio <= 1.25)", rate <= one * 1.25 and not problems,
             note,
         ))  # fmt: skip
-    cpu = median([s["cpu"] for s in samples[FLEET_SIZES[-1]]])
+    most = FLEET_SIZES[-1]
+    steady = median([s["steady"] for s in samples[most]])
+    cpu = median([s["cpu"] for s in samples[most]])
+    rows.append(
+        Result(
+            "7d",
+            f"kernel CPU following {most} runs of 100 lines/s, the batch view open (fraction "
+            f"of one core, over {STEADY_SECONDS:.0f} s while every run prints)",
+            steady * 100,
+            None,
+            "%",
+            f"< {CPU_TARGET:.0%} of one core",
+            steady < CPU_TARGET,
+            f"samples {[round(s['steady'] * 100, 1) for s in samples[most]]} %; 1 run "
+            f"{median([s['steady'] for s in samples[1]]):.1%}, 10 runs "
+            f"{median([s['steady'] for s in samples[10]]):.1%}",
+        )
+    )
     rows.append(Result(
-        "7d", f"kernel CPU at {FLEET_SIZES[-1]} runs of 100 lines/s (fraction of one core)",
-        cpu * 100, None, "%", f"< {CPU_TARGET:.0%} of one core", cpu < CPU_TARGET,
+        "7e", f"kernel CPU over the whole cell of {most} runs (starting, following and "
+        "removing their containers)", cpu * 100, None, "%", "(info)", None,
         f"1 run {median([s['cpu'] for s in samples[1]]):.0%}, 10 runs "
         f"{median([s['cpu'] for s in samples[10]]):.0%}",
     ))  # fmt: skip
