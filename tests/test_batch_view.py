@@ -528,10 +528,10 @@ def test_a_batch_feed_keeps_the_first_error_of_its_many_threads(tmp_path):
 
 
 def test_the_first_error_of_racing_threads_is_kept_and_never_replaced():
-    from cldpd_magic.render.feeds import _FirstError
+    from cldpd_magic.render.feeds import _Publisher
 
     errors = [OSError(n) for n in range(16)]
-    holder = _FirstError()
+    holder = _Publisher()
     start = threading.Barrier(len(errors))
 
     def record(exc: BaseException) -> None:

@@ -61,12 +61,23 @@ def _events(items: Iterable[Event | Lines]) -> Iterator[Event]:
                 yield Event(item.type, text, None, item.time)
 
 
-class _FirstError:
-    """The first error of a feed whose threads (readers, the publisher) may each fail."""
+class _Publisher:
+    """What a feed's publishing threads share: the first error of any of them (readers,
+    the publisher) and whether the final view is published."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        """Whether the final view has been published."""
+        return self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the final view is published; True if it was."""
+        return self._done.wait(timeout)
 
     @property
     def error(self) -> BaseException | None:
@@ -80,7 +91,7 @@ class _FirstError:
                 self._error = exc
 
 
-class LiveFeed(_FirstError):
+class LiveFeed(_Publisher):
     """Consumes a session's events in a worker thread and publishes its view, batched.
 
     ``publish(view)`` runs at most once per ``interval`` while output flows, about once
@@ -117,7 +128,6 @@ class LiveFeed(_FirstError):
         self.publications = 0
         self._consumed = threading.Event()
         self._wake = threading.Event()
-        self._done = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True, name="cldpd-feed-read")
         # The writer runs in a copy of the creator's context: a kernel keeps the parent
         # message there, so updates stay tied to the cell that started the feed.
@@ -165,15 +175,6 @@ class LiveFeed(_FirstError):
                 self._consumed.wait(self.interval)
         self._publish()
         self._done.set()
-
-    @property
-    def done(self) -> bool:
-        """Whether the final view has been published."""
-        return self._done.is_set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until the final view is published; True if it was."""
-        return self._done.wait(timeout)
 
 
 class TextFeed:
@@ -276,7 +277,7 @@ class RunSource:
     done: bool
 
 
-class BatchFeed(_FirstError):
+class BatchFeed(_Publisher):
     """Follows every run of a batch in worker threads and publishes its view, batched.
 
     One reader thread per run takes its events into the :class:`BatchView`; one writer
@@ -314,7 +315,6 @@ class BatchFeed(_FirstError):
         self.interval = max(0.02, float(interval))
         self.publications = 0
         self._readers: list[threading.Thread] = []
-        self._done = threading.Event()
         context = contextvars.copy_context()  # see LiveFeed: updates stay in their cell
         self._writer = threading.Thread(
             target=context.run, args=(self._write,), daemon=True, name="cldpd-batch-pub"
@@ -367,12 +367,3 @@ class BatchFeed(_FirstError):
             time.sleep(self.interval)  # one publication per interval, however many runs
         self._publish()
         self._done.set()
-
-    @property
-    def done(self) -> bool:
-        """Whether the final view has been published."""
-        return self._done.is_set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait until the final view is published; True if it was."""
-        return self._done.wait(timeout)
