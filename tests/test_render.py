@@ -183,6 +183,17 @@ def test_a_failed_result_says_why_and_never_success():
     assert "success" not in lines[0][1]
 
 
+def test_an_interrupted_turn_says_so_not_the_clis_diagnostics():
+    """The real CLI's result of a turn ended by an interrupt (captured, streaming input)."""
+    path = Path(__file__).parent / "fixtures" / "claude" / "interactive" / "cancel.jsonl"
+    line = next(x for x in path.read_text().splitlines() if '"aborted_tools"' in x)
+    lines = [(x.kind, x.text) for x in render_output_line(line)]
+    assert lines[0][0] == "result"
+    assert lines[0][1].startswith("⏹ interrupted · 3 turns · ")
+    assert "ede_diagnostic" not in lines[0][1]
+    assert lines[1] == ("denied", "⊘ permission denied: Bash: touch c1.txt")
+
+
 @pytest.mark.parametrize(
     ("subtype", "head"),
     [

@@ -377,7 +377,8 @@ class StreamRenderer:
             )
         if event.session_id:
             parts.append(f"session {_short(event.session_id)}")
-        lines = [Line("result" if head.startswith("✓") else "failed", " · ".join(parts))]
+        kind = "failed" if head.startswith("✗") else "result"
+        lines = [Line(kind, " · ".join(parts))]
         for denial in event.denials:
             call = tool_call(denial.tool_name, denial.tool_input)
             lines.append(Line("denied", f"⊘ permission denied: {call}"))
@@ -390,11 +391,15 @@ class StreamRenderer:
 
 
 def _result_head(event: Result) -> str:
-    """``✓ done``, or ``✗`` and why the run (or turn) failed."""
+    """``✓ done``, ``⏹ interrupted``, or ``✗`` and why the run (or turn) failed."""
     reason = next((e for e in event.errors if e.strip()), "")
     subtype = event.subtype
     if subtype == "success" and not event.is_error:
         return "✓ done"
+    if event.terminal_reason.startswith("aborted_"):
+        # An interrupt (a person's, or the SDK's) ends the turn so; the CLI's own
+        # diagnostics then say nothing a person needs.
+        return "⏹ interrupted"
     if subtype == "success" or subtype is None:
         return f"✗ failed: {_first_line(reason or event.answer or 'no reason given', 300)}"
     head = f"✗ {_RESULT_NAMES.get(subtype) or _first_line(subtype, 60)}"
