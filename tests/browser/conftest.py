@@ -287,9 +287,11 @@ def lab(
     assert not left, f"kernel processes outlived the JupyterLab server: {left}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(browser_requirements: None) -> Iterator[Any]:
-    """Debian's Chromium, headless, driven by playwright."""
+    """Debian's Chromium, headless, driven by playwright; one per test module, since
+    playwright's sync API marks an asyncio loop running in this thread while it lives, and
+    later tests (the SDK's) run loops of their own here."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
