@@ -22,6 +22,7 @@ from cldpd_magic.runs.changes import (
     ChangesError,
     FileChange,
     capture_command,
+    capture_left_at,
     changes_paths,
     decode_capture,
     find_saved_changes,
@@ -327,10 +328,12 @@ def test_a_capture_without_baseline_says_so():
 
 
 def test_the_scripts_compose_with_the_command_and_capture_to_the_cap():
-    cmd = with_baseline(["sh", "-c", "deadline", "cldpd-deadline", "9", "claude", "-p", "x"])
+    agent = ["sh", "-c", "deadline", "cldpd-deadline", "9", "claude", "-p", "x"]
+    cmd = with_baseline(agent, 1234)
     assert cmd[:2] == ["sh", "-c"] and cmd[3] == "cldpd-changes"
-    assert cmd[4:] == ["sh", "-c", "deadline", "cldpd-deadline", "9", "claude", "-p", "x"]
-    assert cmd[2].rstrip().endswith('exec "$@"')
+    assert cmd[4:6] == [capture_left_at(1234), "1234"] and cmd[6:] == agent
+    assert cmd[4] == "/tmp/.cldpd-changes-1234.out"
+    assert 'exec "$@"' in cmd[2] and cmd[2].rstrip().endswith('exit "$cldpd_code"')
     assert capture_command(1234)[2].rstrip().endswith("cldpd_capture 1234")
 
 

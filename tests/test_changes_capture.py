@@ -27,8 +27,10 @@ from cldpd_magic.engines.docker.snapshots import LABEL_SNAPSHOT, Snapshots
 from cldpd_magic.errors import CldpdError
 from cldpd_magic.runs import Dispatcher
 from cldpd_magic.runs.changes import (
+    SIGNAL_GROUP_ENV,
     Changes,
     capture_command,
+    capture_left_at,
     capture_script,
     changes_paths,
     decode_capture,
@@ -311,6 +313,39 @@ def test_an_ended_container_is_read_through_a_snapshot(docker_client):
     assert not docker_client.images.list(filters={"label": LABEL_SNAPSHOT})
 
 
+LEFT_BEHIND = (
+    # Left running by the agent: a forger of the capture's file, and a late writer.
+    "(while :; do echo forged > " + capture_left_at() + "; done) & "
+    "(sleep 1; echo late > late.txt) & "
+    "mkdir -p d && echo made > d/new.txt && exit 3"
+)
+
+
+def test_an_ended_container_leaves_its_capture_and_nothing_it_left_running_touches_it(
+    docker_client,
+):
+    """The container's own command captures as its agent ends: read from the ended
+    container (no snapshot: a script that would fail is never run), with the agent's
+    leftover processes killed first, and the agent's exit code kept."""
+    runner = DockerRunner()
+    name = f"cldpd-test-left-{uuid.uuid4().hex[:8]}"
+    container = docker_client.containers.create(
+        BUSYBOX, with_baseline(["sh", "-c", LEFT_BEHIND]), init=True,
+        environment=SIGNAL_GROUP_ENV, working_dir="/w", labels={"cldpd.test": "1"}, name=name,
+    )  # fmt: skip
+    try:
+        container.start()
+        assert container.wait(timeout=60)["StatusCode"] == 3
+        out = Snapshots(runner.connection).capture(name, "exit 9", left_at=capture_left_at())
+        changes = Changes.from_capture(decode_capture(out))
+        assert [f.path for f in changes.files] == ["d/new.txt"]
+        with pytest.raises(CldpdError, match="exit 9"):  # the control: no file, the script
+            Snapshots(runner.connection).capture(name, "exit 9", left_at="/tmp/none")
+    finally:
+        container.remove(force=True)
+    assert not docker_client.images.list(filters={"label": LABEL_SNAPSHOT})
+
+
 # --- whole runs ----------------------------------------------------------------------
 
 POD_DOCKERFILE = (
@@ -359,6 +394,23 @@ def test_failed_stopped_and_over_budget_runs_keep_their_changes(dispatcher, make
     for run, path in zip(runs, ["failed.txt", "stopped.txt", "spent.txt"], strict=True):
         assert run.changes is not None and [f.path for f in run.changes.files] == [path]
         assert dispatcher.runner.inspect(run.container) is None
+
+
+def test_a_stop_reaches_the_agent_through_the_capture_and_its_changes_are_kept(
+    dispatcher, make_pod
+):
+    name = _pod(make_pod, "trap 'echo got-int > int.txt; echo got-int; exit 130' INT; "
+                "echo started; while :; do sleep 0.1; done")  # fmt: skip
+    session = dispatcher.start_session(name, URL)
+    for event in session.events():
+        if event.data == "started":
+            break
+    session.stop(20)
+    session.wait(60)
+    assert session.state == "stopped"
+    assert "got-int" in [e.data for e in session.events()]
+    assert session.changes is not None and [f.path for f in session.changes.files] == ["int.txt"]
+    assert dispatcher.runner.inspect(session.container) is None
 
 
 def test_a_kept_alive_run_captures_on_demand_and_after_a_resume(dispatcher, make_pod, monkeypatch):

@@ -374,7 +374,7 @@ class MultiEngineRunner:
         if engine is not None:
             self._on(engine, lambda r: r.stop(container, timeout))
 
-    def capture(self, container: str, script: str) -> bytes:
+    def capture(self, container: str, script: str, *, left_at: str | None = None) -> bytes:
         """Read an ended container's files on whichever engine holds it (see SnapshotRunner).
 
         Raises:
@@ -383,7 +383,7 @@ class MultiEngineRunner:
         engine = self._holder(container)
         if engine is None:
             raise SessionNotFoundError(f"No container named {container}.")
-        return self._on(engine, lambda r: r.capture(container, script))  # type: ignore[attr-defined]
+        return self._on(engine, lambda r: r.capture(container, script, left_at=left_at))  # type: ignore[attr-defined]
 
     def remove(self, container: str) -> None:
         """Remove a container on whichever engine holds it; a missing one is fine."""

@@ -394,9 +394,12 @@ class SnapshotRunner(Runner, Protocol):
     """A Runner that can read an ended container's files: a run's changes, taken before
     its container is removed (a running one is read through :meth:`Runner.exec`)."""
 
-    def capture(self, container: str, script: str) -> bytes:
+    def capture(self, container: str, script: str, *, left_at: str | None = None) -> bytes:
         """Run ``sh -c script`` over a container's files (its volumes and bind mounts too),
         as its user in its workdir, with no network and no capability; its stdout.
+
+        ``left_at``: a file in which the container's own command may have left what the
+        script prints (as it ended); an ended container holding it is read, not scripted.
 
         Raises:
             SessionNotFoundError: There is no such container.

@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 from ..engines import ContainerInfo, ExecHandle, Runner, RunOptions, StdinPipe
 from ..events import EventType
 from ..pods import Pod, container_name
-from .changes import DEFAULT_MAX_BYTES, ChangeCapture, capture_at_end, with_baseline
+from .changes import (
+    DEFAULT_MAX_BYTES,
+    SIGNAL_GROUP_ENV,
+    ChangeCapture,
+    capture_at_end,
+    with_baseline,
+)
 from .egress import EgressAttempt, EgressGuard, egress_reports, remove_egress_of
 from .registry import LABEL_POD, LABEL_SESSION
 from .session import SessionControl
@@ -93,7 +99,11 @@ class RunJobs:
         runner = self.runner
         capture = self.changes_capture(opts.name, pod.config.changes_max_bytes)
         if capture is not None:  # the baseline of the run's changes, before the agent starts
-            opts = dataclasses.replace(opts, cmd=with_baseline(opts.cmd))
+            opts = dataclasses.replace(
+                opts,
+                cmd=with_baseline(opts.cmd, pod.config.changes_max_bytes),
+                env={**opts.env, **SIGNAL_GROUP_ENV},
+            )
 
         def job(ctl: SessionControl) -> int:
             ctl.set_capturer(capture)

@@ -164,9 +164,9 @@ class DockerRunner:
         """Create a bridge network; its subnet (see :meth:`Networks.create_network`)."""
         return self.networks.create_network(name, labels, internal)
 
-    def capture(self, container: str, script: str) -> bytes:
+    def capture(self, container: str, script: str, *, left_at: str | None = None) -> bytes:
         """Run ``sh -c script`` over an ended container's files (see Snapshots.capture)."""
-        return self.snapshots.capture(container, script)
+        return self.snapshots.capture(container, script, left_at=left_at)
 
     def gateway(self, network: str) -> str:
         """The gateway address reserved on a network (see :meth:`Networks.gateway`)."""

@@ -9,6 +9,8 @@ the given ``sh`` script; its stdout is the result. Both are removed whatever hap
 from __future__ import annotations
 
 import contextlib
+import io
+import tarfile
 
 import docker
 import docker.errors
@@ -20,6 +22,9 @@ from .engine import DockerConnection, PrivateAPI, engine_errors, explain, force_
 LABEL_SNAPSHOT = "cldpd.snapshot"
 #: Processes the throwaway container may have at once (git and a few tools).
 SNAPSHOT_PIDS = 256
+#: The largest capture left in a container that is read as it is (the capture of a run
+#: capped at changesMaxBytes prints about 4/3 of that, base64, plus its notes).
+MAX_LEFT_BYTES = 256 << 20
 #: Bytes of its stderr kept for an error message.
 _STDERR_KEPT = 2000
 
@@ -35,13 +40,16 @@ class Snapshots:
         self.connection = connection
 
     @engine_errors
-    def capture(self, container: str, script: str) -> bytes:
+    def capture(self, container: str, script: str, *, left_at: str | None = None) -> bytes:
         """Run ``sh -c script`` over an ended (or running) container's files; its stdout.
 
         Args:
             container: The container's name or id.
             script: The ``sh`` program; it sees the container's filesystem as it was,
                 its volumes and bind mounts, its user, working directory and environment.
+            left_at: A file where the container's command may have left what the script
+                prints as it ended: an ended container holding it is read (an archive of
+                one file) instead of snapshotted and scripted.
 
         Returns:
             What the script printed on stdout, as bytes.
@@ -55,6 +63,10 @@ class Snapshots:
                 attrs = api.inspect_container(container)
             except docker.errors.NotFound:
                 raise SessionNotFoundError(f"No container named {container}.") from None
+            if left_at and not (attrs.get("State") or {}).get("Running"):
+                left = _left_file(api, attrs["Id"], left_at)
+                if left is not None:
+                    return left
             try:
                 image = api.commit(
                     attrs["Id"], conf={"Labels": {LABEL_SNAPSHOT: container}}, pause=True
@@ -120,3 +132,26 @@ class Snapshots:
 
 
 __all__ = ["LABEL_SNAPSHOT", "Snapshots"]
+
+
+def _left_file(api: docker.APIClient, cid: str, path: str) -> bytes | None:
+    """A regular file's content in a container (through the archive API, which reads an
+    ended container too), at most MAX_LEFT_BYTES; None when it is not there or not one."""
+    try:
+        stream, stat = api.get_archive(cid, path)
+    except docker.errors.APIError:
+        return None
+    # The archive of one file: a small tar; a directory, a link or a device is not taken.
+    if not isinstance(stat, dict) or stat.get("size", 0) > MAX_LEFT_BYTES:
+        return None
+    data = b"".join(stream)
+    with (
+        contextlib.suppress(tarfile.TarError, OSError),
+        tarfile.open(fileobj=io.BytesIO(data)) as tar,
+    ):
+        member = tar.next()
+        if member is not None and member.isreg():
+            extracted = tar.extractfile(member)
+            if extracted is not None:
+                return extracted.read()
+    return None

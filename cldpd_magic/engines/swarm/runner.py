@@ -245,7 +245,7 @@ class SwarmRunner:
             time.sleep(self.poll)
 
     @engine_errors
-    def capture(self, container: str, script: str) -> bytes:
+    def capture(self, container: str, script: str, *, left_at: str | None = None) -> bytes:
         """Read a run's ended task container's files on its node (see SnapshotRunner).
 
         Raises:
@@ -255,7 +255,7 @@ class SwarmRunner:
         cid = container_id(task)
         if task is None or not cid:
             raise SessionNotFoundError(f"No container named {container}.")
-        return self.nodes.runner_of(task["NodeID"]).capture(cid, script)
+        return self.nodes.runner_of(task["NodeID"]).capture(cid, script, left_at=left_at)
 
     @engine_errors
     def remove(self, container: str) -> None:
