@@ -13,6 +13,7 @@ import itertools
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,35 @@ def test_a_feed_shows_the_first_line_without_waiting_for_its_interval(tmp_path):
     feed = LiveFeed(session, SessionView("pod"), publish, interval=120)
     try:
         assert shown.wait(30)
+    finally:
+        release.set()
+    session.wait(30)
+    feed.join(150)
+
+
+def test_the_agents_first_line_shows_as_it_comes_after_the_build_was_shown(tmp_path):
+    """The build's notes are published at once; the agent's first line, a moment later,
+    does not wait out the interval that publication began."""
+    shown = threading.Event()
+    release = threading.Event()
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.BUILD_STARTED, "img")
+        time.sleep(0.5)  # the feed has published the build by now
+        ctl.emit(EventType.CONTAINER_STARTED, "c")
+        ctl.stdout.write("the first line\n")
+        release.wait(60)
+        return 0
+
+    def publish(view: SessionView) -> None:
+        if "the first line" in view.text():
+            shown.set()
+
+    session = Session("pod", "c", job, tmp_path)
+    feed = LiveFeed(session, SessionView("pod"), publish, interval=120)
+    try:
+        assert shown.wait(30)
+        assert feed.publications >= 2
     finally:
         release.set()
     session.wait(30)

@@ -31,6 +31,10 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 _NOTE_KINDS = frozenset({"stderr", "status", "build", "build_log"})
 
 
+def _spoken(event: Event) -> bool:
+    return event.type is EventType.OUTPUT or event.type is EventType.STDERR
+
+
 class Lines(Protocol):
     """Lines of one read of a run's output as one item: a session's ``OutputLines``, a
     tuple whose first field is the type, as an Event's is."""
@@ -128,6 +132,7 @@ class LiveFeed(_Publisher):
         self.publications = 0
         self._consumed = threading.Event()
         self._wake = threading.Event()
+        self._agent_spoke = threading.Event()  # the run's first output or stderr line came
         self._reader = threading.Thread(target=self._read, daemon=True, name="cldpd-feed-read")
         # The writer runs in a copy of the creator's context: a kernel keeps the parent
         # message there, so updates stay tied to the cell that started the feed.
@@ -142,6 +147,8 @@ class LiveFeed(_Publisher):
         try:
             for events in self.session.event_batches():
                 self.view.add_events(events)
+                if not self._agent_spoke.is_set() and any(map(_spoken, events)):
+                    self._agent_spoke.set()
                 self._wake.set()
         except BaseException as exc:  # the feed must end even if a transcript read fails
             log_swallowed(log, "reading the session's events failed", self.session.mask)
@@ -149,6 +156,7 @@ class LiveFeed(_Publisher):
             self.view.fail(f"could not read the session's events: {exc}")
         finally:
             self._consumed.set()
+            self._agent_spoke.set()
             self._wake.set()
 
     def _publish(self) -> None:
@@ -161,7 +169,9 @@ class LiveFeed(_Publisher):
 
     def _write(self) -> None:
         # What changes is shown at once (the first line with no delay), then at most once
-        # per interval: after a publication the writer sleeps out the interval first.
+        # per interval: after a publication the writer sleeps out the interval first,
+        # except for the agent's first line, which ends that sleep (the build's notes,
+        # shown a moment before, must not hold it back).
         shown = (-1, -1)
         while not self._consumed.is_set():
             self._wake.wait(self.interval)  # set by the reader when events come
@@ -171,8 +181,9 @@ class LiveFeed(_Publisher):
             state = (self.view.version, int(self.view.elapsed()))
             if state != shown:
                 shown = state
+                spoke = self._agent_spoke.is_set()
                 self._publish()
-                self._consumed.wait(self.interval)
+                (self._consumed if spoke else self._agent_spoke).wait(self.interval)
         self._publish()
         self._done.set()
 
