@@ -21,7 +21,6 @@ from cldpd_magic import EventType, Pod
 from .harness import (
     ISSUE_URL,
     Bench,
-    NullWriter,
     OrderedWriter,
     ReplayCounter,
     Result,
@@ -65,15 +64,9 @@ def _timed_start(bench: Bench, pod: Pod, lines: int | None) -> tuple[float, dict
     the CPU time of this process, all its threads (``cpu``), and how many events the
     consumer re-read from the transcript after falling behind (``replayed``, -1 unknown).
     """
-    writer = NullWriter()
     with ReplayCounter() as replayed:
-        cpu = time.process_time()
-        started = time.perf_counter()
-        bench.dispatcher.start(pod.name, ISSUE_URL, writer, raw=True)
-        total = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        total, cpu, writer, session = bench.timed_start(pod)
     ended = time.time()
-    session = bench.dispatcher.sessions[-1]
     marks = phase_times(session)
     bench.forget(session)
     if lines is not None and writer.lines != lines:

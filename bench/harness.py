@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -291,6 +292,18 @@ class Bench:
         return ["docker", "run", "--rm", "--init", "--name",
                 f"cldpd-{self.prefix}-cli{self._cli_count}", *env, *docker_args,
                 pod.image, *cmd]  # fmt: skip
+
+    def timed_start(self, pod: Pod, raw: bool = True) -> tuple[float, float, NullWriter, Session]:
+        """``Dispatcher.start`` of a pod into a :class:`NullWriter`: its wall seconds, the
+        CPU seconds of this process (all threads), the writer and the run's session (to
+        check, then :meth:`forget`)."""
+        writer = NullWriter()
+        cpu = time.process_time()
+        started = time.perf_counter()
+        self.dispatcher.start(pod.name, ISSUE_URL, writer, raw=raw)
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        return wall, cpu, writer, self.dispatcher.sessions[-1]
 
     def forget(self, session: Session) -> None:
         """Drop an ended session from the dispatcher and delete its transcript."""

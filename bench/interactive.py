@@ -19,7 +19,7 @@ from typing import Any
 from cldpd_magic import Dispatcher, EventType, Pod
 from cldpd_magic.runs.agent import agent_command
 
-from .harness import ISSUE_URL, PADDING, Bench, NullWriter, Result, fmt, interleaved, median
+from .harness import ISSUE_URL, PADDING, Bench, Result, fmt, interleaved, median
 
 #: Questions the latency figure's agent asks, one after the other.
 REQUESTS = 100
@@ -166,13 +166,7 @@ def decision_latency(bench: Bench) -> list[Result]:
 
 
 def _time_ours(bench: Bench, pod: Pod) -> tuple[float, float]:
-    writer = NullWriter()
-    cpu = time.process_time()
-    started = time.perf_counter()
-    bench.dispatcher.start(pod.name, ISSUE_URL, writer, raw=True)
-    total = time.perf_counter() - started
-    cpu = time.process_time() - cpu
-    session = bench.dispatcher.sessions[-1]
+    total, cpu, writer, session = bench.timed_start(pod)
     if session.conversation is None:
         raise RuntimeError("the run was not interactive")
     bench.forget(session)

@@ -5,13 +5,12 @@ what ``cldpd start`` prints too) for plain lines and for Claude Code's stream-js
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from cldpd_magic import Pod
 
 from .figures import REPO, STREAM_LINES, _samples, _time_cli
-from .harness import ISSUE_URL, Bench, NullWriter, Result, fmt, interleaved, median
+from .harness import Bench, Result, fmt, interleaved, median
 
 #: A real Claude Code run (the real CLI against the scripted model: init, thinking ticks,
 #: assistant text and tool calls, tool results, the result), repeated.
@@ -46,13 +45,7 @@ def _output_events(path: Path) -> int:
 def _timed(bench: Bench, pod: Pod, lines: int, raw: bool = False) -> tuple[float, float]:
     """``Dispatcher.start`` into a writer that drops the text: wall and CPU seconds
     (this process, all threads); the transcript must hold every line."""
-    writer = NullWriter()
-    cpu = time.process_time()
-    started = time.perf_counter()
-    bench.dispatcher.start(pod.name, ISSUE_URL, writer, raw=raw)
-    wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu
-    session = bench.dispatcher.sessions[-1]
+    wall, cpu, writer, session = bench.timed_start(pod, raw)
     found = _output_events(session.transcript)
     bench.forget(session)
     if found != lines:
