@@ -121,6 +121,8 @@ class _FakeSession:
     def event_batches(self):
         return iter(self._batches)
 
+    line_batches = event_batches  # a session may give every line as an Event
+
 
 class _LinesSession(_FakeSession):
     """A session giving output and stderr lines of one type in a row as one OutputLines."""

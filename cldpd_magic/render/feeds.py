@@ -272,8 +272,7 @@ class TextFeed:
 
     def follow(self) -> None:
         """Write every event of the session, from the first, until it ends."""
-        batches = getattr(self.session, "line_batches", self.session.event_batches)
-        for batch in batches():
+        for batch in self.session.line_batches():
             self.write(batch)
 
 
