@@ -11,7 +11,10 @@ Agent output is hostile input: the events are built defensively, field by field.
 of the wrong type is read as absent (numbers: :func:`json_number`; text: ``""``), and
 nothing here raises, whatever the line (too deep, too long, not UTF-8, NaN, 1e400).
 Every event keeps the decoded object in ``raw`` (read-only at its top level) for the
-fields it does not type.
+fields it does not type. The commonest lines (assistant, user, system, result) are read
+with msgspec for the fields their events type, skipping the rest of the line unbuilt; their
+``raw`` is decoded when first read. Any other line, or one whose fields have other shapes,
+is decoded whole; both ways give the same event.
 
 A line is parsed once while it is recent: the session's writer thread, which meters the
 run, and every view of the run (a cell, the picker, a terminal) get the same event for
@@ -25,10 +28,12 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+import msgspec
 
 log = logging.getLogger(__package__)
 
@@ -883,11 +888,109 @@ def interpret(obj: Any) -> ClaudeEvent | None:
         return None
 
 
+class _LineObject(Mapping[str, Any]):
+    """The JSON object of a line read by :func:`_read_known`, decoded when first read: the
+    fields the typed event holds are all most readers want, so most lines are never
+    decoded whole. Read-only, like the ``MappingProxyType`` of a line decoded whole."""
+
+    __slots__ = ("_line", "_object", "_type")
+
+    def __init__(self, line: str, kind: str) -> None:
+        self._line = line
+        self._type = kind
+        self._object: Mapping[str, Any] | None = None
+
+    def _decoded(self) -> Mapping[str, Any]:
+        if self._object is None:
+            try:
+                value = json.loads(self._line)
+            except (ValueError, RecursionError):  # what msgspec read and json cannot
+                value = None
+            self._object = MappingProxyType(
+                value if isinstance(value, dict) else {"type": self._type}
+            )
+        return self._object
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "type" and self._object is None:
+            return self._type  # both decoders take the last of repeated keys
+        return self._decoded()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return repr(self._decoded())
+
+
+# What the readers of the commonest lines read, and nothing else: msgspec skips the rest of
+# a line without building it (a line's usage details, an init's commands and agents ...).
+# A field the readers read in full is ``Any``; a line whose fields have other shapes than
+# these (or of another type, or with its type twice) fails here and is decoded whole.
+_UNSET: Any = msgspec.UNSET
+
+
+def _fields_struct(
+    name: str, fields: str, message: Any = None, **options: Any
+) -> type[msgspec.Struct]:
+    """A Struct of these fields (space-separated), each any JSON value, and of a
+    ``message`` of that type when given; every field absent is UNSET."""
+    typed = [] if message is None else [("message", message, _UNSET)]
+    return msgspec.defstruct(name, [(f, Any, _UNSET) for f in fields.split()] + typed, **options)
+
+
+_ASSISTANT_BODY = _fields_struct("AssistantBody", "id model content usage")
+_USER_BODY = _fields_struct("UserBody", "content")
+_KNOWN = msgspec.json.Decoder(
+    _fields_struct("AssistantLine", "parent_tool_use_id session_id",
+                   _ASSISTANT_BODY | None, tag_field="type", tag="assistant")
+    | _fields_struct("UserLine", "isReplay parent_tool_use_id uuid session_id",
+                     _USER_BODY | None, tag_field="type", tag="user")
+    | _fields_struct("SystemLine", "subtype session_id model permissionMode "
+                     "claude_code_version cwd tools mcp_servers status error_status error "
+                     "attempt max_retries retry_delay_ms compact_metadata tool_name "
+                     "tool_use_id message state", tag_field="type", tag="system")
+    | _fields_struct("ResultLine", "subtype is_error result errors num_turns duration_ms "
+                     "total_cost_usd cost_usd usage modelUsage model_usage_since_last_result "
+                     "session_id permission_denials terminal_reason result_index",
+                     tag_field="type", tag="result")
+)  # fmt: skip
+
+
+def _fields(struct: msgspec.Struct) -> dict[str, Any]:
+    """The fields a line gave, as the dict a whole decoding would have held them in."""
+    return {k: v for k, v in msgspec.structs.asdict(struct).items() if v is not _UNSET}
+
+
+def _read_known(line: str) -> ClaudeEvent | None:
+    """The typed event of an assistant, user, system or result line, decoding only what it
+    holds; None when the line is no such line of the usual shapes (it is then decoded
+    whole: the event is the same either way)."""
+    try:
+        struct = _KNOWN.decode(line)
+    except Exception:  # not UTF-8 encodable, malformed, another type or shape: no matter
+        return None
+    obj = _fields(struct)
+    message = obj.get("message")
+    if isinstance(message, msgspec.Struct):
+        obj["message"] = _fields(message)
+    kind = type(struct).__struct_config__.tag
+    try:
+        return _READERS[kind](obj, _LineObject(line, kind))
+    except Exception as exc:  # as in interpret
+        log.debug("reading a stream-json event failed (%s); it is no event", type(exc).__name__)
+        return None
+
+
 def decode_line(text: str) -> ClaudeEvent | None:
     """Parse one output line into its typed event; never raises, never caches.
 
     Only a line that is a JSON object (``{`` ... ``}`` once stripped) is decoded, so
-    plain text costs no JSON decoding.
+    plain text costs no JSON decoding. The commonest lines are read for the fields their
+    events hold (:func:`_read_known`); the others are decoded whole.
 
     Args:
         text: One output line.
@@ -898,6 +1001,9 @@ def decode_line(text: str) -> ClaudeEvent | None:
     stripped = text.strip()
     if not (stripped.startswith("{") and stripped.endswith("}")):
         return None
+    event = _read_known(stripped)
+    if event is not None:
+        return event
     try:
         obj = json.loads(stripped)
     except (ValueError, RecursionError):  # malformed, or nested deeper than the decoder goes

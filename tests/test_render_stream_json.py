@@ -303,3 +303,62 @@ def test_recent_lines_parse_a_line_once_and_stay_bounded():
     assert recent.read("plain text") is None and recent.parsed == 10
     recent.clear()
     assert len(recent._events) == 0
+
+
+# -- the commonest lines are read for their fields alone ------------------------------------
+
+
+def _whole(line: str) -> ClaudeEvent | None:
+    """The event of a line decoded whole (the reading every line had before)."""
+    stripped = line.strip()
+    try:
+        return interpret(json.loads(stripped))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _same_event(line: str) -> None:
+    fast, whole = decode_line(line), _whole(line)
+    assert type(fast) is type(whole) and fast == whole, line
+    if whole is not None:
+        assert fast.type == whole.type and dict(fast.raw) == dict(whole.raw), line
+        assert list(fast.raw) == list(whole.raw) and len(fast.raw) == len(whole.raw)
+
+
+def test_reading_only_the_fields_gives_the_event_a_whole_decoding_gives():
+    lines = [line for path in sorted(FIXTURES.rglob("*.jsonl")) for line in
+             path.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    assert len(lines) > 150
+    known = [line for line in lines if sj._read_known(line.strip()) is not None]
+    assert len(known) > 100  # the fixtures' assistant, user, system and result lines
+    rng = random.Random(11)
+    for _ in range(4000):
+        obj = _mutate_value(rng, json.loads(rng.choice(known)))
+        lines.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5))
+    hostile = [
+        '{"type":"assistant","message":{"content":"a"},"type":"user"}',  # its type twice
+        '{"type":"assistant","message":"text"}', '{"type":"user","message":[1,2]}',
+        '{"type":"system","subtype":"permission_denied","message":{"content":"x","y":1}}',
+        '{"type":"result","num_turns":NaN}', '{"type":"result","duration_ms":1e400}',
+        '{"type":"result","result":"\\ud800"}', '{"type":"assistant","message":{"id":5}}',
+        '{"type":"result","num_turns":' + "1" * 5000 + "}",
+        '{"type":"user","message":' + "[" * 5000 + "]" * 5000 + "}",
+        '{"type":"assistant","message":{"content":[{"type":"text","text":"a","text":"b"}]}}',
+        '{"type":"system","subtype":"init","tools":["Bash",3,null],"cwd":1}',
+        '  {"type":"result","subtype":"success","total_cost_usd":null,"cost_usd":2}  ',
+        '{"type":"result","modelUsage":{"m":{"inputTokens":"3"}},"model_usage_since_last_result":[]}',
+    ]  # fmt: skip
+    for line in lines + hostile:
+        _same_event(line)
+
+
+def test_a_line_read_for_its_fields_decodes_its_raw_only_when_read():
+    line = (FIXTURES / "success_with_tools.jsonl").read_text().splitlines()[4]
+    event = decode_line(line)
+    assert isinstance(event, AssistantMessage) and event.raw._object is None
+    assert event.type == "assistant" and event.raw["type"] == "assistant"
+    assert event.raw._object is None  # its type is known without decoding
+    assert event.raw["message"]["usage"] == json.loads(line)["message"]["usage"]
+    assert isinstance(event.raw._object, MappingProxyType)
+    with pytest.raises(TypeError):
+        event.raw["type"] = "user"  # type: ignore[index]
