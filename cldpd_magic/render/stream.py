@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,9 @@ _QUIET_TYPES = frozenset(
         "command_lifecycle",
     }
 )
+#: A line after the first that starts with ``{`` or white space (one regex scan is several
+#: times quicker than a substring search for each: newlines are everywhere in the text).
+_LATER_LINE_MAY_BE_JSON = re.compile(r"\n[{ \t]")
 #: System subtypes that only tick (thinking token estimates while the model thinks), or
 #: say what cldpd already shows (an interactive run's turn is running, waiting, idle).
 _QUIET_SYSTEM = frozenset({"thinking_tokens", "session_state_changed"})
@@ -211,7 +215,7 @@ class StreamRenderer:
             texts: Output lines.
             text: The same lines joined by newlines.
         """
-        if text[:1] in ("{", " ", "\t") or "\n{" in text or "\n " in text or "\n\t" in text:
+        if text[:1] in ("{", " ", "\t") or _LATER_LINE_MAY_BE_JSON.search(text) is not None:
             return False
         if len(text) > MAX_SHOWN_CHARS and max(map(len, texts)) > MAX_SHOWN_CHARS:
             return False
@@ -312,10 +316,11 @@ class StreamRenderer:
         return [Line("denied", f"⊘ permission denied: {call}" + (f": {reason}" if reason else ""))]
 
     def _on_other_system(self, event: ClaudeEvent) -> list[Line]:
-        subtype = event.raw.get("subtype")
-        if isinstance(subtype, str) and subtype in _QUIET_SYSTEM:
+        # The typed subtype is the line's as text: a quiet one is known without its raw.
+        subtype = event.subtype if isinstance(event, OtherSystem) else "session_state_changed"
+        if subtype in _QUIET_SYSTEM:
             return []
-        name = f"system/{_first_line(str(subtype), 40)}" if subtype is not None else "system"
+        name = f"system/{_first_line(subtype, 40)}" if subtype is not None else "system"
         return [_event_line(name, event.raw)]
 
     def _on_assistant(self, event: AssistantMessage) -> list[Line] | None:
