@@ -826,7 +826,9 @@ def test_batch_panel_queues_the_runs_approvals_and_interrupts_one(pods_dir, tran
     panel = BatchPanel(batch, interval=0.02, stop_timeout=2)
     try:
         deadline = time.monotonic() + 20
-        while len(panel.approvals.rows) < 2 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            len(panel.approvals.rows) < 2 or len(panel.run_select.options) < 4
+        ):  # the panel shows the runs and the approvals as its publisher gets to them
             time.sleep(0.02)
         rows = panel.approvals.rows
         assert len(batch.runs) == 4 and len(rows) == 2  # both waiting at once, one queue
