@@ -301,6 +301,36 @@ def test_utf8_split_across_frames_is_decoded(runner, image):
     assert (code, out) == (0, "é€😀" * 3000 + "\n")
 
 
+def test_a_trickle_of_lines_is_taken_a_few_lines_at_a_time(runner, image):
+    # An agent printing line by line: each line is a frame, but the reader takes what
+    # follows a small read for a moment, so its writer is called far less than per line.
+    name = image("i=0; while [ $i -lt 60 ]; do echo line$i; i=$((i+1)); sleep 0.01; done")
+    writes: list[str] = []
+    counting = type("Counting", (), {"write": lambda self, text: writes.append(text)})()
+    assert runner.run(opts(name), counting) == 0
+    assert "".join(writes) == "".join(f"line{i}\n" for i in range(60))
+    assert len(writes) <= 30, len(writes)  # a write a line without the wait: 60
+
+
+def test_frames_read_together_come_as_one_payload_per_stream_in_order():
+    import socket
+    import struct
+
+    from cldpd_magic.engines.docker.engine import _frames_of
+
+    def frame(kind: int, data: bytes) -> bytes:
+        return struct.pack(">BxxxL", kind, len(data)) + data
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(frame(1, b"a\n") + frame(1, b"b\n") + frame(2, b"e\n") + frame(1, b"c")
+                       + frame(1, b"d\n") + frame(2, b"cut sh")[:-2])  # fmt: skip
+        theirs.shutdown(socket.SHUT_WR)
+        assert list(_frames_of(ours)) == [
+            (1, b"a\nb\n"), (2, b"e\n"), (1, b"cd\n"), (2, b"cut "),
+        ]  # fmt: skip
+
+
 def test_stop_is_graceful_and_idempotent(runner, image):
     name = image(TRAP_INT)
     out = Text()

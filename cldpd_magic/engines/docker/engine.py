@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -123,28 +124,70 @@ def _reader(sock: Any) -> Callable[[int], bytes]:
     return sock.recv
 
 
+#: A read smaller than this, soon after another, is a trickle of lines (an agent printing
+#: as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more).
+TRICKLE_BYTES = 2048
+#: A trickle's read waits this long for the lines that follow it, so that they are taken
+#: together: fifty runs printing line by line then wake their readers about as often as
+#: their output is shown (a few times a second), not at every line. Far less than a
+#: view's publication interval, so nothing is seen later.
+TRICKLE_WAIT = 0.05
+#: Seconds after a read in which a small read counts as part of a trickle: the first
+#: line after a quiet spell is read at once (the first line of a run, an answer).
+TRICKLE_GAP = 1.0
+
+
+def _take_waiting(sock: Any) -> bytes:
+    """What has come on a plain socket, without waiting ("" when nothing has).
+
+    Only a plain socket is read so (``MSG_DONTWAIT``, not a non-blocking socket, which
+    would make the stdin pipe's writes on the same socket fail): a TLS socket's bytes may
+    hold part of a record, and the ``ssh`` transports have no such read.
+    """
+    if type(sock) is not socket.socket:
+        return b""
+    try:
+        return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return b""
+
+
 def _frames_of(sock: Any) -> Iterator[tuple[int, bytes]]:
     """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
 
-    A frame cut short by the end of the stream is given as far as it came.
+    Consecutive frames of one stream that are read together come as one payload, and a
+    trickle's small read first takes what follows it for TRICKLE_WAIT seconds. A frame
+    cut short by the end of the stream is given as far as it came.
     """
     buf = bytearray()
     recv = _reader(sock)
+    last = float("-inf")
     while True:
         chunk = recv(_READ_SIZE)
+        now = time.monotonic()
+        if chunk and len(chunk) < TRICKLE_BYTES and now - last < TRICKLE_GAP:
+            time.sleep(TRICKLE_WAIT)
+            chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
+        last = now
         if not chunk:
             if len(buf) > 8:
                 yield buf[0], bytes(buf[8:])
             return
         buf += chunk
-        start = 0
+        start, kind_of_run, run = 0, -1, []
         while len(buf) - start >= 8:
             kind, size = struct.unpack_from(">BxxxL", buf, start)
             end = start + 8 + size
             if len(buf) < end:
                 break
-            yield kind, bytes(buf[start + 8 : end])
+            if kind != kind_of_run and run:
+                yield kind_of_run, b"".join(run)
+                run = []
+            kind_of_run = kind
+            run.append(buf[start + 8 : end])
             start = end
+        if run:
+            yield kind_of_run, b"".join(run)
         if start:
             del buf[:start]
 
