@@ -724,14 +724,16 @@ class Session(RunChanges):
         if not self.mask.is_clean(text):
             lines = [self.mask(line) for line in lines]
             text = "\n".join(lines)
-        if etype is EventType.OUTPUT and ("{" in text or "://" in text):
-            # Lines with neither are no stream-json and hold no link: nothing to meter.
+        # Lines without a brace are no stream-json: nothing to meter (unless a link) or
+        # to follow in the conversation.
+        events = etype is EventType.OUTPUT and "{" in text
+        if events or (etype is EventType.OUTPUT and "://" in text):
             feed = self.meter.feed
             if any([feed(line) for line in lines]):
                 self._on_usage()
         records = _transcript_records(etype, now, lines, text)
         self._log.store(_LineChunk(etype, now, lines), records, len(text) - len(lines) + 1)
-        if self._owns_conversation and etype is EventType.OUTPUT:
+        if events and self._owns_conversation:
             self.conversation.observe(lines)  # after the lines, so its events follow them
 
     def _append(self, events: list[Event], final: bool = False) -> None:
