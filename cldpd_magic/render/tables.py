@@ -374,22 +374,23 @@ class BatchView:
             ]
         return Table(BATCH_COLUMNS, rows, title=self.summary())
 
-    def text(self) -> str:
+    def text(self, table: Table | None = None) -> str:
         """Plain text: the table, then the selected run's status, tail and transcript."""
-        parts = [self.table().text()]
+        parts = [(table or self.table()).text()]
         with self.lock:
             row = self._selected_row()
         if row is not None:
             parts.append(f"── {row.title} ──\n{row.text()}")
         return "\n".join(parts)
 
-    def html(self) -> str:
+    def html(self, table: Table | None = None) -> str:
         """HTML: the table, then the selected run's status, tail and transcript."""
         with self.lock:
             row = self._selected_row()
         selected = row.html() if row is not None else ""
-        return f'<div class="cldpd-batch">{self.table()._repr_html_()}{selected}</div>'
+        return f'<div class="cldpd-batch">{(table or self.table())._repr_html_()}{selected}</div>'
 
     def bundle(self) -> dict[str, str]:
-        """A MIME bundle with text/html and text/plain."""
-        return {"text/html": self.html(), "text/plain": self.text()}
+        """A MIME bundle with text/html and text/plain (of one table of the rows)."""
+        table = self.table()
+        return {"text/html": self.html(table), "text/plain": self.text(table)}
