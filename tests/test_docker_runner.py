@@ -331,6 +331,31 @@ def test_frames_read_together_come_as_one_payload_per_stream_in_order():
         ]  # fmt: skip
 
 
+def test_a_stream_with_its_stdin_attached_is_read_without_waiting(monkeypatch):
+    # Its agent may be waiting for an answer to its last line (an approval): no trickle's
+    # wait for it, while a stream nobody answers waits for what follows a small read.
+    import socket
+    import struct
+    from types import SimpleNamespace
+
+    from cldpd_magic.engines.docker import engine
+
+    naps: list[float] = []
+    monkeypatch.setattr(
+        engine, "time", SimpleNamespace(sleep=naps.append, monotonic=time.monotonic)
+    )
+    for answered in (False, True):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            frames = engine._frames_of(ours, trickle=not answered)
+            for line in (b"question 1\n", b"question 2\n"):
+                theirs.sendall(struct.pack(">BxxxL", 1, len(line)) + line)
+                assert next(frames) == (1, line)
+            theirs.shutdown(socket.SHUT_WR)
+            assert list(frames) == []
+        assert naps == [engine.TRICKLE_WAIT]  # the second small read of the first only
+
+
 def test_stop_is_graceful_and_idempotent(runner, image):
     name = image(TRAP_INT)
     out = Text()

@@ -135,6 +135,8 @@ TRICKLE_WAIT = 0.05
 #: Seconds after a read in which a small read counts as part of a trickle: the first
 #: line after a quiet spell is read at once (the first line of a run, an answer).
 TRICKLE_GAP = 1.0
+# A stream with its stdin attached never waits: its agent may be waiting for an answer to
+# what it printed last (an approval, a control request of the SDK).
 
 
 def _take_waiting(sock: Any) -> bytes:
@@ -152,12 +154,13 @@ def _take_waiting(sock: Any) -> bytes:
         return b""
 
 
-def _frames_of(sock: Any) -> Iterator[tuple[int, bytes]]:
+def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
     """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
 
-    Consecutive frames of one stream that are read together come as one payload, and a
-    trickle's small read first takes what follows it for TRICKLE_WAIT seconds. A frame
-    cut short by the end of the stream is given as far as it came.
+    Consecutive frames of one stream that are read together come as one payload, and
+    (with ``trickle``) a trickle's small read first takes what follows it for
+    TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as far as
+    it came.
     """
     buf = bytearray()
     recv = _reader(sock)
@@ -165,7 +168,7 @@ def _frames_of(sock: Any) -> Iterator[tuple[int, bytes]]:
     while True:
         chunk = recv(_READ_SIZE)
         now = time.monotonic()
-        if chunk and len(chunk) < TRICKLE_BYTES and now - last < TRICKLE_GAP:
+        if trickle and chunk and len(chunk) < TRICKLE_BYTES and now - last < TRICKLE_GAP:
             time.sleep(TRICKLE_WAIT)
             chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
         last = now
@@ -230,7 +233,7 @@ class PrivateAPI:
         """
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
         sock = _raw_socket(api.attach_socket(container, params=params))
-        return sock, PrivateAPI.blocking_frames(api, sock)
+        return sock, PrivateAPI.blocking_frames(api, sock, answered=True)
 
     @staticmethod
     def exec_start(
@@ -245,23 +248,24 @@ class PrivateAPI:
     ) -> tuple[Any, Iterator[tuple[bytes | None, bytes | None]]]:
         """Start an exec created with stdin; the socket to write it, and its output frames."""
         sock = _raw_socket(api.exec_start(exec_id, socket=True))
-        return sock, PrivateAPI.blocking_frames(api, sock)
+        return sock, PrivateAPI.blocking_frames(api, sock, answered=True)
 
     @staticmethod
     def blocking_frames(
-        api: docker.APIClient, sock: Any
+        api: docker.APIClient, sock: Any, answered: bool = False
     ) -> Iterator[tuple[bytes | None, bytes | None]]:
         """Read a hijacked socket's frames as ``(stdout, stderr)``, in large blocking reads.
 
         docker-py polls the socket before each of two reads a frame: that costs a kernel
         of fifty runs a fifth of a core, and on TLS, bytes already decrypted wait in the
         SSL buffer while the poll blocks, so a line stays unseen until the engine sends
-        more. Here one read takes whatever has come, often several frames.
+        more. Here one read takes whatever has come, often several frames. A stream whose
+        stdin is ``answered`` (attached) is read at once, without a trickle's wait.
         """
         sock = _raw_socket(sock)
         api._disable_socket_timeout(sock)
         try:
-            for kind, data in _frames_of(sock):
+            for kind, data in _frames_of(sock, trickle=not answered):
                 yield (None, data) if kind == 2 else (data, None)
         finally:
             sock.close()
