@@ -142,12 +142,10 @@ TRICKLE_GAP = 1.0
 def _take_waiting(sock: Any) -> bytes:
     """What has come on a plain socket, without waiting ("" when nothing has).
 
-    Only a plain socket is read so (``MSG_DONTWAIT``, not a non-blocking socket, which
+    Only a plain socket can be read so (``MSG_DONTWAIT``, not a non-blocking socket, which
     would make the stdin pipe's writes on the same socket fail): a TLS socket's bytes may
     hold part of a record, and the ``ssh`` transports have no such read.
     """
-    if type(sock) is not socket.socket:
-        return b""
     try:
         return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
@@ -158,12 +156,13 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
     """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
 
     Consecutive frames of one stream that are read together come as one payload, and
-    (with ``trickle``) a trickle's small read first takes what follows it for
-    TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as far as
+    (with ``trickle``, on a plain socket) a trickle's small read first takes what follows
+    it for TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as far as
     it came.
     """
     buf = bytearray()
     recv = _reader(sock)
+    trickle = trickle and type(sock) is socket.socket  # what _take_waiting can read
     last = float("-inf")
     while True:
         chunk = recv(_READ_SIZE)
