@@ -878,9 +878,14 @@ def interpret(obj: Any) -> ClaudeEvent | None:
     """
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         return None
+    return _typed(obj["type"], obj, MappingProxyType(obj))
+
+
+def _typed(kind: str, obj: dict[str, Any], raw: Mapping[str, Any]) -> ClaudeEvent | None:
+    """The typed event of a line of type ``kind``, from its fields ``obj``; never raises
+    (None, logged, for a bug of this module)."""
     try:
-        raw = MappingProxyType(obj)
-        reader = _READERS.get(obj["type"])
+        reader = _READERS.get(kind)
         return OtherEvent(raw=raw) if reader is None else reader(obj, raw)
     except Exception as exc:  # hostile output must never end a session or its readers
         # Only the exception's type: its message may hold decoded (unmasked) text.
@@ -978,11 +983,7 @@ def _read_known(line: str) -> ClaudeEvent | None:
     if isinstance(message, msgspec.Struct):
         obj["message"] = _fields(message)
     kind = type(struct).__struct_config__.tag
-    try:
-        return _READERS[kind](obj, _LineObject(line, kind))
-    except Exception as exc:  # as in interpret
-        log.debug("reading a stream-json event failed (%s); it is no event", type(exc).__name__)
-        return None
+    return _typed(kind, obj, _LineObject(line, kind))
 
 
 def decode_line(text: str) -> ClaudeEvent | None:
