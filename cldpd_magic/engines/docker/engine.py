@@ -135,8 +135,6 @@ TRICKLE_WAIT = 0.05
 #: Seconds after a read in which a small read counts as part of a trickle: the first
 #: line after a quiet spell is read at once (the first line of a run, an answer).
 TRICKLE_GAP = 1.0
-# A stream with its stdin attached never waits: its agent may be waiting for an answer to
-# what it printed last (an approval, a control request of the SDK).
 
 
 def _take_waiting(sock: Any) -> bytes:
@@ -157,8 +155,8 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
 
     Consecutive frames of one stream that are read together come as one payload, and
     (with ``trickle``, on a plain socket) a trickle's small read first takes what follows
-    it for TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as far as
-    it came.
+    it for TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as
+    far as it came.
     """
     buf = bytearray()
     recv = _reader(sock)
@@ -259,7 +257,9 @@ class PrivateAPI:
         of fifty runs a fifth of a core, and on TLS, bytes already decrypted wait in the
         SSL buffer while the poll blocks, so a line stays unseen until the engine sends
         more. Here one read takes whatever has come, often several frames. A stream whose
-        stdin is ``answered`` (attached) is read at once, without a trickle's wait.
+        stdin is ``answered`` (attached) is read at once, without a trickle's wait: its
+        agent may be waiting for the answer to what it printed last (an approval, an SDK's
+        control request).
         """
         sock = _raw_socket(sock)
         api._disable_socket_timeout(sock)
