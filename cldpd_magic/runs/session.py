@@ -726,14 +726,14 @@ class Session(RunChanges):
             text = "\n".join(lines)
         # Lines without a brace are no stream-json: nothing to meter (unless a link) or
         # to follow in the conversation.
-        events = etype is EventType.OUTPUT and "{" in text
-        if events or (etype is EventType.OUTPUT and "://" in text):
+        may_hold_events = etype is EventType.OUTPUT and "{" in text
+        if may_hold_events or (etype is EventType.OUTPUT and "://" in text):
             feed = self.meter.feed
             if any([feed(line) for line in lines]):
                 self._on_usage()
         records = _transcript_records(etype, now, lines, text)
         self._log.store(_LineChunk(etype, now, lines), records, len(text) - len(lines) + 1)
-        if events and self._owns_conversation:
+        if may_hold_events and self._owns_conversation:
             self.conversation.observe(lines)  # after the lines, so its events follow them
 
     def _append(self, events: list[Event], final: bool = False) -> None:
