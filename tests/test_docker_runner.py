@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -312,14 +314,13 @@ def test_a_trickle_of_lines_is_taken_a_few_lines_at_a_time(runner, image):
     assert len(writes) <= 30, len(writes)  # a write a line without the wait: 60
 
 
+def frame(kind: int, data: bytes) -> bytes:
+    """One frame of an engine's multiplexed stream (kind 1 stdout, 2 stderr)."""
+    return struct.pack(">BxxxL", kind, len(data)) + data
+
+
 def test_frames_read_together_come_as_one_payload_per_stream_in_order():
-    import socket
-    import struct
-
     from cldpd_magic.engines.docker.engine import _frames_of
-
-    def frame(kind: int, data: bytes) -> bytes:
-        return struct.pack(">BxxxL", kind, len(data)) + data
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -334,8 +335,6 @@ def test_frames_read_together_come_as_one_payload_per_stream_in_order():
 def test_a_stream_with_its_stdin_attached_is_read_without_waiting(monkeypatch):
     # Its agent may be waiting for an answer to its last line (an approval): no trickle's
     # wait for it, while a stream nobody answers waits for what follows a small read.
-    import socket
-    import struct
     from types import SimpleNamespace
 
     from cldpd_magic.engines.docker import engine
@@ -349,7 +348,7 @@ def test_a_stream_with_its_stdin_attached_is_read_without_waiting(monkeypatch):
         with ours, theirs:
             frames = engine._frames_of(ours, trickle=not answered)
             for line in (b"question 1\n", b"question 2\n"):
-                theirs.sendall(struct.pack(">BxxxL", 1, len(line)) + line)
+                theirs.sendall(frame(1, line))
                 assert next(frames) == (1, line)
             theirs.shutdown(socket.SHUT_WR)
             assert list(frames) == []
