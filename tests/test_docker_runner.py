@@ -332,17 +332,25 @@ def test_frames_read_together_come_as_one_payload_per_stream_in_order():
         ]  # fmt: skip
 
 
-def test_a_stream_with_its_stdin_attached_is_read_without_waiting(monkeypatch):
-    # Its agent may be waiting for an answer to its last line (an approval): no trickle's
-    # wait for it, while a stream nobody answers waits for what follows a small read.
+@pytest.fixture
+def naps(monkeypatch) -> list[float]:
+    """The trickle waits the frame reader takes (recorded, not slept)."""
     from types import SimpleNamespace
 
     from cldpd_magic.engines.docker import engine
 
-    naps: list[float] = []
+    taken: list[float] = []
     monkeypatch.setattr(
-        engine, "time", SimpleNamespace(sleep=naps.append, monotonic=time.monotonic)
+        engine, "time", SimpleNamespace(sleep=taken.append, monotonic=time.monotonic)
     )
+    return taken
+
+
+def test_a_stream_with_its_stdin_attached_is_read_without_waiting(naps):
+    # Its agent may be waiting for an answer to its last line (an approval): no trickle's
+    # wait for it, while a stream nobody answers waits for what follows a small read.
+    from cldpd_magic.engines.docker import engine
+
     for answered in (False, True):
         ours, theirs = socket.socketpair()
         with ours, theirs:
@@ -353,6 +361,24 @@ def test_a_stream_with_its_stdin_attached_is_read_without_waiting(monkeypatch):
             theirs.shutdown(socket.SHUT_WR)
             assert list(frames) == []
         assert naps == [engine.TRICKLE_WAIT]  # the second small read of the first only
+
+
+def test_a_flood_that_was_caught_up_with_is_read_on_without_waiting(naps):
+    # A flood's reader that drained the socket once reads a small piece; that is no
+    # trickle: only a second small read in a row waits.
+    from cldpd_magic.engines.docker import engine
+
+    big = frame(1, b"x" * engine.TRICKLE_BYTES + b"\n")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        frames = engine._frames_of(ours)
+        for data in (big, frame(1, b"caught up\n"), big, frame(1, b"caught up\n")):
+            theirs.sendall(data)
+            assert next(frames) == (1, data[8:])
+        assert naps == []
+        theirs.sendall(frame(1, b"then a trickle\n"))
+        assert next(frames) == (1, b"then a trickle\n")
+        assert naps == [engine.TRICKLE_WAIT]
 
 
 def test_stop_is_graceful_and_idempotent(runner, image):

@@ -124,16 +124,17 @@ def _reader(sock: Any) -> Callable[[int], bytes]:
     return sock.recv
 
 
-#: A read smaller than this, soon after another, is a trickle of lines (an agent printing
-#: as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more).
+#: A read smaller than this, soon after another such read, is a trickle of lines (an agent
+#: printing as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more;
+#: a flood's reader that caught up may read less once, then reads large again).
 TRICKLE_BYTES = 2048
 #: A trickle's read waits this long for the lines that follow it, so that they are taken
 #: together: fifty runs printing line by line then wake their readers about as often as
 #: their output is shown (a few times a second), not at every line. Far less than a
 #: view's publication interval, so nothing is seen later.
 TRICKLE_WAIT = 0.05
-#: Seconds after a read in which a small read counts as part of a trickle: the first
-#: line after a quiet spell is read at once (the first line of a run, an answer).
+#: Seconds after a small read in which another counts as part of a trickle: the first
+#: line after a quiet spell or a flood is read at once (the first line of a run, an answer).
 TRICKLE_GAP = 1.0
 
 
@@ -161,14 +162,19 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
     buf = bytearray()
     recv = _reader(sock)
     trickle = trickle and type(sock) is socket.socket  # what _take_waiting can read
-    last = float("-inf")
+    last_small = float("-inf")  # when the last small read was
     while True:
         chunk = recv(_READ_SIZE)
         now = time.monotonic()
-        if trickle and chunk and len(chunk) < TRICKLE_BYTES and now - last < TRICKLE_GAP:
-            time.sleep(TRICKLE_WAIT)
-            chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
-        last = now
+        if len(chunk) < TRICKLE_BYTES:
+            # Only a small read after a small one: a flood's reader that caught up once
+            # takes the next read as it comes.
+            if trickle and chunk and now - last_small < TRICKLE_GAP:
+                time.sleep(TRICKLE_WAIT)
+                chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
+            last_small = now
+        else:
+            last_small = float("-inf")
         if not chunk:
             if len(buf) > 8:
                 yield buf[0], bytes(buf[8:])
