@@ -201,6 +201,7 @@ def test_transcript_holds_every_event(transcript_dir):
         ["plain 1", "plain 2", "", "ünïcode 😀"],  # nothing to escape: the lines joined
         ['{"type":"assistant","text":"a"}', 'say "hi"', "tab\there", "bell\x07 nul\x00"],
         ["back\\slash", 'a \\n b \\"', "\\u0041", "lone \ud800 surrogate", "\x9b\u2028"],
+        ['a "quote" and a lone \udc80 surrogate', "no backslash"],
     ],
 )
 def test_lines_of_one_read_are_written_to_the_transcript_as_events_write_them(

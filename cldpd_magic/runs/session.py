@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
+import msgspec
+
 from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
 from ..logs import log_swallowed
@@ -305,11 +307,10 @@ class EventLog:
         self.error = ""
         self._reading = 0  # readers iterating over batches()
         self._lost_because = ""
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         try:
             transcript.parent.mkdir(parents=True, exist_ok=True)
-            # backslashreplace: a lone surrogate is written as its JSON escape, and read back.
-            self._file = open(transcript, "w", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+            self._file = open(transcript, "wb")  # noqa: SIM115
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
             self._lose_transcript(exc)
 
@@ -324,12 +325,12 @@ class EventLog:
         """How many events the log has recorded so far."""
         return self._count
 
-    def store(self, chunk: _Chunk, text: str, size: int, final: bool = False) -> None:
-        """Write a chunk's transcript text and hold the chunk; ``final`` ends the log.
+    def store(self, chunk: _Chunk, records: bytes, size: int, final: bool = False) -> None:
+        """Write a chunk's transcript records and hold the chunk; ``final`` ends the log.
 
         Args:
             chunk: The events (or output lines) to hold.
-            text: Their transcript lines.
+            records: Their transcript lines, UTF-8 (see :func:`_utf8`).
             size: Characters of their data.
             final: Whether the chunk holds the terminal event.
         """
@@ -339,7 +340,7 @@ class EventLog:
             failure: OSError | None = None
             if self._file is not None:
                 try:
-                    self._file.write(text)
+                    self._file.write(records)
                     self._file.flush()
                 except OSError as exc:
                     failure = exc
@@ -539,7 +540,12 @@ class Session(RunChanges):
         stopped: Whether :meth:`stop` was called before the session ended.
     """
 
-    MAX_EVENTS = 20000
+    # What a live run holds for its readers: a reader further behind reads the transcript
+    # back, far slower. A reader starved of the CPU by a flood falls behind by tens of
+    # thousands of short lines (seen: 40,000 of 89 characters), so lines of usual length
+    # are bounded by their characters, and only very short ones by their count (an ended
+    # run keeps only what its transcript lacks).
+    MAX_EVENTS = 50_000
     MAX_BYTES = 4 * 1024 * 1024
 
     def __init__(
@@ -743,7 +749,7 @@ class Session(RunChanges):
             if e.type is EventType.CONTAINER_STARTED:
                 self._start_timer()
         text = "".join(e.to_json() + "\n" for e in events)
-        self._log.store(_Chunk(events), text, sum(len(e.data) for e in events), final)
+        self._log.store(_Chunk(events), _utf8(text), sum(len(e.data) for e in events), final)
 
     def _emit_masked(self, etype: EventType, data: str) -> None:
         self._append([Event(etype, self.mask(data))])
@@ -897,19 +903,35 @@ _CLI_CAPS = {
 _JSON_AS_IS = bytes(b for b in range(0x20, 0x100) if b not in b'"\\') + b"\n"
 
 
-def _transcript_records(etype: EventType, time: datetime, lines: list[str], text: str) -> str:
+def _utf8(text: str) -> bytes:
+    """Transcript text as written: a lone surrogate (no UTF-8 has one) as its JSON escape,
+    which reads back as the same string."""
+    return text.encode("utf-8", "backslashreplace")
+
+
+#: A string's JSON, as bytes, as :meth:`Event.to_json` writes it (the same escapes, other
+#: characters as they are), several times quicker; a lone surrogate raises.
+_json_string = msgspec.json.Encoder().encode
+
+
+def _transcript_records(etype: EventType, time: datetime, lines: list[str], text: str) -> bytes:
     """The transcript records of lines of one type and time (``text``: them joined by
-    newlines), as :meth:`Event.to_json` writes them, one a line."""
+    newlines), as :meth:`Event.to_json` writes them, one a line, in UTF-8 (:func:`_utf8`)."""
     head = f'{{"type":"{etype.value}","data":"'
     tail = f'","code":null,"time":"{time.isoformat()}"}}\n'
-    if "\\" not in text:
-        if '"' not in text and not text.encode("latin-1", "ignore").translate(None, _JSON_AS_IS):
-            return head + (tail + head).join(lines) + tail  # nothing to escape
-        # With no backslash in the text, each escaped newline is a line break: every
-        # line is escaped by one call.
-        return head + (tail + head).join(_encode_str(text)[1:-1].split("\\n")) + tail
-    head, tail = head[:-1], tail[1:]  # each escaped line comes in its quotes
-    return head + (tail + head).join(map(_encode_str, lines)) + tail
+    plain = '"' not in text and "\\" not in text
+    if plain and not text.encode("latin-1", "ignore").translate(None, _JSON_AS_IS):
+        return _utf8(head + (tail + head).join(lines) + tail)  # nothing to escape
+    try:
+        if "\\" not in text:
+            # With no backslash in the text, each escaped newline is a line break: every
+            # line is escaped by one call.
+            escaped = _json_string(text)[1:-1].split(b"\\n")
+        else:
+            escaped = [_json_string(line)[1:-1] for line in lines]
+    except UnicodeEncodeError:  # a lone surrogate
+        escaped = [_utf8(_encode_str(line)[1:-1]) for line in lines]
+    return head.encode() + (tail + head).encode().join(escaped) + tail.encode()
 
 
 def _reason(exc: BaseException) -> str:
