@@ -381,6 +381,29 @@ def test_a_flood_that_was_caught_up_with_is_read_on_without_waiting(naps):
         assert naps == [engine.TRICKLE_WAIT]
 
 
+def test_a_process_reading_many_trickles_wakes_for_them_a_bounded_number_of_times():
+    # Each of fifty runs' readers waits longer than one run's does, so that together they
+    # wake about TRICKLE_WAKES times a second; a stream counts while it is read.
+    from cldpd_magic.engines.docker import engine
+
+    assert engine.trickle_wait(1) == engine.TRICKLE_WAIT
+    assert engine.trickle_wait(50) == 50 / engine.TRICKLE_WAKES <= engine.TRICKLE_WAIT_MAX
+    assert engine.trickle_wait(10_000) == engine.TRICKLE_WAIT_MAX
+    before = engine._TRICKLING.value
+    pairs = [socket.socketpair() for _ in range(3)]
+    readers = [engine._frames_of(ours) for ours, _ in pairs]
+    for (_, theirs), frames in zip(pairs, readers, strict=True):
+        theirs.sendall(frame(1, b"line\n"))
+        assert next(frames) == (1, b"line\n")
+    assert engine._TRICKLING.value == before + 3
+    for (ours, theirs), frames in zip(pairs, readers, strict=True):
+        theirs.shutdown(socket.SHUT_WR)
+        assert list(frames) == []
+        ours.close()
+        theirs.close()
+    assert engine._TRICKLING.value == before
+
+
 def test_stop_is_graceful_and_idempotent(runner, image):
     name = image(TRAP_INT)
     out = Text()

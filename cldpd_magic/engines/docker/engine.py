@@ -129,10 +129,15 @@ def _reader(sock: Any) -> Callable[[int], bytes]:
 #: a flood's reader that caught up may read less once, then reads large again).
 TRICKLE_BYTES = 2048
 #: A trickle's read waits this long for the lines that follow it, so that they are taken
-#: together: fifty runs printing line by line then wake their readers about as often as
-#: their output is shown (a few times a second), not at every line. Far less than a
-#: view's publication interval, so nothing is seen later.
+#: together: a run printing line by line wakes its reader about as often as its output is
+#: shown, not at every line. Far less than a view's publication interval (0.25 s).
 TRICKLE_WAIT = 0.05
+#: Trickle reads a second that a process following many runs takes at most: past
+#: TRICKLE_WAKES / TRICKLE_WAIT streams (a batch of fifty runs), each waits longer, up to
+#: TRICKLE_WAIT_MAX, so their readers' wakes stop growing with their number (each wake of a
+#: thread costs about as much as the little it reads).
+TRICKLE_WAKES = 250
+TRICKLE_WAIT_MAX = 0.2
 #: Seconds after a small read in which another counts as part of a trickle: the first
 #: line after a quiet spell or a flood is read at once (the first line of a run, an answer).
 TRICKLE_GAP = 1.0
@@ -151,17 +156,51 @@ def _take_waiting(sock: Any) -> bytes:
         return b""
 
 
+class _StreamCount:
+    """How many streams this process reads with a trickle's wait, now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count one more stream while the block runs."""
+        with self._lock:
+            self.value += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.value -= 1
+
+
+_TRICKLING = _StreamCount()
+
+
+def trickle_wait(streams: int) -> float:
+    """Seconds a trickle's read waits when this process reads ``streams`` such streams."""
+    return min(TRICKLE_WAIT_MAX, max(TRICKLE_WAIT, streams / TRICKLE_WAKES))
+
+
 def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
     """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
 
     Consecutive frames of one stream that are read together come as one payload, and
     (with ``trickle``, on a plain socket) a trickle's small read first takes what follows
-    it for TRICKLE_WAIT seconds. A frame cut short by the end of the stream is given as
-    far as it came.
+    it for a moment (:func:`trickle_wait`). A frame cut short by the end of the stream is
+    given as far as it came.
     """
+    if trickle and type(sock) is socket.socket:  # what _take_waiting can read
+        with _TRICKLING.reading():
+            yield from _read_frames(sock, trickle=True)
+    else:
+        yield from _read_frames(sock, trickle=False)
+
+
+def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
     buf = bytearray()
     recv = _reader(sock)
-    trickle = trickle and type(sock) is socket.socket  # what _take_waiting can read
     last_small = float("-inf")  # when the last small read was
     while True:
         chunk = recv(_READ_SIZE)
@@ -170,7 +209,7 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
             # Only a small read after a small one: a flood's reader that caught up once
             # takes the next read as it comes.
             if trickle and chunk and now - last_small < TRICKLE_GAP:
-                time.sleep(TRICKLE_WAIT)
+                time.sleep(trickle_wait(_TRICKLING.value))
                 chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
             last_small = now
         else:
