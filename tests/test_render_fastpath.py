@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cldpd_magic.events import Event, EventType
+from cldpd_magic.render import feeds
 from cldpd_magic.render.clean import MAX_SHOWN_CHARS, clean_text, is_clean
 from cldpd_magic.render.feeds import LiveFeed, TextFeed
 from cldpd_magic.render.stream import Line, StreamRenderer
@@ -74,7 +75,7 @@ def test_lines_said_to_render_as_they_are_do(secret):
         '{"type":"system","subtype":"init"}',  # stream-json
         ' {"type":"system","subtype":"init"}',  # stream-json after a space
         '\xa0{"type":"system","subtype":"init"}',  # after white space beyond ASCII
-        "\tindented",
+        '\t{"type":"result","subtype":"success"}',  # stream-json after a tab
         "x" * (MAX_SHOWN_CHARS + 1),  # clipped
         "colour \x1b[31mred",
         "bidi \u202e",
@@ -141,7 +142,8 @@ class _LinesSession(_FakeSession):
 
 @pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("session_type", [_FakeSession, _LinesSession])
-def test_the_text_feed_writes_what_rendering_each_event_writes(raw, session_type):
+def test_the_text_feed_writes_what_rendering_each_event_writes(raw, session_type, monkeypatch):
+    monkeypatch.setattr(feeds, "FLOOD_WAIT", 0.0)  # what is written, not when
     rng = random.Random(f"text feed {raw}")
     mask = Masker([SECRET])
     for _ in range(300):
@@ -222,6 +224,34 @@ def test_the_agents_first_line_shows_as_it_comes_after_the_build_was_shown(tmp_p
     """The build's note is published at once; the agent's first line, a moment later,
     does not wait out the interval that publication began."""
     assert _first_line_shown(tmp_path, build_first=True) >= 2
+
+
+def test_a_text_feed_takes_a_flood_in_fewer_larger_batches(monkeypatch):
+    # A batch that comes right after the last one means a flood: the feed waits a moment
+    # before the next (so it wakes less), never after a batch that came on its own.
+    clock = [100.0]
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(feeds, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: clock[0]), "sleep": staticmethod(nap)}))  # fmt: skip
+
+    class Paced(_FakeSession):
+        def line_batches(self):
+            for gap, batch in self._batches:
+                clock[0] += gap
+                yield batch
+
+    line = [Event(EventType.OUTPUT, "a line")]
+    flood = [(0.0, line), (0.001, line), (0.001, line)]
+    trickle = [(1.0, line), (0.5, line)]
+    out = io.StringIO()
+    TextFeed(Paced(Masker([]), flood + trickle), out).follow()
+    assert out.getvalue() == "a line\n" * 5
+    assert naps == [feeds.FLOOD_WAIT, feeds.FLOOD_WAIT]  # after the 2nd and 3rd batches
 
 
 def test_real_output_reads_the_same_through_a_batch():

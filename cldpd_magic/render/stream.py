@@ -215,8 +215,10 @@ class StreamRenderer:
             texts: Output lines.
             text: The same lines joined by newlines.
         """
-        if text[:1] in ("{", " ", "\t") or _LATER_LINE_MAY_BE_JSON.search(text) is not None:
-            return False
+        if "{" in text and (
+            text[:1] in ("{", " ", "\t") or _LATER_LINE_MAY_BE_JSON.search(text) is not None
+        ):
+            return False  # a line may be stream-json (no line is without a brace)
         if len(text) > MAX_SHOWN_CHARS and max(map(len, texts)) > MAX_SHOWN_CHARS:
             return False
         if not is_clean(text):
