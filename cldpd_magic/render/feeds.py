@@ -25,6 +25,9 @@ log = logging.getLogger(__package__)
 
 
 DEFAULT_FLUSH_INTERVAL = 0.25
+#: How long a text feed following a flood waits between its batches (far below what a
+#: person reading a terminal can tell).
+FLOOD_WAIT = 0.01
 
 
 #: Line kinds a running text writes to stderr; the rest go to stdout.
@@ -272,8 +275,15 @@ class TextFeed:
 
     def follow(self) -> None:
         """Write every event of the session, from the first, until it ends."""
+        written = float("-inf")
         for batch in self.session.line_batches():
             self.write(batch)
+            # A batch right after the last one is a flood: the next is taken a moment
+            # later with what follows it, not at each read of the session's reader (each
+            # wake of this thread and hand-over of the GIL costs both threads).
+            if time.monotonic() - written < FLOOD_WAIT:
+                time.sleep(FLOOD_WAIT)
+            written = time.monotonic()
 
 
 class RunSource:
