@@ -381,6 +381,38 @@ def test_a_flood_that_was_caught_up_with_is_read_on_without_waiting(naps):
         assert naps == [engine.TRICKLE_WAIT]
 
 
+def test_a_flood_is_taken_in_large_reads_by_a_reader_that_caught_up(monkeypatch):
+    # A reader that finds nothing waiting after a large read waits a moment, and takes
+    # what came meanwhile in one read; a reader that finds more waiting never waits.
+    from types import SimpleNamespace
+
+    from cldpd_magic.engines.docker import engine
+
+    ours, theirs = socket.socketpair()
+    big = [frame(1, bytes([65 + i]) * engine.FLOOD_BYTES) for i in range(4)]
+    naps: list[float] = []
+    meanwhile = [big[2] + big[3]]
+
+    def nap(seconds: float) -> None:  # the flood goes on while the reader waits, then ends
+        naps.append(seconds)
+        if meanwhile:
+            theirs.sendall(meanwhile.pop())
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(sleep=nap, monotonic=time.monotonic))
+    with ours, theirs:
+        frames = engine._frames_of(ours)
+        theirs.sendall(big[0])
+        assert next(frames) == (1, big[0][8:])
+        theirs.sendall(big[1])  # waiting already: read at once
+        assert next(frames) == (1, big[1][8:])
+        assert naps == []
+        assert next(frames) == (1, big[2][8:] + big[3][8:])  # caught up: one read after a wait
+        assert naps == [engine.FLOOD_WAIT]
+        theirs.shutdown(socket.SHUT_WR)
+        assert list(frames) == []  # the end of the stream, after one more wait
+        assert naps == [engine.FLOOD_WAIT] * 2
+
+
 def test_a_process_reading_many_trickles_wakes_for_them_a_bounded_number_of_times():
     # Each of fifty runs' readers waits longer than one run's does, so that together they
     # wake about TRICKLE_WAKES times a second; a stream counts while it is read.

@@ -75,6 +75,8 @@ def _read_exactly(raw: Any, size: int) -> bytes:
 
 #: Bytes asked for by one read of an attach or exec stream.
 _READ_SIZE = 1 << 16
+#: Bytes asked for by one read of a flood (a socket holds about 200 KB).
+_FLOOD_READ_SIZE = 1 << 18
 
 
 def _raw_socket(sock: Any) -> Any:
@@ -138,12 +140,18 @@ TRICKLE_WAIT = 0.05
 #: thread costs about as much as the little it reads).
 TRICKLE_WAKES = 250
 TRICKLE_WAIT_MAX = 0.2
+#: A reader that caught up with a flood (a large read, then nothing waiting) waits this
+#: long before reading again, so that it takes the flood in fewer, larger reads (each read
+#: wakes it and whoever follows the run). One that is behind never waits.
+FLOOD_WAIT = 0.005
+#: A read at least this large is part of a flood.
+FLOOD_BYTES = 16384
 #: Seconds after a small read in which another counts as part of a trickle: the first
 #: line after a quiet spell or a flood is read at once (the first line of a run, an answer).
 TRICKLE_GAP = 1.0
 
 
-def _take_waiting(sock: Any) -> bytes:
+def _take_waiting(sock: Any, size: int = _READ_SIZE) -> bytes:
     """What has come on a plain socket, without waiting ("" when nothing has).
 
     Only a plain socket can be read so (``MSG_DONTWAIT``, not a non-blocking socket, which
@@ -151,7 +159,7 @@ def _take_waiting(sock: Any) -> bytes:
     hold part of a record, and the ``ssh`` transports have no such read.
     """
     try:
-        return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+        return sock.recv(size, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return b""
 
@@ -188,8 +196,9 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
 
     Consecutive frames of one stream that are read together come as one payload, and
     (with ``trickle``, on a plain socket) a trickle's small read first takes what follows
-    it for a moment (:func:`trickle_wait`). A frame cut short by the end of the stream is
-    given as far as it came.
+    it for a moment (:func:`trickle_wait`), and a reader that caught up with a flood waits
+    FLOOD_WAIT before its next read. A frame cut short by the end of the stream is given
+    as far as it came.
     """
     if trickle and type(sock) is socket.socket:  # what _take_waiting can read
         with _TRICKLING.reading():
@@ -202,8 +211,14 @@ def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
     buf = bytearray()
     recv = _reader(sock)
     last_small = float("-inf")  # when the last small read was
+    flooding = False
     while True:
-        chunk = recv(_READ_SIZE)
+        chunk = _take_waiting(sock, _FLOOD_READ_SIZE) if flooding else b""
+        if flooding and not chunk:  # caught up with a flood: let it gather
+            time.sleep(FLOOD_WAIT)
+            chunk = _take_waiting(sock, _FLOOD_READ_SIZE)
+        chunk = chunk or recv(_READ_SIZE)
+        flooding = trickle and len(chunk) >= FLOOD_BYTES
         now = time.monotonic()
         if len(chunk) < TRICKLE_BYTES:
             # Only a small read after a small one: a flood's reader that caught up once
