@@ -334,7 +334,7 @@ def test_frames_read_together_come_as_one_payload_per_stream_in_order():
 
 @pytest.fixture
 def naps(monkeypatch) -> list[float]:
-    """The trickle waits the frame reader takes (recorded, not slept)."""
+    """The waits the frame reader takes, a trickle's or a flood's (recorded, not slept)."""
     from types import SimpleNamespace
 
     from cldpd_magic.engines.docker import engine

@@ -143,7 +143,7 @@ class _LinesSession(_FakeSession):
 @pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("session_type", [_FakeSession, _LinesSession])
 def test_the_text_feed_writes_what_rendering_each_event_writes(raw, session_type, monkeypatch):
-    monkeypatch.setattr(feeds, "FLOOD_WAIT", 0.0)  # what is written, not when
+    monkeypatch.setattr(feeds, "FOLLOW_PACE", 0.0)  # what is written, not when
     rng = random.Random(f"text feed {raw}")
     mask = Masker([SECRET])
     for _ in range(300):
@@ -228,7 +228,8 @@ def test_the_agents_first_line_shows_as_it_comes_after_the_build_was_shown(tmp_p
 
 def test_a_text_feed_takes_a_flood_in_fewer_larger_batches(monkeypatch):
     # A batch that comes right after the last one means a flood: the feed waits a moment
-    # before the next (so it wakes less), never after a batch that came on its own.
+    # before the next (so it wakes less), never after a batch that came on its own, nor
+    # while it reads the transcript back (in batches of many events).
     clock = [100.0]
     naps: list[float] = []
 
@@ -247,11 +248,12 @@ def test_a_text_feed_takes_a_flood_in_fewer_larger_batches(monkeypatch):
 
     line = [Event(EventType.OUTPUT, "a line")]
     flood = [(0.0, line), (0.001, line), (0.001, line)]
+    read_back = [(0.001, line * feeds.FOLLOW_PACE_ITEMS)]  # a feed behind: never paced
     trickle = [(1.0, line), (0.5, line)]
     out = io.StringIO()
-    TextFeed(Paced(Masker([]), flood + trickle), out).follow()
-    assert out.getvalue() == "a line\n" * 5
-    assert naps == [feeds.FLOOD_WAIT, feeds.FLOOD_WAIT]  # after the 2nd and 3rd batches
+    TextFeed(Paced(Masker([]), flood + read_back + trickle), out).follow()
+    assert out.getvalue() == "a line\n" * (5 + feeds.FOLLOW_PACE_ITEMS)
+    assert naps == [feeds.FOLLOW_PACE, feeds.FOLLOW_PACE]  # after the 2nd and 3rd batches
 
 
 def test_real_output_reads_the_same_through_a_batch():

@@ -27,7 +27,10 @@ log = logging.getLogger(__package__)
 DEFAULT_FLUSH_INTERVAL = 0.25
 #: How long a text feed following a flood waits between its batches (far below what a
 #: person reading a terminal can tell).
-FLOOD_WAIT = 0.01
+FOLLOW_PACE = 0.01
+#: Items in a batch from which a text feed takes the next at once: a feed that fell
+#: behind what memory holds reads the transcript back in batches of many events.
+FOLLOW_PACE_ITEMS = 64
 
 
 #: Line kinds a running text writes to stderr; the rest go to stdout.
@@ -274,16 +277,25 @@ class TextFeed:
         return kind != "build_log" or (self.verbose and self.notes)
 
     def follow(self) -> None:
-        """Write every event of the session, from the first, until it ends."""
+        """Write every event of the session, from the first, until it ends.
+
+        In a flood, batches are taken FOLLOW_PACE apart (see :meth:`_pace`).
+        """
         written = float("-inf")
         for batch in self.session.line_batches():
             self.write(batch)
-            # A batch right after the last one is a flood: the next is taken a moment
-            # later with what follows it, not at each read of the session's reader (each
-            # wake of this thread and hand-over of the GIL costs both threads).
-            if time.monotonic() - written < FLOOD_WAIT:
-                time.sleep(FLOOD_WAIT)
-            written = time.monotonic()
+            written = self._pace(len(batch), written)
+
+    @staticmethod
+    def _pace(items: int, written: float) -> float:
+        """Wait before the next batch when this one came right after the last; the time
+        this one was written."""
+        # A flood's next batch is taken a moment later with what follows it, not at each
+        # read of the session's reader (each wake of this thread and hand-over of the
+        # GIL costs both threads). A feed reading the transcript back never waits.
+        if items < FOLLOW_PACE_ITEMS and time.monotonic() - written < FOLLOW_PACE:
+            time.sleep(FOLLOW_PACE)
+        return time.monotonic()
 
 
 class RunSource:

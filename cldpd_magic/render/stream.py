@@ -207,7 +207,8 @@ class StreamRenderer:
     def renders_as_is(self, texts: list[str], text: str) -> bool:
         """Whether each of these output lines renders as one text line that is the line itself.
 
-        True when no line may be stream-json (none starts with ``{`` or white space),
+        True when no line may be stream-json (none holds a brace, or none starts with
+        ``{`` or white space),
         none is clipped, and nothing in them is cleaned or masked; then rendering them
         one by one would give them back unchanged. One scan of their text for many lines.
 
@@ -218,7 +219,7 @@ class StreamRenderer:
         if "{" in text and (
             text[:1] in ("{", " ", "\t") or _LATER_LINE_MAY_BE_JSON.search(text) is not None
         ):
-            return False  # a line may be stream-json (no line is without a brace)
+            return False  # a line may be stream-json (which always holds a brace)
         if len(text) > MAX_SHOWN_CHARS and max(map(len, texts)) > MAX_SHOWN_CHARS:
             return False
         if not is_clean(text):

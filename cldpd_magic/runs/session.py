@@ -932,7 +932,7 @@ def _transcript_records(etype: EventType, time: datetime, lines: list[str], text
             escaped = _json_string(text)[1:-1].split(b"\\n")
         else:
             escaped = [_json_string(line)[1:-1] for line in lines]
-    except UnicodeEncodeError:  # a lone surrogate
+    except (UnicodeEncodeError, TypeError):  # a lone surrogate; a str subclass
         escaped = [_utf8(_encode_str(line)[1:-1]) for line in lines]
     return head.encode() + (tail + head).encode().join(escaped) + tail.encode()
 

@@ -55,9 +55,16 @@ def pump(
 ) -> None:
     """Decode a stream of ``(stdout, stderr)`` byte chunks into text for two writers."""
     out, err = _StreamDecoder(stdout), _StreamDecoder(stderr)
-    for chunk_out, chunk_err in stream:
-        out.feed(chunk_out)
-        err.feed(chunk_err)
+    try:
+        for chunk_out, chunk_err in stream:
+            out.feed(chunk_out)
+            err.feed(chunk_err)
+    finally:
+        # A writer that raises leaves the stream unread: closed here, not when a kept
+        # traceback lets it go (its socket, its count in _TRICKLING).
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     out.close()
     err.close()
 
@@ -135,9 +142,10 @@ TRICKLE_BYTES = 2048
 #: shown, not at every line. Far less than a view's publication interval (0.25 s).
 TRICKLE_WAIT = 0.05
 #: Trickle reads a second that a process following many runs takes at most: past
-#: TRICKLE_WAKES / TRICKLE_WAIT streams (a batch of fifty runs), each waits longer, up to
-#: TRICKLE_WAIT_MAX, so their readers' wakes stop growing with their number (each wake of a
-#: thread costs about as much as the little it reads).
+#: TRICKLE_WAKES x TRICKLE_WAIT streams (about a dozen), each waits longer, so that their
+#: readers' wakes stop growing with their number (each wake of a thread costs about as
+#: much as the little it reads), up to TRICKLE_WAIT_MAX, reached at fifty streams (a
+#: batch of fifty runs, whose view is published every 0.25 s).
 TRICKLE_WAKES = 250
 TRICKLE_WAIT_MAX = 0.2
 #: A reader that caught up with a flood (a large read, then nothing waiting) waits this
