@@ -413,6 +413,29 @@ def test_a_flood_is_taken_in_large_reads_by_a_reader_that_caught_up(monkeypatch)
         assert naps == [engine.FLOOD_WAIT] * 2
 
 
+def test_a_writer_that_raises_closes_the_stream_it_was_fed_from():
+    # Else the stream (its socket, its count of trickles) lives as long as the traceback.
+    from cldpd_magic.engines.docker.engine import pump
+
+    closed: list[bool] = []
+
+    def stream():
+        try:
+            yield b"line\n", None
+            yield b"never read\n", None
+        finally:
+            closed.append(True)
+
+    class Failing:
+        def write(self, text: str) -> int:
+            raise OSError("the writer failed")
+
+    with pytest.raises(OSError) as failure:  # kept: its traceback holds the stream
+        pump(stream(), Failing(), None)
+    assert closed == [True]
+    assert failure.traceback
+
+
 def test_a_process_reading_many_trickles_wakes_for_them_a_bounded_number_of_times():
     # Each of fifty runs' readers waits longer than one run's does, so that together they
     # wake about TRICKLE_WAKES times a second; a stream counts while it is read.
