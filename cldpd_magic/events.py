@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
+import msgspec
+
 
 class EventType(enum.Enum):
     """What an :class:`Event` reports."""
@@ -47,6 +49,18 @@ def _now() -> datetime:
 # json.dumps builds an encoder per call when given options; the bare string encoder
 # (C-accelerated) is what a transcript of millions of lines can afford.
 _encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+#: The same JSON of a string, as UTF-8 bytes, several times quicker; raises for a lone
+#: surrogate (which no UTF-8 holds) and for a str subclass.
+_encode_str_utf8 = msgspec.json.Encoder().encode
+
+
+def encode_str_utf8(text: str) -> bytes:
+    """``text``'s JSON string as :meth:`Event.to_json` writes it, in a transcript's UTF-8:
+    a lone surrogate as its JSON escape, which reads back as the same string."""
+    try:
+        return _encode_str_utf8(text)
+    except (UnicodeEncodeError, TypeError):
+        return _encode_str(text).encode("utf-8", "backslashreplace")
 
 
 class _EventFields(NamedTuple):
@@ -345,4 +359,5 @@ __all__ = [
     "RunState",
     "RunStatus",
     "Usage",
+    "encode_str_utf8",
 ]

@@ -14,8 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
-import msgspec
-
 from ..errors import CldpdError, InvalidRequestError
 from ..events import Usage
 from ..logs import log_swallowed
@@ -28,7 +26,7 @@ from .usage import Limits, UsageMeter
 if TYPE_CHECKING:
     from ..engines import ContainerInfo, StdinPipe
     from .changes import Changes
-from ..events import TERMINAL, Event, EventType, RunState, RunStatus, _encode_str, _now
+from ..events import TERMINAL, Event, EventType, RunState, RunStatus, _now, encode_str_utf8
 
 logger = logging.getLogger(__package__)
 
@@ -912,11 +910,6 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "backslashreplace")
 
 
-#: A string's JSON, as bytes, as :meth:`Event.to_json` writes it (the same escapes, other
-#: characters as they are), several times quicker; a lone surrogate raises.
-_json_string = msgspec.json.Encoder().encode
-
-
 def _transcript_records(etype: EventType, time: datetime, lines: list[str], text: str) -> bytes:
     """The transcript records of lines of one type and time (``text``: them joined by
     newlines), as :meth:`Event.to_json` writes them, one a line, in UTF-8 (:func:`_utf8`)."""
@@ -925,15 +918,12 @@ def _transcript_records(etype: EventType, time: datetime, lines: list[str], text
     plain = '"' not in text and "\\" not in text
     if plain and not text.encode("latin-1", "ignore").translate(None, _JSON_AS_IS):
         return _utf8(head + (tail + head).join(lines) + tail)  # nothing to escape
-    try:
-        if "\\" not in text:
-            # With no backslash in the text, each escaped newline is a line break: every
-            # line is escaped by one call.
-            escaped = _json_string(text)[1:-1].split(b"\\n")
-        else:
-            escaped = [_json_string(line)[1:-1] for line in lines]
-    except (UnicodeEncodeError, TypeError):  # a lone surrogate; a str subclass
-        escaped = [_utf8(_encode_str(line)[1:-1]) for line in lines]
+    if "\\" not in text:
+        # With no backslash in the text, each escaped newline is a line break: every line
+        # is escaped by one call.
+        escaped = encode_str_utf8(text)[1:-1].split(b"\\n")
+    else:
+        escaped = [encode_str_utf8(line)[1:-1] for line in lines]
     return head.encode() + (tail + head).encode().join(escaped) + tail.encode()
 
 
