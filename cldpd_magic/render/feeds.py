@@ -28,8 +28,8 @@ DEFAULT_FLUSH_INTERVAL = 0.25
 #: How long a text feed following a flood waits between its batches (far below what a
 #: person reading a terminal can tell).
 FOLLOW_PACE = 0.01
-#: Items in a batch from which a text feed takes the next at once: a feed that fell
-#: behind what memory holds reads the transcript back in batches of many events.
+#: Items in a batch from which a text feed takes the next at once: such a batch means the
+#: feed is behind (many reads waiting, or the transcript read back in batches of events).
 FOLLOW_PACE_ITEMS = 64
 
 
@@ -292,7 +292,7 @@ class TextFeed:
         this one was written."""
         # A flood's next batch is taken a moment later with what follows it, not at each
         # read of the session's reader (each wake of this thread and hand-over of the
-        # GIL costs both threads). A feed reading the transcript back never waits.
+        # GIL costs both threads). A feed that is behind never waits.
         if items < FOLLOW_PACE_ITEMS and time.monotonic() - written < FOLLOW_PACE:
             time.sleep(FOLLOW_PACE)
         return time.monotonic()

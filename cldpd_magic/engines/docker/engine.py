@@ -215,8 +215,9 @@ def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
         yield from _read_frames(sock, trickle=False)
 
 
-def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
-    buf = bytearray()
+def _reads(sock: Any, trickle: bool) -> Iterator[bytes]:
+    """A stream's reads until its end, with a trickle's and a flood's waits (see
+    :func:`_frames_of`)."""
     recv = _reader(sock)
     last_small = float("-inf")  # when the last small read was
     flooding = False
@@ -238,9 +239,13 @@ def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
         else:
             last_small = float("-inf")
         if not chunk:
-            if len(buf) > 8:
-                yield buf[0], bytes(buf[8:])
             return
+        yield chunk
+
+
+def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
+    buf = bytearray()
+    for chunk in _reads(sock, trickle):
         buf += chunk
         start, kind_of_run, run = 0, -1, []
         while len(buf) - start >= 8:
@@ -258,6 +263,8 @@ def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
             yield kind_of_run, b"".join(run)
         if start:
             del buf[:start]
+    if len(buf) > 8:
+        yield buf[0], bytes(buf[8:])
 
 
 class PrivateAPI:
