@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -940,6 +940,11 @@ def _fields_struct(
     return msgspec.defstruct(name, [(f, Any, _UNSET) for f in fields.split()] + typed, **options)
 
 
+_SYSTEM_LINE = _fields_struct(
+    "SystemLine", "subtype session_id model permissionMode claude_code_version cwd tools "
+    "mcp_servers status error_status error attempt max_retries retry_delay_ms "
+    "compact_metadata tool_name tool_use_id message state", tag_field="type", tag="system",
+)  # fmt: skip
 _ASSISTANT_BODY = _fields_struct("AssistantBody", "id model content usage")
 _USER_BODY = _fields_struct("UserBody", "content")
 _KNOWN = msgspec.json.Decoder(
@@ -947,15 +952,207 @@ _KNOWN = msgspec.json.Decoder(
                    _ASSISTANT_BODY | None, tag_field="type", tag="assistant")
     | _fields_struct("UserLine", "isReplay parent_tool_use_id uuid session_id",
                      _USER_BODY | None, tag_field="type", tag="user")
-    | _fields_struct("SystemLine", "subtype session_id model permissionMode "
-                     "claude_code_version cwd tools mcp_servers status error_status error "
-                     "attempt max_retries retry_delay_ms compact_metadata tool_name "
-                     "tool_use_id message state", tag_field="type", tag="system")
+    | _SYSTEM_LINE
     | _fields_struct("ResultLine", "subtype is_error result errors num_turns duration_ms "
                      "total_cost_usd cost_usd usage modelUsage model_usage_since_last_result "
                      "session_id permission_denials terminal_reason result_index",
                      tag_field="type", tag="result")
 )  # fmt: skip
+
+
+# The commonest lines of the usual shapes are decoded by msgspec into these Structs, typed
+# as their events' fields are, and each event is made from them with no Python code per
+# JSON value. A line of another shape fails here (a wrong type, another block type, a
+# number out of range ...) and is read by the readers above: where both read a line, they
+# give the same event (a test checks it over the fixtures and thousands of mutations).
+
+
+class _WireTokens(msgspec.Struct):
+    """Tokens as a line gives them: a message's ``usage``, or a model's in ``modelUsage``
+    (the same names in camel case, and a cost)."""
+
+    input_tokens: float | None = None
+    output_tokens: float | None = None
+    cache_read_input_tokens: float | None = None
+    cache_creation_input_tokens: float | None = None
+    cost_usd: ClassVar[float | None] = None
+
+    def usage(self) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cache_read_tokens=self.cache_read_input_tokens,
+            cache_creation_tokens=self.cache_creation_input_tokens,
+            cost_usd=self.cost_usd,
+        )
+
+
+_WireModelUsage = msgspec.defstruct(
+    "_WireModelUsage",
+    [(name, float | None, None) for name in _WireTokens.__struct_fields__]
+    + [("cost_usd", float | None, msgspec.field(default=None, name="costUSD"))],
+    bases=(_WireTokens,),
+    rename="camel",
+)
+
+
+def _by_model(value: dict[str, _WireModelUsage] | None) -> Mapping[str, TokenUsage] | None:
+    if value is None:
+        return None
+    return MappingProxyType({model: item.usage() for model, item in value.items()})
+
+
+class _WireText(msgspec.Struct, tag="text", tag_field="type"):
+    text: str = ""
+
+    def block(self) -> TextBlock:
+        return TextBlock(text=self.text)
+
+
+class _WireThinking(msgspec.Struct, tag="thinking", tag_field="type"):
+    thinking: str = ""
+
+    def block(self) -> ThinkingBlock:
+        return ThinkingBlock(text=self.thinking)
+
+
+class _WireRedacted(msgspec.Struct, tag="redacted_thinking", tag_field="type"):
+    def block(self) -> ThinkingBlock:
+        return ThinkingBlock(redacted=True)
+
+
+class _WireToolUse(msgspec.Struct, tag="tool_use", tag_field="type"):
+    id: str = ""
+    name: str = ""
+    input: Any = None
+    kind: ClassVar[str] = "tool_use"
+
+    def block(self) -> ToolUse:
+        return ToolUse(id=self.id, name=self.name, input=self.input, kind=self.kind)
+
+
+class _WireServerToolUse(_WireToolUse, tag="server_tool_use"):
+    kind: ClassVar[str] = "server_tool_use"
+
+
+class _WireMcpToolUse(_WireToolUse, tag="mcp_tool_use"):
+    kind: ClassVar[str] = "mcp_tool_use"
+
+
+class _WireToolResult(msgspec.Struct, tag="tool_result", tag_field="type"):
+    tool_use_id: str = ""
+    content: Any = None
+    is_error: Any = False
+
+    def block(self) -> ToolResult:
+        return ToolResult(
+            tool_use_id=self.tool_use_id, text=text_of(self.content), is_error=bool(self.is_error)
+        )
+
+
+def _blocks(content: list[Any] | str | None) -> tuple[Any, ...] | None:
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return (TextBlock(text=content),)
+    return tuple([block.block() for block in content])
+
+
+class _WireAssistantBody(msgspec.Struct):
+    id: str | None = None
+    model: str = ""
+    content: (
+        list[_WireText | _WireThinking | _WireRedacted | _WireToolUse | _WireServerToolUse
+             | _WireMcpToolUse] | str | None
+    ) = None  # fmt: skip
+    usage: _WireTokens | None = None
+
+
+class _WireAssistant(msgspec.Struct, tag="assistant", tag_field="type"):
+    message: _WireAssistantBody | None = None
+    parent_tool_use_id: str | None = None
+    session_id: str = ""
+
+    def event(self, raw: Mapping[str, Any]) -> AssistantMessage:
+        body = self.message or _NO_ASSISTANT_BODY
+        return AssistantMessage(
+            raw=raw,
+            message_id=body.id,
+            model=body.model,
+            blocks=_blocks(body.content),
+            usage=None if body.usage is None else body.usage.usage(),
+            parent_tool_use_id=self.parent_tool_use_id,
+            session_id=self.session_id,
+        )
+
+
+_NO_ASSISTANT_BODY = _WireAssistantBody()
+
+
+class _WireUserBody(msgspec.Struct):
+    content: list[_WireText | _WireToolResult] | str | None = None
+
+
+class _WireUser(msgspec.Struct, tag="user", tag_field="type"):
+    message: _WireUserBody | None = None
+    isReplay: bool = False
+    parent_tool_use_id: str | None = None
+    uuid: str = ""
+    session_id: str = ""
+
+    def event(self, raw: Mapping[str, Any]) -> UserMessage:
+        return UserMessage(
+            raw=raw,
+            blocks=None if self.message is None else _blocks(self.message.content),
+            is_replay=self.isReplay,
+            parent_tool_use_id=self.parent_tool_use_id,
+            uuid=self.uuid,
+            session_id=self.session_id,
+        )
+
+
+class _WireResult(msgspec.Struct, tag="result", tag_field="type"):
+    subtype: str | None = None
+    is_error: bool = False
+    result: str = ""
+    errors: tuple[str, ...] = ()
+    num_turns: float | None = None
+    duration_ms: float | None = None
+    total_cost_usd: float | msgspec.UnsetType | None = msgspec.UNSET
+    cost_usd: float | None = None
+    usage: _WireTokens | None = None
+    modelUsage: dict[str, _WireModelUsage] | None = None
+    model_usage_since_last_result: dict[str, _WireModelUsage] | None = None
+    session_id: str | None = None
+    permission_denials: tuple[Denial, ...] = ()  # read as they are
+    terminal_reason: str = ""
+    result_index: float | None = None
+
+    def event(self, raw: Mapping[str, Any]) -> Result:
+        cost = self.total_cost_usd
+        return Result(
+            raw=raw,
+            subtype=self.subtype,
+            is_error=self.is_error,
+            answer=self.result.strip(),
+            errors=self.errors,
+            turns=self.num_turns,
+            duration_ms=self.duration_ms,
+            cost_usd=self.cost_usd if cost is msgspec.UNSET else cost,
+            usage=None if self.usage is None else self.usage.usage(),
+            model_usage=_by_model(self.modelUsage),
+            turn_model_usage=_by_model(self.model_usage_since_last_result),
+            session_id=self.session_id or "",
+            denials=self.permission_denials,
+            terminal_reason=self.terminal_reason,
+            index=self.result_index,
+        )
+
+
+#: Lines typed here, and system lines (many subtypes, each rare but thinking ticks) read
+#: for their fields: either way one decoding of the line.
+_TYPED = msgspec.json.Decoder(_WireAssistant | _WireUser | _WireResult | _SYSTEM_LINE)
+_WIRE_LINES = (_WireAssistant, _WireUser, _WireResult)
 
 
 def _fields(struct: msgspec.Struct) -> dict[str, Any]:
@@ -968,14 +1165,19 @@ def _read_known(line: str) -> ClaudeEvent | None:
     holds; None when the line is no such line of the usual shapes (it is then decoded
     whole: the event is the same either way)."""
     try:
-        struct = _KNOWN.decode(line)
-    except Exception:  # not UTF-8 encodable, malformed, another type or shape: no matter
-        return None
+        struct = _TYPED.decode(line)
+    except Exception:  # of other shapes: read for their fields alone
+        try:
+            struct = _KNOWN.decode(line)
+        except Exception:  # not UTF-8 encodable, malformed, another type or shape: no matter
+            return None
+    kind = type(struct).__struct_config__.tag
+    if isinstance(struct, _WIRE_LINES):
+        return struct.event(_LineObject(line, kind))
     obj = _fields(struct)
     message = obj.get("message")
     if isinstance(message, msgspec.Struct):
         obj["message"] = _fields(message)
-    kind = type(struct).__struct_config__.tag
     return _typed(kind, obj, _LineObject(line, kind))
 
 

@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from test_render_fuzz import EVENTS, _mutate_value, _random_value
@@ -350,6 +351,67 @@ def test_reading_only_the_fields_gives_the_event_a_whole_decoding_gives():
     ]  # fmt: skip
     for line in lines + hostile:
         _same_event(line)
+
+
+def _keep_types(rng: random.Random, value: Any) -> Any:
+    """A copy of a decoded event with values changed but not their JSON types (and keys
+    dropped or added): lines that the typed reading of the commonest lines still takes."""
+    if isinstance(value, dict):
+        out = {
+            k: _keep_types(rng, v) for k, v in value.items() if k == "type" or rng.random() > 0.1
+        }
+        if rng.random() < 0.1:
+            out[rng.choice(["extra", "cost_usd", "kind", "data"])] = _random_value(rng)
+        return out
+    if isinstance(value, list):
+        return [_keep_types(rng, item) for item in value if rng.random() > 0.1]
+    if isinstance(value, bool):
+        return rng.random() < 0.5
+    if isinstance(value, int | float):
+        return rng.choice([0, -1, 3, 2.5, -0.0, 2**53 + 1, 10**30, 1.5e308, value])
+    if isinstance(value, str) and rng.random() < 0.5:
+        return rng.choice(
+            ["", " padded  ", "<script>x</script>", "\u00e9\n\t", "\x1b[31m", value * 2]
+        )
+    return value
+
+
+def test_the_typed_reading_gives_the_event_a_whole_decoding_gives():
+    lines = [line for path in sorted(FIXTURES.rglob("*.jsonl")) for line in
+             path.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    commonest = [json.loads(line) for line in lines if _typed_reading(line)]
+    kinds = [_whole(line) for line in lines]
+    common = [e for e in kinds if isinstance(e, AssistantMessage | UserMessage | Result)]
+    assert len(commonest) == len(common) > 70  # every one the real CLI wrote
+    rng = random.Random(12)
+    mutated = [json.dumps(_keep_types(rng, rng.choice(commonest))) for _ in range(4000)]
+    hostile = [
+        '{"type":"assistant","message":{"content":[{"type":"tool_use","id":"a","name":"",'
+        '"input":{}},{"type":"server_tool_use","name":"x"},{"type":"mcp_tool_use"},'
+        '{"type":"redacted_thinking","data":"x"},{"type":"thinking","thinking":"t"}]}}',
+        '{"type":"assistant","message":{"usage":{"input_tokens":-3,"output_tokens":1.5e308}}}',
+        '{"type":"assistant","message":{"usage":{"cache_read_input_tokens":1e400}}}',
+        '{"type":"assistant","message":null}', '{"type":"user","message":null,"isReplay":true}',
+        '{"type":"user","message":{"content":"plain"}}', '{"type":"user","message":{"content":""}}',
+        '{"type":"user","message":{"content":[{"type":"tool_result","content":[{"type":"image"},'
+        '{"type":"text","text":"t"}],"is_error":1}]}}',
+        '{"type":"result","errors":["a","b"],"permission_denials":[{"tool_name":"Bash",'
+        '"tool_input":{"a":1}}],"modelUsage":{"m":{"inputTokens":3,"costUSD":0.5}},"num_turns":2}',
+        '{"type":"result","session_id":"","result":"  x  ","total_cost_usd":1,"cost_usd":2}',
+        '{"type":"result","cost_usd":2,"is_error":true,"subtype":"error_max_turns"}',
+    ]  # fmt: skip
+    typed = [line for line in mutated + hostile if _typed_reading(line)]
+    assert len(typed) > 1000  # most keep a shape the typed reading takes
+    for line in mutated + hostile:
+        _same_event(line)
+
+
+def _typed_reading(line: str) -> bool:
+    """Whether the typed reading of the commonest lines reads this line."""
+    try:
+        return isinstance(sj._TYPED.decode(line), sj._WIRE_LINES)
+    except Exception:
+        return False
 
 
 def test_a_line_read_for_its_fields_decodes_its_raw_only_when_read():
