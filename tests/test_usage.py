@@ -49,6 +49,7 @@ def test_a_message_seen_again_with_other_figures_counts_its_latest_once():
     meter.feed(assistant("msg_1", 1000, 10))
     meter.feed(assistant("msg_2", 200, 20))
     assert meter.feed(assistant("msg_1", 1000, 400)) is True  # its final output tokens
+    assert meter.feed(assistant("msg_2", 200.4, 20)) is False  # other figures, the same counts
     usage = meter.usage
     assert (usage.turns, usage.input_tokens, usage.output_tokens) == (2, 1200, 420)
     assert usage.cost_usd == pytest.approx((1200 * 3 + 420 * 15) / 1e6)

@@ -10,12 +10,15 @@ before the turn after next. Lines that are not stream-json are ignored.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..events import Usage
 from ..stream_json import (
@@ -73,7 +76,7 @@ _DEFAULT_PRICE = (3.0, 15.0)
 
 def estimate_cost(model: str, usage: Usage) -> float:
     """Estimate the cost in USD of some tokens of a model from list prices."""
-    price_in, price_out = next((p for rx, p in _PRICES if rx.search(model)), _DEFAULT_PRICE)
+    price_in, price_out = _price(model)
     return (
         usage.input_tokens * price_in
         + usage.cache_creation_tokens * price_in * 1.25
@@ -82,31 +85,56 @@ def estimate_cost(model: str, usage: Usage) -> float:
     ) / 1e6
 
 
+@functools.lru_cache(maxsize=64)
+def _price(model: str) -> tuple[float, float]:
+    return next((p for rx, p in _PRICES if rx.search(model)), _DEFAULT_PRICE)
+
+
 def _count(value: float | None) -> int:
     """A count or a number of tokens: a whole number, 0 unless a finite number >= 0."""
     return 0 if value is None or value < 0 else int(value)
 
 
-def _turn(model: str, tokens: Usage) -> Usage:
+class _Tally(NamedTuple):
+    """A :class:`Usage` being summed: a tuple, made and added at a fraction of the cost of
+    a frozen dataclass (several for each new message); the meter makes one Usage of its
+    tallies when they change."""
+
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def plus(self, other: _Tally) -> _Tally:
+        return _Tally._make(map(operator.add, self, other))
+
+
+_NONE = _Tally()
+
+
+def _turn(model: str, tokens: _Tally) -> _Tally:
     """One assistant message as a turn: its tokens and their estimated cost."""
-    return Usage(
+    return _Tally(
         1,
         tokens.input_tokens,
         tokens.output_tokens,
         tokens.cache_read_tokens,
         tokens.cache_creation_tokens,
-        estimate_cost(model, tokens),
+        estimate_cost(model, tokens),  # type: ignore[arg-type]  # a tally has its fields
     )
 
 
-def _tokens(usage: TokenUsage | None) -> Usage:
+def _tokens(usage: TokenUsage | None) -> _Tally:
     if usage is None:
-        return Usage()
-    return Usage(
-        input_tokens=_count(usage.input_tokens),
-        output_tokens=_count(usage.output_tokens),
-        cache_read_tokens=_count(usage.cache_read_tokens),
-        cache_creation_tokens=_count(usage.cache_creation_tokens),
+        return _NONE
+    return _Tally(
+        0,
+        _count(usage.input_tokens),
+        _count(usage.output_tokens),
+        _count(usage.cache_read_tokens),
+        _count(usage.cache_creation_tokens),
     )
 
 
@@ -139,9 +167,10 @@ class UsageMeter:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._results = Usage()
-        self._messages: dict[str, tuple[str, Usage]] = {}
-        self._since = Usage()  # the messages since the last result, summed as they come
+        self._results = _NONE
+        # A message id -> its model and usage as the line gave them, and as a turn.
+        self._messages: dict[str, tuple[tuple[str, TokenUsage], _Tally]] = {}
+        self._since = _NONE  # the messages since the last result, summed as they come
         self._usage = Usage()
         self.result_subtype = ""
         self.links: list[str] = []
@@ -175,7 +204,7 @@ class UsageMeter:
                 self._on_result(event)
             elif not (isinstance(event, AssistantMessage) and self._on_assistant(event)):
                 return False
-            self._usage = self._results + self._since
+            self._usage = Usage(*self._results.plus(self._since))
         return True
 
     def _on_result(self, result: Result) -> None:
@@ -183,7 +212,9 @@ class UsageMeter:
         turns = _count(result.turns) or since.turns
         if result.turn_model_usage is not None:
             # The turn's tokens by model: right also where "usage" says 0 (over budget).
-            tokens = sum(map(_tokens, result.turn_model_usage.values()), Usage())
+            tokens = functools.reduce(
+                _Tally.plus, map(_tokens, result.turn_model_usage.values()), _NONE
+            )
         elif result.usage is not None:
             tokens = _tokens(result.usage)
         else:
@@ -192,7 +223,7 @@ class UsageMeter:
         if cost is None:
             cost = self._results.cost_usd + since.cost_usd
         done = self._results
-        self._results = Usage(
+        self._results = _Tally(
             done.turns + turns,
             done.input_tokens + tokens.input_tokens,
             done.output_tokens + tokens.output_tokens,
@@ -201,26 +232,27 @@ class UsageMeter:
             cost,
         )
         self._messages.clear()
-        self._since = Usage()
+        self._since = _NONE
         self.result_subtype = result.subtype or ""
 
     def _on_assistant(self, message: AssistantMessage) -> bool:
         if message.message_id is None or message.usage is None:
             return False
-        entry = (message.model, _tokens(message.usage))
+        given = (message.model, message.usage)
         known = self._messages.get(message.message_id)
-        if known == entry:
-            return False
-        self._messages[message.message_id] = entry
+        if known is not None and known[0] == given:
+            return False  # the message's next block: its usage again (compared in C)
+        turn = _turn(message.model, _tokens(message.usage))
+        self._messages[message.message_id] = (given, turn)
         if known is None:
-            self._since = self._since + _turn(*entry)
-        else:  # a message seen again with other figures: sum them all again
-            self._since = self._since_result()
+            self._since = self._since.plus(turn)
+        elif known[1] != turn:  # a message seen again with other figures: sum them again
+            self._since = functools.reduce(
+                _Tally.plus, (turn for _, turn in self._messages.values()), _NONE
+            )
+        else:
+            return False
         return True
-
-    def _since_result(self) -> Usage:
-        """The messages since the last result: a turn each, their tokens, estimated cost."""
-        return sum((_turn(model, tokens) for model, tokens in self._messages.values()), Usage())
 
     def _collect_links(self, line: str) -> None:
         for link in _LINK.findall(line):
