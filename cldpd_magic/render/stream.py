@@ -10,8 +10,9 @@ import html
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from ..logs import log_swallowed
 from ..secrets import MASK, Masker
@@ -95,9 +96,9 @@ _SUMMARY_SKIP = frozenset({"type", "subtype", "uuid", "session_id", "parent_tool
 MAX_MARKDOWN_LINE_CHARS = 20000
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
-    """One rendered piece of output.
+class Line(msgspec.Struct, frozen=True):
+    """One rendered piece of output (a frozen msgspec Struct: made in C, as each output
+    line makes one or two).
 
     Attributes:
         kind: ``text``, ``stderr``, ``markdown``, ``thinking``, ``tool``, ``tool_result``,
