@@ -68,8 +68,24 @@ def views(captured) -> list:
     return [o for o in captured.outputs if "cldpd-view" in o.data.get("text/html", "")]
 
 
+def display_id(output) -> str | None:
+    return output.transient.get("display_id")
+
+
+def cell_views(captured) -> list:
+    """The views a cell shows: those displayed in it and updates of those.
+
+    The capture takes whatever is published while it runs, also a live run's updates of
+    its view in an earlier cell; a frontend shows those there, by display id, not here.
+    """
+    shown = views(captured)
+    own = {display_id(o) for o in shown if not o.update}
+    return [o for o in shown if not o.update or display_id(o) in own]
+
+
 def last_text(captured) -> str:
-    return views(captured)[-1].data["text/plain"]
+    """The plain text of the last view the cell shows (see :func:`cell_views`)."""
+    return cell_views(captured)[-1].data["text/plain"]
 
 
 def one_line_error(shell, magic: str, line: str, match: str) -> str:
@@ -722,6 +738,11 @@ def test_a_kept_alive_run_returns_when_it_waits_then_resume_is_a_live_follow_up(
             follow = ip.run_line_magic("cldpd_resume", f"{name} and add tests")
     assert follow.exit_code == 0 and follow.kind == "resume"
     assert len([cmd for _, cmd in claude.execs if "--input-format" in cmd]) == 1  # one agent
+    # The start's feed goes on updating its own cell's view while the resume runs: the
+    # resume cell shows one new view, its own, and those updates go to the start's cell.
+    (shown,) = [o for o in views(resumed) if not o.update]
+    start_id = display_id(views(started)[0])
+    assert {display_id(o) for o in views(resumed)} <= {display_id(shown), start_id}
     turn = last_text(resumed)
     assert turn.startswith(f"{name} resume: exited 0") and "done: and add tests" in turn
     assert "Work on this GitHub issue" not in turn  # only the turn it caused
