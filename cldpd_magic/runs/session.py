@@ -731,10 +731,12 @@ class Session(RunChanges):
             text = "\n".join(lines)
         # Lines without a brace are no stream-json: nothing to meter (unless a link) or
         # to follow in the conversation.
-        may_hold_events = etype is EventType.OUTPUT and "{" in text
-        if may_hold_events or (etype is EventType.OUTPUT and _LINK_MARK.search(text)):
+        output = etype is EventType.OUTPUT
+        may_hold_events = output and "{" in text
+        links = output and _LINK_MARK.search(text) is not None
+        if may_hold_events or links:
             feed = self.meter.feed
-            if any([feed(line) for line in lines]):
+            if any([feed(line, links) for line in lines]):
                 self._on_usage()
         records = _transcript_records(etype, now, lines, text)
         self._log.store(_LineChunk(etype, now, lines), records, len(text) - len(lines) + 1)

@@ -180,12 +180,20 @@ class UsageMeter:
         """The usage so far."""
         return self._usage
 
-    def feed(self, line: str) -> bool:
-        """Take one output line; return whether the usage changed. Never raises."""
-        return self._feed(line, read_line)
+    def feed(self, line: str, links: bool = True) -> bool:
+        """Take one output line; return whether the usage changed. Never raises.
 
-    def _feed(self, line: str, read: Callable[[str], ClaudeEvent | None]) -> bool:
-        if "://" in line:
+        Args:
+            line: The line.
+            links: Whether it may hold a link (False when the text it came in holds no
+                ``://``: it is not looked at for one then).
+        """
+        return self._feed(line, read_line, links)
+
+    def _feed(
+        self, line: str, read: Callable[[str], ClaudeEvent | None], links: bool = True
+    ) -> bool:
+        if links and "://" in line:
             self._collect_links(line)
         # Only these lines can change the usage; the others are parsed by whoever shows them.
         if '"usage"' not in line and '"total_cost_usd"' not in line and '"cost_usd"' not in line:
