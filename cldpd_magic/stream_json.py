@@ -2,7 +2,7 @@
 
 The CLI (``claude -p --output-format stream-json --verbose``, and in streaming-input mode
 ``--input-format stream-json --permission-prompt-tool stdio``) prints one JSON object per
-line. :func:`read_line` turns a line into one frozen :class:`ClaudeEvent`, or None when the
+line. :func:`decode_line` turns a line into one frozen :class:`ClaudeEvent`, or None when the
 line is no event (plain text, malformed or truncated JSON, a JSON value that is no object,
 an object without a string ``type``). What the renderer, the usage meter and the approvals
 read is these events, not the JSON.
@@ -16,9 +16,9 @@ with msgspec for the fields their events type, skipping the rest of the line unb
 ``raw`` is decoded when first read. Any other line, or one whose fields have other shapes,
 is decoded whole; both ways give the same event.
 
-A line is parsed once while it is recent: the session's writer thread, which meters the
-run, and every view of the run (a cell, the picker, a terminal) get the same event for
-the same line object (:class:`RecentLines`).
+Each reader decodes the lines it reads (a line's event costs a few microseconds): the
+usage meter reads what it needs alone (:func:`usage_event`), and each view of a run
+decodes what it shows.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -53,7 +51,6 @@ __all__ = [
     "OtherSystem",
     "PermissionDenied",
     "RateLimit",
-    "RecentLines",
     "Result",
     "SessionStateChanged",
     "SystemInit",
@@ -67,8 +64,8 @@ __all__ = [
     "decode_line",
     "interpret",
     "json_number",
-    "read_line",
     "text_of",
+    "usage_event",
 ]
 
 #: The read-only mapping of an event without one.
@@ -1058,18 +1055,41 @@ def _blocks(content: list[Any] | str | None) -> tuple[Any, ...] | None:
     return tuple([block.block() for block in content])
 
 
-class _WireAssistantBody(msgspec.Struct):
+class _MeteredBody(msgspec.Struct):
+    """What a usage meter reads of an assistant line's message."""
+
     id: str | None = None
     model: str = ""
+    usage: _WireTokens | None = None
+
+
+class _MeteredAssistant(msgspec.Struct, tag="assistant", tag_field="type"):
+    """What a usage meter reads of an assistant line (its content is skipped unbuilt)."""
+
+    message: _MeteredBody | None = None
+
+    def metered(self, raw: Mapping[str, Any]) -> AssistantMessage:
+        body = self.message or _NO_METERED_BODY
+        return AssistantMessage(
+            raw=raw,
+            message_id=body.id,
+            model=body.model,
+            usage=None if body.usage is None else body.usage.usage(),
+        )
+
+
+_NO_METERED_BODY = _MeteredBody()
+
+
+class _WireAssistantBody(_MeteredBody):
     content: (
         list[_WireText | _WireThinking | _WireRedacted | _WireToolUse | _WireServerToolUse
              | _WireMcpToolUse] | str | None
     ) = None  # fmt: skip
-    usage: _WireTokens | None = None
 
 
-class _WireAssistant(msgspec.Struct, tag="assistant", tag_field="type"):
-    message: _WireAssistantBody | None = None
+class _WireAssistant(_MeteredAssistant):
+    message: _WireAssistantBody | None = None  # type: ignore[assignment]
     parent_tool_use_id: str | None = None
     session_id: str = ""
 
@@ -1111,25 +1131,45 @@ class _WireUser(msgspec.Struct, tag="user", tag_field="type"):
         )
 
 
-class _WireResult(msgspec.Struct, tag="result", tag_field="type"):
+class _MeteredResult(msgspec.Struct, tag="result", tag_field="type"):
+    """What a usage meter reads of a result line."""
+
     subtype: str | None = None
-    is_error: bool = False
-    result: str = ""
-    errors: tuple[str, ...] = ()
     num_turns: float | None = None
-    duration_ms: float | None = None
     total_cost_usd: float | msgspec.UnsetType | None = msgspec.UNSET
     cost_usd: float | None = None
     usage: _WireTokens | None = None
-    modelUsage: dict[str, _WireModelUsage] | None = None
     model_usage_since_last_result: dict[str, _WireModelUsage] | None = None
+
+    @property
+    def cost(self) -> float | None:
+        """``total_cost_usd``, or the older ``cost_usd`` when that is absent."""
+        cost = self.total_cost_usd
+        return self.cost_usd if cost is msgspec.UNSET else cost
+
+    def metered(self, raw: Mapping[str, Any]) -> Result:
+        return Result(
+            raw=raw,
+            subtype=self.subtype,
+            turns=self.num_turns,
+            cost_usd=self.cost,
+            usage=None if self.usage is None else self.usage.usage(),
+            turn_model_usage=_by_model(self.model_usage_since_last_result),
+        )
+
+
+class _WireResult(_MeteredResult):
+    is_error: bool = False
+    result: str = ""
+    errors: tuple[str, ...] = ()
+    duration_ms: float | None = None
+    modelUsage: dict[str, _WireModelUsage] | None = None
     session_id: str | None = None
     permission_denials: tuple[Denial, ...] = ()  # read as they are
     terminal_reason: str = ""
     result_index: float | None = None
 
     def event(self, raw: Mapping[str, Any]) -> Result:
-        cost = self.total_cost_usd
         return Result(
             raw=raw,
             subtype=self.subtype,
@@ -1138,7 +1178,7 @@ class _WireResult(msgspec.Struct, tag="result", tag_field="type"):
             errors=self.errors,
             turns=self.num_turns,
             duration_ms=self.duration_ms,
-            cost_usd=self.cost_usd if cost is msgspec.UNSET else cost,
+            cost_usd=self.cost,
             usage=None if self.usage is None else self.usage.usage(),
             model_usage=_by_model(self.modelUsage),
             turn_model_usage=_by_model(self.model_usage_since_last_result),
@@ -1153,6 +1193,8 @@ class _WireResult(msgspec.Struct, tag="result", tag_field="type"):
 #: for their fields: either way one decoding of the line.
 _TYPED = msgspec.json.Decoder(_WireAssistant | _WireUser | _WireResult | _SYSTEM_LINE)
 _WIRE_LINES = (_WireAssistant, _WireUser, _WireResult)
+#: What a usage meter reads: less than a line's event, so more quickly.
+_METERED = msgspec.json.Decoder(_MeteredAssistant | _MeteredResult)
 
 
 def _fields(struct: msgspec.Struct) -> dict[str, Any]:
@@ -1207,76 +1249,29 @@ def decode_line(text: str) -> ClaudeEvent | None:
     return interpret(obj)
 
 
-class RecentLines:
-    """The events of recent lines, so that each line is parsed once by all its readers.
+def usage_event(text: str) -> AssistantMessage | Result | None:
+    """The usage an assistant or result line reports, read alone: for a usage meter, which
+    reads every line of a run however it is shown. Never raises.
 
-    Keyed by the line object itself (its identity, held while cached): the session's
-    writer thread and every live view of the run read the very string the session
-    stored. A line read again from a transcript is a new object and is parsed again, as
-    is a line a view reaches after ``max_lines`` newer ones (a burst): the cache saves
-    work, it is never needed. The oldest lines go first once there are more than
-    ``max_lines`` or they hold more than ``max_chars`` characters; a decoded line takes
-    about six times its size in memory, so the defaults keep under about 8 MB. Safe to
-    use from any thread.
-
-    Args:
-        max_lines: How many lines are kept.
-        max_chars: How many characters of line text are kept.
-
-    Attributes:
-        parsed: How many lines were parsed (for tests and benches; approximate when
-            several threads read).
-        found: How many were found parsed (likewise).
-    """
-
-    def __init__(self, max_lines: int = 1024, max_chars: int = 1_000_000) -> None:
-        self._lock = threading.Lock()
-        self._events: OrderedDict[int, tuple[str, ClaudeEvent | None]] = OrderedDict()
-        self._chars = 0
-        self.max_lines = max_lines
-        self.max_chars = max_chars
-        self.parsed = 0
-        self.found = 0
-
-    def read(self, text: str) -> ClaudeEvent | None:
-        """The typed event of an output line, parsed at most once while it is recent."""
-        first = text[:1]
-        if first != "{" and not first.isspace():
-            return None  # no JSON object (decode_line would say so): nothing to keep
-        key = id(text)
-        entry = self._events.get(key)  # one C call: atomic under the GIL
-        if entry is not None and entry[0] is text:
-            self.found += 1
-            return entry[1]
-        event = decode_line(text)
-        self.parsed += 1
-        with self._lock:
-            if key not in self._events:
-                self._events[key] = (text, event)
-                self._chars += len(text)
-                events = self._events
-                while events and (len(events) > self.max_lines or self._chars > self.max_chars):
-                    self._chars -= len(events.popitem(last=False)[1][0])
-        return event
-
-    def clear(self) -> None:
-        """Forget every line."""
-        with self._lock:
-            self._events.clear()
-            self._chars = 0
-
-
-#: The one cache of the process: every session's lines, every reader.
-RECENT = RecentLines()
-
-
-def read_line(text: str) -> ClaudeEvent | None:
-    """The typed event of one output line, or None when it is no stream-json event.
-
-    Parsed once while recent (:data:`RECENT`): the usage meter and every view of a run
-    share the parse. Never raises.
+    An assistant line gives an :class:`AssistantMessage` of its ``message_id``, ``model``
+    and ``usage``; a result line a :class:`Result` of its ``subtype``, ``turns``,
+    ``cost_usd``, ``usage`` and ``turn_model_usage``. Their other fields are left at their
+    defaults (an assistant message's ``blocks`` is None): these are not the lines' events.
+    A line of another shape is decoded whole (:func:`decode_line`); the fields read are
+    the same either way.
 
     Args:
-        text: One output line (a session's masked line).
+        text: One output line.
+
+    Returns:
+        The event, or None when the line is no assistant or result line.
     """
-    return RECENT.read(text)
+    stripped = text.strip()
+    if not (stripped.startswith("{") and stripped.endswith("}")):
+        return None
+    try:
+        lean = _METERED.decode(stripped)
+    except Exception:  # of other shapes, or another type: read whole
+        event = decode_line(stripped)
+        return event if isinstance(event, AssistantMessage | Result) else None
+    return lean.metered(_LineObject(stripped, type(lean).__struct_config__.tag))

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
 import pytest
 from test_render_fuzz import EVENTS, _mutate_value, _random_value
 from test_render_hostile import MALFORMED
@@ -34,7 +35,6 @@ from cldpd_magic.stream_json import (
     OtherSystem,
     PermissionDenied,
     RateLimit,
-    RecentLines,
     Result,
     SessionStateChanged,
     SystemInit,
@@ -48,7 +48,6 @@ from cldpd_magic.stream_json import (
     decode_line,
     interpret,
     json_number,
-    read_line,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "claude"
@@ -234,7 +233,7 @@ def test_what_is_no_event():
     for text in ["", "plain", "[1, 2]", '"x"', "{not json}", '{"type": 5}', '{"no": "type"}',
                  '{"type": null}', "{" * 100_000 + "}" * 100_000]:  # fmt: skip
         assert decode_line(text) is None
-        assert read_line(text) is None
+        assert sj.usage_event(text) is None
     assert interpret([{"type": "x"}]) is None
 
 
@@ -279,31 +278,6 @@ def test_the_events_are_frozen():
     with pytest.raises(AttributeError):
         event.request_id = "other"  # type: ignore[misc]
     assert isinstance(event.raw, MappingProxyType)
-
-
-# -- recent lines: one parse per line object ------------------------------------------------
-
-
-def test_recent_lines_parse_a_line_once_and_stay_bounded():
-    recent = RecentLines(max_lines=3, max_chars=1000)
-    lines = [json.dumps({"type": "x", "n": i}) for i in range(5)]
-    first = recent.read(lines[0])
-    assert recent.read(lines[0]) is first and (recent.parsed, recent.found) == (1, 1)
-    copy = "".join(list(lines[0]))  # equal text, another object: parsed again
-    assert copy == lines[0] and copy is not lines[0]
-    assert recent.read(copy) == first and recent.parsed == 2
-    for line in lines[1:]:
-        recent.read(line)
-    assert recent.read(lines[0]) is not first  # evicted by the bound on lines
-    halves = ["{" + "a" * 600 + "}", "{" + "b" * 600 + "}"]
-    for half in halves:
-        recent.read(half)
-    assert list(recent._events.values()) == [(halves[1], None)]  # the bound on characters
-    recent.read("{" + " " * 2000 + "}")  # larger than the bound: not kept at all
-    assert len(recent._events) == 0 and recent._chars == 0
-    assert recent.read("plain text") is None and recent.parsed == 10
-    recent.clear()
-    assert len(recent._events) == 0
 
 
 # -- the commonest lines are read for their fields alone ------------------------------------
@@ -354,11 +328,14 @@ def test_reading_only_the_fields_gives_the_event_a_whole_decoding_gives():
 
 
 def _keep_types(rng: random.Random, value: Any) -> Any:
-    """A copy of a decoded event with values changed but not their JSON types (and keys
-    dropped or added): lines that the typed reading of the commonest lines still takes."""
+    """A copy of a decoded event with values changed but not their JSON types nor its and
+    its blocks' ``type`` (and keys dropped or added): lines that the typed reading of the
+    commonest lines still takes, mostly."""
     if isinstance(value, dict):
         out = {
-            k: _keep_types(rng, v) for k, v in value.items() if k == "type" or rng.random() > 0.1
+            k: v if k == "type" else _keep_types(rng, v)
+            for k, v in value.items()
+            if k == "type" or rng.random() > 0.1
         }
         if rng.random() < 0.1:
             out[rng.choice(["extra", "cost_usd", "kind", "data"])] = _random_value(rng)
@@ -401,9 +378,50 @@ def test_the_typed_reading_gives_the_event_a_whole_decoding_gives():
         '{"type":"result","cost_usd":2,"is_error":true,"subtype":"error_max_turns"}',
     ]  # fmt: skip
     typed = [line for line in mutated + hostile if _typed_reading(line)]
-    assert len(typed) > 1000  # most keep a shape the typed reading takes
+    assert len(typed) > 2500  # most keep a shape the typed reading takes
     for line in mutated + hostile:
         _same_event(line)
+
+
+def test_the_usage_of_a_line_read_alone_is_what_its_event_says():
+    lines = [line for path in sorted(FIXTURES.rglob("*.jsonl")) for line in
+             path.read_text(encoding="utf-8").splitlines() if line.strip()]  # fmt: skip
+    commonest = [json.loads(line) for line in lines if _typed_reading(line)]
+    rng = random.Random(13)
+    lines += [json.dumps(_keep_types(rng, rng.choice(commonest))) for _ in range(3000)]
+    lines += [json.dumps(_mutate_value(rng, rng.choice(commonest))) for _ in range(1000)]
+    lines += [
+        '{"type":"assistant","message":{"id":"m","usage":{"input_tokens":1}},"type":"user"}',
+        '{"type":"assistant","message":{"id":3,"usage":{"input_tokens":1}}}',
+        '{"type":"assistant","message":{"id":"m","content":[{"type":"new"}],"usage":{}}}',
+        '{"type":"result","total_cost_usd":null,"cost_usd":2,"usage":{"output_tokens":1e400}}',
+        '{"type":"result","model_usage_since_last_result":{"m":{"costUSD":1,"inputTokens":2}}}',
+        '{"type":"user","message":{"content":"usage"}}', "usage", "{not json}",
+    ]  # fmt: skip
+    read_alone = 0
+    for line in lines:
+        alone, event = sj.usage_event(line), decode_line(line)
+        if isinstance(event, AssistantMessage):
+            assert isinstance(alone, AssistantMessage), line
+            assert (alone.message_id, alone.model, alone.usage) == (
+                event.message_id, event.model, event.usage), line  # fmt: skip
+        elif isinstance(event, Result):
+            assert isinstance(alone, Result), line
+            assert (alone.subtype, alone.turns, alone.cost_usd, alone.usage) == (
+                event.subtype, event.turns, event.cost_usd, event.usage), line  # fmt: skip
+            assert alone.turn_model_usage == event.turn_model_usage, line
+        else:
+            assert alone is None, line
+        read_alone += _metered_reading(line)
+    assert read_alone > 1500  # most without building the line's event
+
+
+def _metered_reading(line: str) -> bool:
+    """Whether a usage meter's reading of the line reads it alone (not whole)."""
+    try:
+        return isinstance(sj._METERED.decode(line.strip()), msgspec.Struct)
+    except Exception:
+        return False
 
 
 def _typed_reading(line: str) -> bool:

@@ -730,23 +730,32 @@ def test_a_session_is_stopping_from_the_stop_until_its_end(transcript_dir):
     assert session.state is RunState.STOPPED and session.exit_code == 0
 
 
-# -- one parse per line for the usage meter and every view --------------------------------
+# -- what the usage meter and each view read of a line ---------------------------------------
 
 
-def test_each_line_is_parsed_once_for_the_meter_and_every_view(transcript_dir, monkeypatch):
+def test_the_meter_reads_only_usage_lines_and_each_view_decodes_what_it_shows(
+    transcript_dir, monkeypatch
+):
     from collections import Counter
 
     from cldpd_magic import stream_json
     from cldpd_magic.render import SessionView, TextFeed
+    from cldpd_magic.render import stream as render_stream
+    from cldpd_magic.runs import usage as usage_module
 
-    parsed: Counter[str] = Counter()
-    decode = stream_json.decode_line
+    whole: Counter[str] = Counter()  # lines decoded into their events
+    metered: Counter[str] = Counter()  # lines read for their usage alone
 
-    def counting(text: str):
-        parsed[text] += 1
-        return decode(text)
+    def counting(counter: Counter[str], read):  # type: ignore[no-untyped-def]
+        def read_counted(text: str):  # type: ignore[no-untyped-def]
+            counter[text] += 1
+            return read(text)
 
-    monkeypatch.setattr(stream_json, "decode_line", counting)
+        return read_counted
+
+    monkeypatch.setattr(stream_json, "decode_line", counting(whole, stream_json.decode_line))
+    monkeypatch.setattr(render_stream, "decode_line", counting(whole, render_stream.decode_line))
+    monkeypatch.setattr(usage_module, "usage_event", counting(metered, stream_json.usage_event))
     usage = {"input_tokens": 10, "output_tokens": 2}
     lines = [
         json.dumps({"type": "system", "subtype": "init", "model": "m", "tools": []}),
@@ -770,10 +779,11 @@ def test_each_line_is_parsed_once_for_the_meter_and_every_view(transcript_dir, m
     session = make_session(transcript_dir, job)
     while session.event_count < 1 + len(lines):
         threading.Event().wait(0.01)
-    # The meter (the session's writer thread) parsed what can carry usage, and only that.
-    assert parsed == Counter({lines[1]: 1, lines[3]: 1})
+    # The meter (the session's writer thread) read what can carry usage, and only its
+    # usage: no line's event was made for it.
+    assert metered == Counter({lines[1]: 1, lines[3]: 1}) and not whole
     assert session.usage.turns == 1 and session.usage.cost_usd == 0.01
-    # Two views of the running session: still one parse per JSON line, none of text.
+    # Two views of the running session: each decodes each line it shows.
     view = SessionView("pod", session=session)
     out = io.StringIO()
     text = TextFeed(session, out)
@@ -784,10 +794,6 @@ def test_each_line_is_parsed_once_for_the_meter_and_every_view(transcript_dir, m
         if len(batch) and batch[-1].data == "plain text":
             break
     assert "✓ done · 1 turn" in view.text() and "✓ done · 1 turn" in out.getvalue()
-    assert parsed == Counter({line: 1 for line in lines[:4]})
+    assert whole == Counter({line: 2 for line in lines})  # text: no JSON object, at once
     release.set()
     assert session.wait(10) == 0
-    # The control: a line read back from the transcript is a new object, parsed again.
-    replayed = [e.data for e in read_transcript(session.transcript) if e.type is E.OUTPUT]
-    SessionView("pod").add(Event(E.OUTPUT, replayed[1]))
-    assert parsed[lines[1]] == 2

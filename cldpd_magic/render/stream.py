@@ -1,7 +1,7 @@
 """Claude Code's stream-json, line by line, rendered into :class:`Line` objects.
 
-Each line's typed event comes from :mod:`cldpd_magic.stream_json` (parsed once however
-many read it); this module only formats it.
+Each line's typed event comes from :mod:`cldpd_magic.stream_json`; this module only
+formats it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from ..stream_json import (
     ToolResult,
     ToolUse,
     UserMessage,
-    read_line,
+    decode_line,
 )
 from .clean import MAX_SHOWN_CHARS, _clip, _first_line, _short, clean_text, format_count, is_clean
 from .markdown import _MASK_STAND_IN, markdown_to_html
@@ -187,8 +187,8 @@ _HANDLERS: dict[type[ClaudeEvent], str] = {
 class StreamRenderer:
     """Renders one agent's output lines, keeping what it must remember between them.
 
-    It reads each line's typed event (:func:`~cldpd_magic.stream_json.read_line`, parsed
-    once however many read it) and only formats it. It remembers the last assistant text
+    It reads each line's typed event (:func:`~cldpd_magic.stream_json.decode_line`) and
+    only formats it. It remembers the last assistant text
     shown, so that the final ``result`` event does not show the same answer again. Every
     line it produces is free of terminal escapes and masked with ``mask`` *after* JSON
     decoding, so a secret written with ``\\uXXXX`` escapes is masked too. Rendering never
@@ -233,7 +233,7 @@ class StreamRenderer:
     def render(self, text: str) -> list[Line]:
         """Render one output line: a Claude Code stream-json event, or plain text."""
         try:
-            event = read_line(text)
+            event = decode_line(text)
             lines = None if event is None else self.render_event(event)
         except Exception:  # hostile output must never end a session or its consumer
             log_swallowed(log, "rendering an output line failed; shown as text", self.mask)

@@ -41,7 +41,7 @@ from ..stream_json import (
     SystemInit,
     TextBlock,
     UserMessage,
-    read_line,
+    decode_line,
 )
 from .approvals import (
     DEFAULT_APPROVAL_TIMEOUT,
@@ -303,7 +303,7 @@ class Conversation:
         """Follow the agent's output lines (masked, after they are recorded); never raises."""
         for line in lines:
             try:
-                event = read_line(line)
+                event = decode_line(line)
                 if event is not None:
                     self._on_event(event)
             except Exception:
@@ -441,7 +441,7 @@ def follow_up(source: Followed, conversation: Conversation, prompt: str) -> Call
             for event in batch:
                 if event.type is EventType.OUTPUT:
                     ctl.stdout.write(event.data + "\n")
-                    typed = read_line(event.data)
+                    typed = decode_line(event.data)
                     if isinstance(typed, UserMessage) and typed.is_replay:
                         seen = seen or typed.uuid == ours or _text_of(typed) == prompt
                     elif isinstance(typed, Result) and seen:

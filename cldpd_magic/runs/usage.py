@@ -26,9 +26,8 @@ from ..stream_json import (
     ClaudeEvent,
     Result,
     TokenUsage,
-    decode_line,
     json_number,
-    read_line,
+    usage_event,
 )
 
 __all__ = [
@@ -188,7 +187,7 @@ class UsageMeter:
             links: Whether it may hold a link (False when the text it came in holds no
                 ``://``: it is not looked at for one then).
         """
-        return self._feed(line, read_line, links)
+        return self._feed(line, usage_event, links)
 
     def _feed(
         self, line: str, read: Callable[[str], ClaudeEvent | None], links: bool = True
@@ -275,6 +274,5 @@ def usage_from_transcript(path: str | Path) -> Usage:
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.startswith('{"type":"output"'):
-                # Parsed here only: these lines are no view's, not worth keeping as recent.
-                meter._feed(json.loads(line)["data"], decode_line)
+                meter.feed(json.loads(line)["data"])
     return meter.usage
