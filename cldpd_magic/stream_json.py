@@ -1068,13 +1068,15 @@ class _MeteredAssistant(msgspec.Struct, tag="assistant", tag_field="type"):
 
     message: _MeteredBody | None = None
 
-    def metered(self, raw: Mapping[str, Any]) -> AssistantMessage:
+    def metered(self, raw: Mapping[str, Any], **fields: Any) -> AssistantMessage:
+        """The message of what a meter reads (and of ``fields``, the line's others)."""
         body = self.message or _NO_METERED_BODY
         return AssistantMessage(
             raw=raw,
             message_id=body.id,
             model=body.model,
             usage=None if body.usage is None else body.usage.usage(),
+            **fields,
         )
 
 
@@ -1094,19 +1096,12 @@ class _WireAssistant(_MeteredAssistant):
     session_id: str = ""
 
     def event(self, raw: Mapping[str, Any]) -> AssistantMessage:
-        body = self.message or _NO_ASSISTANT_BODY
-        return AssistantMessage(
-            raw=raw,
-            message_id=body.id,
-            model=body.model,
-            blocks=_blocks(body.content),
-            usage=None if body.usage is None else body.usage.usage(),
+        return self.metered(
+            raw,
+            blocks=None if self.message is None else _blocks(self.message.content),
             parent_tool_use_id=self.parent_tool_use_id,
             session_id=self.session_id,
         )
-
-
-_NO_ASSISTANT_BODY = _WireAssistantBody()
 
 
 class _WireUserBody(msgspec.Struct):
@@ -1147,7 +1142,8 @@ class _MeteredResult(msgspec.Struct, tag="result", tag_field="type"):
         cost = self.total_cost_usd
         return self.cost_usd if cost is msgspec.UNSET else cost
 
-    def metered(self, raw: Mapping[str, Any]) -> Result:
+    def metered(self, raw: Mapping[str, Any], **fields: Any) -> Result:
+        """The result of what a meter reads (and of ``fields``, the line's others)."""
         return Result(
             raw=raw,
             subtype=self.subtype,
@@ -1155,6 +1151,7 @@ class _MeteredResult(msgspec.Struct, tag="result", tag_field="type"):
             cost_usd=self.cost,
             usage=None if self.usage is None else self.usage.usage(),
             turn_model_usage=_by_model(self.model_usage_since_last_result),
+            **fields,
         )
 
 
@@ -1170,18 +1167,13 @@ class _WireResult(_MeteredResult):
     result_index: float | None = None
 
     def event(self, raw: Mapping[str, Any]) -> Result:
-        return Result(
-            raw=raw,
-            subtype=self.subtype,
+        return self.metered(
+            raw,
             is_error=self.is_error,
             answer=self.result.strip(),
             errors=self.errors,
-            turns=self.num_turns,
             duration_ms=self.duration_ms,
-            cost_usd=self.cost,
-            usage=None if self.usage is None else self.usage.usage(),
             model_usage=_by_model(self.modelUsage),
-            turn_model_usage=_by_model(self.model_usage_since_last_result),
             session_id=self.session_id or "",
             denials=self.permission_denials,
             terminal_reason=self.terminal_reason,
