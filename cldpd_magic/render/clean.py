@@ -54,6 +54,8 @@ def is_clean(text: str) -> bool:
     bidirectional marks and without lone surrogates is clean. Quick for many lines at
     once (a flood of plain text): mostly byte operations, not a regex over each line.
     """
+    if text.isascii() and text.isprintable():
+        return True  # most short lines (a tool call, a result's first line): one C scan
     if text.encode("latin-1", "ignore").translate(None, _KEPT_LATIN1):
         return False  # a control character (C0 or C1) other than tab and newline
     return text.isascii() or _BIDI_OR_SURROGATE_RE.search(text) is None
