@@ -1185,8 +1185,14 @@ class _WireResult(_MeteredResult):
 #: for their fields: either way one decoding of the line.
 _TYPED = msgspec.json.Decoder(_WireAssistant | _WireUser | _WireResult | _SYSTEM_LINE)
 _WIRE_LINES = (_WireAssistant, _WireUser, _WireResult)
-#: What a usage meter reads: less than a line's event, so more quickly.
-_METERED = msgspec.json.Decoder(_MeteredAssistant | _MeteredResult)
+#: What a usage meter reads: less than a line's event, so more quickly. System and user
+#: lines (an init's commands or a tool's result may say "usage") are known to have none.
+_METERED = msgspec.json.Decoder(
+    _MeteredAssistant
+    | _MeteredResult
+    | msgspec.defstruct("_UnmeteredSystem", [], tag="system", tag_field="type")
+    | msgspec.defstruct("_UnmeteredUser", [], tag="user", tag_field="type")
+)
 
 
 def _fields(struct: msgspec.Struct) -> dict[str, Any]:
@@ -1266,4 +1272,6 @@ def usage_event(text: str) -> AssistantMessage | Result | None:
     except Exception:  # of other shapes, or another type: read whole
         event = decode_line(stripped)
         return event if isinstance(event, AssistantMessage | Result) else None
+    if not isinstance(lean, _MeteredAssistant | _MeteredResult):
+        return None
     return lean.metered(_LineObject(stripped, type(lean).__struct_config__.tag))

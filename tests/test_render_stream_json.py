@@ -397,6 +397,8 @@ def test_the_usage_of_a_line_read_alone_is_what_its_event_says():
         '{"type":"result","total_cost_usd":null,"cost_usd":2,"usage":{"output_tokens":1e400}}',
         '{"type":"result","model_usage_since_last_result":{"m":{"costUSD":1,"inputTokens":2}}}',
         '{"type":"user","message":{"content":"usage"}}', "usage", "{not json}",
+        '{"type":"system","subtype":"init","type":"assistant","message":{"id":"m","usage":{}}}',
+        '{"type":"user","type":"result","num_turns":2}', '{"type":"system","usage":[1]}',
     ]  # fmt: skip
     read_alone = 0
     for line in lines:
