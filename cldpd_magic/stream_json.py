@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -630,56 +630,80 @@ class OtherEvent(ClaudeEvent, frozen=True, kw_only=True):
 # --- reading a line ---------------------------------------------------------------------------
 
 
+def _init(obj: dict[str, Any], raw: Mapping[str, Any]) -> SystemInit:
+    tools, servers = obj.get("tools"), obj.get("mcp_servers")
+    return SystemInit(
+        raw=raw,
+        session_id=_text(obj.get("session_id") or None),
+        model=_text(obj.get("model") or None),
+        permission_mode=_text(obj.get("permissionMode") or None),
+        claude_code_version=_text(obj.get("claude_code_version") or None),
+        cwd=_str(obj.get("cwd")),
+        tools=tuple(map(_text, tools)) if isinstance(tools, list) else None,
+        mcp_servers=tuple(servers) if isinstance(servers, list) else None,
+    )
+
+
+def _status(obj: dict[str, Any], raw: Mapping[str, Any]) -> SystemStatus:
+    status = obj.get("status")
+    return SystemStatus(
+        raw=raw,
+        status=None if status in (None, "") else _text(status),
+        permission_mode=_str(obj.get("permissionMode")),
+    )
+
+
+def _api_retry(obj: dict[str, Any], raw: Mapping[str, Any]) -> ApiRetry:
+    status = obj.get("error_status")
+    error = obj.get("error")
+    return ApiRetry(
+        raw=raw,
+        attempt=json_number(obj.get("attempt")),
+        max_retries=json_number(obj.get("max_retries")),
+        retry_delay_ms=json_number(obj.get("retry_delay_ms")),
+        error_status="" if status in (None, "") else _text(status),
+        error="" if error in (None, "") else _text(error),
+    )
+
+
+def _compacted(obj: dict[str, Any], raw: Mapping[str, Any]) -> Compacted:
+    meta = obj.get("compact_metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    return Compacted(
+        raw=raw,
+        trigger=_text(meta.get("trigger") or None),
+        pre_tokens=json_number(meta.get("pre_tokens")),
+    )
+
+
+def _permission_denied(obj: dict[str, Any], raw: Mapping[str, Any]) -> PermissionDenied:
+    return PermissionDenied(
+        raw=raw,
+        tool_name=_name(obj.get("tool_name")),
+        tool_use_id=_str(obj.get("tool_use_id")),
+        message=text_of(obj.get("message")),
+    )
+
+
+#: The system lines typed by subtype; any other is an OtherSystem.
+_SYSTEM_READERS: dict[str, Callable[[dict[str, Any], Mapping[str, Any]], ClaudeEvent]] = {
+    "init": _init,
+    "status": _status,
+    "api_retry": _api_retry,
+    "compact_boundary": _compacted,
+    "permission_denied": _permission_denied,
+    "session_state_changed": lambda obj, raw: SessionStateChanged(
+        raw=raw, state=_str(obj.get("state"))
+    ),
+}
+
+
 def _system(obj: dict[str, Any], raw: Mapping[str, Any]) -> ClaudeEvent:
     subtype = obj.get("subtype")
-    if subtype == "init":
-        tools, servers = obj.get("tools"), obj.get("mcp_servers")
-        return SystemInit(
-            raw=raw,
-            session_id=_text(obj.get("session_id") or None),
-            model=_text(obj.get("model") or None),
-            permission_mode=_text(obj.get("permissionMode") or None),
-            claude_code_version=_text(obj.get("claude_code_version") or None),
-            cwd=_str(obj.get("cwd")),
-            tools=tuple(map(_text, tools)) if isinstance(tools, list) else None,
-            mcp_servers=tuple(servers) if isinstance(servers, list) else None,
-        )
-    if subtype == "status":
-        status = obj.get("status")
-        return SystemStatus(
-            raw=raw,
-            status=None if status in (None, "") else _text(status),
-            permission_mode=_str(obj.get("permissionMode")),
-        )
-    if subtype == "api_retry":
-        status = obj.get("error_status")
-        error = obj.get("error")
-        return ApiRetry(
-            raw=raw,
-            attempt=json_number(obj.get("attempt")),
-            max_retries=json_number(obj.get("max_retries")),
-            retry_delay_ms=json_number(obj.get("retry_delay_ms")),
-            error_status="" if status in (None, "") else _text(status),
-            error="" if error in (None, "") else _text(error),
-        )
-    if subtype == "compact_boundary":
-        meta = obj.get("compact_metadata")
-        meta = meta if isinstance(meta, dict) else {}
-        return Compacted(
-            raw=raw,
-            trigger=_text(meta.get("trigger") or None),
-            pre_tokens=json_number(meta.get("pre_tokens")),
-        )
-    if subtype == "permission_denied":
-        return PermissionDenied(
-            raw=raw,
-            tool_name=_name(obj.get("tool_name")),
-            tool_use_id=_str(obj.get("tool_use_id")),
-            message=text_of(obj.get("message")),
-        )
-    if subtype == "session_state_changed":
-        return SessionStateChanged(raw=raw, state=_str(obj.get("state")))
-    return OtherSystem(raw=raw, subtype=None if subtype is None else str(subtype))
+    reader = _SYSTEM_READERS.get(subtype) if isinstance(subtype, str) else None
+    if reader is None:
+        return OtherSystem(raw=raw, subtype=None if subtype is None else str(subtype))
+    return reader(obj, raw)
 
 
 def _assistant_block(block: Any) -> TextBlock | ThinkingBlock | ToolUse | OtherBlock:
@@ -1214,6 +1238,9 @@ def _read_known(line: str) -> ClaudeEvent | None:
     kind = type(struct).__struct_config__.tag
     if isinstance(struct, _WIRE_LINES):
         return struct.event(_LineObject(line, kind))
+    subtype = getattr(struct, "subtype", None)
+    if kind == "system" and type(subtype) is str and subtype not in _SYSTEM_READERS:
+        return OtherSystem(raw=_LineObject(line, kind), subtype=subtype)  # thinking ticks ...
     obj = _fields(struct)
     message = obj.get("message")
     if isinstance(message, msgspec.Struct):
