@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from itertools import groupby
+from itertools import chain, groupby
 from typing import TYPE_CHECKING, Protocol
 
 from ..engines import Writer
 from ..events import Event, EventType
 from ..logs import log_swallowed
+from .stream import Line
 from .tables import BatchView
 from .views import _TYPE, RunLines, SessionView
 
@@ -258,16 +259,19 @@ class TextFeed:
 
     def _output(self, items: list[Event | Lines], shown: list[str], noted: list[str]) -> None:
         texts = _texts(items)
-        if self.raw or self.model.renderer.renders_as_is(texts, "\n".join(texts)):
+        renderer = self.model.renderer
+        if self.raw or renderer.renders_as_is(texts, "\n".join(texts)):
             shown.extend(texts)
-        else:
-            self._render(items, shown, noted)
+        else:  # output lines straight to the renderer (which never raises): no Event each
+            self._take(chain.from_iterable(map(renderer.render, texts)), shown, noted)
 
     def _render(self, items: Iterable[Event | Lines], shown: list[str], noted: list[str]) -> None:
-        for event in _events(items):
-            for line in self.model.lines(event):
-                if self._wanted(line.kind):
-                    (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
+        self._take(chain.from_iterable(map(self.model.lines, _events(items))), shown, noted)
+
+    def _take(self, lines: Iterable[Line], shown: list[str], noted: list[str]) -> None:
+        for line in lines:
+            if self._wanted(line.kind):
+                (noted if line.kind in _NOTE_KINDS else shown).append(line.text)
 
     def _wanted(self, kind: str) -> bool:
         if kind == "error":
