@@ -248,10 +248,9 @@ class StreamRenderer:
 
     def _finish(self, line: Line) -> Line:
         text = clean_text(line.text)
-        if self.mask is None:
-            return Line(line.kind, text, line.lines)
-        if line.kind != "markdown" or not self.markup:
-            return Line(line.kind, self.mask(text), line.lines)
+        if line.kind != "markdown" or not self.markup or self.mask is None:
+            shown = text if self.mask is None else self.mask(text)
+            return line if shown is line.text else Line(line.kind, shown, line.lines)
         # The mask must stay text in Markdown ("********" alone would be a rule): it goes
         # through as a private-use character. The decoded text (entities, escapes) is
         # masked again, as is the HTML made of it.

@@ -107,7 +107,7 @@ class _Tally(NamedTuple):
     cost_usd: float = 0.0
 
     def plus(self, other: _Tally) -> _Tally:
-        return _Tally._make(map(operator.add, self, other))
+        return tuple.__new__(_Tally, map(operator.add, self, other))
 
 
 _NONE = _Tally()
