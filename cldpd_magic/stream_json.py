@@ -28,7 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -178,6 +178,10 @@ class ClaudeEvent(msgspec.Struct, frozen=True, kw_only=True):
     def __repr__(self) -> str:
         names = self.__struct_fields__[1:]
         return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
+    def __rich_repr__(self) -> Iterator[tuple[str, Any]]:
+        for name in self.__struct_fields__[1:]:
+            yield name, getattr(self, name)
 
 
 class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -1209,14 +1213,14 @@ class _WireResult(_MeteredResult):
 #: for their fields: either way one decoding of the line.
 _TYPED = msgspec.json.Decoder(_WireAssistant | _WireUser | _WireResult | _SYSTEM_LINE)
 _WIRE_LINES = (_WireAssistant, _WireUser, _WireResult)
-#: What a usage meter reads: less than a line's event, so more quickly. System and user
-#: lines (an init's commands or a tool's result may say "usage") are known to have none.
-_METERED = msgspec.json.Decoder(
-    _MeteredAssistant
-    | _MeteredResult
-    | msgspec.defstruct("_UnmeteredSystem", [], tag="system", tag_field="type")
-    | msgspec.defstruct("_UnmeteredUser", [], tag="user", tag_field="type")
+#: What a usage meter reads: less than a line's event, so more quickly. Lines of the
+#: types below carry none, whatever they say ("usage" in an init's commands, in a tool's
+#: result, in a partial message's stream event).
+_UNMETERED = tuple(
+    msgspec.defstruct(f"_Unmetered_{kind}", [], tag=kind, tag_field="type")
+    for kind in ("system", "user", "stream_event", "rate_limit_event")
 )
+_METERED = msgspec.json.Decoder(Union[(_MeteredAssistant, _MeteredResult, *_UNMETERED)])
 
 
 def _fields(struct: msgspec.Struct) -> dict[str, Any]:
@@ -1237,7 +1241,10 @@ def _read_known(line: str) -> ClaudeEvent | None:
             return None
     kind = type(struct).__struct_config__.tag
     if isinstance(struct, _WIRE_LINES):
-        return struct.event(_LineObject(line, kind))
+        try:
+            return struct.event(_LineObject(line, kind))
+        except Exception:  # a tool's result nested too deep to write as JSON ...
+            return None  # decoded whole, which says what it can
     subtype = getattr(struct, "subtype", None)
     if kind == "system" and type(subtype) is str and subtype not in _SYSTEM_READERS:
         return OtherSystem(raw=_LineObject(line, kind), subtype=subtype)  # thinking ticks ...
@@ -1283,7 +1290,8 @@ def usage_event(text: str) -> AssistantMessage | Result | None:
     ``cost_usd``, ``usage`` and ``turn_model_usage``. Their other fields are left at their
     defaults (an assistant message's ``blocks`` is None): these are not the lines' events.
     A line of another shape is decoded whole (:func:`decode_line`); the fields read are
-    the same either way.
+    the same either way, but for a line whose content no event can be made of (nested too
+    deep, a number too long for Python), whose usage is still read here.
 
     Args:
         text: One output line.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -416,6 +417,41 @@ def test_the_usage_of_a_line_read_alone_is_what_its_event_says():
             assert alone is None, line
         read_alone += _metered_reading(line)
     assert read_alone > 1500  # most without building the line's event
+
+
+def test_events_are_equal_by_their_typed_fields_and_never_show_their_raw():
+    raw = MappingProxyType({"type": "control_cancel_request", "secret": "s3cret"})
+    event, bare = sj.ControlCancel(raw=raw, request_id="r"), sj.ControlCancel(request_id="r")
+    assert event == bare and hash(event) == hash(bare) and event != sj.ControlCancel()
+    assert "s3cret" not in repr(event) and repr(event) == "ControlCancel(request_id='r')"
+    assert list(event.__rich_repr__()) == [("request_id", "r")]
+    with pytest.raises(AttributeError):
+        event.request_id = "other"  # type: ignore[misc]
+
+
+def test_a_tool_result_nested_near_the_recursion_limit_never_raises():
+    # msgspec reads content deeper than the event's JSON text can then be written: the
+    # line is then decoded whole, which says what it can (a view shows it as text at worst).
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 120, limit + 10):
+        content = '{"a":' * depth + "1" + "}" * depth
+        line = (
+            '{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t",'
+            f'"content":{content}}}]}}}}'
+        )
+        event = decode_line(line)
+        assert event is None or isinstance(event, UserMessage)
+        assert sj.usage_event(line) is None
+
+
+def test_lines_of_types_without_usage_are_read_as_such_by_the_meter():
+    for line in [
+        '{"type":"stream_event","event":{"type":"message_delta","usage":{"output_tokens":3}}}',
+        '{"type":"rate_limit_event","rate_limit_info":{"status":"allowed","usage":1}}',
+        '{"type":"system","subtype":"init","slash_commands":["usage","cost"]}',
+        '{"type":"user","message":{"content":"what is my usage"}}',
+    ]:
+        assert _metered_reading(line) and sj.usage_event(line) is None
 
 
 def _metered_reading(line: str) -> bool:

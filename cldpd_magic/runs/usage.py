@@ -75,7 +75,7 @@ _DEFAULT_PRICE = (3.0, 15.0)
 
 def estimate_cost(model: str, usage: Usage) -> float:
     """Estimate the cost in USD of some tokens of a model from list prices."""
-    price_in, price_out = _price(model)
+    price_in, price_out = _price(model[:200])  # the agent's text: cached only so long
     return (
         usage.input_tokens * price_in
         + usage.cache_creation_tokens * price_in * 1.25
