@@ -15,7 +15,6 @@ import json
 import operator
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -187,17 +186,12 @@ class UsageMeter:
             links: Whether it may hold a link (False when the text it came in holds no
                 ``://``: it is not looked at for one then).
         """
-        return self._feed(line, usage_event, links)
-
-    def _feed(
-        self, line: str, read: Callable[[str], ClaudeEvent | None], links: bool = True
-    ) -> bool:
         if links and "://" in line:
             self._collect_links(line)
         # Only these lines can change the usage; the others are parsed by whoever shows them.
         if '"usage"' not in line and '"total_cost_usd"' not in line and '"cost_usd"' not in line:
             return False
-        return self.take(read(line))
+        return self.take(usage_event(line))
 
     def take(self, event: ClaudeEvent | None) -> bool:
         """Take one line's typed event; return whether the usage changed.
