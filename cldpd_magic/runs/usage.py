@@ -10,14 +10,14 @@ before the turn after next. Lines that are not stream-json are ignored.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import operator
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
 
 from ..events import Usage
 from ..stream_json import (
@@ -93,17 +93,18 @@ def _count(value: float | None) -> int:
     return 0 if value is None or value < 0 else int(value)
 
 
-class _Tally(NamedTuple):
-    """A :class:`Usage` being summed: a tuple, made and added at a fraction of the cost of
-    a frozen dataclass (several for each new message); the meter makes one Usage of its
-    tallies when they change."""
+class _Tally(
+    collections.namedtuple(
+        "_Tally",
+        [f.name for f in fields(Usage)],
+        defaults=[f.default for f in fields(Usage)],
+    )
+):
+    """A :class:`Usage` being summed: a tuple of its fields, made and added at a fraction
+    of the cost of a frozen dataclass (several for each new message); the meter makes one
+    Usage of its tallies when they change."""
 
-    turns: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_creation_tokens: int = 0
-    cost_usd: float = 0.0
+    __slots__ = ()
 
     def plus(self, other: _Tally) -> _Tally:
         return tuple.__new__(_Tally, map(operator.add, self, other))
