@@ -658,15 +658,13 @@ def _status(obj: dict[str, Any], raw: Mapping[str, Any]) -> SystemStatus:
 
 
 def _api_retry(obj: dict[str, Any], raw: Mapping[str, Any]) -> ApiRetry:
-    status = obj.get("error_status")
-    error = obj.get("error")
     return ApiRetry(
         raw=raw,
         attempt=json_number(obj.get("attempt")),
         max_retries=json_number(obj.get("max_retries")),
         retry_delay_ms=json_number(obj.get("retry_delay_ms")),
-        error_status="" if status in (None, "") else _text(status),
-        error="" if error in (None, "") else _text(error),
+        error_status=_text(obj.get("error_status")),
+        error=_text(obj.get("error")),
     )
 
 
@@ -853,13 +851,12 @@ def _control_request(obj: dict[str, Any], raw: Mapping[str, Any]) -> ControlRequ
 def _control_response(obj: dict[str, Any], raw: Mapping[str, Any]) -> ControlResponse:
     response = obj.get("response")
     response = response if isinstance(response, dict) else {}
-    error = response.get("error")
     return ControlResponse(
         raw=raw,
         request_id=_str(response.get("request_id")),
         subtype=_str(response.get("subtype")),
         response=_mapping(response.get("response")),
-        error="" if error in (None, "") else _text(error),
+        error=_text(response.get("error")),
     )
 
 
