@@ -313,14 +313,46 @@ class RunSource:
     done: bool
 
 
-class BatchFeed(_Publisher):
-    """Follows every run of a batch in worker threads and publishes its view, batched.
+class _RunFollower:
+    """What a :class:`BatchFeed` has taken of one run: its row, and its events not yet taken."""
 
-    One reader thread per run takes its events into the :class:`BatchView`; one writer
-    thread publishes the whole view at most once per ``interval`` while output flows and
-    about once a second while the runs are quiet, and once more at the end. So a batch of
-    fifty runs sends no more frontend messages per second than one :class:`LiveFeed`.
-    Like LiveFeed, the writer runs in a copy of the context the feed was created in, so
+    def __init__(self, session: Session, row: SessionView) -> None:
+        self.session = session
+        self.row = row
+        self.events: Iterator[list[Event]] | None = session.event_batches(wait=False)
+
+    @property
+    def ended(self) -> bool:
+        """Whether every event of the run has been taken (or reading them failed)."""
+        return self.events is None
+
+    def take(self) -> BaseException | None:
+        """Take into the row what the run logged since the last take; an error reading it."""
+        if self.events is None:
+            return None
+        try:
+            events = next(self.events, None)
+            if events is None:
+                self.events = None
+            elif events:
+                self.row.add_events(events)
+        except BaseException as exc:  # the feed must end even if a transcript read fails
+            self.events = None
+            log_swallowed(log, "reading a batch run's events failed", self.session.mask)
+            self.row.fail(f"could not read the session's events: {exc}")
+            return exc
+        return None
+
+
+class BatchFeed(_Publisher):
+    """Follows every run of a batch in one worker thread and publishes its view, batched.
+
+    One thread, at most once per ``interval`` while output flows and about once a second
+    while the runs are quiet, takes what each run has logged since it last looked into the
+    :class:`BatchView` and publishes the whole view, and once more at the end. So a batch
+    of fifty runs sends no more frontend messages per second than one :class:`LiveFeed`,
+    and wakes this process no more often: its runs are not followed by a thread each.
+    Like LiveFeed, the thread runs in a copy of the context the feed was created in, so
     in a kernel its messages stay tied to the cell that created the feed.
 
     Args:
@@ -330,8 +362,8 @@ class BatchFeed(_Publisher):
         interval: Seconds between publications while output flows.
 
     Attributes:
-        error: The first error of its readers or publisher (each run's reader, and the
-            publisher, go on after another one fails).
+        error: The first error of reading a run's events or of publishing (the feed goes
+            on with the other runs after one fails, and after a publication fails).
     """
 
     def __init__(
@@ -350,7 +382,7 @@ class BatchFeed(_Publisher):
         self.publish = publish
         self.interval = max(0.02, float(interval))
         self.publications = 0
-        self._readers: list[threading.Thread] = []
+        self._followers: list[_RunFollower] = []
         context = contextvars.copy_context()  # see LiveFeed: updates stay in their cell
         self._writer = threading.Thread(
             target=context.run, args=(self._write,), daemon=True, name="cldpd-batch-pub"
@@ -358,29 +390,22 @@ class BatchFeed(_Publisher):
         self._writer.start()
 
     def _follow_new_runs(self) -> bool:
-        """Start a reader for each run not followed yet; True when the batch is complete."""
+        """Follow each run not followed yet; True when the batch is complete."""
         done = bool(self.batch.done)  # read first: the runs of a done batch are final
         for session in list(self.batch.runs):
             if self.view.track(session):
-                reader = threading.Thread(
-                    target=self._read, args=(session,), daemon=True, name="cldpd-batch-read"
-                )
-                self._readers.append(reader)
-                reader.start()
+                self._followers.append(_RunFollower(session, self.view.row(session)))
         return done
 
-    def _read(self, session: Session) -> None:
-        row = self.view.row(session)
-        try:
-            for events in session.event_batches():
-                row.add_events(events)
-                # What comes meanwhile is taken together: no publication shows it sooner,
-                # and fifty runs printing line by line wake this process as one does.
-                time.sleep(self.interval)
-        except BaseException as exc:  # the feed must end even if a transcript read fails
-            log_swallowed(log, "reading a batch run's events failed", session.mask)
-            self._record(exc)
-            row.fail(f"could not read the session's events: {exc}")
+    def _take_events(self) -> bool:
+        """Take what every run logged since the last look; True when all have ended."""
+        ended = True
+        for follower in self._followers:
+            error = follower.take()
+            if error is not None:
+                self._record(error)
+            ended = ended and follower.ended
+        return ended
 
     def _publish(self) -> None:
         try:
@@ -394,7 +419,7 @@ class BatchFeed(_Publisher):
         shown: tuple[int, int] = (-1, -1)
         while True:
             complete = self._follow_new_runs()
-            if complete and not any(r.is_alive() for r in self._readers):
+            if self._take_events() and complete:
                 break
             state = (self.view.version, self.view.elapsed_second())
             if state != shown:

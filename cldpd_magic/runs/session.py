@@ -413,7 +413,9 @@ class EventLog:
         notice = [Event(EventType.STDERR, self.error)]
         self._buffer(_Chunk(notice), len(self.error), on_disk=False)
 
-    def batches(self, start: int = 0, *, lines: bool = False) -> Iterator[list[Any]]:
+    def batches(
+        self, start: int = 0, *, lines: bool = False, wait: bool = True
+    ) -> Iterator[list[Any]]:
         """Every event from ``start`` (the first: 0), in order, in lists of those that came
         since the last.
 
@@ -423,6 +425,7 @@ class EventLog:
             start: The index of the first event.
             lines: Give the lines of one read held in memory as one :class:`OutputLines`
                 in place of an Event each.
+            wait: Wait for new events; without it, an empty list says none has come yet.
         """
         index = max(0, start)
         reader: _TranscriptReader | None = None
@@ -432,18 +435,22 @@ class EventLog:
         try:
             while True:
                 with self._cond:
-                    while index >= self._count and not self._ended:
+                    while wait and index >= self._count and not self._ended:
                         self._cond.wait()
-                    if index >= self._count:
+                    caught_up = index >= self._count
+                    if caught_up and self._ended:
                         return
                     first = self._first
-                    if index >= first:
+                    if not caught_up and index >= first:
                         chunks = []
                         for chunk in reversed(self._buf):
                             chunks.append(chunk)
                             if chunk.start <= index:
                                 break
                     on_disk = self._on_disk if not unreadable else 0
+                if caught_up:
+                    yield []
+                    continue
                 if index >= first:
                     batch = []
                     for chunk in reversed(chunks):
@@ -831,7 +838,7 @@ class Session(RunChanges):
         for batch in self.event_batches():
             yield from batch
 
-    def event_batches(self, start: int = 0) -> Iterator[list[Event]]:
+    def event_batches(self, start: int = 0, *, wait: bool = True) -> Iterator[list[Event]]:
         """Like :meth:`events`, in lists of the events that have come since the last one.
 
         A consumer that handles a batch at a time keeps up with millions of lines.
@@ -839,8 +846,11 @@ class Session(RunChanges):
         Args:
             start: The first event's index (0: from the first; :attr:`event_count` now:
                 only what comes from now on).
+            wait: Wait for events to come; without it, each ``next`` gives at once what
+                has come, an empty list when nothing has (one thread can so follow many
+                sessions, taking their events when it chooses).
         """
-        return self._log.batches(start)
+        return self._log.batches(start, wait=wait)
 
     def line_batches(self) -> Iterator[list[Event | OutputLines]]:
         """Like :meth:`event_batches`, with the lines of one read as one :class:`OutputLines`.
