@@ -497,6 +497,32 @@ def test_the_batch_cell_magic_on_the_real_engine(ip, docker_client, make_pod, ca
     assert _no_containers_of(docker_client, name) == []
 
 
+def test_one_thread_follows_every_run_of_a_batch(tmp_path):
+    gate = threading.Event()
+
+    def job(ctl) -> int:
+        ctl.emit(EventType.CONTAINER_STARTED, "cldpd-x")
+        for i in range(20):
+            ctl.stdout.write(f"line {i}\n")
+        gate.wait(30)
+        ctl.stdout.write("last\n")
+        return 0
+
+    sessions = [Session(f"p{n}", f"cldpd-p{n}", job, tmp_path) for n in range(30)]
+    before = set(threading.enumerate())  # the sessions' threads, an earlier test's feeds
+    view = BatchView("batch")
+    feed = BatchFeed(FakeBatch(sessions), view, lambda v: None, 0.02)
+    while sum(row.total_lines for row in view.rows()) < 30 * 20:
+        assert not feed.join(0.02)
+    assert [t.name for t in set(threading.enumerate()) - before] == ["cldpd-batch-pub"]
+    gate.set()
+    assert feed.join(60)
+    assert feed.error is None
+    assert [row.total_lines for row in view.rows()] == [21] * 30
+    view.select("p7")
+    assert "line 19\nlast\ntranscript: " in view.text()
+
+
 def test_a_batch_feed_keeps_the_first_error_of_its_runs_and_its_publisher(tmp_path):
     first = RuntimeError("the frontend went away first")
     published = threading.Event()

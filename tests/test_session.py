@@ -188,6 +188,46 @@ def test_memory_stays_bounded_and_events_replay_from_the_transcript(transcript_d
     assert read_transcript(session.transcript) == slow
 
 
+def test_a_reader_that_does_not_wait_gets_what_came_or_nothing_and_misses_no_event(
+    transcript_dir, monkeypatch
+):
+    monkeypatch.setattr(Session, "MAX_EVENTS", 50)  # most of it is read back from disk
+    step = threading.Semaphore(0)
+    written = threading.Semaphore(0)
+
+    def job(ctl: SessionControl) -> int:
+        ctl.emit(E.CONTAINER_STARTED, "cldpd-pod")
+        for burst in range(4):
+            step.acquire()
+            for i in range(300):
+                ctl.stdout.write(f"{burst}.{i}\n")
+            written.release()
+        step.acquire()
+        return 0
+
+    session = make_session(transcript_dir, job)
+    batches = session.event_batches(wait=False)
+    taken: list[Event] = []
+
+    def take_all() -> None:
+        while batch := next(batches):
+            taken.extend(batch)
+
+    while not taken:
+        take_all()
+    assert next(batches) == []  # caught up: nothing now, at once
+    for _ in range(4):
+        step.release()
+        assert written.acquire(timeout=10)
+        take_all()
+        assert next(batches) == []
+    step.release()
+    assert session.wait(10) == 0
+    taken.extend(itertools.chain.from_iterable(batches))  # the end, then no more
+    assert taken == list(session.events()) == read_transcript(session.transcript)
+    assert len(taken) == 1 + 4 * 300 + 1
+
+
 def test_transcript_holds_every_event(transcript_dir):
     session = make_session(transcript_dir, lines_job(100, code=2))
     session.wait(10)
