@@ -692,7 +692,8 @@ def test_stdin_goes_to_the_engine_of_the_run_or_exec(two):
 
 
 def test_half_close_ends_the_input_and_leaves_the_output(tmp_path):
-    from cldpd_magic.engines.docker.engine import _reader, half_close
+    from cldpd_magic.engines.docker.engine import half_close
+    from cldpd_magic.engines.docker.streams import _reader
 
     ours, theirs = socket.socketpair()
     with ours, theirs:

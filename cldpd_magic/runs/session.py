@@ -637,7 +637,8 @@ class Session(RunChanges):
         return self.status.reason
 
     def add_usage_listener(self, listener: Callable[[Session], None]) -> None:
-        """Call ``listener(session)`` on the worker thread whenever the usage changes.
+        """Call ``listener(session)`` whenever the usage changes, on the thread reading
+        the run's output (one thread may read many runs' output).
 
         A listener must not block; it gets every change from the next output line on.
         """

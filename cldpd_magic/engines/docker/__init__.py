@@ -18,16 +18,15 @@ from .engine import (
     engine_errors,
     explain,
     force_remove,
-    pump,
     refuse_engine_pin,
     response_frames,
     unreachable,
 )
-from .engine import _StreamDecoder as _StreamDecoder
 from .images import ImageBuilder
 from .networks import Networks
 from .processes import Processes
 from .runner import DockerRunner
+from .streams import OutputStream, SharedReader, StreamDecoder, pump
 
 __all__ = [
     "LABEL_VOLUME_OF",
@@ -41,8 +40,11 @@ __all__ = [
     "ImageFacts",
     "MountSpec",
     "Networks",
+    "OutputStream",
     "PrivateAPI",
     "Processes",
+    "SharedReader",
+    "StreamDecoder",
     "container_error",
     "container_settings",
     "engine_errors",

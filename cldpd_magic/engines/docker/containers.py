@@ -30,9 +30,9 @@ from .engine import (
     engine_errors,
     explain,
     force_remove,
-    pump,
     refuse_engine_pin,
 )
+from .streams import pump
 
 #: SIGKILL's exit code, which the kernel's OOM killer leaves.
 KILLED_EXIT_CODE = 137

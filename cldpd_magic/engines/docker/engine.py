@@ -3,7 +3,6 @@ one adapter, multiplexed streams decoded into text, and docker-py's errors as ou
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import functools
 import logging
@@ -12,7 +11,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -25,48 +23,10 @@ import requests.exceptions
 from docker.types.daemon import CancellableStream
 
 from ...errors import ContainerFailedError, DockerUnavailableError, PodConfigError, one_line
-from ..protocol import RunOptions, StdinPipe, Writer
+from ..protocol import RunOptions, StdinPipe
+from .streams import OutputStream
 
 logger = logging.getLogger(__package__)
-
-
-class _StreamDecoder:
-    """Decodes byte chunks of one stream into text for a writer, UTF-8 safe across chunks."""
-
-    def __init__(self, writer: Writer | None) -> None:
-        self.writer = writer
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, data: bytes | None) -> None:
-        if data and self.writer is not None:
-            text = self.decoder.decode(data)
-            if text:
-                self.writer.write(text)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            text = self.decoder.decode(b"", final=True)
-            if text:
-                self.writer.write(text)
-
-
-def pump(
-    stream: Iterator[tuple[bytes | None, bytes | None]], stdout: Writer, stderr: Writer | None
-) -> None:
-    """Decode a stream of ``(stdout, stderr)`` byte chunks into text for two writers."""
-    out, err = _StreamDecoder(stdout), _StreamDecoder(stderr)
-    try:
-        for chunk_out, chunk_err in stream:
-            out.feed(chunk_out)
-            err.feed(chunk_err)
-    finally:
-        # A writer that raises leaves the stream unread: closed here, not when a kept
-        # traceback lets it go (its socket, its count in _TRICKLING).
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-    out.close()
-    err.close()
 
 
 def _read_exactly(raw: Any, size: int) -> bytes:
@@ -78,12 +38,6 @@ def _read_exactly(raw: Any, size: int) -> bytes:
         parts.append(chunk)
         size -= len(chunk)
     return b"".join(parts)
-
-
-#: Bytes asked for by one read of an attach or exec stream.
-_READ_SIZE = 1 << 16
-#: Bytes asked for by one read of a flood (a socket holds about 200 KB).
-_FLOOD_READ_SIZE = 1 << 18
 
 
 def _raw_socket(sock: Any) -> Any:
@@ -123,150 +77,6 @@ def connect_stdin(pipe: StdinPipe, sock: Any) -> None:
     pipe.connect(sock.sendall, functools.partial(half_close, sock))
 
 
-def _reader(sock: Any) -> Callable[[int], bytes]:
-    """What reads a hijacked connection: whatever has come, up to a size, blocking for
-    some. docker-py's socket over the ``ssh`` command reads its stdout in full-size
-    reads, which wait for the whole size: its ``read1`` takes what has come."""
-    proc = getattr(sock, "proc", None)
-    if proc is not None and hasattr(proc.stdout, "read1"):
-        return proc.stdout.read1
-    return sock.recv
-
-
-#: A read smaller than this, soon after another such read, is a trickle of lines (an agent
-#: printing as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more;
-#: a flood's reader that caught up may read less once, then reads large again).
-TRICKLE_BYTES = 2048
-#: A trickle's read waits this long for the lines that follow it, so that they are taken
-#: together: a run printing line by line wakes its reader about as often as its output is
-#: shown, not at every line. Far less than a view's publication interval (0.25 s).
-TRICKLE_WAIT = 0.05
-#: Trickle reads a second that a process following many runs takes at most: past
-#: TRICKLE_WAKES x TRICKLE_WAIT streams (about a dozen), each waits longer, so that their
-#: readers' wakes stop growing with their number (each wake of a thread costs about as
-#: much as the little it reads), up to TRICKLE_WAIT_MAX, reached at fifty streams (a
-#: batch of fifty runs, whose view is published every 0.25 s).
-TRICKLE_WAKES = 250
-TRICKLE_WAIT_MAX = 0.2
-#: A reader that caught up with a flood (a large read, then nothing waiting) waits this
-#: long before reading again, so that it takes the flood in fewer, larger reads (each read
-#: wakes it and whoever follows the run). One that is behind never waits.
-FLOOD_WAIT = 0.005
-#: A read at least this large is part of a flood.
-FLOOD_BYTES = 16384
-#: Seconds after a small read in which another counts as part of a trickle: the first
-#: line after a quiet spell or a flood is read at once (the first line of a run, an answer).
-TRICKLE_GAP = 1.0
-
-
-def _take_waiting(sock: Any, size: int = _READ_SIZE) -> bytes:
-    """What has come on a plain socket, without waiting ("" when nothing has).
-
-    Only a plain socket can be read so (``MSG_DONTWAIT``, not a non-blocking socket, which
-    would make the stdin pipe's writes on the same socket fail): a TLS socket's bytes may
-    hold part of a record, and the ``ssh`` transports have no such read.
-    """
-    try:
-        return sock.recv(size, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return b""
-
-
-class _StreamCount:
-    """How many streams this process reads with a trickle's wait, now."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[None]:
-        """Count one more stream while the block runs."""
-        with self._lock:
-            self.value += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.value -= 1
-
-
-_TRICKLING = _StreamCount()
-
-
-def trickle_wait(streams: int) -> float:
-    """Seconds a trickle's read waits when this process reads ``streams`` such streams."""
-    return min(TRICKLE_WAIT_MAX, max(TRICKLE_WAIT, streams / TRICKLE_WAKES))
-
-
-def _frames_of(sock: Any, trickle: bool = True) -> Iterator[tuple[int, bytes]]:
-    """``(stream id, payload)`` frames of a multiplexed stream, until it ends.
-
-    Consecutive frames of one stream that are read together come as one payload, and
-    (with ``trickle``, on a plain socket) a trickle's small read first takes what follows
-    it for a moment (:func:`trickle_wait`), and a reader that caught up with a flood waits
-    FLOOD_WAIT before its next read. A frame cut short by the end of the stream is given
-    as far as it came.
-    """
-    if trickle and type(sock) is socket.socket:  # what _take_waiting can read
-        with _TRICKLING.reading():
-            yield from _read_frames(sock, trickle=True)
-    else:
-        yield from _read_frames(sock, trickle=False)
-
-
-def _reads(sock: Any, trickle: bool) -> Iterator[bytes]:
-    """A stream's reads until its end, with a trickle's and a flood's waits (see
-    :func:`_frames_of`)."""
-    recv = _reader(sock)
-    last_small = float("-inf")  # when the last small read was
-    flooding = False
-    while True:
-        chunk = _take_waiting(sock, _FLOOD_READ_SIZE) if flooding else b""
-        if flooding and not chunk:  # caught up with a flood: let it gather
-            time.sleep(FLOOD_WAIT)
-            chunk = _take_waiting(sock, _FLOOD_READ_SIZE)
-        chunk = chunk or recv(_READ_SIZE)
-        flooding = trickle and len(chunk) >= FLOOD_BYTES
-        now = time.monotonic()
-        if len(chunk) < TRICKLE_BYTES:
-            # Only a small read after a small one: a flood's reader that caught up once
-            # takes the next read as it comes.
-            if trickle and chunk and now - last_small < TRICKLE_GAP:
-                time.sleep(trickle_wait(_TRICKLING.value))
-                chunk += _take_waiting(sock)  # the end of the stream is seen by the next read
-            last_small = now
-        else:
-            last_small = float("-inf")
-        if not chunk:
-            return
-        yield chunk
-
-
-def _read_frames(sock: Any, trickle: bool) -> Iterator[tuple[int, bytes]]:
-    buf = bytearray()
-    for chunk in _reads(sock, trickle):
-        buf += chunk
-        start, kind_of_run, run = 0, -1, []
-        while len(buf) - start >= 8:
-            kind, size = struct.unpack_from(">BxxxL", buf, start)
-            end = start + 8 + size
-            if len(buf) < end:
-                break
-            if kind != kind_of_run and run:
-                yield kind_of_run, b"".join(run)
-                run = []
-            kind_of_run = kind
-            run.append(buf[start + 8 : end])
-            start = end
-        if run:
-            yield kind_of_run, b"".join(run)
-        if start:
-            del buf[:start]
-    if len(buf) > 8:
-        yield buf[0], bytes(buf[8:])
-
-
 class PrivateAPI:
     """The few private ``APIClient`` calls the runner needs, in one place.
 
@@ -275,16 +85,14 @@ class PrivateAPI:
     ``logs()`` merges stdout and stderr into one stream. These calls give both; they are
     the same in docker-py 4 to 7, and pyproject pins ``docker<8`` so a change is seen.
     A hijacked socket (attach, exec) is read here in large reads (see
-    :meth:`blocking_frames`), not by ``docker.utils.socket.frames_iter``; a logs response
+    :meth:`output_stream`), not by ``docker.utils.socket.frames_iter``; a logs response
     is plain HTTP whose body urllib3 may already have buffered, so its frames are read
     from the response as docker-py's own multiplexed-stream helper does.
     """
 
     @staticmethod
-    def attach(
-        api: docker.APIClient, container: str
-    ) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Attach to a created container's output, before it starts, as ``(stdout, stderr)``.
+    def attach(api: docker.APIClient, container: str) -> OutputStream:
+        """Attach to a created container's output, before it starts.
 
         The engine subscribes the attach to the container's output before it answers, so
         nothing a container started afterwards prints is missed. No ``logs``: replaying
@@ -292,57 +100,43 @@ class PrivateAPI:
         ran (seen under load: every line twice), as the docker CLI's own run avoids.
         """
         params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
-        return PrivateAPI.blocking_frames(api, api.attach_socket(container, params=params))
+        return PrivateAPI.output_stream(api, api.attach_socket(container, params=params))
 
     @staticmethod
-    def attach_with_stdin(
-        api: docker.APIClient, container: str
-    ) -> tuple[Any, Iterator[tuple[bytes | None, bytes | None]]]:
+    def attach_with_stdin(api: docker.APIClient, container: str) -> tuple[Any, OutputStream]:
         """Attach to a container's stdin and output (no log replay).
 
         Returns:
-            The socket, to write the container's stdin, and its output frames.
+            The socket, to write the container's stdin, and its output.
         """
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
         sock = _raw_socket(api.attach_socket(container, params=params))
-        return sock, PrivateAPI.blocking_frames(api, sock, answered=True)
+        return sock, PrivateAPI.output_stream(api, sock, answered=True)
 
     @staticmethod
-    def exec_start(
-        api: docker.APIClient, exec_id: str
-    ) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Start an exec and stream its output as ``(stdout, stderr)``."""
-        return PrivateAPI.blocking_frames(api, api.exec_start(exec_id, socket=True))
+    def exec_start(api: docker.APIClient, exec_id: str) -> OutputStream:
+        """Start an exec; its output."""
+        return PrivateAPI.output_stream(api, api.exec_start(exec_id, socket=True))
 
     @staticmethod
-    def exec_start_with_stdin(
-        api: docker.APIClient, exec_id: str
-    ) -> tuple[Any, Iterator[tuple[bytes | None, bytes | None]]]:
-        """Start an exec created with stdin; the socket to write it, and its output frames."""
+    def exec_start_with_stdin(api: docker.APIClient, exec_id: str) -> tuple[Any, OutputStream]:
+        """Start an exec created with stdin; the socket to write it, and its output."""
         sock = _raw_socket(api.exec_start(exec_id, socket=True))
-        return sock, PrivateAPI.blocking_frames(api, sock, answered=True)
+        return sock, PrivateAPI.output_stream(api, sock, answered=True)
 
     @staticmethod
-    def blocking_frames(
-        api: docker.APIClient, sock: Any, answered: bool = False
-    ) -> Iterator[tuple[bytes | None, bytes | None]]:
-        """Read a hijacked socket's frames as ``(stdout, stderr)``, in large blocking reads.
+    def output_stream(api: docker.APIClient, sock: Any, answered: bool = False) -> OutputStream:
+        """A hijacked socket's output, read in large reads (see :class:`OutputStream`).
 
         docker-py polls the socket before each of two reads a frame: that costs a kernel
         of fifty runs a fifth of a core, and on TLS, bytes already decrypted wait in the
         SSL buffer while the poll blocks, so a line stays unseen until the engine sends
         more. Here one read takes whatever has come, often several frames. A stream whose
-        stdin is ``answered`` (attached) is read at once, without a trickle's wait: its
-        agent may be waiting for the answer to what it printed last (an approval, an SDK's
-        control request).
+        stdin is ``answered`` (attached) is read at once, in its caller's thread.
         """
         sock = _raw_socket(sock)
         api._disable_socket_timeout(sock)
-        try:
-            for kind, data in _frames_of(sock, trickle=not answered):
-                yield (None, data) if kind == 2 else (data, None)
-        finally:
-            sock.close()
+        return OutputStream(sock, answered=answered)
 
     @staticmethod
     def use_server_version(api: docker.APIClient) -> None:

@@ -16,7 +16,8 @@ import requests.exceptions
 from ...errors import ContainerFailedError, SessionNotFoundError, StopFailedError
 from ..protocol import ExecHandle, StdinPipe, Writer
 from .containers import KILLED_EXIT_CODE, Containers, out_of_memory_line
-from .engine import DockerConnection, PrivateAPI, connect_stdin, engine_errors, explain, pump
+from .engine import DockerConnection, PrivateAPI, connect_stdin, engine_errors, explain
+from .streams import pump
 
 #: Signals ($0) the live processes recorded by exec()'s pid files; exit 0 when any was alive.
 _SIGNAL_EXECS = (

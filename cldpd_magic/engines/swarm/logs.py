@@ -11,7 +11,7 @@ from typing import Any
 import docker.errors
 
 from ...errors import ContainerFailedError, DockerUnavailableError, SessionNotFoundError, one_line
-from ..docker import DockerRunner, PrivateAPI, _StreamDecoder, response_frames
+from ..docker import DockerRunner, PrivateAPI, StreamDecoder, response_frames
 from ..protocol import StdinPipe, Writer
 from .nodes import GatedFollower, Nodes
 from .services import Services, container_id
@@ -26,7 +26,7 @@ class _LogFollower:
     def __init__(self, runner: DockerRunner, service: str, stdout: Writer, stderr: Writer | None):
         self._runner = runner
         self._service = service
-        self._writers = {1: _StreamDecoder(stdout), 2: _StreamDecoder(stderr)}
+        self._writers = {1: StreamDecoder(stdout), 2: StreamDecoder(stderr)}
         self.delivered = {1: 0, 2: 0}
         self._cond = threading.Condition()
         self._socket: Any = None

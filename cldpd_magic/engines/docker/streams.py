@@ -1,0 +1,415 @@
+"""The output of attached containers and execs: multiplexed frames decoded into text.
+
+A stream nobody answers (no stdin attached) on a plain socket is read by one thread for
+the whole process, the shared reader: it waits on every such socket at once, and takes the
+output of runs printing line by line together, a few times a second, so fifty runs wake
+this process about as often as one does. A stream whose agent waits for answers (stdin
+attached), or on TLS or an ``ssh`` connection, is read by its caller's thread, at once.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import math
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ...logs import log_swallowed
+from ..protocol import Writer
+
+logger = logging.getLogger(__package__)
+
+__all__ = ["OutputStream", "SharedReader", "StreamDecoder", "pump", "trickle_wait"]
+
+#: Bytes asked for by one read of a stream read in its caller's thread.
+READ_SIZE = 1 << 16
+#: Bytes asked for by one read of the shared reader (a socket holds about 200 KB).
+SHARED_READ_SIZE = 1 << 18
+#: A read smaller than this, soon after another such read, is a trickle of lines (an agent
+#: printing as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more).
+TRICKLE_BYTES = 2048
+#: Seconds after a small read in which another counts as part of a trickle: the first
+#: line after a quiet spell is read at once (the first line of a run, an answer).
+TRICKLE_GAP = 1.0
+#: A trickle is taken at the shared reader's next tick, at least this far apart, so that
+#: a run printing line by line is read about as often as its output is shown, not at
+#: every line. Far less than a view's publication interval (0.25 s).
+TRICKLE_WAIT = 0.05
+#: Past TRICKLE_WAKES x TRICKLE_WAIT streams (about a dozen), ticks are further apart, up
+#: to TRICKLE_WAIT_MAX (reached at fifty streams: a batch of fifty runs, whose view is
+#: published every 0.25 s), so that each tick has more to read.
+TRICKLE_WAKES = 250
+TRICKLE_WAIT_MAX = 0.2
+#: A read at least this large is part of a flood: the stream is read again at once.
+FLOOD_BYTES = 16384
+#: A flood caught up with (nothing waiting after a large read) is read again after this
+#: long, so that it is taken in fewer, larger reads (each wakes whoever follows the run).
+FLOOD_WAIT = 0.005
+
+Deliver = Callable[[int, bytes], None]
+
+
+def trickle_wait(streams: int) -> float:
+    """Seconds between the shared reader's ticks while it follows ``streams`` streams."""
+    return min(TRICKLE_WAIT_MAX, max(TRICKLE_WAIT, streams / TRICKLE_WAKES))
+
+
+class StreamDecoder:
+    """Decodes byte chunks of one stream into text for a writer, UTF-8 safe across chunks."""
+
+    def __init__(self, writer: Writer | None) -> None:
+        self.writer = writer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes | None) -> None:
+        """Write the text ``data`` completes (None or empty: nothing)."""
+        if data and self.writer is not None:
+            text = self.decoder.decode(data)
+            if text:
+                self.writer.write(text)
+
+    def close(self) -> None:
+        """At the end of the stream: write what is left (a cut character as U+FFFD)."""
+        if self.writer is not None:
+            text = self.decoder.decode(b"", final=True)
+            if text:
+                self.writer.write(text)
+
+
+class _Demux:
+    """Splits the bytes of a multiplexed stream into ``(stream id, payload)`` frames;
+    consecutive frames of one stream read together come as one payload."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
+        """The complete frames ``chunk`` ends, in order."""
+        buf = self._buf
+        buf += chunk
+        frames: list[tuple[int, bytes]] = []
+        start, kind_of_run, run = 0, -1, []
+        while len(buf) - start >= 8:
+            kind, size = struct.unpack_from(">BxxxL", buf, start)
+            end = start + 8 + size
+            if len(buf) < end:
+                break
+            if kind != kind_of_run and run:
+                frames.append((kind_of_run, b"".join(run)))
+                run = []
+            kind_of_run = kind
+            run.append(buf[start + 8 : end])
+            start = end
+        if run:
+            frames.append((kind_of_run, b"".join(run)))
+        if start:
+            del buf[:start]
+        return frames
+
+    def rest(self) -> list[tuple[int, bytes]]:
+        """At the end of the stream: a frame cut short, as far as it came."""
+        buf, self._buf = self._buf, bytearray()
+        return [(buf[0], bytes(buf[8:]))] if len(buf) > 8 else []
+
+
+def _reader(sock: Any) -> Callable[[int], bytes]:
+    """What reads a hijacked connection: whatever has come, up to a size, blocking for
+    some. docker-py's socket over the ``ssh`` command reads its stdout in full-size
+    reads, which wait for the whole size: its ``read1`` takes what has come."""
+    proc = getattr(sock, "proc", None)
+    if proc is not None and hasattr(proc.stdout, "read1"):
+        return proc.stdout.read1
+    return sock.recv
+
+
+class OutputStream:
+    """The output of an attach or exec as ``(stdout, stderr)`` chunks, until it ends.
+
+    Iterating reads it in the caller's thread, in large blocking reads; :func:`pump` hands
+    a stream that is ``shared`` to the :class:`SharedReader`. The socket is closed at the
+    end either way.
+
+    Args:
+        sock: The hijacked connection's socket (a plain, TLS or ``ssh`` one).
+        answered: Its stdin is attached: its agent may wait for the answer to what it
+            printed last (an approval, an SDK's control request), so it is read at once.
+    """
+
+    def __init__(self, sock: Any, answered: bool = False) -> None:
+        self.sock = sock
+        # Only a plain socket can be read without waiting (``MSG_DONTWAIT``): a TLS
+        # socket's bytes may hold part of a record, and the ``ssh`` transports have no such
+        # read; and it is not made non-blocking, so that stdin writes on it still block.
+        self.shared = not answered and type(sock) is socket.socket
+
+    def __iter__(self) -> Iterator[tuple[bytes | None, bytes | None]]:
+        recv, demux = _reader(self.sock), _Demux()
+        try:
+            while chunk := recv(READ_SIZE):
+                for kind, data in demux.feed(chunk):
+                    yield (None, data) if kind == 2 else (data, None)
+            for kind, data in demux.rest():
+                yield (None, data) if kind == 2 else (data, None)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the socket (again: nothing)."""
+        self.sock.close()
+
+
+def pump(
+    stream: Iterable[tuple[bytes | None, bytes | None]],
+    stdout: Writer,
+    stderr: Writer | None,
+) -> None:
+    """Decode a stream of ``(stdout, stderr)`` byte chunks into text for two writers,
+    until the stream ends.
+
+    A shared :class:`OutputStream` is read, and its writers called, on the shared
+    reader's thread while this one waits; a writer's error is raised here either way.
+    """
+    out, err = StreamDecoder(stdout), StreamDecoder(stderr)
+    if isinstance(stream, OutputStream) and stream.shared:
+        SHARED_READER.follow(
+            stream.sock, lambda kind, data: (err.feed if kind == 2 else out.feed)(data)
+        )
+    else:
+        try:
+            for chunk_out, chunk_err in stream:
+                out.feed(chunk_out)
+                err.feed(chunk_err)
+        finally:
+            # A writer that raises leaves the stream unread: closed here, not when a kept
+            # traceback lets it go (its socket).
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+    out.close()
+    err.close()
+
+
+def _take_waiting(sock: socket.socket) -> bytes | None:
+    """What has come on a plain socket, without waiting: None when nothing has, ``b""``
+    at the end of the stream."""
+    try:
+        return sock.recv(SHARED_READ_SIZE, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
+class _Followed:
+    """One stream the shared reader follows, and when to read it next.
+
+    :meth:`read` takes what came and says when to read again: when the socket is
+    readable (None), or at a time. A small read soon after another is a trickle: it is
+    held and delivered with what follows it at the next tick, and a stream that keeps
+    trickling is read at each tick, without waiting on its socket. A large read is a
+    flood: read again at once, and a moment after it is caught up with.
+    """
+
+    def __init__(self, sock: socket.socket, deliver: Deliver) -> None:
+        self.sock = sock
+        self._deliver = deliver
+        self._demux = _Demux()
+        self._held = b""  # a trickle's read, delivered with what follows it
+        self._last_small = -math.inf
+        self._flooding = False
+        self.ended = False
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def read(self, now: float, tick: float, due: bool) -> float | None:
+        """Read what came; when to read next (None: once readable; ``math.inf``: ended).
+
+        Args:
+            now: The time now (``time.monotonic``).
+            tick: The reader's next tick.
+            due: The read was scheduled (else the socket was readable).
+        """
+        data = _take_waiting(self.sock)
+        if data is None:  # nothing came
+            self._give(b"")  # a trickle's held read, if any
+            if due and self._flooding:  # caught up with a flood: let it gather
+                self._flooding = False
+                return now + FLOOD_WAIT
+            return None
+        if not data:
+            self._give(b"")
+            self._end()
+            return math.inf
+        if len(data) >= FLOOD_BYTES:
+            self._give(data)
+            self._flooding, self._last_small = True, -math.inf
+            return now
+        self._flooding = False
+        small = len(data) < TRICKLE_BYTES
+        if due:  # a trickle goes on: read at each tick while something comes
+            self._give(data)
+            self._last_small = now
+            return tick
+        if small and now - self._last_small < TRICKLE_GAP:
+            self._held = data  # a trickle: taken with what follows it, at the next tick
+            self._last_small = now
+            return tick
+        self._give(data)  # the first line after a quiet spell, read at once
+        self._last_small = now if small else -math.inf
+        return None
+
+    def _give(self, data: bytes) -> None:
+        data, self._held = self._held + data, b""
+        if data and not self.ended:
+            for kind, payload in self._demux.feed(data):
+                self._deliver(kind, payload)
+
+    def _end(self) -> None:
+        if not self.ended:
+            for kind, payload in self._demux.rest():
+                self._deliver(kind, payload)
+            self.ended = True
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with a writer's error, which its caller raises."""
+        self.ended = True
+        self.error = exc
+
+
+class SharedReader:
+    """One thread reading every shared stream of the process (see the module's docstring).
+
+    The thread starts with the first stream and ends when it follows none. Writers are
+    called on it, for every run at once: they must not wait for anything (a session's
+    writer records lines; a usage listener asks for a stop in a thread of its own).
+
+    Attributes:
+        wakes: How many times the thread has woken (for tests and benchmarks).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._added: list[_Followed] = []
+        self._running = False
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._followed: dict[_Followed, float | None] = {}  # when each is read next
+        self.wakes = 0
+
+    @property
+    def streams(self) -> int:
+        """How many streams the thread follows now (or is about to)."""
+        with self._lock:
+            return len(self._followed) + len(self._added)
+
+    def follow(self, sock: socket.socket, deliver: Deliver) -> None:
+        """Read a plain socket's frames until its end, ``deliver(stream id, payload)``
+        called on the shared thread; return then, closing the socket.
+
+        Raises:
+            BaseException: What ``deliver`` raised (the stream is left unread and closed).
+        """
+        followed = _Followed(sock, deliver)
+        with self._lock:
+            self._added.append(followed)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True, name="cldpd-output").start()
+        with contextlib.suppress(BlockingIOError):  # full: a wake is waiting already
+            self._wake_out.send(b".", socket.MSG_DONTWAIT)
+        followed.done.wait()
+        if followed.error is not None:
+            raise followed.error
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_in, selectors.EVENT_READ)
+        try:
+            while self._take_added(selector):
+                self._read_ready(selector)
+        except BaseException as exc:  # never leave a caller waiting for a stream's end
+            log_swallowed(logger, "the shared output reader failed")
+            self._fail_all(exc)
+        finally:
+            selector.close()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            self._running = False
+            streams = [*self._followed, *self._added]
+            self._followed, self._added = {}, []
+        for followed in streams:
+            followed.fail(exc)
+            followed.sock.close()
+            followed.done.set()
+
+    def _take_added(self, selector: selectors.BaseSelector) -> bool:
+        """Follow the streams added since the last look; False (the thread ends) when
+        none is left to follow."""
+        with self._lock:
+            added, self._added = self._added, []
+            if not added and not self._followed:
+                self._running = False
+                return False
+        for followed in added:
+            self._followed[followed] = None
+            selector.register(followed.sock, selectors.EVENT_READ, followed)
+        return True
+
+    def _read_ready(self, selector: selectors.BaseSelector) -> None:
+        """Wait for a readable socket or the first read due, and read what is ready."""
+        due_times = [t for t in self._followed.values() if t is not None]
+        timeout = max(0.0, min(due_times) - time.monotonic()) if due_times else None
+        ready = selector.select(timeout)
+        self.wakes += 1
+        now = time.monotonic()
+        wait = trickle_wait(len(self._followed))
+        tick = (math.floor(now / wait) + 1) * wait  # shared by all: one wake for all
+        for key, _ in ready:
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_in.recv(4096, socket.MSG_DONTWAIT)
+            elif self._followed.get(key.data, 0) is None:
+                self._read(selector, key.data, now, tick, due=False)
+        for followed, at in list(self._followed.items()):
+            if at is not None and at <= now:
+                self._read(selector, followed, now, tick, due=True)
+
+    def _read(
+        self,
+        selector: selectors.BaseSelector,
+        followed: _Followed,
+        now: float,
+        tick: float,
+        due: bool,
+    ) -> None:
+        try:
+            at = followed.read(now, tick, due)
+        except BaseException as exc:  # a writer's error: its caller raises it
+            followed.fail(exc)
+            at = math.inf
+        was = self._followed[followed]
+        if at == math.inf:
+            del self._followed[followed]
+            if was is None:
+                selector.unregister(followed.sock)
+            followed.sock.close()
+            followed.done.set()
+            return
+        self._followed[followed] = at
+        if was is None and at is not None:
+            selector.unregister(followed.sock)
+        elif was is not None and at is None:
+            selector.register(followed.sock, selectors.EVENT_READ, followed)
+
+
+#: The process's shared reader.
+SHARED_READER = SharedReader()
+# A child forked while streams were followed has none of them, nor the thread: it starts
+# afresh (else a follow in it would wait for a thread that is not there).
+os.register_at_fork(after_in_child=SHARED_READER.__init__)
