@@ -299,3 +299,157 @@ def test_a_forked_child_reads_its_own_streams_with_a_thread_of_its_own(pair):
     theirs.shutdown(socket.SHUT_WR)
     parent.join(10)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# --- what goes wrong with one stream ends that stream alone --------------------------------
+
+
+def _wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_thread_that_cannot_start_fails_that_follow_and_the_next_starts_one(monkeypatch):
+    reader = SharedReader()
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    first, _ = socket.socketpair()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        reader.follow(first, Recorded())
+    assert first.fileno() == -1 and reader.streams == 0
+    ours, theirs = socket.socketpair()
+    theirs.sendall(frame(1, b"read\n"))
+    theirs.shutdown(socket.SHUT_WR)
+    got = Recorded()
+    reader.follow(ours, got)
+    assert got.frames == [(1, b"read\n")]
+    theirs.close()
+
+
+def test_a_socket_that_cannot_be_watched_fails_alone():
+    reader = SharedReader()
+    good, good_theirs = socket.socketpair()
+    kept = Recorded()
+    going = _follow_in_thread(reader, good, kept)
+
+    class Unwatchable:
+        """A socket the selector refuses (its number is gone)."""
+
+        closed = False
+
+        def settimeout(self, _seconds: float | None) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return -1
+
+        def close(self) -> None:
+            self.closed = True
+
+    refused = Unwatchable()
+    with pytest.raises(ValueError):
+        reader.follow(refused, Recorded())  # type: ignore[arg-type]
+    assert refused.closed
+    good_theirs.sendall(frame(1, b"still read\n"))
+    good_theirs.shutdown(socket.SHUT_WR)
+    going.join(10)
+    assert going.errors == [] and kept.frames == [(1, b"still read\n")]  # type: ignore[attr-defined]
+    good_theirs.close()
+
+
+def test_a_socket_closed_elsewhere_is_ended_when_its_number_is_taken_again():
+    reader = SharedReader()
+    lost, lost_peer = socket.socketpair()
+    left = _follow_in_thread(reader, lost, Recorded())
+    assert _wait_for(lambda: list(reader._followed.values()) == [None])  # watched
+    number = lost.fileno()
+    lost.close()  # nothing tells the reader: its selector forgets the socket
+    lost_peer.close()
+    new, new_peer = socket.socketpair()
+    taken = new if new.fileno() == number else new_peer
+    if taken.fileno() != number:
+        pytest.skip("the system gave the new socket another number")
+    got = Recorded()
+    following = _follow_in_thread(reader, taken, got)
+    left.join(10)
+    assert [type(e) for e in left.errors] == [OSError]  # type: ignore[attr-defined]
+    (new_peer if taken is new else new).sendall(frame(1, b"the new one\n"))
+    (new_peer if taken is new else new).shutdown(socket.SHUT_WR)
+    following.join(10)
+    assert following.errors == [] and got.frames == [(1, b"the new one\n")]  # type: ignore[attr-defined]
+
+
+def test_a_reset_delivers_what_came_before_it_then_raises():
+    class Resetting:
+        """A socket whose peer sent these reads, then reset the connection."""
+
+        def __init__(self, *reads: bytes) -> None:
+            self.reads = list(reads)
+
+        def recv(self, size: int, flags: int = 0) -> bytes:
+            if self.reads:
+                return self.reads.pop(0)
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    got = Recorded()
+    cut = frame(2, b"cut short")[:-6]
+    followed = _Followed(Resetting(frame(1, b"first\n"), frame(1, b"held\n") + cut), got)
+    assert followed.read(NOW, TICK, due=False) is None
+    assert followed.read(NOW, TICK, due=False) == TICK
+    with pytest.raises(ConnectionResetError):
+        followed.read(TICK, TICK + 0.2, due=True)
+    assert got.take() == [(1, b"first\n"), (1, b"held\n"), (2, b"cut")]
+    assert followed.ended
+
+
+def test_a_socket_with_a_timeout_is_read_without_waiting_for_it():
+    reader = SharedReader()
+    slow, slow_theirs = socket.socketpair()
+    slow.settimeout(60)  # a read would wait for it: the reader must not
+    other, other_theirs = socket.socketpair()
+    got = Recorded()
+    threads = [_follow_in_thread(reader, slow, Recorded()), _follow_in_thread(reader, other, got)]
+    slow_theirs.sendall(frame(1, b"a\n"))
+    time.sleep(0.02)
+    slow_theirs.sendall(frame(1, b"b\n"))  # a trickle: read at the tick, with nothing more
+    time.sleep(0.2)
+    other_theirs.sendall(frame(1, b"x\n"))
+    assert _wait_for(lambda: got.frames == [(1, b"x\n")], 10)  # not after the 60 s
+    for theirs in (slow_theirs, other_theirs):
+        theirs.shutdown(socket.SHUT_WR)
+    for thread in threads:
+        thread.join(10)
+        assert thread.errors == []  # type: ignore[attr-defined]
+    slow_theirs.close()
+    other_theirs.close()
+
+
+def test_an_interrupted_wait_drops_its_stream_and_closes_its_socket(pair):
+    import signal
+
+    ours, theirs = pair
+    reader = SharedReader()
+
+    def interrupt(signum, frame_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            reader.follow(ours, Recorded())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert _wait_for(lambda: reader.streams == 0)
+    theirs.settimeout(10)
+    assert theirs.recv(10) == b""  # closed: the engine sees the attach go

@@ -73,8 +73,8 @@ def _events(items: Iterable[Event | Lines]) -> Iterator[Event]:
 
 
 class _Publisher:
-    """What a feed's publishing threads share: the first error of any of them (readers,
-    the publisher) and whether the final view is published."""
+    """What a feed's threads share: the first error of any of them (a reader, the
+    publisher) and whether the final view is published."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

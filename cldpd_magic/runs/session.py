@@ -848,8 +848,9 @@ class Session(RunChanges):
             start: The first event's index (0: from the first; :attr:`event_count` now:
                 only what comes from now on).
             wait: Wait for events to come; without it, each ``next`` gives at once what
-                has come, an empty list when nothing has (one thread can so follow many
-                sessions, taking their events when it chooses).
+                has come (read back from the transcript, up to 2,000 events), an empty
+                list when nothing has: one thread can so follow many sessions, taking
+                their events when it chooses.
         """
         return self._log.batches(start, wait=wait)
 

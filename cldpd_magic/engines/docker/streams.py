@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ SHARED_READ_SIZE = 1 << 18
 #: printing as it goes), not a flood (a flood comes in pipe-sized frames of 4 KB and more).
 TRICKLE_BYTES = 2048
 #: Seconds after a small read in which another counts as part of a trickle: the first
-#: line after a quiet spell is read at once (the first line of a run, an answer).
+#: line after a quiet spell is read at once (the first line of a run, of a turn).
 TRICKLE_GAP = 1.0
 #: A trickle is taken at the shared reader's next tick, at least this far apart, so that
 #: a run printing line by line is read about as often as its output is shown, not at
@@ -197,11 +198,11 @@ def pump(
     err.close()
 
 
-def _take_waiting(sock: socket.socket) -> bytes | None:
-    """What has come on a plain socket, without waiting: None when nothing has, ``b""``
-    at the end of the stream."""
+def _take_waiting(sock: socket.socket, size: int) -> bytes | None:
+    """What has come on a plain socket (without a timeout), without waiting: None when
+    nothing has, ``b""`` at the end of the stream."""
     try:
-        return sock.recv(SHARED_READ_SIZE, socket.MSG_DONTWAIT)
+        return sock.recv(size, socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return None
 
@@ -235,7 +236,12 @@ class _Followed:
             tick: The reader's next tick.
             due: The read was scheduled (else the socket was readable).
         """
-        data = _take_waiting(self.sock)
+        try:
+            data = _take_waiting(self.sock, SHARED_READ_SIZE if self._flooding else READ_SIZE)
+        except OSError:  # a reset, say: what came before it is delivered first
+            self._give(b"")
+            self._end()
+            raise
         if data is None:  # nothing came
             self._give(b"")  # a trickle's held read, if any
             if due and self._flooding:  # caught up with a flood: let it gather
@@ -286,8 +292,10 @@ class SharedReader:
     """One thread reading every shared stream of the process (see the module's docstring).
 
     The thread starts with the first stream and ends when it follows none. Writers are
-    called on it, for every run at once: they must not wait for anything (a session's
-    writer records lines; a usage listener asks for a stop in a thread of its own).
+    called on it, for every run at once: they must return soon and never wait for another
+    stream (a session's writer masks, meters and records lines; a usage listener asks for
+    a stop in a thread of its own). What goes wrong with one stream (its writer raises,
+    its socket fails or was closed elsewhere) ends that stream alone.
 
     Attributes:
         wakes: How many times the thread has woken (for tests and benchmarks).
@@ -296,6 +304,7 @@ class SharedReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._added: list[_Followed] = []
+        self._dropped: list[_Followed] = []  # no longer waited for: closed unread
         self._running = False
         self._wake_in, self._wake_out = socket.socketpair()
         self._followed: dict[_Followed, float | None] = {}  # when each is read next
@@ -309,57 +318,106 @@ class SharedReader:
 
     def follow(self, sock: socket.socket, deliver: Deliver) -> None:
         """Read a plain socket's frames until its end, ``deliver(stream id, payload)``
-        called on the shared thread; return then, closing the socket.
+        called on the shared thread; return then. The socket is closed at the end, and
+        if this wait is interrupted (the stream is then dropped, unread).
 
         Raises:
-            BaseException: What ``deliver`` raised (the stream is left unread and closed).
+            BaseException: What ``deliver`` raised, or reading the socket did (after what
+                came before it was delivered).
         """
+        sock.settimeout(None)  # else each read would wait for it, even one that must not
         followed = _Followed(sock, deliver)
         with self._lock:
             self._added.append(followed)
             if not self._running:
+                try:
+                    threading.Thread(target=self._run, daemon=True, name="cldpd-output").start()
+                except BaseException:  # no thread: nothing reads it, and no later stream
+                    self._added.remove(followed)
+                    sock.close()
+                    raise
                 self._running = True
-                threading.Thread(target=self._run, daemon=True, name="cldpd-output").start()
-        with contextlib.suppress(BlockingIOError):  # full: a wake is waiting already
-            self._wake_out.send(b".", socket.MSG_DONTWAIT)
-        followed.done.wait()
+        self._wake()
+        try:
+            followed.done.wait()
+        except BaseException:  # a KeyboardInterrupt, in a main thread
+            with self._lock:
+                self._dropped.append(followed)
+            self._wake()
+            raise
         if followed.error is not None:
             raise followed.error
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: a wake is waiting already
+            self._wake_out.send(b".", socket.MSG_DONTWAIT)
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_in, selectors.EVENT_READ)
         try:
-            while self._take_added(selector):
+            while self._take_changes(selector):
                 self._read_ready(selector)
         except BaseException as exc:  # never leave a caller waiting for a stream's end
-            log_swallowed(logger, "the shared output reader failed")
             self._fail_all(exc)
+            log_swallowed(logger, "the shared output reader failed")
         finally:
             selector.close()
+
+    def _take_changes(self, selector: selectors.BaseSelector) -> bool:
+        """Follow the streams added since the last look and drop those no longer waited
+        for; False (the thread ends) when none is left to follow."""
+        with self._lock:
+            added, self._added = self._added, []
+            dropped, self._dropped = self._dropped, []
+            if not added and not self._followed:
+                self._running = False
+                return False
+        for followed in added:
+            self._followed[followed] = 0.0  # not watched yet
+            self._watch(selector, followed)
+        for followed in dropped:
+            if followed in self._followed:
+                self._end(selector, followed)
+        return True
+
+    def _watch(self, selector: selectors.BaseSelector, followed: _Followed) -> None:
+        """Read a stream once its socket is readable (one that cannot be is ended)."""
+        try:
+            try:
+                selector.register(followed.sock, selectors.EVENT_READ, followed)
+            except KeyError:  # its number is still watched for a socket closed elsewhere
+                stale = selector.get_key(followed.sock.fileno()).data
+                if stale is None or stale.sock.fileno() != -1:
+                    raise
+                stale.fail(OSError(errno.EBADF, "the output's socket was closed elsewhere"))
+                self._end(selector, stale)
+                selector.register(followed.sock, selectors.EVENT_READ, followed)
+        except (KeyError, ValueError, OSError) as exc:
+            followed.fail(exc)
+            self._end(selector, followed)
+            return
+        self._followed[followed] = None
+
+    def _end(self, selector: selectors.BaseSelector, followed: _Followed) -> None:
+        """Stop following a stream: close its socket, let its caller go on."""
+        if self._followed.pop(followed, 0.0) is None:
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(followed.sock)
+        with contextlib.suppress(OSError):
+            followed.sock.close()
+        followed.done.set()
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
             self._running = False
             streams = [*self._followed, *self._added]
-            self._followed, self._added = {}, []
+            self._followed, self._added, self._dropped = {}, [], []
         for followed in streams:
             followed.fail(exc)
-            followed.sock.close()
+            with contextlib.suppress(OSError):
+                followed.sock.close()
             followed.done.set()
-
-    def _take_added(self, selector: selectors.BaseSelector) -> bool:
-        """Follow the streams added since the last look; False (the thread ends) when
-        none is left to follow."""
-        with self._lock:
-            added, self._added = self._added, []
-            if not added and not self._followed:
-                self._running = False
-                return False
-        for followed in added:
-            self._followed[followed] = None
-            selector.register(followed.sock, selectors.EVENT_READ, followed)
-        return True
 
     def _read_ready(self, selector: selectors.BaseSelector) -> None:
         """Wait for a readable socket or the first read due, and read what is ready."""
@@ -374,10 +432,10 @@ class SharedReader:
             if key.data is None:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_in.recv(4096, socket.MSG_DONTWAIT)
-            elif self._followed.get(key.data, 0) is None:
+            elif self._followed.get(key.data, 0.0) is None:
                 self._read(selector, key.data, now, tick, due=False)
         for followed, at in list(self._followed.items()):
-            if at is not None and at <= now:
+            if at is not None and at <= now and followed in self._followed:
                 self._read(selector, followed, now, tick, due=True)
 
     def _read(
@@ -390,22 +448,18 @@ class SharedReader:
     ) -> None:
         try:
             at = followed.read(now, tick, due)
-        except BaseException as exc:  # a writer's error: its caller raises it
+        except BaseException as exc:  # its writer's error, or its socket's: its caller's
             followed.fail(exc)
             at = math.inf
-        was = self._followed[followed]
         if at == math.inf:
-            del self._followed[followed]
-            if was is None:
+            self._end(selector, followed)
+        elif at is None:
+            if self._followed[followed] is not None:
+                self._watch(selector, followed)
+        else:
+            if self._followed[followed] is None:
                 selector.unregister(followed.sock)
-            followed.sock.close()
-            followed.done.set()
-            return
-        self._followed[followed] = at
-        if was is None and at is not None:
-            selector.unregister(followed.sock)
-        elif was is not None and at is None:
-            selector.register(followed.sock, selectors.EVENT_READ, followed)
+            self._followed[followed] = at
 
 
 #: The process's shared reader.
