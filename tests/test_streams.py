@@ -453,3 +453,56 @@ def test_an_interrupted_wait_drops_its_stream_and_closes_its_socket(pair):
     assert _wait_for(lambda: reader.streams == 0)
     theirs.settimeout(10)
     assert theirs.recv(10) == b""  # closed: the engine sees the attach go
+
+
+# --- what the engine sent with its 101 response ------------------------------------------
+
+
+@pytest.mark.parametrize("stdin", [False, True], ids=["shared", "own thread"])
+def test_output_sent_with_the_upgrade_headers_comes_first(tmp_path, stdin):
+    # An exec that prints at once: its first bytes may come in the same read as the
+    # engine's 101 headers, into http.client's buffer, before the socket is handed over.
+    import docker
+
+    from cldpd_magic.engines.docker import PrivateAPI
+
+    first = frame(1, b"line 0\n") + frame(2, b"err 0\n")
+    split = frame(1, b"line 1 split across reads\n")
+    path = str(tmp_path / "engine.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def engine() -> None:
+        conn, _ = server.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(
+                b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n" + first + split[:10]
+            )
+            time.sleep(0.2)
+            conn.sendall(split[10:])
+            conn.shutdown(socket.SHUT_WR)
+
+    serving = threading.Thread(target=engine, daemon=True)
+    serving.start()
+    api = docker.APIClient(base_url="unix://" + path, version="1.41")
+    if stdin:
+        _sock, stream = PrivateAPI.attach_with_stdin(api, "cid")
+    else:
+        stream = PrivateAPI.attach(api, "cid")
+    assert stream.shared is not stdin
+    out, err = [], []
+    pump(
+        stream,
+        type("W", (), {"write": lambda self, t: out.append(t)})(),
+        type("W", (), {"write": lambda self, t: err.append(t)})(),
+    )
+    assert "".join(out) == "line 0\nline 1 split across reads\n"
+    assert "".join(err) == "err 0\n"
+    serving.join(10)
+    server.close()
+    api.close()

@@ -110,8 +110,10 @@ class PrivateAPI:
             The socket, to write the container's stdin, and its output.
         """
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
-        sock = _raw_socket(api.attach_socket(container, params=params))
-        return sock, PrivateAPI.output_stream(api, sock, answered=True)
+        stream = PrivateAPI.output_stream(
+            api, api.attach_socket(container, params=params), answered=True
+        )
+        return stream.sock, stream
 
     @staticmethod
     def exec_start(api: docker.APIClient, exec_id: str) -> OutputStream:
@@ -121,8 +123,8 @@ class PrivateAPI:
     @staticmethod
     def exec_start_with_stdin(api: docker.APIClient, exec_id: str) -> tuple[Any, OutputStream]:
         """Start an exec created with stdin; the socket to write it, and its output."""
-        sock = _raw_socket(api.exec_start(exec_id, socket=True))
-        return sock, PrivateAPI.output_stream(api, sock, answered=True)
+        stream = PrivateAPI.output_stream(api, api.exec_start(exec_id, socket=True), answered=True)
+        return stream.sock, stream
 
     @staticmethod
     def output_stream(api: docker.APIClient, sock: Any, answered: bool = False) -> OutputStream:
@@ -133,10 +135,38 @@ class PrivateAPI:
         SSL buffer while the poll blocks, so a line stays unseen until the engine sends
         more. Here one read takes whatever has come, often several frames. A stream whose
         stdin is ``answered`` (attached) is read at once, in its caller's thread.
+
+        Args:
+            api: The client that made the connection.
+            sock: The hijacked socket docker-py returned (its response attached to it).
+            answered: Its stdin is attached.
         """
+        buffered = PrivateAPI._read_past_headers(getattr(sock, "_response", None))
         sock = _raw_socket(sock)
         api._disable_socket_timeout(sock)
-        return OutputStream(sock, answered=answered)
+        return OutputStream(sock, answered=answered, buffered=buffered)
+
+    @staticmethod
+    def _read_past_headers(response: Any) -> bytes:
+        """What the engine sent right after its ``101 UPGRADED`` headers, if the response
+        read it with them: http.client reads the headers through a buffer, which may hold
+        the first output of an exec that printed at once. The socket is read from there
+        on, so these bytes come first. Nothing is waited for."""
+        try:  # urllib3's response, http.client's, and the buffered reader it read through
+            reader = response.raw._fp.fp
+            sock = reader.raw._sock
+        except AttributeError:  # none (a test's socket), or no socket under it (ssh)
+            return b""
+        if not isinstance(sock, socket.socket):
+            return b""
+        timeout = sock.gettimeout()
+        sock.setblocking(False)  # an empty buffer would be filled by a read: not waited for
+        try:
+            return bytes(reader.peek(0))  # the whole buffer, or one read of what has come
+        except (OSError, ValueError):  # nothing buffered (a TLS read that would wait)
+            return b""
+        finally:
+            sock.settimeout(timeout)
 
     @staticmethod
     def use_server_version(api: docker.APIClient) -> None:

@@ -142,10 +142,13 @@ class OutputStream:
         sock: The hijacked connection's socket (a plain, TLS or ``ssh`` one).
         answered: Its stdin is attached: its agent may wait for the answer to what it
             printed last (an approval, an SDK's control request), so it is read at once.
+        buffered: What of the stream was read before the socket was handed over (with the
+            response's headers); it comes first.
     """
 
-    def __init__(self, sock: Any, answered: bool = False) -> None:
+    def __init__(self, sock: Any, answered: bool = False, buffered: bytes = b"") -> None:
         self.sock = sock
+        self.buffered = buffered
         # Only a plain socket can be read without waiting (``MSG_DONTWAIT``): a TLS
         # socket's bytes may hold part of a record, and the ``ssh`` transports have no such
         # read; and it is not made non-blocking, so that stdin writes on it still block.
@@ -154,6 +157,8 @@ class OutputStream:
     def __iter__(self) -> Iterator[tuple[bytes | None, bytes | None]]:
         recv, demux = _reader(self.sock), _Demux()
         try:
+            for kind, data in demux.feed(self.buffered):
+                yield (None, data) if kind == 2 else (data, None)
             while chunk := recv(READ_SIZE):
                 for kind, data in demux.feed(chunk):
                     yield (None, data) if kind == 2 else (data, None)
@@ -181,7 +186,9 @@ def pump(
     out, err = StreamDecoder(stdout), StreamDecoder(stderr)
     if isinstance(stream, OutputStream) and stream.shared:
         SHARED_READER.follow(
-            stream.sock, lambda kind, data: (err.feed if kind == 2 else out.feed)(data)
+            stream.sock,
+            lambda kind, data: (err.feed if kind == 2 else out.feed)(data),
+            stream.buffered,
         )
     else:
         try:
@@ -217,11 +224,11 @@ class _Followed:
     flood: read again at once, and a moment after it is caught up with.
     """
 
-    def __init__(self, sock: socket.socket, deliver: Deliver) -> None:
+    def __init__(self, sock: socket.socket, deliver: Deliver, buffered: bytes = b"") -> None:
         self.sock = sock
         self._deliver = deliver
         self._demux = _Demux()
-        self._held = b""  # a trickle's read, delivered with what follows it
+        self._held = buffered  # a trickle's read, delivered with what follows it
         self._last_small = -math.inf
         self._flooding = False
         self.ended = False
@@ -270,6 +277,11 @@ class _Followed:
         self._last_small = now if small else -math.inf
         return None
 
+    @property
+    def holds_bytes(self) -> bool:
+        """Whether it holds bytes it has not delivered yet."""
+        return bool(self._held)
+
     def _give(self, data: bytes) -> None:
         data, self._held = self._held + data, b""
         if data and not self.ended:
@@ -316,17 +328,18 @@ class SharedReader:
         with self._lock:
             return len(self._followed) + len(self._added)
 
-    def follow(self, sock: socket.socket, deliver: Deliver) -> None:
+    def follow(self, sock: socket.socket, deliver: Deliver, buffered: bytes = b"") -> None:
         """Read a plain socket's frames until its end, ``deliver(stream id, payload)``
         called on the shared thread; return then. The socket is closed at the end, and
-        if this wait is interrupted (the stream is then dropped, unread).
+        if this wait is interrupted (the stream is then dropped, unread). ``buffered``:
+        what of the stream was read before (see :class:`OutputStream`), delivered first.
 
         Raises:
             BaseException: What ``deliver`` raised, or reading the socket did (after what
                 came before it was delivered).
         """
         sock.settimeout(None)  # else each read would wait for it, even one that must not
-        followed = _Followed(sock, deliver)
+        followed = _Followed(sock, deliver, buffered)
         with self._lock:
             self._added.append(followed)
             if not self._running:
@@ -374,8 +387,9 @@ class SharedReader:
                 self._running = False
                 return False
         for followed in added:
-            self._followed[followed] = 0.0  # not watched yet
-            self._watch(selector, followed)
+            self._followed[followed] = 0.0  # due at once: what came before is delivered
+            if not followed.holds_bytes:
+                self._watch(selector, followed)
         for followed in dropped:
             if followed in self._followed:
                 self._end(selector, followed)
