@@ -152,6 +152,24 @@ def test_a_flood_is_read_again_at_once_and_a_moment_after_it_is_caught_up_with(p
     assert got.take() == [(1, b"caught up\n")]
 
 
+def test_more_than_a_trickle_is_read_on_at_once_unless_it_is_a_trickle_s_tick(pair):
+    ours, theirs = pair
+    followed = _Followed(ours, Recorded())
+    medium = frame(1, b"y" * streams.TRICKLE_BYTES)
+    theirs.sendall(medium)
+    assert followed.read(NOW, TICK, due=False) == NOW  # a burst after a quiet spell
+    assert followed.read(NOW, TICK, due=True) == NOW + streams.FLOOD_WAIT
+    theirs.sendall(medium)
+    assert followed.read(NOW + 0.01, TICK, due=True) == NOW + 0.01  # the flood goes on
+    assert followed.read(NOW + 0.01, TICK, due=True) == NOW + 0.01 + streams.FLOOD_WAIT
+    assert followed.read(NOW + 0.02, TICK, due=True) is None
+    for line in (b"one\n", b"two\n"):  # now a trickle, read at its ticks
+        theirs.sendall(frame(1, line))
+        followed.read(NOW + 2, TICK + 2, due=False)
+    theirs.sendall(medium)  # many lines by a tick: still a trickle
+    assert followed.read(TICK + 2, TICK + 2.2, due=True) == TICK + 2.2
+
+
 def test_the_end_delivers_what_was_held_and_a_frame_cut_short(pair):
     ours, theirs = pair
     got = Recorded()

@@ -220,8 +220,9 @@ class _Followed:
     :meth:`read` takes what came and says when to read again: when the socket is
     readable (None), or at a time. A small read soon after another is a trickle: it is
     held and delivered with what follows it at the next tick, and a stream that keeps
-    trickling is read at each tick, without waiting on its socket. A large read is a
-    flood: read again at once, and a moment after it is caught up with.
+    trickling is read at each tick, without waiting on its socket. A large read (or,
+    out of a trickle, one more than small) is a flood: read again at once, and a moment
+    after it is caught up with.
     """
 
     def __init__(self, sock: socket.socket, deliver: Deliver, buffered: bytes = b"") -> None:
@@ -230,7 +231,8 @@ class _Followed:
         self._demux = _Demux()
         self._held = buffered  # a trickle's read, delivered with what follows it
         self._last_small = -math.inf
-        self._flooding = False
+        self._flooding = False  # read again at once
+        self._ticking = False  # read at the reader's ticks
         self.ended = False
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -251,7 +253,8 @@ class _Followed:
             raise
         if data is None:  # nothing came
             self._give(b"")  # a trickle's held read, if any
-            if due and self._flooding:  # caught up with a flood: let it gather
+            self._ticking = False
+            if self._flooding:  # caught up with a flood: let it gather
                 self._flooding = False
                 return now + FLOOD_WAIT
             return None
@@ -259,22 +262,25 @@ class _Followed:
             self._give(b"")
             self._end()
             return math.inf
-        if len(data) >= FLOOD_BYTES:
+        if len(data) >= FLOOD_BYTES or (len(data) >= TRICKLE_BYTES and not self._ticking):
+            # A flood (or a burst after a quiet spell): read on at once while it lasts, in
+            # reads made large by waiting a moment once caught up, as each read costs a
+            # run's writer about as much as many lines.
             self._give(data)
-            self._flooding, self._last_small = True, -math.inf
+            self._flooding, self._ticking, self._last_small = True, False, -math.inf
             return now
         self._flooding = False
-        small = len(data) < TRICKLE_BYTES
-        if due:  # a trickle goes on: read at each tick while something comes
-            self._give(data)
-            self._last_small = now
-            return tick
-        if small and now - self._last_small < TRICKLE_GAP:
-            self._held = data  # a trickle: taken with what follows it, at the next tick
-            self._last_small = now
+        if due or (len(data) < TRICKLE_BYTES and now - self._last_small < TRICKLE_GAP):
+            # A trickle: what came is taken with what follows it, at each tick while
+            # something comes.
+            if due:
+                self._give(data)
+            else:
+                self._held += data
+            self._ticking, self._last_small = True, now
             return tick
         self._give(data)  # the first line after a quiet spell, read at once
-        self._last_small = now if small else -math.inf
+        self._last_small = now
         return None
 
     @property
