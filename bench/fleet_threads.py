@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from collections import Counter
 from cldpd_magic.render import BatchFeed, BatchView
 
 from .batches import FLEET_SECONDS, PACED_SCRIPT, STEADY_SECONDS, _running
-from .harness import ISSUE_URL, Bench, machine
+from .harness import ISSUE_URL, Bench, machine, run_with_bench
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -52,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50, help="runs in the batch")
     parser.add_argument("--reps", type=int, default=3, help="batches, one after another")
     args = parser.parse_args(argv)
-    bench = Bench(1)
-    try:
+
+    def follow(bench: Bench) -> None:
         pod = bench.make_pod("fleet-threads", script=PACED_SCRIPT)
         (pod.dir / "pod.json").write_text(f'{{"env": {{"BENCH_SECONDS": "{FLEET_SECONDS}"}}}}')
         print(f"{args.runs} runs x 100 lines/s followed by a BatchFeed in one process; CPU over "
@@ -80,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"process {cpu * 100:.1f}%; by thread: {by_thread or '(none counted)'}")
             for session in batch.runs:
                 bench.forget(session)
-    finally:
-        leaked = bench.cleanup()
-    if leaked:
-        print(f"left behind and removed: {', '.join(leaked)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_with_bench(follow)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -330,6 +331,20 @@ class Bench:
             docker("rmi", "-f", *sorted(set(images)), check=False)
         shutil.rmtree(self.root, ignore_errors=True)
         return leaked
+
+
+def run_with_bench(body: Callable[[Bench], object], reps: int = 1) -> int:
+    """Run ``body`` with a :class:`Bench` and clean up after it, as a tool's ``main``
+    does: its exit code, 1 if the run left containers behind (they are removed)."""
+    bench = Bench(reps)
+    try:
+        body(bench)
+    finally:
+        leaked = bench.cleanup()
+    if leaked:
+        print(f"left behind and removed: {', '.join(leaked)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _meminfo_total() -> str:

@@ -13,13 +13,12 @@ import argparse
 import cProfile
 import io
 import pstats
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .harness import ISSUE_URL, Bench, NullWriter, machine
+from .harness import ISSUE_URL, Bench, NullWriter, machine, run_with_bench
 from .rendering import json_pod
 
 
@@ -54,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="plain lines, not stream-json")
     parser.add_argument("--top", type=int, default=30, help="functions listed per order")
     args = parser.parse_args(argv)
-    bench = Bench(1)
-    try:
+
+    def profile(bench: Bench) -> None:
         pod = (
             bench.make_pod("profile", args.lines)
             if args.plain
@@ -78,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             stats(out).strip_dirs().sort_stats(order).print_stats(args.top)
             print(f"\n## by {order}\n")
             print(out.getvalue().strip())
-    finally:
-        leaked = bench.cleanup()
-    if leaked:
-        print(f"left behind and removed: {', '.join(leaked)}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_with_bench(profile)
 
 
 if __name__ == "__main__":

@@ -155,17 +155,19 @@ class OutputStream:
         self.shared = not answered and type(sock) is socket.socket
 
     def __iter__(self) -> Iterator[tuple[bytes | None, bytes | None]]:
-        recv, demux = _reader(self.sock), _Demux()
         try:
-            for kind, data in demux.feed(self.buffered):
-                yield (None, data) if kind == 2 else (data, None)
-            while chunk := recv(READ_SIZE):
-                for kind, data in demux.feed(chunk):
-                    yield (None, data) if kind == 2 else (data, None)
-            for kind, data in demux.rest():
+            for kind, data in self._frames():
                 yield (None, data) if kind == 2 else (data, None)
         finally:
             self.close()
+
+    def _frames(self) -> Iterator[tuple[int, bytes]]:
+        """``(stream id, payload)`` frames, read in this thread, until the end."""
+        recv, demux = _reader(self.sock), _Demux()
+        yield from demux.feed(self.buffered)
+        while chunk := recv(READ_SIZE):
+            yield from demux.feed(chunk)
+        yield from demux.rest()
 
     def close(self) -> None:
         """Close the socket (again: nothing)."""
@@ -248,7 +250,6 @@ class _Followed:
         try:
             data = _take_waiting(self.sock, SHARED_READ_SIZE if self._flooding else READ_SIZE)
         except OSError:  # a reset, say: what came before it is delivered first
-            self._give(b"")
             self._end()
             raise
         if data is None:  # nothing came
@@ -259,7 +260,6 @@ class _Followed:
                 return now + FLOOD_WAIT
             return None
         if not data:
-            self._give(b"")
             self._end()
             return math.inf
         if len(data) >= FLOOD_BYTES or (len(data) >= TRICKLE_BYTES and not self._ticking):
@@ -295,6 +295,8 @@ class _Followed:
                 self._deliver(kind, payload)
 
     def _end(self) -> None:
+        """At the end of the stream: deliver what is held, and a frame cut short."""
+        self._give(b"")
         if not self.ended:
             for kind, payload in self._demux.rest():
                 self._deliver(kind, payload)
@@ -378,7 +380,7 @@ class SharedReader:
             while self._take_changes(selector):
                 self._read_ready(selector)
         except BaseException as exc:  # never leave a caller waiting for a stream's end
-            self._fail_all(exc)
+            self._fail_all(selector, exc)
             log_swallowed(logger, "the shared output reader failed")
         finally:
             selector.close()
@@ -428,16 +430,14 @@ class SharedReader:
             followed.sock.close()
         followed.done.set()
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, selector: selectors.BaseSelector, exc: BaseException) -> None:
         with self._lock:
-            self._running = False
+            self._running = False  # a later follow starts a thread with a fresh state
             streams = [*self._followed, *self._added]
             self._followed, self._added, self._dropped = {}, [], []
         for followed in streams:
             followed.fail(exc)
-            with contextlib.suppress(OSError):
-                followed.sock.close()
-            followed.done.set()
+            self._end(selector, followed)
 
     def _read_ready(self, selector: selectors.BaseSelector) -> None:
         """Wait for a readable socket or the first read due, and read what is ready."""
